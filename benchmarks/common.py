@@ -1,0 +1,109 @@
+"""The reference benchmark protocol (../shared/BENCHMARK.md), shared by every benchmark script.
+
+* reference model: ``demo:smollm2-135m`` through pocketlm's own loader (PyPI wheel, cached);
+* ``quick``: first 32 evaluation windows of WikiText-2 test, 32 calibration windows of
+  WikiText-2 validation picked by ``random.Random(0).sample``, 512 tokens each;
+* ``full``: 128 and 128.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from pocketlm import data
+from pocketlm.builtins.loaders import demo_folder
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+PROTOCOLS = {"quick": (32, 32), "full": (128, 128)}
+SEQ_LEN = 512
+
+
+def text_path(name: str) -> Path:
+    """The shared copy when present (the benchmark's source of truth), else the bundled one."""
+    shared = SHARED_DATA / name
+    return shared if shared.exists() else data.resolve_text("builtin:" + name.replace("-raw", "").replace(".txt", ""))
+
+
+EVAL_TEXT = "wikitext-2-raw-test.txt"
+CALIB_TEXT = "wikitext-2-valid.txt"
+
+
+def setup_torch() -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+
+
+def reference_folder() -> Path:
+    return demo_folder("smollm2-135m")
+
+
+def load_reference():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = reference_folder()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def windows(tokenizer, protocol: str = "quick") -> tuple[torch.Tensor, torch.Tensor]:
+    """(evaluation windows, calibration windows) for ``protocol``."""
+    n_eval, n_calib = PROTOCOLS[protocol]
+    evaluation = data.evaluation_windows(tokenizer, text_path(EVAL_TEXT), n_eval, SEQ_LEN)
+    calibration = data.calibration_windows(tokenizer, text_path(CALIB_TEXT), n_calib, SEQ_LEN, 0)
+    return evaluation, calibration
+
+
+@torch.no_grad()
+def perplexity(model, evaluation: torch.Tensor, batch_size: int = 4) -> float:
+    torch.manual_seed(0)
+    total, count = 0.0, 0
+    for start in range(0, evaluation.shape[0], batch_size):
+        batch = evaluation[start:start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def folder_mb(path: Path) -> float:
+    path = Path(path)
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
+
+
+def fp16_reference_mb(model) -> float:
+    """Float16 size of the original weights: 2 bytes a parameter, tied embedding once."""
+    seen, count = set(), 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            count += parameter.numel()
+    return 2 * count / 1e6
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start
+
+
+def append_result(path: Path, row: dict) -> None:
+    """Append one JSON row to a results file (jsonl), so partial runs keep what they measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as handle:
+        handle.write(json.dumps(row) + "\n")

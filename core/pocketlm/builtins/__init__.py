@@ -1,0 +1,14 @@
+"""The internal plugins. They register through the same hooks as any plugin, so the core has
+no special cases: built-in loaders, evaluators and the ``hf`` exporter are ordinary components."""
+
+from __future__ import annotations
+
+from . import architectures, dispatch, evaluators, export_hf, loaders
+
+BUILTIN_PLUGINS = (
+    ("pocketlm.dispatch", dispatch),
+    ("pocketlm.architectures", architectures),
+    ("pocketlm.loaders", loaders),
+    ("pocketlm.evaluators", evaluators),
+    ("pocketlm.export_hf", export_hf),
+)

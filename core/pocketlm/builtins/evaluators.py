@@ -1,0 +1,153 @@
+"""Built-in evaluators: perplexity, size, sparsity, parameters and latency."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from .. import hookimpl
+from ..components import Evaluator, NoOptions, Options
+from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
+from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
+
+
+class PerplexityOptions(Options):
+    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file to evaluate on (or builtin:NAME)")
+    windows: int = Field(32, ge=1, description="number of windows, taken in order from the start")
+    seq_len: int = Field(512, ge=2, description="tokens per window")
+    batch_size: int = Field(4, ge=1)
+
+
+def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
+    """exp(mean next-token NLL) over the first ``windows`` non-overlapping windows."""
+    base = Path(context.recipe.get("_base", ".")) if context and context.recipe else None
+    ids = evaluation_windows(context.tokenizer, resolve_text(options.text, base), options.windows, options.seq_len)
+    torch.manual_seed(0)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), context.progress.task("perplexity", ids.shape[0]) as advance:
+        for start in range(0, ids.shape[0], options.batch_size):
+            batch = ids[start:start + options.batch_size]
+            logits = model(input_ids=batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
+            total += nll.item()
+            count += batch[:, 1:].numel()
+            advance(batch.shape[0])
+    model.train(was_training)
+    return {"perplexity": math.exp(total / count), "eval_tokens": count}
+
+
+def _unique_tensors(model) -> list[torch.Tensor]:
+    seen, tensors = set(), []
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            tensors.append(tensor)
+    return tensors
+
+
+def parameter_count(model) -> int:
+    """Dense-equivalent parameters: a quantized linear counts its in*out weights; shared
+    tensors (tied embeddings) count once."""
+    count = 0
+    quantized_storage = set()
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.storage) not in quantized_storage:
+            quantized_storage.add(id(module.storage))
+            count += module.storage.rows * module.storage.cols
+    grid_buffers = {id(b) for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+                    for b in m.storage.buffers()}
+    seen = set()
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen and id(parameter) not in grid_buffers:
+            seen.add(parameter.data_ptr())
+            count += parameter.numel()
+    return count
+
+
+def storage_bytes(model) -> int:
+    """Bytes to store the model: quantized grids as they are, everything else in float16."""
+    total, counted = 0, set()
+    for module in model.modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.storage) not in counted:
+            counted.add(id(module.storage))
+            total += module.storage.storage_bytes()
+    grid = {b.data_ptr() for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
+            for b in m.storage.buffers() if b is not None}
+    seen = set()
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen and parameter.data_ptr() not in grid:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel() * 2
+    return total
+
+
+def folder_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def size(model, options, context) -> dict[str, float]:
+    """``size_mb``: bytes on disk of the export when there is one, else the float16/packed
+    storage estimate; ``bits_per_weight`` relative to the dense-equivalent parameter count."""
+    export_path = getattr(context, "export_path", None)
+    measured = folder_bytes(export_path) if export_path and Path(export_path).exists() else storage_bytes(model)
+    return {"size_mb": measured / 1e6, "bits_per_weight": 8 * measured / parameter_count(model),
+            "size_on_disk": float(bool(export_path and Path(export_path).exists()))}
+
+
+def sparsity(model, options, context) -> dict[str, float]:
+    """Fraction of exactly-zero weights over all linear layers except the output head."""
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if is_linear(module) and not name.endswith("lm_head"):
+            weight = linear_weight(module)
+            zeros += int((weight == 0).sum())
+            total += weight.numel()
+    return {"sparsity": zeros / max(total, 1)}
+
+
+def parameters(model, options, context) -> dict[str, float]:
+    return {"parameters": parameter_count(model)}
+
+
+class LatencyOptions(Options):
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(32, ge=1)
+    repeats: int = Field(3, ge=1)
+
+
+def latency(model, options: LatencyOptions, context) -> dict[str, float]:
+    """CPU tokens/s of one forward pass over a prompt, and of greedy generation (batch 1)."""
+    vocab = model.config.vocab_size
+    prompt = torch.arange(options.prompt_tokens).remainder(vocab - 10).add(5).unsqueeze(0)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :8])  # warm-up
+        best_forward = min(_timed(lambda: model(input_ids=prompt, use_cache=False)) for _ in range(options.repeats))
+        generate = lambda: model.generate(prompt, max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
+                                          do_sample=False, pad_token_id=0)
+        best_generate = min(_timed(generate) for _ in range(options.repeats))
+    return {"forward_tokens_per_s": options.prompt_tokens / best_forward,
+            "generate_tokens_per_s": options.new_tokens / best_generate}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Evaluator("perplexity", PerplexityOptions, perplexity, "perplexity on a text file (WikiText-2 test by default)"))
+    register(Evaluator("size", NoOptions, size, "bytes on disk of the export (or the storage estimate) and bits per weight"))
+    register(Evaluator("sparsity", NoOptions, sparsity, "fraction of zero weights in the linear layers"))
+    register(Evaluator("parameters", NoOptions, parameters, "dense-equivalent parameter count"))
+    register(Evaluator("latency", LatencyOptions, latency, "CPU tokens/s of a forward pass and of greedy generation"))

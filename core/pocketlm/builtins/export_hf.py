@@ -1,0 +1,43 @@
+"""The ``hf`` exporter: a dense safetensors folder that plain transformers loads."""
+
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+from .. import hookimpl
+from ..components import Exporter, NoOptions
+from ..modules import set_module
+from ..weights import QuantizedEmbedding, QuantizedLinear, dense_linear
+
+
+def densify(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every quantized module replaced by its dense equivalent."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, QuantizedEmbedding):
+            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+            embedding.weight.data.copy_(module.dequantize())
+            set_module(dense, name, embedding)
+        elif isinstance(module, QuantizedLinear):
+            set_module(dense, name, dense_linear(module))
+    if getattr(dense.config, "tie_word_embeddings", False):
+        dense.tie_weights()
+    return dense
+
+
+def export_hf(model, path, options, context) -> None:
+    dense = densify(model)
+    if hasattr(dense.config, "quantization_config"):
+        del dense.config.quantization_config
+    dense.save_pretrained(path, safe_serialization=True)
+    if context is not None and context.tokenizer is not None:
+        context.tokenizer.save_pretrained(path)
+
+
+@hookimpl
+def register_exporters(register):
+    register(Exporter("hf", NoOptions, export_hf,
+                      represents=frozenset({"dense", "masked", "restructured", "quantized"}),
+                      summary="dense float safetensors folder for transformers (quantized layers are dequantized)"))

@@ -1,0 +1,103 @@
+"""Stage checkpoints: a model with quantized modules and masks, saved so it reloads exactly.
+
+A checkpoint folder holds ``config.json`` (updated by structural changes), the tokenizer,
+``model.safetensors`` (shared tensors stored once), ``masks.safetensors`` and
+``pocketlm-modules.json``, which records the modules that replaced dense ones so the loader can
+rebuild them before loading the weights. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+
+from .components import LoadedModel
+from .errors import PocketError
+from .modules import get_module, set_module
+from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks
+
+MANIFEST = "pocketlm-modules.json"
+
+
+def _describe(model: nn.Module) -> dict[str, dict]:
+    storages: dict[int, str] = {}
+    described: dict[str, dict] = {}
+    for name, module in model.named_modules():  # embeddings come before heads in every family
+        if isinstance(module, QuantizedEmbedding):
+            storages[id(module.storage)] = name
+            described[name] = {"type": "QuantizedEmbedding", "rows": module.num_embeddings,
+                               "cols": module.embedding_dim, "bits": module.bits,
+                               "group_size": module.group_size, "symmetric": module.symmetric,
+                               "padding_idx": module.padding_idx}
+        elif isinstance(module, QuantizedLinear):
+            described[name] = {"type": "QuantizedLinear", "in": module.in_features,
+                               "out": module.out_features, "bits": module.bits,
+                               "group_size": module.group_size, "symmetric": module.symmetric,
+                               "bias": module.bias is not None,
+                               "g_idx": module.storage.g_idx is not None,
+                               "transposed": module.transposed,
+                               "shares": storages.get(id(module.storage))}
+    return described
+
+
+def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write ``model`` (and ``tokenizer``) into ``folder``, which must not hold another model."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.to_json_file(folder / "config.json")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / MANIFEST).write_text(json.dumps(_describe(model), indent=1, sort_keys=True))
+    save_model(model, str(folder / "model.safetensors"))
+    save_file({k: v.contiguous() for k, v in masks(model).items()}, str(folder / "masks.safetensors"))
+
+
+def is_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def _rebuild(spec: dict, model: nn.Module) -> nn.Module:
+    if spec["type"] == "QuantizedEmbedding":
+        return QuantizedEmbedding(spec["rows"], spec["cols"], spec["bits"], spec["group_size"],
+                                  spec["symmetric"], spec.get("padding_idx"))
+    if spec.get("shares"):
+        return get_module(model, spec["shares"]).tied_head()
+    return QuantizedLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["symmetric"],
+                           spec["bias"], spec["g_idx"], spec["transposed"])
+
+
+def load_checkpoint(folder: Path) -> LoadedModel:
+    """Rebuild the model saved by :func:`save_checkpoint`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+        config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        manifest = json.loads((folder / MANIFEST).read_text())
+        for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
+            set_module(model, name, _rebuild(manifest[name], model))
+        missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
+        missing = [k for k in missing if not _tied_alias(model, k)]
+        if missing or unexpected:
+            raise ValueError(f"missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}")
+        for name, mask in load_file(str(folder / "masks.safetensors")).items():
+            get_module(model, name).register_buffer(MASK_BUFFER, mask, persistent=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    except PocketError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any damage is reported the same way
+        raise PocketError(f"the checkpoint in {folder} cannot be loaded: {type(exc).__name__}: {exc}",
+                          fix="delete this stage folder and rerun with --resume to recompute it",
+                          exit_code=1) from None
+    return LoadedModel(model.eval(), tokenizer, str(folder))
+
+
+def _tied_alias(model: nn.Module, key: str) -> bool:
+    # A tied head's weight is the embedding's tensor; safetensors stores it once.
+    return key.endswith("weight") and bool(getattr(model.config, "tie_word_embeddings", False))

@@ -1,0 +1,184 @@
+"""What a plugin registers: methods, loaders, evaluators, exporters and architectures.
+
+A plugin builds these objects and hands them to the ``register`` callback of the matching
+registration hook (see :mod:`pocketlm.hookspecs`). The core owns ordering, duplicate detection
+and error reporting; these classes only describe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
+
+    from .context import Context
+
+Kind = Literal["quantize", "prune", "distill", "transform"]
+KINDS: tuple[str, ...] = ("quantize", "prune", "distill", "transform")
+
+
+class Options(BaseModel):
+    """Base class for option models: typed, closed (unknown keys are errors) and validated."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NoOptions(Options):
+    """For components that take no options."""
+
+
+@dataclass(frozen=True)
+class SizeEffect:
+    """What a method does to the model's size, estimated from its options alone.
+
+    * ``bits``: bits per stored weight of the layers it targets (None: unchanged);
+    * ``sparsity``: fraction of targeted weights set to zero (None: unchanged);
+    * ``params_removed``: fraction of the decoder's parameters physically removed;
+    * ``covers``: which weights the effect applies to: ``"decoder"`` (the linears of the
+      decoder layers), ``"embedding"`` (token embedding and tied head) or ``"all"``.
+    * ``features``: what the result holds that an exporter must represent, from
+      ``{"quantized", "masked", "restructured"}``."""
+
+    bits: float | None = None
+    sparsity: float | None = None
+    params_removed: float = 0.0
+    covers: Literal["decoder", "embedding", "all"] = "decoder"
+    features: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method.
+
+    * ``compress(model, options, context)`` changes ``model`` in place (or returns a
+      replacement). It must not modify anything else it is handed: the teacher, the calibration
+      tensors, other models.
+    * ``phase`` places it in the canonical hybrid order (lower runs first); use the
+      ``PHASE_*`` constants.
+    * ``not_after`` names kinds that must not come before it (pruning refuses to run after a
+      quantizer, for example).
+    * ``exclusive``: at most one stage of this method's kind may target a layer (weight
+      quantizers set this).
+    * ``plan(budget)``: optional; the option sets the planner may try, as dicts, given a
+      ``PlanBudget``. Methods without it are never proposed by the planner."""
+
+    name: str
+    kind: Kind
+    options: type[Options]
+    compress: Callable[["nn.Module", Any, "Context"], "nn.Module | None"]
+    summary: str = ""
+    needs_calibration: bool = False
+    effect: Callable[[Any], SizeEffect] = field(default=lambda options: SizeEffect())
+    phase: int = 50
+    not_after: frozenset[str] = frozenset()
+    exclusive: bool = False
+    plan: Callable[[Any], list[dict]] | None = None
+
+
+# Canonical hybrid order: structured pruning, distillation, unstructured pruning, quantization.
+PHASE_RESTRUCTURE = 10
+PHASE_TRAIN = 20
+PHASE_SPARSIFY = 30
+PHASE_TRANSFORM = 35
+PHASE_QUANTIZE = 40
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What a loader returns: the model, its tokenizer and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    source: str
+
+
+@dataclass(frozen=True)
+class Loader:
+    """Turns a model source string into a :class:`LoadedModel`.
+
+    ``matches(source)`` says whether this loader understands ``source``; loaders are tried in
+    registration order and the first match loads. ``load(source, options)`` receives the
+    recipe's ``[model]`` section."""
+
+    name: str
+    matches: Callable[[str], bool]
+    load: Callable[[str, Any], LoadedModel]
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Evaluator:
+    """A metric. ``evaluate(model, options, context)`` returns a flat dict of numbers whose
+    keys are the metric's names (``{"perplexity": 28.1}``)."""
+
+    name: str
+    options: type[Options]
+    evaluate: Callable[[Any, Any, "Context"], dict[str, float]]
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Exporter:
+    """Writes a model to ``path``.
+
+    ``export(model, path, options, context)`` writes into ``path``, a fresh temporary folder the
+    core renames into place when it returns, so an export is never seen half-written.
+    ``represents`` is the set of model features it can write (``"dense"``, ``"quantized"``,
+    ``"masked"``, ``"restructured"``). ``check(model, options)`` optionally returns a list of
+    problems that stop the export before anything is written."""
+
+    name: str
+    options: type[Options]
+    export: Callable[[Any, Path, Any, "Context"], None]
+    represents: frozenset[str] = frozenset({"dense", "masked", "restructured"})
+    check: Callable[[Any, Any], list[str]] | None = None
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """A pair a scale can be folded through: ``prev``'s output channels feed ``linears``'s
+    input channels. ``prev`` is a norm or a linear; ``block`` is the module whose output
+    measures the error of a change (None: the linears themselves). ``prev_rows`` selects the
+    output rows of a fused ``prev`` that feed ``linears`` (``"second_half"`` for Phi-3's
+    ``gate_up_proj``)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    block: str | None = None
+    prev_rows: Literal["all", "second_half"] = "all"
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where things are in a decoder-only model family, as names relative to the model (or to
+    a decoder layer for the per-layer fields).
+
+    * ``sequential``: the linears of a decoder layer, grouped in execution order; a group's
+      members read the same input.
+    * ``smooth``: scale-folding pairs (norm → q/k/v, norm → gate/up, up → down, v → o).
+    * ``mlp_in``/``mlp_out``: the linears that read the hidden state into the MLP's
+      intermediate width and the one that writes it back (for width pruning).
+    * ``attention``: names for q, k, v and o projections (fused: ``qkv``) and the config keys
+      that hold head counts."""
+
+    name: str
+    model_types: tuple[str, ...]
+    layers: str
+    embed: str
+    lm_head: str
+    final_norm: str
+    sequential: tuple[tuple[str, ...], ...]
+    smooth: tuple[Smooth, ...] = ()
+    mlp_in: tuple[str, ...] = ()
+    mlp_out: str = ""
+    mlp_fused_gate_up: bool = False
+    attention: dict[str, str] = field(default_factory=dict)
+    extra_embeddings: tuple[str, ...] = ()
+    layer_count_key: str = "num_hidden_layers"
+    intermediate_size_key: str = "intermediate_size"

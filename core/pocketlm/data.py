@@ -1,0 +1,90 @@
+"""Text for calibration and evaluation: reading, tokenizing, cutting into windows.
+
+The protocol is the one of the project's benchmark: the whole text is read as UTF-8 with
+universal newlines, tokenized once without special tokens, and cut into non-overlapping
+windows. Calibration samples windows with ``random.Random(seed).sample``; evaluation takes the
+first windows in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from .errors import PocketError
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_TEXTS = {
+    "wikitext-2-test": "wikitext-2-raw-test.txt",
+    "wikitext-2-valid": "wikitext-2-valid.txt",
+}
+DEFAULT_CALIBRATION_TEXT = "builtin:wikitext-2-valid"
+DEFAULT_EVALUATION_TEXT = "builtin:wikitext-2-test"
+
+
+def resolve_text(text: str, base: Path | None = None) -> Path:
+    """The file a recipe's text reference points to: ``builtin:NAME`` or a path (relative paths
+    are taken from ``base``, the recipe's folder)."""
+    if text.startswith(BUILTIN_PREFIX):
+        name = text[len(BUILTIN_PREFIX):]
+        if name not in BUILTIN_TEXTS:
+            raise PocketError(f"unknown built-in text {text!r}",
+                              fix="use one of " + ", ".join(BUILTIN_PREFIX + k for k in BUILTIN_TEXTS))
+        return Path(str(resources.files("pocketlm") / "data" / BUILTIN_TEXTS[name]))
+    path = Path(text).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    return path
+
+
+def read_text(path: Path) -> str:
+    with open(path, encoding="utf-8", newline=None) as handle:  # universal newlines: CRLF -> \n
+        return handle.read()
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_TOKEN_CACHE: dict[tuple, torch.Tensor] = {}
+
+
+def tokenize(tokenizer, path: Path) -> torch.Tensor:
+    """All tokens of the text at ``path`` as a 1-D tensor (cached per file and tokenizer)."""
+    key = (str(path), path.stat().st_mtime_ns, getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer))
+    if key not in _TOKEN_CACHE:
+        ids = tokenizer(read_text(path), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+    return _TOKEN_CACHE[key]
+
+
+def windows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Non-overlapping windows of ``seq_len`` tokens, ``[n, seq_len]`` (the tail is dropped)."""
+    n = tokens.numel() // seq_len
+    return tokens[: n * seq_len].view(n, seq_len)
+
+
+def sample_windows(all_windows: torch.Tensor, samples: int, seed: int) -> torch.Tensor:
+    """``samples`` windows picked with ``random.Random(seed).sample`` over the window indices."""
+    if samples > all_windows.shape[0]:
+        raise PocketError(f"asked for {samples} windows but the text holds only {all_windows.shape[0]}",
+                          fix="lower samples or seq_len, or use a longer text")
+    picked = random.Random(seed).sample(range(all_windows.shape[0]), samples)
+    return all_windows[picked]
+
+
+def calibration_windows(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    return sample_windows(windows(tokenize(tokenizer, path), seq_len), samples, seed)
+
+
+def evaluation_windows(tokenizer, path: Path, count: int, seq_len: int) -> torch.Tensor:
+    all_windows = windows(tokenize(tokenizer, path), seq_len)
+    return all_windows[:count]
