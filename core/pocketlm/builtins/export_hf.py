@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 
+from typing import Literal
+
+import torch
+from pydantic import Field
 from torch import nn
 
 from .. import hookimpl
-from ..components import Exporter, NoOptions
+from ..components import Exporter, Options
 from ..modules import set_module
 from ..weights import QuantizedEmbedding, QuantizedLinear, dense_linear
 
@@ -27,8 +31,15 @@ def densify(model: nn.Module) -> nn.Module:
     return dense
 
 
+class HfOptions(Options):
+    dtype: Literal["keep", "float16", "bfloat16", "float32"] = Field(
+        "keep", description="dtype of the saved weights; keep = the model's own")
+
+
 def export_hf(model, path, options, context) -> None:
     dense = densify(model)
+    if options is not None and options.dtype != "keep":
+        dense = dense.to(getattr(torch, options.dtype))
     if hasattr(dense.config, "quantization_config"):
         del dense.config.quantization_config
     dense.save_pretrained(path, safe_serialization=True)
@@ -38,6 +49,6 @@ def export_hf(model, path, options, context) -> None:
 
 @hookimpl
 def register_exporters(register):
-    register(Exporter("hf", NoOptions, export_hf,
+    register(Exporter("hf", HfOptions, export_hf,
                       represents=frozenset({"dense", "masked", "restructured", "quantized"}),
                       summary="dense float safetensors folder for transformers (quantized layers are dequantized)"))

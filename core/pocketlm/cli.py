@@ -1,0 +1,272 @@
+"""The ``pocketlm`` command. It only parses arguments and calls the public API.
+
+Bad input ends with exit code 2 and one message (no traceback unless ``--debug``); a failure
+while running ends with exit code 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .context import Progress
+from .errors import PocketError
+
+console = Console(stderr=True)
+out = Console()
+
+
+class RichProgress(Progress):
+    """Progress bars on stderr (quiet when stderr is not a terminal)."""
+
+    @contextlib.contextmanager
+    def task(self, description: str, total: int | None) -> Iterator:
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+
+        if not console.is_terminal:
+            yield lambda steps=1, **fields: None
+            return
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[info]}"))
+        from rich.progress import Progress as Bar
+
+        with Bar(*columns, console=console, transient=True) as bar:
+            task = bar.add_task(description, total=total, info="")
+
+            def advance(steps=1, **fields):
+                info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in fields.items())
+                bar.update(task, advance=steps, info=info)
+
+            yield advance
+
+
+def _handle_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, debug: bool = False, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except PocketError as exc:
+            if debug:
+                raise
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            console.print("interrupted; continue with --resume")
+            sys.exit(130)
+        except Exception as exc:  # noqa: BLE001
+            if debug:
+                raise
+            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n  (rerun with --debug for the traceback)",
+                          highlight=False, soft_wrap=True)
+            sys.exit(1)
+    return click.option("--debug", is_flag=True, help="show tracebacks")(wrapper)
+
+
+def _plugins():
+    from .plugins import get_plugins
+
+    plugins = get_plugins()
+    for problem in plugins.problems:
+        console.print(f"[yellow]warning:[/] plugin {problem.name} skipped: {problem.reason}", highlight=False)
+    return plugins
+
+
+@click.group()
+@click.version_option(package_name="pocketlm")
+def main():
+    """pocketlm: make language models pocket-sized."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@main.command()
+@click.argument("recipe", required=False, type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), help="run folder (default runs/<recipe name>)")
+@click.option("--resume", is_flag=True, help="continue a killed run after its last finished stage")
+@click.option("--overwrite", is_flag=True, help="replace an existing run in the run folder")
+@_handle_errors
+def run(recipe, run_dir, resume, overwrite):
+    """Run RECIPE (TOML or YAML). With no recipe, run the default hybrid on the demo model."""
+    from .pipeline import Run, report_rows
+    from .recipe import load_recipe, parse_recipe
+
+    plugins = _plugins()
+    if recipe is None:
+        from .planner import default_recipe_text
+
+        text = default_recipe_text(plugins)
+        console.print("no recipe given: running the default recipe for the installed plugins:\n" + text, highlight=False)
+        loaded = parse_recipe(text, plugins, file="<default recipe>")
+        run_dir = run_dir or Path("runs") / "default"
+    else:
+        loaded = load_recipe(recipe, plugins)
+        run_dir = run_dir or Path("runs") / Path(recipe).stem
+    report = Run(loaded, run_dir, plugins, resume=resume, overwrite=overwrite, progress=RichProgress(),
+                 echo=lambda m: console.print(m, highlight=False)).execute()
+    table = Table(title=f"{report['model']}: before and after")
+    rows = report_rows(report)
+    for column in rows[0]:
+        table.add_column(column, justify="right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    out.print(table)
+    out.print(f"run folder: {run_dir}" + (f"\nexport: {report['export']}" if report["export"] else ""))
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@_handle_errors
+def validate(recipe):
+    """Check RECIPE against the installed plugins without running it."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, _plugins())
+    out.print(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
+              + ", ".join(s.method for s in loaded.stages) + ")")
+
+
+@main.command()
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="write to a file instead of stdout")
+@_handle_errors
+def schema(output):
+    """Print the JSON Schema of recipes for the installed plugins."""
+    from . import atomic
+    from .recipe import json_schema
+
+    text = json.dumps(json_schema(_plugins()), indent=2)
+    if output:
+        atomic.write_text(output, text + "\n")
+    else:
+        click.echo(text)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--available", is_flag=True, help="list registry.toml plugins that are not installed")
+@_handle_errors
+def plugins(as_json, available):
+    """List installed plugins (and skipped ones, with the reason)."""
+    from . import registry
+    from .plugins import get_plugins
+
+    loaded = get_plugins()
+    if available:
+        installed = {i.distribution for i in loaded.infos}
+        rows = [{"distribution": e.distribution, "version": e.version, "summary": e.summary,
+                 "methods": list(e.methods), "exporters": list(e.exporters), "install": e.install}
+                for e in registry.entries() if e.distribution not in installed]
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        table = Table(title="available plugins (registry.toml), not installed")
+        for column in ("distribution", "version", "provides", "install"):
+            table.add_column(column)
+        for row in rows:
+            table.add_row(row["distribution"], row["version"], ", ".join(row["methods"] + row["exporters"]), row["install"])
+        out.print(table)
+        return
+    if as_json:
+        click.echo(json.dumps({"plugins": [i.as_dict() for i in loaded.infos],
+                               "skipped": [p.as_dict() for p in loaded.problems]}, indent=2))
+        return
+    table = Table(title="installed plugins")
+    for column in ("plugin", "distribution", "version", "provides"):
+        table.add_column(column)
+    for info in loaded.infos:
+        provides = "; ".join(f"{k}: {', '.join(v)}" for k, v in info.provides.items())
+        table.add_row(info.name, info.distribution or "", info.version or "", provides)
+    out.print(table)
+    for problem in loaded.problems:
+        out.print(f"[yellow]skipped[/] {problem.name} ({problem.distribution}): {problem.reason}", highlight=False)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def methods(as_json):
+    """List every method with its kind, options and defaults."""
+    loaded = _plugins()
+    rows = []
+    for name, method in sorted(loaded.methods.items()):
+        options = {key: {"type": str(getattr(field.annotation, "__name__", field.annotation)).replace("typing.", ""),
+                         "default": None if field.is_required() else field.default,
+                         "description": field.description or ""}
+                   for key, field in method.options.model_fields.items()}
+        rows.append({"name": name, "kind": method.kind, "plugin": loaded.owner[("methods", name)],
+                     "summary": method.summary, "needs_calibration": method.needs_calibration, "options": options})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for row in rows:
+        out.print(f"[bold]{row['name']}[/] ({row['kind']}, {row['plugin']}){' [calibration]' if row['needs_calibration'] else ''}: {row['summary']}")
+        for key, option in row["options"].items():
+            out.print(f"    {key}: {option['type']} = {option['default']!r}  {option['description']}", highlight=False)
+
+
+@main.command(name="eval")
+@click.argument("model")
+@click.option("--metrics", default="perplexity,size,parameters,sparsity", show_default=True)
+@click.option("--windows", type=int, help="perplexity windows (default 32)")
+@_handle_errors
+def eval_(model, metrics, windows):
+    """Evaluate MODEL (a folder, a .gguf file, a run's stage folder or demo:NAME)."""
+    from .recipe import parse_recipe
+
+    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    text = f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = {json.dumps(names)}\nper_stage = []\n'
+    if windows and "perplexity" in names:
+        text += f"[evaluate.perplexity]\nwindows = {windows}\n"
+    loaded_plugins = _plugins()
+    recipe = parse_recipe(text, loaded_plugins, file="<eval>")
+    from .pipeline import Run
+
+    run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress())
+    loaded = run_._load_source(model)
+    results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
+    table = Table(title=model)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in results.items():
+        table.add_row(key, f"{value:.4g}")
+    out.print(table)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--format", "format_", default="hf", show_default=True)
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path))
+@_handle_errors
+def export(model, format_, output):
+    """Export MODEL (a folder, a run's stage folder or demo:NAME) to OUTPUT."""
+    from .pipeline import Run
+    from .recipe import parse_recipe
+
+    loaded_plugins = _plugins()
+    text = (f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = []\nper_stage = []\n'
+            f'[export]\nformat = {json.dumps(format_)}\npath = {json.dumps(str(output.resolve()))}\n')
+    recipe = parse_recipe(text, loaded_plugins, file="<export>")
+    run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress())
+    loaded = run_._load_source(model)
+    path = run_._export(loaded.model, loaded.tokenizer)
+    out.print(f"exported {model} as {format_} to {path}")
+
+
+from . import planner as _planner  # noqa: E402  (registers `plan` and `new-plugin`)
+
+_planner.add_commands(main, _handle_errors, _plugins, out, console)
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,290 @@
+"""The pipeline: load → evaluate before → stages in order → export → evaluate after.
+
+Everything goes into a run folder::
+
+    run/
+      recipe.resolved.json   the recipe with defaults filled in, core and plugin versions,
+                             sha256 of the data files
+      eval-before.json       metrics of the loaded model
+      stages/01-<method>/    checkpoint after stage 1 (config, safetensors, masks, stage.json)
+      stages/01-<method>.work/  scratch a stage may use to resume itself (distillation steps)
+      export/                the export (or the recipe's export.path)
+      report.json, report.md metrics before, after and per stage
+      run.log
+
+Every file and folder is written atomically. ``resume=True`` loads the last finished stage's
+checkpoint and continues with the next, so a run killed at any point and resumed produces the
+same export as an uninterrupted one (stages are seeded from the recipe's seed and stage index).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import resource
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from . import __version__, atomic
+from .checkpoint import load_checkpoint, save_checkpoint
+from .context import CalibrationSpec, Context, Progress
+from .data import resolve_text, sha256
+from .errors import PocketError
+from .recipe import Recipe
+
+RESOLVED = "recipe.resolved.json"
+
+
+@dataclass
+class StageRecord:
+    index: int
+    method: str
+    seconds: float
+    peak_rss_mb: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def stage_name(index: int, method: str) -> str:
+    return f"{index + 1:02d}-{method}"
+
+
+class Run:
+    """One execution of a recipe into ``run_dir``."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path, plugins, *, resume: bool = False,
+                 overwrite: bool = False, progress: Progress | None = None,
+                 echo: Callable[[str], None] = print):
+        self.recipe, self.run_dir, self.plugins = recipe, Path(run_dir), plugins
+        self.resume, self.overwrite = resume, overwrite
+        self.progress = progress or Progress()
+        self.echo = echo
+        self.resolved = recipe.resolved()
+        self.resolved["_base"] = str(recipe.base)
+
+    # ---------------------------------------------------------------- helpers
+
+    def log(self, message: str) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "run.log", "a", encoding="utf-8") as handle:
+            handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        self.echo(message)
+
+    def _provenance(self) -> dict:
+        calibration = resolve_text(self.recipe.file.calibration.text, self.recipe.base)
+        texts = {"calibration": {"path": str(calibration), "sha256": sha256(calibration)}}
+        perplexity = self.recipe.evaluators.get("perplexity")
+        if perplexity is not None:
+            evaluation = resolve_text(perplexity.text, self.recipe.base)
+            texts["evaluation"] = {"path": str(evaluation), "sha256": sha256(evaluation)}
+        return {
+            "core": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "plugins": {i.distribution or i.name: i.version for i in self.plugins.infos if not i.builtin},
+            "data": texts,
+        }
+
+    def _fingerprint(self) -> str:
+        stable = {k: v for k, v in self.resolved.items() if k != "_base"}
+        return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
+
+    def _prepare_folder(self) -> None:
+        resolved_path = self.run_dir / RESOLVED
+        if resolved_path.exists():
+            previous = json.loads(resolved_path.read_text())
+            if self.resume:
+                if previous.get("fingerprint") != self._fingerprint():
+                    raise PocketError(f"the run folder {self.run_dir} was made by a different recipe",
+                                      field="--resume", fix="resume with the recipe that started the run, "
+                                      "or pass --overwrite to start over")
+                return
+            if not self.overwrite:
+                raise PocketError(f"the run folder {self.run_dir} already holds a run",
+                                  fix="pass --resume to continue it, --overwrite to replace it, "
+                                  "or --run-dir to choose another folder")
+        if self.overwrite and self.run_dir.exists():
+            import shutil
+
+            for child in ("stages", "export", "report.json", "report.md", "eval-before.json", "run.log"):
+                target = self.run_dir / child
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        atomic.write_json(resolved_path, {"recipe": {k: v for k, v in self.resolved.items() if k != "_base"},
+                                          "fingerprint": self._fingerprint(),
+                                          "provenance": self._provenance()})
+
+    def _context(self, tokenizer, stage_dir: Path | None = None, export_path: Path | None = None) -> Context:
+        calibration = self.recipe.file.calibration
+        return Context(
+            tokenizer=tokenizer, plugins=self.plugins,
+            calibration=CalibrationSpec(resolve_text(calibration.text, self.recipe.base), calibration.samples,
+                                        calibration.seq_len, calibration.seed, calibration.batch_size),
+            run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
+            progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
+            model_loader=self._load_source, export_path=export_path)
+
+    def _load_source(self, source: str):
+        loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
+                                              context=self._context(None))
+        return loaded
+
+    def _load_teacher(self):
+        return self._load_source(self.recipe.file.model.source).model
+
+    def _evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None) -> dict[str, float]:
+        context = self._context(tokenizer, export_path=export_path)
+        results: dict[str, float] = {}
+        for metric in metrics:
+            evaluator = self.plugins.evaluators[metric]
+            results.update(self.plugins.hook.evaluate(model=model, evaluator=evaluator,
+                                                      options=self.recipe.evaluators[metric], context=context))
+        return results
+
+    def _finished_stages(self) -> int:
+        """How many stages have a complete checkpoint (their folders appear only when done)."""
+        done = 0
+        for index, stage in enumerate(self.recipe.stages):
+            if (self.run_dir / "stages" / stage_name(index, stage.method) / "stage.json").is_file():
+                done = index + 1
+            else:
+                break
+        return done
+
+    # ---------------------------------------------------------------- run
+
+    def execute(self) -> dict:
+        self._prepare_folder()
+        evaluate = self.recipe.file.evaluate
+        loaded = self._load_source(self.recipe.file.model.source)
+        model, tokenizer = loaded.model, loaded.tokenizer
+
+        before_path = self.run_dir / "eval-before.json"
+        if evaluate.before and evaluate.metrics:
+            if before_path.exists():
+                before = json.loads(before_path.read_text())
+            else:
+                self.log("evaluating the model before compression")
+                before = self._evaluate(model, tokenizer, evaluate.metrics)
+                atomic.write_json(before_path, before)
+        else:
+            before = {}
+
+        records: list[StageRecord] = []
+        finished = self._finished_stages() if self.resume else 0
+        if finished:
+            last = self.recipe.stages[finished - 1]
+            folder = self.run_dir / "stages" / stage_name(finished - 1, last.method)
+            self.log(f"resuming after stage {finished} ({last.method}) from {folder}")
+            model = load_checkpoint(folder).model
+            for index in range(finished):
+                stage = self.recipe.stages[index]
+                saved = json.loads((self.run_dir / "stages" / stage_name(index, stage.method) / "stage.json").read_text())
+                records.append(StageRecord(**saved))
+
+        for index in range(finished, len(self.recipe.stages)):
+            model = self._run_stage(index, model, tokenizer, records)
+
+        export_path = None
+        if self.recipe.file.export is not None:
+            export_path = self._export(model, tokenizer)
+
+        self.log("evaluating the compressed model")
+        after = self._evaluate(model, tokenizer, evaluate.metrics, export_path) if evaluate.metrics else {}
+        report = {
+            "recipe": str(self.recipe.path) if self.recipe.path else None,
+            "model": self.recipe.file.model.source,
+            "run_dir": str(self.run_dir),
+            "export": str(export_path) if export_path else None,
+            "before": before, "after": after,
+            "stages": [r.__dict__ for r in records],
+        }
+        atomic.write_json(self.run_dir / "report.json", report)
+        atomic.write_text(self.run_dir / "report.md", render_report(report))
+        return report
+
+    def _run_stage(self, index: int, model, tokenizer, records: list[StageRecord]):
+        stage = self.recipe.stages[index]
+        method = self.plugins.methods[stage.method]
+        name = stage_name(index, stage.method)
+        work = self.run_dir / "stages" / (name + ".work")
+        work.mkdir(parents=True, exist_ok=True)
+        self.log(f"stage {index + 1}/{len(self.recipe.stages)}: {stage.method}")
+        torch.manual_seed(self.recipe.file.calibration.seed + index)
+        context = self._context(tokenizer, stage_dir=work)
+        start = time.perf_counter()
+        result = self.plugins.hook.compress(model=model, method=method, options=stage.options, context=context)
+        seconds = time.perf_counter() - start
+        model = result if result is not None else model
+        model.eval()
+        metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage)
+        record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
+        with atomic.folder(self.run_dir / "stages" / name) as tmp:
+            save_checkpoint(model, tokenizer, tmp)
+            atomic.write_json(tmp / "stage.json", record.__dict__)
+        records.append(record)
+        self.log(f"stage {index + 1} ({stage.method}) finished in {seconds:.1f} s")
+        return model
+
+    def _export(self, model, tokenizer) -> Path:
+        section = self.recipe.file.export
+        exporter = self.plugins.exporters[section.format]
+        target = Path(section.path)
+        target = target if target.is_absolute() else self.run_dir / target
+        if exporter.check is not None:
+            problems = exporter.check(model, self.recipe.export_options)
+            if problems:
+                raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
+                                  field="export.format", fix="choose another format, or change the stages")
+        self.log(f"exporting ({section.format}) to {target}")
+        with atomic.folder(target) as tmp:
+            self.plugins.hook.export(model=model, exporter=exporter, options=self.recipe.export_options, path=tmp,
+                                     context=self._context(tokenizer, export_path=target))
+        return target
+
+
+# --------------------------------------------------------------------------- report
+
+_COLUMNS = [("perplexity", "perplexity", "{:.2f}"), ("size_mb", "size (MB)", "{:.1f}"),
+            ("bits_per_weight", "bits/weight", "{:.2f}"), ("parameters", "parameters", "{:,.0f}"),
+            ("sparsity", "sparsity", "{:.1%}")]
+
+
+def _cell(metrics: dict, key: str, fmt: str) -> str:
+    value = metrics.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def report_rows(report: dict) -> list[tuple[str, ...]]:
+    keys = [c for c in _COLUMNS if any(c[0] in m for m in [report["before"], report["after"]]
+                                         + [s["metrics"] for s in report["stages"]])]
+    rows = [("", *[c[1] for c in keys])]
+    if report["before"]:
+        rows.append(("before", *[_cell(report["before"], k, f) for k, _, f in keys]))
+    for stage in report["stages"]:
+        rows.append((f"after {stage['index'] + 1}: {stage['method']}", *[_cell(stage["metrics"], k, f) for k, _, f in keys]))
+    rows.append(("after", *[_cell(report["after"], k, f) for k, _, f in keys]))
+    return rows
+
+
+def render_report(report: dict) -> str:
+    rows = report_rows(report)
+    lines = [f"# pocketlm report: {report['model']}", ""]
+    lines.append("| " + " | ".join(rows[0]) + " |")
+    lines.append("|" + "---|" * len(rows[0]))
+    for row in rows[1:]:
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "| stage | method | seconds | peak RSS (MB) |", "|---|---|---|---|"]
+    for stage in report["stages"]:
+        lines.append(f"| {stage['index'] + 1} | {stage['method']} | {stage['seconds']:.1f} | {stage['peak_rss_mb']:.0f} |")
+    if report.get("export"):
+        lines += ["", f"Export: `{report['export']}`"]
+    return "\n".join(lines) + "\n"

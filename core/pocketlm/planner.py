@@ -1,0 +1,250 @@
+"""The hybrid planner: compose recipes from whatever methods the installed plugins declare.
+
+The planner knows no method. It reads each method's declarations — ``kind``, ``phase`` (the
+canonical order: structured pruning, distillation, unstructured pruning, quantization),
+``not_after``, ``exclusive``, its size ``effect`` and the option sets its ``plan`` proposes —
+and builds every ordered combination that :func:`pocketlm.recipe.combination_problems`
+accepts, with an estimated size. Installing or removing a plugin changes the candidates; the
+core does not change.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .components import Method, SizeEffect
+from .recipe import combination_problems
+
+DEFAULT_MODEL = "demo:smollm2-135m"
+
+
+@dataclass(frozen=True)
+class PlanBudget:
+    """What the user asked for; handed to each method's ``plan`` callable."""
+
+    target_size_mb: float | None = None
+    target_bits: float | None = None
+    min_retention: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    """Parameter counts the size estimate needs: decoder linears, token embedding (and a tied
+    head, counted once), everything else (norms, biases, an untied head)."""
+
+    decoder: int
+    embedding: int
+    other: int
+
+    @property
+    def total(self) -> int:
+        return self.decoder + self.embedding + self.other
+
+
+# SmolLM2-135M, the demo model: lets `pocketlm plan` list candidates without loading it.
+DEMO_STATS = ModelStats(decoder=106_168_320, embedding=28_311_552, other=35_136)
+
+
+def model_stats(model, architecture) -> ModelStats:
+    from .modules import decoder_layers, get_module
+    from .weights import is_linear
+
+    decoder = sum(p.numel() for layer in decoder_layers(model, architecture) for m in layer.modules()
+                  if is_linear(m) for p in m.parameters(recurse=False) if p.dim() == 2)
+    embedding = get_module(model, architecture.embed).weight.numel()
+    seen, total = set(), 0
+    for parameter in model.parameters():
+        if parameter.data_ptr() not in seen:
+            seen.add(parameter.data_ptr())
+            total += parameter.numel()
+    return ModelStats(decoder, embedding, total - decoder - embedding)
+
+
+@dataclass
+class Candidate:
+    stages: list[tuple[Method, dict]]
+    effects: list[SizeEffect]
+    size_mb: float
+    bits: float
+    measured: dict = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.stages:
+            return "baseline"
+        return " → ".join(_stage_label(m, o) for m, o in self.stages)
+
+    def recipe(self, model: str) -> dict:
+        return {"model": {"source": model},
+                "stages": [{"method": m.name, **o} for m, o in self.stages],
+                "evaluate": {"metrics": ["perplexity", "size"]},
+                "export": {"format": "hf", "path": "export"}}
+
+
+def _stage_label(method: Method, options: dict) -> str:
+    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("targets", "ignore"))
+    return f"{method.name}({shown})"
+
+
+def estimate(stats: ModelStats, effects: list[SizeEffect]) -> tuple[float, float]:
+    """(size in MB, mean bits per weight) after the effects, dense weights in float16."""
+    decoder_bits, embedding_bits, kept = 16.0, 16.0, 1.0
+    for effect in effects:
+        kept *= 1 - effect.params_removed
+        if effect.bits is not None:
+            if effect.covers in ("decoder", "all"):
+                decoder_bits = min(decoder_bits, effect.bits)
+            if effect.covers in ("embedding", "all"):
+                embedding_bits = min(embedding_bits, effect.bits)
+    bits = stats.decoder * kept * decoder_bits + stats.embedding * embedding_bits + stats.other * 16
+    params = stats.decoder * kept + stats.embedding + stats.other
+    return bits / 8 / 1e6, bits / params
+
+
+def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = PlanBudget(),
+               exporter: str = "hf", max_stages: int = 3) -> list[Candidate]:
+    """Every valid ordered combination of the installed methods' proposals, smallest first,
+    filtered by the size or bits target."""
+    proposals: list[tuple[Method, dict]] = []
+    for method in sorted(plugins.methods.values(), key=lambda m: (m.phase, m.name)):
+        if method.plan is None:
+            continue
+        for options in method.plan(budget):
+            proposals.append((method, dict(options)))
+    export = plugins.exporters.get(exporter)
+    found: list[Candidate] = []
+    for count in range(1, max_stages + 1):
+        for combo in itertools.combinations(proposals, count):
+            ordered = sorted(combo, key=lambda pair: pair[0].phase)
+            if len({m.name for m, _ in ordered}) < len(ordered) and not _distinct_covers(ordered):
+                continue
+            try:
+                pairs = [(m, m.options.model_validate(o)) for m, o in ordered]
+            except Exception:  # noqa: BLE001 - a proposal that does not validate is not a candidate
+                continue
+            if combination_problems(pairs, export):
+                continue
+            effects = [m.effect(o) for m, o in pairs]
+            size_mb, bits = estimate(stats, effects)
+            found.append(Candidate(list(ordered), effects, size_mb, bits))
+    if budget.target_size_mb is not None:
+        found = [c for c in found if c.size_mb <= budget.target_size_mb]
+    if budget.target_bits is not None:
+        found = [c for c in found if c.bits <= budget.target_bits]
+    return sorted(found, key=lambda c: (c.size_mb, len(c.stages), c.label))
+
+
+def _distinct_covers(stages: list[tuple[Method, dict]]) -> bool:
+    covers = [m.effect(m.options.model_validate(o)).covers for m, o in stages]
+    return len(set(covers)) == len(covers)
+
+
+def default_candidate(plugins, stats: ModelStats = DEMO_STATS) -> Candidate | None:
+    """The default hybrid: among candidates whose stages every plugin marks as safe defaults
+    (a proposal with ``"default": True`` is stripped of that key and preferred), the
+    smallest; with no such marks, the smallest candidate with at most two stages."""
+    pool = []
+    for method in plugins.methods.values():
+        if method.plan is None:
+            continue
+        for options in method.plan(PlanBudget()):
+            if options.get("default"):
+                pool.append((method, {k: v for k, v in options.items() if k != "default"}))
+    if pool:
+        pairs = sorted(pool, key=lambda p: p[0].phase)
+        validated = [(m, m.options.model_validate(o)) for m, o in pairs]
+        if not combination_problems(validated, plugins.exporters.get("hf")):
+            effects = [m.effect(o) for m, o in validated]
+            size_mb, bits = estimate(stats, effects)
+            return Candidate(pairs, effects, size_mb, bits)
+    options = [c for c in candidates(plugins, stats) if len(c.stages) <= 2]
+    return options[0] if options else None
+
+
+def to_toml(recipe: dict) -> str:
+    lines: list[str] = []
+
+    def value(v):
+        return json.dumps(v) if not isinstance(v, bool) else ("true" if v else "false")
+
+    for section in ("model", "calibration"):
+        if section in recipe:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in recipe[section].items()]
+            lines.append("")
+    for stage in recipe.get("stages", []):
+        lines.append("[[stages]]")
+        lines += [f"{k} = {value(v)}" for k, v in stage.items()]
+        lines.append("")
+    for section in ("evaluate", "export"):
+        if section in recipe:
+            lines.append(f"[{section}]")
+            lines += [f"{k} = {value(v)}" for k, v in recipe[section].items()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def default_recipe_text(plugins, model: str = DEFAULT_MODEL) -> str:
+    candidate = default_candidate(plugins)
+    recipe = candidate.recipe(model) if candidate else {
+        "model": {"source": model}, "evaluate": {"metrics": ["perplexity", "size"]},
+        "export": {"format": "hf", "path": "export"}}
+    return to_toml(recipe)
+
+
+def add_commands(main, handle_errors, load_plugins, out, console) -> None:
+    """Attach ``plan`` and ``new-plugin`` to the CLI group."""
+    import click
+
+    @main.command()
+    @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model source")
+    @click.option("--target-size-mb", type=float, help="largest acceptable size")
+    @click.option("--target-bits", type=float, help="largest acceptable mean bits per weight")
+    @click.option("--min-retention", type=float, help="smallest acceptable baseline/compressed perplexity (measured with --evaluate)")
+    @click.option("--evaluate", "evaluate_k", type=int, default=0, help="run the K smallest candidates (quick protocol)")
+    @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/plan"), show_default=True)
+    @click.option("--json", "as_json", is_flag=True)
+    @handle_errors
+    def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir, as_json):
+        """List candidate hybrid recipes from the installed methods, with estimated sizes."""
+        from rich.table import Table
+
+        plugins = load_plugins()
+        budget = PlanBudget(target_size_mb, target_bits, min_retention)
+        stats = DEMO_STATS if model == DEFAULT_MODEL else _stats_of(model, plugins)
+        found = candidates(plugins, stats, budget)
+        if evaluate_k:
+            from .plan_eval import evaluate_candidates
+
+            evaluate_candidates(found[:evaluate_k], model, plugins, out_dir, budget, out)
+            return
+        if as_json:
+            click.echo(json.dumps([{"recipe": c.recipe(model), "label": c.label, "size_mb": c.size_mb,
+                                    "bits": c.bits} for c in found], indent=2))
+            return
+        table = Table(title=f"{len(found)} candidate hybrids for {model}")
+        for column in ("#", "stages", "est. size (MB)", "bits/weight"):
+            table.add_column(column)
+        for number, candidate in enumerate(found, 1):
+            table.add_row(str(number), candidate.label, f"{candidate.size_mb:.1f}", f"{candidate.bits:.2f}")
+        out.print(table)
+
+    def _stats_of(model, plugins):
+        from .context import Context
+
+        loaded = plugins.hook.load_model(source=model, options=None, context=Context(plugins=plugins))
+        return model_stats(loaded.model, Context(plugins=plugins).architecture(loaded.model))
+
+    @main.command(name="new-plugin")
+    @click.argument("name")
+    @click.option("--directory", "-d", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+    @handle_errors
+    def new_plugin(name, directory):
+        """Create a plugin package NAME with a method skeleton, tests and docs."""
+        from .scaffold import create_plugin
+
+        folder = create_plugin(name, directory)
+        out.print(f"created {folder}\nnext: pip install -e {folder} && pytest {folder}/tests")

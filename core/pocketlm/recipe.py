@@ -1,0 +1,499 @@
+"""Recipes: TOML (or YAML, safe loader) files that describe a multi-stage run.
+
+Validation happens in layers, and the first problem found ends it with one
+:class:`PocketError` naming the file, the line (where the format allows), the field path, what
+was expected, and the fix:
+
+1. syntax (TOML or YAML);
+2. the recipe's own sections (``[model]``, ``[calibration]``, ``[[stages]]``, ``[evaluate]``,
+   ``[export]``, ``[plugins]``), closed to unknown keys;
+3. each stage against its method's options model, declared by the plugin that provides it;
+4. the plugins the recipe requires, with version ranges;
+5. how the stages combine: ordering constraints, one quantizer per layer, and whether the
+   exporter can represent the result.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
+from packaging.version import Version
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from . import registry
+from .components import Method
+from .data import DEFAULT_CALIBRATION_TEXT, resolve_text
+from .errors import PocketError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSection(_Section):
+    source: str = Field("demo:smollm2-135m", description="a transformers folder, a .gguf file, or demo:NAME")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype to load the weights in")
+    allow_pickle: bool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
+    trust_remote_code: bool = Field(False, description="let transformers run the model folder's own code")
+
+
+class CalibrationSection(_Section):
+    text: str = Field(DEFAULT_CALIBRATION_TEXT, description="calibration text file, or builtin:NAME")
+    samples: int = Field(32, ge=1, le=1_000_000, description="number of windows")
+    seq_len: int = Field(512, ge=8, le=1_000_000, description="tokens per window")
+    seed: int = Field(0, ge=0, description="seed for picking windows and for every stage")
+    batch_size: int = Field(8, ge=1, le=4096, description="windows per forward pass while calibrating")
+
+
+class EvaluateSection(BaseModel):
+    """``metrics`` to measure before and after; a sub-table named after a metric holds its
+    options (``[evaluate.perplexity] windows = 8``)."""
+
+    model_config = ConfigDict(extra="allow")
+    metrics: list[str] = Field(default_factory=lambda: ["perplexity", "size"])
+    before: bool = Field(True, description="also measure the model before the first stage")
+    per_stage: list[str] = Field(default_factory=lambda: ["parameters", "sparsity", "size"],
+                                 description="metrics measured after every stage")
+
+
+class ExportSection(BaseModel):
+    """``format`` names an exporter; other keys are that exporter's options."""
+
+    model_config = ConfigDict(extra="allow")
+    format: str = Field("hf", description="exporter name")
+    path: str = Field("export", description="output folder, relative to the run folder")
+
+
+class StageSection(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    method: str
+
+
+class RecipeFile(_Section):
+    model: ModelSection = Field(default_factory=ModelSection)
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    stages: list[StageSection] = Field(default_factory=list)
+    evaluate: EvaluateSection = Field(default_factory=EvaluateSection)
+    export: ExportSection | None = None
+    plugins: dict[str, str] = Field(default_factory=dict, description="required plugins and version ranges")
+
+    @field_validator("plugins")
+    @classmethod
+    def _ranges(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, spec in value.items():
+            try:
+                SpecifierSet(spec)
+            except InvalidSpecifier:
+                raise ValueError(f"{spec!r} for plugin {name!r} is not a version range such as \">=0.1,<1\"")
+        return value
+
+
+class Stage(BaseModel):
+    """A validated stage: the method and an instance of its options model."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    method: str
+    options: Any
+
+
+class Recipe(BaseModel):
+    """A recipe validated against the installed plugins."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+    file: RecipeFile
+    stages: list[Stage]
+    evaluators: dict[str, Any]
+    export_options: Any = None
+    path: Path | None = None
+
+    @property
+    def base(self) -> Path:
+        return self.path.parent if self.path else Path.cwd()
+
+    def resolved(self) -> dict:
+        """The recipe with every default filled in, as plain data."""
+        data = self.file.model_dump(mode="json")
+        data["stages"] = [{"method": s.method, **s.options.model_dump(mode="json")} for s in self.stages]
+        if self.file.export is not None:
+            data["export"] = {"format": self.file.export.format, "path": self.file.export.path,
+                              **self.export_options.model_dump(mode="json")}
+        data["evaluate"] = {"metrics": self.file.evaluate.metrics, "before": self.file.evaluate.before,
+                            "per_stage": self.file.evaluate.per_stage,
+                            **{k: v.model_dump(mode="json") for k, v in self.evaluators.items()}}
+        return data
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, plugins) -> Recipe:
+    """Read and validate the recipe at ``path`` against ``plugins``."""
+    path = Path(path)
+    if not path.is_file():
+        raise PocketError(f"recipe file {path} does not exist", file=str(path),
+                          fix="check the path, or run `pocketlm run` with no recipe for the default")
+    text = path.read_text(encoding="utf-8")
+    fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
+    return parse_recipe(text, plugins, fmt=fmt, file=str(path), path=path)
+
+
+def parse_recipe(text: str, plugins, *, fmt: str = "toml", file: str = "<recipe>", path: Path | None = None) -> Recipe:
+    raw = _parse(text, fmt, file)
+    locate = _Locator(text, fmt, file)
+    try:
+        recipe_file = RecipeFile.model_validate(raw)
+    except ValidationError as exc:
+        raise _from_validation(exc, locate, prefix=(), model=RecipeFile) from None
+    base = path.parent if path else Path.cwd()
+    _check_required_plugins(recipe_file, plugins, locate)
+    stages = [_validate_stage(i, stage, plugins, locate) for i, stage in enumerate(recipe_file.stages)]
+    evaluators = _validate_evaluate(recipe_file.evaluate, plugins, locate)
+    export_options = _validate_export(recipe_file.export, plugins, locate) if recipe_file.export else None
+    recipe = Recipe(file=recipe_file, stages=stages, evaluators=evaluators, export_options=export_options, path=path)
+    _check_texts(recipe, base, locate)
+    _check_combination(recipe, plugins, locate)
+    return recipe
+
+
+def _parse(text: str, fmt: str, file: str) -> dict:
+    if fmt == "yaml":
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise PocketError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
+                              line=mark.line + 1 if mark else None,
+                              fix="fix the YAML syntax (recipes are data: no tags, no code)") from None
+    else:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            match = re.search(r"line (\d+)", str(exc))
+            raise PocketError(f"TOML syntax error: {exc}", file=file, line=int(match.group(1)) if match else None,
+                              fix="fix the TOML syntax; strings need quotes, tables need [brackets]") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise PocketError("a recipe must be a table of sections at the top level", file=file,
+                          fix="start with [model], [[stages]] ... (see docs/recipes.md)")
+    return raw
+
+
+# ------------------------------------------------------------------------ stage checks
+
+
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"did you mean {close[0]!r}? " if close else ""
+
+
+def _validate_stage(index: int, stage: StageSection, plugins, locate) -> Stage:
+    where = ("stages", index)
+    method: Method | None = plugins.methods.get(stage.method)
+    if method is None:
+        raise PocketError(f"unknown method {stage.method!r}", file=locate.file,
+                          line=locate(where + ("method",)), field=f"stages[{index}].method",
+                          fix=_missing_method_fix(stage.method, plugins))
+    options = {k: v for k, v in (stage.model_extra or {}).items()}
+    try:
+        validated = method.options.model_validate(options)
+    except ValidationError as exc:
+        raise _from_validation(exc, locate, prefix=where, model=method.options,
+                               what=f"method {method.name!r}") from None
+    return Stage(method=stage.method, options=validated)
+
+
+def _missing_method_fix(name: str, plugins) -> str:
+    hint = _did_you_mean(name, plugins.methods)
+    entry = registry.provider_of("methods", name)
+    if entry is not None:
+        skipped = next((p for p in plugins.problems if p.distribution == entry.distribution), None)
+        if skipped is not None:
+            return (f"{hint}method {name!r} is provided by {entry.distribution}, which is installed but was "
+                    f"skipped: {skipped.reason}")
+        return f"{hint}method {name!r} is provided by {entry.distribution}: {entry.install}"
+    known = ", ".join(sorted(plugins.methods)) or "none (install a plugin)"
+    return f"{hint}installed methods: {known}; `pocketlm plugins --available` lists more"
+
+
+def _validate_evaluate(section: EvaluateSection, plugins, locate) -> dict[str, Any]:
+    validated: dict[str, Any] = {}
+    names = list(dict.fromkeys(section.metrics + section.per_stage + list(section.model_extra or {})))
+    for metric in names:
+        if metric not in plugins.evaluators:
+            field_name = "metrics" if metric in section.metrics else ("per_stage" if metric in section.per_stage else metric)
+            raise PocketError(f"unknown metric {metric!r}", file=locate.file, line=locate(("evaluate", field_name)),
+                              field=f"evaluate.{field_name}",
+                              fix=_did_you_mean(metric, plugins.evaluators) + "available metrics: "
+                              + ", ".join(sorted(plugins.evaluators)))
+        options = (section.model_extra or {}).get(metric, {})
+        if not isinstance(options, dict):
+            raise PocketError(f"options of metric {metric!r} must be a table", file=locate.file,
+                              line=locate(("evaluate", metric)), field=f"evaluate.{metric}",
+                              fix=f"write them as [evaluate.{metric}] with keys below it")
+        try:
+            validated[metric] = plugins.evaluators[metric].options.model_validate(options)
+        except ValidationError as exc:
+            raise _from_validation(exc, locate, prefix=("evaluate", metric),
+                                   model=plugins.evaluators[metric].options, what=f"metric {metric!r}") from None
+    return validated
+
+
+def _validate_export(section: ExportSection, plugins, locate):
+    exporter = plugins.exporters.get(section.format)
+    if exporter is None:
+        entry = registry.provider_of("exporters", section.format)
+        fix = _did_you_mean(section.format, plugins.exporters)
+        fix += (f"format {section.format!r} is provided by {entry.distribution}: {entry.install}" if entry else
+                "available formats: " + ", ".join(sorted(plugins.exporters)))
+        raise PocketError(f"unknown export format {section.format!r}", file=locate.file,
+                          line=locate(("export", "format")), field="export.format", fix=fix)
+    try:
+        return exporter.options.model_validate(dict(section.model_extra or {}))
+    except ValidationError as exc:
+        raise _from_validation(exc, locate, prefix=("export",), model=exporter.options,
+                               what=f"export format {exporter.name!r}") from None
+
+
+def _check_required_plugins(recipe_file: RecipeFile, plugins, locate) -> None:
+    installed = {i.distribution: i for i in plugins.infos if i.distribution}
+    installed.update({i.name: i for i in plugins.infos})
+    for name, spec in recipe_file.plugins.items():
+        normal = re.sub(r"[-_.]+", "-", name).lower()
+        info = installed.get(normal) or installed.get(name)
+        line = locate(("plugins", name))
+        if info is None:
+            entry = registry.entry(normal)
+            raise PocketError(f"the recipe needs plugin {name!r}, which is not installed", file=locate.file,
+                              line=line, field=f"plugins.{name}",
+                              fix=entry.install if entry else f"pip install {name!r}")
+        if info.version and Version(info.version) not in SpecifierSet(spec):
+            raise PocketError(f"the recipe needs {name} {spec}, but {info.version} is installed", file=locate.file,
+                              line=line, field=f"plugins.{name}", fix=f"pip install '{name}{spec}'")
+
+
+def _check_texts(recipe: Recipe, base: Path, locate) -> None:
+    calibration = resolve_text(recipe.file.calibration.text, base)
+    if not calibration.is_file():
+        raise PocketError(f"calibration text {calibration} does not exist", file=locate.file,
+                          line=locate(("calibration", "text")), field="calibration.text",
+                          fix="give an existing text file, or builtin:wikitext-2-valid")
+    perplexity = recipe.evaluators.get("perplexity")
+    if perplexity is not None:
+        evaluation = resolve_text(perplexity.text, base)
+        if not evaluation.is_file():
+            raise PocketError(f"evaluation text {evaluation} does not exist", file=locate.file,
+                              line=locate(("evaluate", "perplexity", "text")), field="evaluate.perplexity.text",
+                              fix="give an existing text file, or builtin:wikitext-2-test")
+        if evaluation.resolve() == calibration.resolve():
+            raise PocketError("the recipe calibrates on the text it evaluates on, which flatters the result",
+                              file=locate.file, line=locate(("calibration", "text")), field="calibration.text",
+                              fix="calibrate and evaluate on disjoint texts (builtin:wikitext-2-valid for "
+                              "calibration, builtin:wikitext-2-test for evaluation)")
+
+
+# ---------------------------------------------------------------------- combinations
+
+
+def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export_options=None) -> list[tuple[int | None, str]]:
+    """Why a sequence of (method, options) stages, optionally followed by ``exporter``, cannot
+    work: a list of (stage index or None for the export, reason). Uses only what plugins
+    declare: kinds, ``not_after``, ``exclusive`` and size effects. Shared with the planner."""
+    problems: list[tuple[int | None, str]] = []
+    seen_kinds: dict[str, int] = {}
+    exclusive_seen: dict[tuple[str, str], int] = {}
+    features: set[str] = set()
+    for index, (method, options) in enumerate(stages):
+        for kind in method.not_after:
+            if kind in seen_kinds:
+                problems.append((index, f"method {method.name!r} ({method.kind}) cannot run after a {kind} stage "
+                                        f"(stage {seen_kinds[kind]}): its declared order forbids it"))
+        effect = method.effect(options)
+        if method.exclusive:
+            key = (method.kind, effect.covers)
+            for (kind, covers), earlier in exclusive_seen.items():
+                if kind == method.kind and (covers == effect.covers or "all" in (covers, effect.covers)):
+                    problems.append((index, f"two {method.kind} stages would act on the same layers "
+                                            f"(stage {earlier} and stage {index}); a layer takes one {method.kind}r"))
+            exclusive_seen[key] = index
+        seen_kinds.setdefault(method.kind, index)
+        features |= set(effect.features)
+    if exporter is not None:
+        missing = features - set(exporter.represents) - {"dense"}
+        if missing:
+            problems.append((None, f"export format {exporter.name!r} cannot represent {', '.join(sorted(missing))} "
+                                   f"weights that the stages produce"))
+    return problems
+
+
+def _check_combination(recipe: Recipe, plugins, locate) -> None:
+    pairs = [(plugins.methods[s.method], s.options) for s in recipe.stages]
+    exporter = plugins.exporters.get(recipe.file.export.format) if recipe.file.export else None
+    for index, reason in combination_problems(pairs, exporter, recipe.export_options):
+        if index is None:
+            raise PocketError(reason, file=locate.file, line=locate(("export", "format")), field="export.format",
+                              fix="choose an export format that can hold the result (`pocketlm plugins` lists them)")
+        raise PocketError(reason, file=locate.file, line=locate(("stages", index, "method")),
+                          field=f"stages[{index}].method",
+                          fix="reorder or remove stages; canonical order: structured pruning, distillation, "
+                          "unstructured pruning, quantization")
+
+
+# ------------------------------------------------------------------ pydantic messages
+
+
+def _from_validation(exc: ValidationError, locate, *, prefix: tuple, model, what: str = "") -> PocketError:
+    error = exc.errors()[0]
+    loc = tuple(error["loc"])
+    path = prefix + loc
+    field = _field_path(path)
+    kind = error["type"]
+    fields = getattr(model, "model_fields", {})
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        owner = _owner_fields(model, loc[:-1])
+        message = f"unknown key {key!r}" + (f" for {what}" if what and len(loc) == 1 else "")
+        fix = _did_you_mean(key, owner) + ("valid keys: " + ", ".join(owner) if owner else "remove it")
+    elif kind == "missing":
+        message = f"required key {loc[-1]!r} is missing"
+        fix = f"add {loc[-1]} = ..."
+    else:
+        message = f"{error['msg']}, got {error.get('input')!r}"
+        fix = _field_fix(fields, loc)
+    return PocketError(message, file=locate.file, line=locate(path), field=field, fix=fix)
+
+
+def _owner_fields(model, loc: tuple) -> list[str]:
+    current = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part) if isinstance(part, str) else None
+        annotation = getattr(field, "annotation", None) if field else None
+        if isinstance(part, int):
+            continue
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            current = annotation
+        else:
+            args = getattr(annotation, "__args__", ())
+            inner = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+            if inner is None:
+                return []
+            current = inner
+    return list(getattr(current, "model_fields", {}))
+
+
+def _field_fix(fields, loc) -> str:
+    field = fields.get(loc[0]) if loc and isinstance(loc[0], str) else None
+    if field is None:
+        return "see `pocketlm methods` for valid values"
+    parts = [f"{loc[0]} expects {_type_name(field.annotation)}"]
+    if field.description:
+        parts.append(field.description)
+    if not field.is_required():
+        parts.append(f"default {field.default!r}")
+    return "; ".join(parts)
+
+
+def _type_name(annotation) -> str:
+    text = str(annotation).replace("typing.", "")
+    return getattr(annotation, "__name__", text) if isinstance(annotation, type) else text
+
+
+def _field_path(path: tuple) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Locator:
+    """Finds the line of a field path in the recipe text (exact for YAML, by scanning for TOML)."""
+
+    def __init__(self, text: str, fmt: str, file: str):
+        self.text, self.fmt, self.file = text, fmt, file
+        self.lines = text.splitlines()
+
+    def __call__(self, path: tuple) -> int | None:
+        try:
+            return self._yaml(path) if self.fmt == "yaml" else self._toml(path)
+        except Exception:  # noqa: BLE001 - a line number is a courtesy, never a failure
+            return None
+
+    def _yaml(self, path: tuple) -> int | None:
+        node = yaml.compose(self.text)
+        line = None
+        for part in path:
+            if node is None:
+                break
+            if isinstance(node, yaml.MappingNode):
+                match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+                if match is None:
+                    break
+                line, node = match[0].start_mark.line + 1, match[1]
+            elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+                node = node.value[part]
+                line = node.start_mark.line + 1
+            else:
+                break
+        return line
+
+    def _toml(self, path: tuple) -> int | None:
+        start, end = 0, len(self.lines)
+        parts = list(path)
+        header = re.compile(r"^\s*\[\[?\s*([^\]]+?)\s*\]\]?\s*$")
+        if parts and parts[0] == "stages" and len(parts) > 1 and isinstance(parts[1], int):
+            count = -1
+            for number, line in enumerate(self.lines):
+                if re.match(r"^\s*\[\[\s*stages\s*\]\]", line):
+                    count += 1
+                    if count == parts[1]:
+                        start = number + 1
+                        break
+            else:
+                return None
+            parts = parts[2:]
+        elif parts:
+            # a table header [a] or [a.b] for the longest prefix of the path
+            for depth in range(len(parts), 0, -1):
+                name = ".".join(str(p) for p in parts[:depth])
+                found = next((n for n, line in enumerate(self.lines)
+                              if (m := header.match(line)) and m.group(1) == name), None)
+                if found is not None:
+                    start, parts = found + 1, parts[depth:]
+                    if not parts:
+                        return found + 1
+                    break
+        for number in range(start, end):
+            line = self.lines[number]
+            if number > start and header.match(line) and parts:
+                break
+            if parts and re.match(rf"^\s*\"?{re.escape(str(parts[0]))}\"?\s*=", line):
+                return number + 1
+        return start if start else None
+
+
+def json_schema(plugins) -> dict:
+    """JSON Schema of recipes for the installed plugins (each stage is one of the methods)."""
+    schema = RecipeFile.model_json_schema()
+    variants = []
+    for name, method in sorted(plugins.methods.items()):
+        option_schema = method.options.model_json_schema()
+        properties = {"method": {"const": name, "description": method.summary}, **option_schema.get("properties", {})}
+        variant = {"type": "object", "title": name, "properties": properties, "required": ["method"],
+                   "additionalProperties": False}
+        if "$defs" in option_schema:
+            schema.setdefault("$defs", {}).update(option_schema["$defs"])
+        variants.append(variant)
+    schema["properties"]["stages"] = {"type": "array", "items": {"oneOf": variants} if variants else {"type": "object"}}
+    schema["properties"]["export"] = {"type": "object", "properties": {
+        "format": {"enum": sorted(plugins.exporters)}, "path": {"type": "string"}}}
+    schema["properties"]["evaluate"]["properties"]["metrics"] = {
+        "type": "array", "items": {"enum": sorted(plugins.evaluators)}}
+    schema["title"] = "pocketlm recipe"
+    return json.loads(json.dumps(schema, default=str))

@@ -1,0 +1,489 @@
+"""AWQ: activation-aware weight quantization (Lin et al., 2023), as AutoAWQ runs it.
+
+For every decoder layer, on calibration activations:
+
+1. **Scale search.** For each scale-folding pair of the architecture table
+   (``Architecture.smooth``: norm → q/k/v, v → o, norm → gate/up, up → down), the per-input
+   channel scale ``s = mean|x|^α / mean|w|^(1-α)`` (``duo_scaling``; ``mean|x|^α`` without it),
+   normalised by ``sqrt(max(s) * min(s))``, is tried for ``α`` on a grid of ``n_grid`` points in
+   ``[0, 1)`` (plus the identity). The chosen ``α`` gives the lowest mean squared error of the
+   pair's ``block`` output (``self_attn``, ``mlp``; the linears themselves when the table has no
+   block) when the linears' weights are ``Q(W·diag(s))·diag(1/s)``.
+2. **Folding.** ``s`` is divided out of the preceding op's output channels (norm weight and
+   bias, or the previous linear's output rows and bias) and multiplied into the linears' input
+   columns, which leaves the model unchanged before rounding. A pair whose widths disagree
+   (v → o under grouped-query attention) is skipped and said once in the run log.
+3. **Clipping.** Each group's clipping range ``max|w|`` is shrunk on a grid (down to
+   ``1 - max_shrink``) and the value with the lowest error of the group's partial outputs on a
+   subsample of calibration tokens is kept (q and k projections are not clipped, as in AutoAWQ).
+4. **Rounding** to the min-max grid of each group, stored as pocketlm's ``QuantizedLinear``.
+
+Everything model-specific comes from the architecture table: a new family registered through
+the ``register_architectures`` hook works without changing this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import field_validator
+from torch import nn
+
+from pocketlm import Options, PocketError, SizeEffect, Smooth
+from pocketlm import weights as W
+from pocketlm.modules import get_module, select_linears, set_module
+
+# ---------------------------------------------------------------------------- options
+
+
+class AWQOptions(Options):
+    """AWQ's options; the defaults are AutoAWQ's (4-bit, group 128, zero point)."""
+
+    bits: Literal[3, 4, 8] = 4
+    group_size: int = 128
+    symmetric: bool = False
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+    n_grid: int = 20
+    duo_scaling: bool = True
+    clip: bool = True
+    clip_qk: bool = False
+    clip_grid: int = 20
+    max_shrink: float = 0.5
+    max_clip_tokens: int = 512
+    search_tokens: int | None = 8192
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value not in (-1, 32, 64, 128):
+            raise ValueError("group_size must be -1 (one group per row), 32, 64 or 128")
+        return value
+
+    @field_validator("n_grid", "clip_grid", "max_clip_tokens")
+    @classmethod
+    def _positive(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError("must be at least 1")
+        return value
+
+    @field_validator("max_shrink")
+    @classmethod
+    def _shrink(cls, value: float) -> float:
+        if not 0.0 <= value < 1.0:
+            raise ValueError("max_shrink must be in [0, 1)")
+        return value
+
+    @field_validator("search_tokens")
+    @classmethod
+    def _search_tokens(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError("search_tokens must be positive, or None for every calibration token")
+        return value
+
+
+def effect(options: AWQOptions) -> SizeEffect:
+    """Bits per weight including the fp16 scale and the zero point of each group."""
+    extra = 0.0 if options.group_size == -1 else (16 + options.bits) / options.group_size
+    return SizeEffect(bits=options.bits + extra, features=frozenset({"quantized"}))
+
+
+# ---------------------------------------------------------------- pure tensor functions
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in]`` viewed as ``[out, groups, group]``."""
+    rows, cols = w.shape
+    size = cols if group_size == -1 else group_size
+    return w.reshape(rows, cols // size, size)
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
+    """Round ``w`` ``[out, in]`` onto the min-max grid of each group.
+
+    Returns the integer grid ``q`` ``[out, in]``, ``scales`` and ``zeros`` ``[out, groups]``
+    (pocketlm's convention ``w = (q - zero) * scale``, scales float16-representable)."""
+    grouped = _grouped(w.float(), group_size)
+    rows, groups, size = grouped.shape
+    scale, zero = W.minmax_grid(grouped.reshape(-1, size), bits, symmetric)
+    q = W.quantize(grouped.reshape(-1, size), scale, zero, bits)
+    return q.reshape(rows, -1), scale.reshape(rows, groups), zero.reshape(rows, groups)
+
+
+def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
+    """``w`` rounded onto its group grid and mapped back to floats (same shape)."""
+    q, scale, zero = quantize_groups(w, bits, group_size, symmetric)
+    rows, cols = w.shape
+    groups = scale.shape[1]
+    deq = (q.reshape(rows, groups, -1) - zero[..., None]) * scale[..., None]
+    return deq.reshape(rows, cols)
+
+
+def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
+    """Per input channel mean of ``|w|`` normalised by each group's ``max|w|``, over the rows of
+    every linear in ``weights`` (all ``[out_i, in]``), as AutoAWQ computes it."""
+    w = torch.cat([x.float() for x in weights], dim=0)
+    grouped = _grouped(w, group_size).abs()
+    grouped = grouped / (grouped.amax(dim=-1, keepdim=True) + 1e-6)
+    return grouped.reshape(w.shape).mean(0)
+
+
+def awq_scales(x_mean: torch.Tensor, w_mean: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """AWQ's per input channel scale for exponent ``alpha``: ``x_mean^α / w_mean^(1-α)``
+    (``x_mean^α`` when ``w_mean`` is None), normalised so ``max * min == 1``."""
+    if w_mean is None:
+        scales = x_mean.float().pow(alpha).clamp(min=1e-4)
+    else:
+        scales = (x_mean.float().pow(alpha) / (w_mean.float().pow(1 - alpha) + 1e-4)).clamp(min=1e-4)
+    scales = scales / (scales.max() * scales.min()).sqrt()
+    return torch.where(torch.isfinite(scales), scales, torch.ones_like(scales))
+
+
+@dataclass
+class ScaleChoice:
+    scales: torch.Tensor
+    alpha: float | None  # None: the identity won
+    errors: dict[float | None, float] = field(default_factory=dict)
+
+
+def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss: Callable[[torch.Tensor], float],
+                 n_grid: int = 20) -> ScaleChoice:
+    """Try ``α = i / n_grid`` for ``i < n_grid`` (and the identity) and keep the scales with the
+    lowest ``loss(scales)``."""
+    identity = torch.ones_like(x_mean, dtype=torch.float32)
+    best = ScaleChoice(identity, None, {None: loss(identity)})
+    best_error = best.errors[None]
+    for i in range(n_grid):
+        alpha = i / n_grid
+        scales = awq_scales(x_mean, w_mean, alpha)
+        error = loss(scales)
+        best.errors[alpha] = error
+        if error < best_error:
+            best_error, best.scales, best.alpha = error, scales, alpha
+    return best
+
+
+def linear_scale_loss(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
+                      symmetric: bool) -> Callable[[torch.Tensor], float]:
+    """The loss of a pair without a block: MSE of each linear's output ``x @ W^T`` when ``W`` is
+    replaced by ``Q(W·diag(s))·diag(1/s)``; ``x`` is ``[tokens, in]``."""
+    x = x.float()
+    references = [x @ w.float().t() for w in weights]
+
+    def loss(scales: torch.Tensor) -> float:
+        total = 0.0
+        for w, reference in zip(weights, references):
+            quantized = fake_quantize_groups(w.float() * scales, bits, group_size, symmetric) / scales
+            total += (x @ quantized.t() - reference).pow(2).mean().item()
+        return total
+    return loss
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                n_grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 1024) -> torch.Tensor:
+    """Per group clipping bound of ``w`` ``[out, in]`` on inputs ``x`` ``[tokens, in]``.
+
+    For each group the bound ``max|w| * (1 - i / n_grid)``, ``i < max_shrink * n_grid``, whose
+    clamped, rounded weights give the lowest mean squared error of the group's partial outputs
+    ``x_g @ w_g^T`` is kept. Returns ``[out, groups]``."""
+    out_features, in_features = w.shape
+    size = in_features if group_size == -1 else group_size
+    groups = in_features // size
+    xg = x.float().reshape(-1, groups, size).transpose(0, 1)  # [groups, tokens, size]
+    steps = max(1, int(max_shrink * n_grid))
+    bounds = []
+    for start in range(0, out_features, rows_per_chunk):
+        chunk = w[start:start + rows_per_chunk].float()
+        grouped = _grouped(chunk, group_size)  # [rows, groups, size]
+        weight_g = grouped.permute(1, 2, 0)  # [groups, size, rows]
+        reference = torch.bmm(xg, weight_g)  # [groups, tokens, rows]
+        original = grouped.abs().amax(dim=-1)  # [rows, groups]
+        best = original.clone()
+        best_error = torch.full_like(original, float("inf"))
+        for i in range(steps):
+            bound = original * (1 - i / n_grid)
+            clipped = torch.maximum(torch.minimum(grouped, bound[..., None]), -bound[..., None])
+            quantized = fake_quantize_groups(clipped.reshape(chunk.shape), bits, group_size, symmetric)
+            output = torch.bmm(xg, _grouped(quantized, group_size).permute(1, 2, 0))
+            error = (output - reference).pow(2).mean(dim=1).t()  # [rows, groups]
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best = torch.where(better, bound, best)
+        bounds.append(best)
+    return torch.cat(bounds)
+
+
+def apply_clip(w: torch.Tensor, bounds: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``w`` with each group clamped to ``[-bound, bound]``."""
+    grouped = _grouped(w.float(), group_size)
+    clipped = torch.maximum(torch.minimum(grouped, bounds[..., None]), -bounds[..., None])
+    return clipped.reshape(w.shape).to(w.dtype)
+
+
+# ---------------------------------------------------------------------------- folding
+
+
+def _prev_rows(width: int, prev_rows: str) -> slice:
+    return slice(width // 2, width) if prev_rows == "second_half" else slice(0, width)
+
+
+def fold_width(prev: nn.Module, prev_rows: str = "all") -> int:
+    """How many channels ``prev`` hands to the pair's linears."""
+    if W.is_linear(prev):
+        rows = _prev_rows(W.linear_shape(prev)[0], prev_rows)
+        return rows.stop - rows.start
+    weight = getattr(prev, "weight", None)
+    if weight is None or weight.dim() != 1:
+        raise PocketError(f"cannot fold a scale into {type(prev).__name__}: it has no per-channel weight")
+    return weight.shape[0]
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor, prev_rows: str = "all") -> None:
+    """Divide ``prev``'s output channels by ``scales`` and multiply the ``linears``' input
+    columns by them: the composed map is unchanged (up to float rounding).
+
+    ``prev`` is a norm (its ``weight`` and ``bias`` are divided) or a linear (its output rows
+    and bias; only the second half of the rows with ``prev_rows="second_half"``)."""
+    scales = scales.float()
+    if W.is_linear(prev):
+        weight = W.linear_weight(prev).float().clone()
+        rows = _prev_rows(weight.shape[0], prev_rows)
+        weight[rows] = weight[rows] / scales[:, None]
+        W.set_linear_weight(prev, weight.to(W.linear_weight(prev).dtype))
+        bias = W.linear_bias(prev)
+        if bias is not None:
+            bias[rows] = (bias[rows].float() / scales).to(bias.dtype)
+    else:
+        prev.weight.data.copy_((prev.weight.data.float() / scales).to(prev.weight.dtype))
+        bias = getattr(prev, "bias", None)
+        if bias is not None:
+            bias.data.copy_((bias.data.float() / scales).to(bias.dtype))
+    for linear in linears:
+        weight = W.linear_weight(linear)
+        W.set_linear_weight(linear, (weight.float() * scales).to(weight.dtype))
+
+
+# ---------------------------------------------------------------------------- the handler
+
+
+def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _first(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+@dataclass
+class _Pair:
+    smooth: Smooth
+    targeted: list[str]  # the pair's linears that are quantized
+
+
+@dataclass
+class _Stats:
+    abs_sum: torch.Tensor | None = None
+    count: int = 0
+    batches: int = 0
+    search_x: list[torch.Tensor] = field(default_factory=list)  # inputs of the search batches
+    clip_x: list[torch.Tensor] = field(default_factory=list)  # a strided token subsample
+    block: list[tuple[tuple, dict, torch.Tensor]] = field(default_factory=list)
+
+
+class AWQHandler:
+    """The layer handler: observes the linears' inputs and the blocks' calls, then searches,
+    folds, clips and rounds one decoder layer."""
+
+    def __init__(self, model: nn.Module, architecture, options: AWQOptions, context, total_tokens: int):
+        self.options, self.context, self.architecture = options, context, architecture
+        self.prefix = architecture.layers + "."
+        self.targets = set(select_linears(model, options.targets, options.ignore))
+        self.total_tokens = total_tokens
+        self.skipped_logged: set[tuple[str, tuple[str, ...]]] = set()
+        attention = architecture.attention
+        self.no_clip = set() if options.clip_qk else {attention[k] for k in ("q", "k", "qkv") if k in attention}
+        self.stats: dict[str, _Stats] = {}
+        self.pairs: list[_Pair] = []
+        self.search_batches: int | None = None
+        self.report: list[dict] = []
+
+    # -- walker protocol
+
+    def select(self, index: int, layer: nn.Module, names: tuple[str, ...]) -> list[str]:
+        full = f"{self.prefix}{index}."
+        targeted = [n for n in names if full + n in self.targets]
+        self.pairs = []
+        for smooth in self.architecture.smooth:
+            chosen = [n for n in smooth.linears if full + n in self.targets]
+            if chosen:
+                self.pairs.append(_Pair(smooth, chosen))
+        wanted = list(targeted)
+        for pair in self.pairs:
+            for name in (pair.smooth.linears[0], pair.smooth.block):
+                if name is not None and name not in wanted:
+                    wanted.append(name)
+        self.stats = {name: _Stats() for name in wanted}
+        self.block_names = {p.smooth.block for p in self.pairs if p.smooth.block is not None}
+        self.search_names = {p.smooth.linears[0] for p in self.pairs if p.smooth.block is None}
+        return wanted
+
+    def observe(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        stats = self.stats[name]
+        batch = stats.batches
+        stats.batches += 1
+        if name in self.block_names:
+            if self._is_search_batch(batch, _hidden_input(args, kwargs)):
+                stats.block.append((args, kwargs, _first(output).detach()))
+            return
+        x = args[0].detach()
+        flat = x.reshape(-1, x.shape[-1])
+        absolute = flat.abs().float().sum(0)
+        stats.abs_sum = absolute if stats.abs_sum is None else stats.abs_sum + absolute
+        stats.count += flat.shape[0]
+        if name in self.search_names and self._is_search_batch(batch, x):
+            stats.search_x.append(x)
+        stride = max(1, self.total_tokens // self.options.max_clip_tokens)
+        stats.clip_x.append(flat[::stride].float().clone())
+
+    def _is_search_batch(self, batch: int, x: torch.Tensor) -> bool:
+        if self.search_batches is None:
+            tokens = x.shape[:-1].numel()
+            limit = self.options.search_tokens
+            self.search_batches = 1 << 30 if limit is None else max(1, math.ceil(limit / tokens))
+        return batch < self.search_batches
+
+    def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
+        options = self.options
+        input_scale: dict[str, torch.Tensor] = {}
+        layer_report = {"layer": index, "alphas": {}}
+        for pair in self.pairs:
+            smooth = pair.smooth
+            prev = get_module(layer, smooth.prev)
+            linears = [get_module(layer, n) for n in smooth.linears]
+            width = fold_width(prev, smooth.prev_rows)
+            in_widths = {W.linear_shape(m)[1] for m in linears}
+            if in_widths != {width}:
+                key = (smooth.prev, smooth.linears)
+                if key not in self.skipped_logged:
+                    self.skipped_logged.add(key)
+                    self.context.log(
+                        f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: {smooth.prev} "
+                        f"writes {width} channels but they read {sorted(in_widths)} (grouped-query "
+                        "attention or another width change); these linears are quantized without a scale")
+                continue
+            stats = self.stats[smooth.linears[0]]
+            x_mean = stats.abs_sum / stats.count
+            targeted = [get_module(layer, n) for n in pair.targeted]
+            w_mean = weight_mean([W.linear_weight(m) for m in targeted], options.group_size) if options.duo_scaling else None
+            if smooth.block is None:
+                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in stats.search_x])
+                loss = linear_scale_loss(x, [W.linear_weight(m) for m in targeted], options.bits,
+                                         options.group_size, options.symmetric)
+            else:
+                loss = self._block_loss(get_module(layer, smooth.block), self.stats[smooth.block].block, targeted)
+            choice = search_scale(x_mean, w_mean, loss, options.n_grid)
+            layer_report["alphas"][smooth.prev] = choice.alpha
+            if choice.alpha is not None:
+                fold_scales(prev, linears, choice.scales, smooth.prev_rows)
+                for n in smooth.linears:
+                    input_scale[n] = input_scale.get(n, 1.0) * choice.scales
+        for name in names:
+            if name in self.block_names or self.prefix + f"{index}." + name not in self.targets:
+                continue
+            module = get_module(layer, name)
+            weight = W.linear_weight(module).float()
+            if options.clip and name not in self.no_clip:
+                x = torch.cat(self.stats[name].clip_x)
+                if name in input_scale:
+                    x = x / input_scale[name]
+                bounds = search_clip(weight, x, options.bits, options.group_size, options.symmetric,
+                                     options.clip_grid, options.max_shrink)
+                weight = apply_clip(weight, bounds, options.group_size)
+            q, scales, zeros = quantize_groups(weight, options.bits, options.group_size, options.symmetric)
+            bias = W.linear_bias(module)
+            quantized = W.QuantizedLinear.from_grid(
+                q, scales, zeros, bits=options.bits, group_size=options.group_size, symmetric=options.symmetric,
+                bias=None if bias is None else bias.float(), transposed=W.is_transposed(module))
+            W.transfer_mask(module, quantized)
+            set_module(layer, name, quantized)
+        self.report.append(layer_report)
+        self.stats, self.pairs = {}, []
+
+    def _block_loss(self, block: nn.Module, calls: list, targeted: list[nn.Module]) -> Callable[[torch.Tensor], float]:
+        options = self.options
+        originals = [W.linear_weight(m).clone() for m in targeted]
+
+        def loss(scales: torch.Tensor) -> float:
+            try:
+                for module, weight in zip(targeted, originals):
+                    quantized = fake_quantize_groups(weight.float() * scales, options.bits, options.group_size,
+                                                     options.symmetric) / scales
+                    W.set_linear_weight(module, quantized.to(weight.dtype))
+                total, count = 0.0, 0
+                with torch.no_grad():
+                    for args, kwargs, reference in calls:
+                        output = _first(block(*args, **kwargs))
+                        total += (output.float() - reference.float()).pow(2).sum().item()
+                        count += reference.numel()
+                return total / max(count, 1)
+            finally:
+                for module, weight in zip(targeted, originals):
+                    W.set_linear_weight(module, weight)
+        return loss
+
+
+# ---------------------------------------------------------------------------- compress
+
+
+def check_model(model: nn.Module, architecture, options: AWQOptions) -> dict[str, nn.Module]:
+    """The linears AWQ will quantize, after refusing what it cannot do with a clear message."""
+    if not architecture.smooth:
+        raise PocketError(
+            f"architecture {architecture.name!r} has no scale-folding pairs (Architecture.smooth is empty), "
+            "so AWQ has nothing to search",
+            fix="register an Architecture with smooth pairs through the register_architectures hook, "
+            "or use a method that needs no folding (rtn, gptq)")
+    targets = select_linears(model, options.targets, options.ignore)
+    if not targets:
+        raise PocketError("awq: no linear layer matches targets/ignore", field="targets")
+    outside = [n for n in targets if not n.startswith(architecture.layers + ".")]
+    if outside:
+        raise PocketError(f"awq quantizes the linears of the decoder layers only; these are outside them: "
+                          f"{', '.join(outside[:5])}", field="ignore", fix=f"add {outside[0]!r} to ignore")
+    if options.group_size != -1:
+        bad = {n: W.linear_shape(m)[1] for n, m in targets.items() if W.linear_shape(m)[1] % options.group_size}
+        if bad:
+            widths = {W.linear_shape(m)[1] for m in targets.values()}
+            working = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + [-1]
+            shown = ", ".join(f"{n} (in {w})" for n, w in list(bad.items())[:4])
+            raise PocketError(
+                f"group_size {options.group_size} does not divide the input width of {len(bad)} layer(s): {shown}",
+                field="group_size", fix=f"use a group size that divides every width: {', '.join(map(str, working))}")
+    for name, module in targets.items():
+        if W.is_quantized(module):
+            raise PocketError(f"awq: {name} is already quantized", field="targets")
+    return targets
+
+
+def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
+    architecture = context.architecture(model)  # raises a PocketError naming register_architectures
+    check_model(model, architecture, options)
+    windows = context.calibration_windows()
+    handler = AWQHandler(model, architecture, options, context, total_tokens=int(windows.numel()))
+    context.walk(model, handler, sequential=False, windows=windows, description="awq")
+    alphas = [a for r in handler.report for a in r["alphas"].values()]
+    chosen = [a for a in alphas if a is not None]
+    context.log(f"awq: {len(handler.report)} layers, W{options.bits} g{options.group_size} "
+                f"{'sym' if options.symmetric else 'asym'}; scales folded for {len(chosen)} of {len(alphas)} "
+                f"pairs (mean alpha {sum(chosen) / max(len(chosen), 1):.2f}), clip={options.clip}")
+    return model

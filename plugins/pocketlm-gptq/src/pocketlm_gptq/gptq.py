@@ -1,0 +1,242 @@
+"""GPTQ (Frantar et al., 2022): quantize a linear's columns one at a time and push each
+column's rounding error onto the columns not yet quantized, weighted by the inverse Hessian of
+the layer's reconstruction loss ``||W X - Q X||^2``.
+
+* The Hessian ``H = 2/n sum x x^T`` is accumulated from the layer's real inputs, one decoder
+  layer at a time, by the core layer walker (``context.walk``). With ``true_sequential`` each
+  group of linears (q/k/v, o, gate/up, down) is observed after the previous group has been
+  quantized, so it sees the inputs the quantized model will really give it.
+* ``act_order`` processes columns by descending Hessian diagonal. Groups are *static*: each
+  group's scale and zero point come from the original column order before the permutation, so
+  the stored grid keeps plain group indices (``g_idx = i // group_size``) and every kernel
+  reads it.
+* Masks left by an earlier pruning stage are kept: a pruned weight is set to its zero point
+  (so it dequantizes to exactly 0) and error compensation never writes into pruned positions.
+
+Pure functions: :func:`hessian_update`, :func:`gptq_quantize`. Handler: :class:`GPTQHandler`.
+Stage: :func:`compress_gptq` (method ``gptq``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from pocketlm.modules import get_module
+from pocketlm.weights import get_mask, linear_weight, minmax_grid, quantize
+
+from .common import QuantOptions, check_group_size, select
+from .rtn import group_grid, quantize_embedding, replace_linear, rtn_quantize
+
+
+class GPTQOptions(QuantOptions):
+    """GPTQ options (the paper's defaults) on top of the shared quantizer options.
+
+    * ``damp``: fraction of the mean Hessian diagonal added to the diagonal (0.01).
+    * ``block_size``: columns quantized before a lazy batch update of the rest (128).
+    * ``act_order``: process columns by descending Hessian diagonal (static groups).
+    * ``true_sequential``: observe each group of linears after quantizing the previous group.
+    * ``backend``: ``"pocketlm"`` (this implementation) or ``"llmcompressor"`` (llm-compressor's
+      GPTQModifier run in its own environment on the same windows, loaded back as grids).
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    true_sequential: bool = True
+    backend: Literal["pocketlm", "llmcompressor"] = "pocketlm"
+
+    def model_post_init(self, __context) -> None:  # pydantic hook: cross-field checks
+        if not 0 < self.damp < 1:
+            raise ValueError(f"damp must be in (0, 1), not {self.damp}")
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, not {self.block_size}")
+
+
+# ----------------------------------------------------------------------- pure functions
+
+
+def hessian_update(H: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of inputs ``x`` (``[..., in]``) into the running ``H = 2/n sum x x^T``.
+    Returns the new ``(H, n)``; start from ``(None, 0)``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    m = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1])
+    H.mul_(count / (count + m))
+    x = x * math.sqrt(2 / (count + m))
+    H.addmm_(x.t(), x)
+    return H, count + m
+
+
+def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, damping harder if needed."""
+    mean_diag = torch.mean(torch.diag(H))
+    for factor in (1, 10, 100, 1000):
+        damped = H.clone()
+        damped.diagonal().add_(damp * factor * mean_diag)
+        L, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+    raise RuntimeError("the Hessian is not positive definite even with 1000x damping")
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                  damp: float = 0.01, block_size: int = 128, act_order: bool = False,
+                  mask: torch.Tensor | None = None):
+    """Quantize ``W`` (``[rows, cols]``) given the input Hessian ``H`` (``[cols, cols]``).
+
+    Returns ``(q, scales, zeros, g_idx)``: integer grid ``q`` ``[rows, cols]`` in the original
+    column order, ``scales``/``zeros`` ``[rows, groups]`` and ``g_idx`` (always None: groups are
+    plain, ``column // group_size``, also with ``act_order``). ``mask`` (True = kept) pins pruned
+    weights to the zero point and keeps the error compensation out of them."""
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    rows, cols = W.shape
+    keep = None if mask is None else mask.to(torch.bool).clone()
+    if keep is not None:
+        W *= keep
+    dead = torch.diag(H) == 0              # inputs that were always zero carry no information
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    size = cols if group_size == -1 else group_size
+    n_groups = math.ceil(cols / size)
+    scales = torch.zeros(rows, n_groups)
+    zeros = torch.zeros(rows, n_groups)
+    if act_order or group_size == -1:      # static groups: from the original column order
+        scales, zeros = group_grid(W, bits, group_size, symmetric)
+        ready = torch.ones(n_groups, dtype=torch.bool)
+    else:                                  # groups fixed when quantization reaches them
+        ready = torch.zeros(n_groups, dtype=torch.bool)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    keep = None if keep is None else keep[:, perm]
+    group_of = (perm // size)              # group of each (permuted) column
+    U = _inverse_cholesky(H, damp)
+    Q = torch.zeros(rows, cols)
+
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
+        W1 = W[:, start:end].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            group = int(group_of[column])
+            if not ready[group]:           # natural order: the group begins at this column
+                current = torch.cat([W1[:, i:], W[:, end:]], 1)[:, :size]  # up-to-date columns
+                scale, zero = minmax_grid(current, bits, symmetric)
+                scales[:, group], zeros[:, group] = scale[:, 0], zero[:, 0]
+                ready[group] = True
+            w = W1[:, i]
+            scale, zero = scales[:, group], zeros[:, group]
+            q = quantize(w, scale, zero, bits)
+            if keep is not None:
+                q = torch.where(keep[:, column], q, zero)
+            Q[:, column] = q
+            error = (w - (q - zero) * scale) / U1[i, i]
+            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
+            if keep is not None:
+                W1[:, i:] *= keep[:, start + i:end]
+            E1[:, i] = error
+        W[:, start:end] = W1
+        W[:, end:] -= E1 @ U[start:end, end:]
+        if keep is not None:
+            W[:, end:] *= keep[:, end:]
+
+    inverse = torch.argsort(perm)
+    return Q[:, inverse].to(torch.int32), scales, zeros, None
+
+
+# ------------------------------------------------------------------------------ handler
+
+
+class GPTQHandler:
+    """Layer-walker handler: accumulate each selected linear's Hessian in ``observe``; in
+    ``solve`` run :func:`gptq_quantize`, put a ``QuantizedLinear`` in place and free the Hessian.
+    Linears of a group that read the same input tensor (q/k/v, gate/up) share one Hessian."""
+
+    def __init__(self, model: nn.Module, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, log):
+        self.options, self.log = options, log
+        self.layers_path = layers_path
+        self.selected = selected
+        self.hessians: dict[str, list] = {}       # owner name -> [H, n]
+        self.owner: dict[str, str] = {}           # linear name -> name whose Hessian it reads
+        self._last: tuple | None = None           # (input tensor, owner) of the latest call
+        self.errors: dict[str, float] = {}
+
+    def _full(self, index: int, name: str) -> str:
+        return f"{self.layers_path}.{index}.{name}"
+
+    def select(self, index, layer, names):
+        self._index = index
+        return [n for n in names if self._full(index, n) in self.selected]
+
+    def observe(self, name, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        if self._last is not None and self._last[0] is x:
+            self.owner[name] = self._last[1]      # same input as the previous linear
+            return
+        self.owner[name] = name
+        H, n = self.hessians.get(name, (None, 0))
+        self.hessians[name] = list(hessian_update(H, n, x))
+        self._last = (x, name)
+
+    def solve(self, index, layer, names):
+        self._last = None
+        o = self.options
+        for name in names:
+            module = get_module(layer, name)
+            H = self.hessians[self.owner[name]][0]
+            q, scales, zeros, g_idx = gptq_quantize(linear_weight(module), H, o.bits, o.group_size, o.symmetric,
+                                                    o.damp, o.block_size, o.act_order, get_mask(module))
+            replace_linear(layer, name, module, q, scales, zeros, o)
+        self.hessians.clear()
+        self.owner.clear()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
+    architecture = context.architecture(model)
+    selection = select(model, options, architecture)
+    check_group_size(model, selection, options, "gptq")
+    if options.backend == "llmcompressor":
+        from .backend_llmcompressor import compress_with_llmcompressor
+
+        return compress_with_llmcompressor(model, options, context, selection)
+    quantize_embedding(model, selection, options, context.log)
+    prefix = architecture.layers + "."
+    in_layers = {n: m for n, m in selection.linears.items() if n.startswith(prefix)}
+    handler = GPTQHandler(model, architecture.layers, in_layers, options, context.log)
+    context.walk(model, handler, sequential=options.true_sequential, description="gptq")
+    # Linears outside the decoder layers (an untied head) see no walked inputs: round them.
+    for name, module in selection.linears.items():
+        if name not in in_layers:
+            q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
+                                            options.symmetric, get_mask(module))
+            replace_linear(model, name, module, q, scales, zeros, options)
+            context.log(f"gptq: {name} is outside the decoder layers; rounded to nearest")
+    context.log(f"gptq: {len(in_layers)} linears to {options.bits} bits, group {options.group_size}"
+                f"{', act-order' if options.act_order else ''}")
+    return model
+
+
+def plan(budget=None) -> list[dict]:
+    """Option sets the hybrid planner may try for ``gptq``: 4-bit g64 (the usual sweet spot),
+    3-bit g64 (smaller, with visible loss), 8-bit per channel (near lossless). Each needs
+    calibration data. ``budget`` is not consulted."""
+    return [
+        {"bits": 4, "group_size": 64},
+        {"bits": 3, "group_size": 64},
+        {"bits": 8, "group_size": -1},
+    ]

@@ -1,0 +1,275 @@
+"""What the unstructured pruning methods share: options, mask selection, targets, OWL.
+
+Pure tensor functions (no model, no hooks) come first: they take scores and return boolean
+masks, ``True`` for kept weights (the convention of :func:`pocketlm.weights.set_mask`).
+A score of ``-inf`` marks a weight an earlier stage already pruned: it is always pruned again,
+so a new mask only ever adds zeros.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from pocketlm import Options, PocketError, SizeEffect
+from pocketlm.modules import decoder_layers, get_module, matches
+from pocketlm.weights import get_mask, is_linear, is_quantized, linear_weight
+
+PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}
+
+
+# ------------------------------------------------------------------------------- options
+
+
+class PruneOptions(Options):
+    """Options every unstructured method takes.
+
+    * ``sparsity``: fraction of each targeted weight matrix set to zero (unstructured);
+    * ``pattern``: ``"2:4"`` or ``"4:8"``: keep N of every M consecutive weights along the input
+      dimension (semi-structured; replaces ``sparsity``, which is then N/M);
+    * ``targets`` / ``ignore``: module-name patterns (``lm_head`` is ignored by default: with tied
+      embeddings, pruning the head would prune the input embedding too);
+    * ``layer_sparsity``: ``"uniform"`` (every decoder layer gets ``sparsity``) or ``"owl"``
+      (outlier-weighted layer-wise sparsity: layers with more activation outliers keep more
+      weights, the mean over layers stays ``sparsity``); ``owl_threshold`` (M) and
+      ``owl_lambda`` (largest deviation from the mean) are the OWL paper's defaults."""
+
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
+    pattern: Literal["2:4", "4:8"] | None = None
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+    layer_sparsity: Literal["uniform", "owl"] = "uniform"
+    owl_threshold: float = Field(5.0, gt=0)
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5)
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.pattern is not None and self.layer_sparsity != "uniform":
+            raise ValueError("layer_sparsity='owl' varies sparsity per layer; an N:M pattern fixes it, "
+                             "so use one or the other")
+        if self.layer_sparsity == "owl" and self.sparsity - self.owl_lambda < 0:
+            raise ValueError("owl_lambda must not exceed sparsity")
+        return self
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        return PATTERNS[self.pattern] if self.pattern else None
+
+    @property
+    def target_sparsity(self) -> float:
+        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
+
+
+def prune_effect(options: PruneOptions) -> SizeEffect:
+    return SizeEffect(sparsity=options.target_sparsity, features=frozenset({"masked"}))
+
+
+# ---------------------------------------------------------------- mask selection (pure)
+
+
+def protect(score: torch.Tensor, old_mask: torch.Tensor | None) -> torch.Tensor:
+    """``score`` with weights an earlier mask pruned set to ``-inf`` (so they are pruned first)."""
+    score = score.float().clone()
+    if old_mask is not None:
+        score[~old_mask.to(score.device)] = float("-inf")
+    return score
+
+
+def prune_lowest(score: torch.Tensor, count: int) -> torch.Tensor:
+    """Keep-mask that prunes exactly the ``count`` lowest entries of ``score`` (any shape), or
+    every ``-inf`` entry where there are more of those."""
+    count = max(int(count), int(torch.isneginf(score).sum()))
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    if count > 0:
+        mask[torch.topk(score.flatten(), count, largest=False).indices] = False
+    return mask.view(score.shape)
+
+
+def prune_lowest_per_row(score: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep-mask that prunes the ``int(cols * sparsity)`` lowest entries of each row (more in a
+    row that already holds more ``-inf`` entries)."""
+    rows, cols = score.shape
+    count = torch.full((rows, 1), int(cols * sparsity), device=score.device)
+    count = torch.maximum(count, torch.isneginf(score).sum(dim=1, keepdim=True))
+    rank = torch.argsort(torch.argsort(score, dim=1, stable=True), dim=1)  # 0 = lowest
+    return rank >= count
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep-mask with the ``n`` highest of every ``m`` consecutive entries along the last
+    dimension (N:M semi-structured sparsity). ``-inf`` entries are pruned first."""
+    rows, cols = score.shape
+    if cols % m:
+        raise PocketError(f"an {n}:{m} pattern needs an input width divisible by {m}, not {cols}")
+    groups = score.reshape(rows, cols // m, m)
+    pruned = torch.topk(groups, m - n, dim=-1, largest=False).indices
+    mask = torch.ones_like(groups, dtype=torch.bool).scatter_(-1, pruned, False)
+    return mask.reshape(rows, cols) & ~torch.isneginf(score)
+
+
+def select_mask(score: torch.Tensor, sparsity: float, nm: tuple[int, int] | None,
+                per_row: bool = False) -> torch.Tensor:
+    """The keep-mask of one matrix from its importance ``score``: N:M when ``nm`` is given, else
+    ``sparsity`` of each row (``per_row``) or of the whole matrix."""
+    if nm is not None:
+        return nm_mask(score, *nm)
+    if per_row:
+        return prune_lowest_per_row(score, sparsity)
+    return prune_lowest(score, round(score.numel() * sparsity))
+
+
+# -------------------------------------------------------------------- OWL (pure + pass)
+
+
+def owl_sparsities(outlier_ratios: list[float], sparsity: float, lam: float) -> list[float]:
+    """Outlier-weighted layer-wise sparsity (Yin et al., 2024): map each layer's outlier ratio
+    linearly onto densities spanning ``2 * lam``, shift so the mean density is ``1 - sparsity``;
+    layers with more outliers get more density (less sparsity)."""
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    spread = ratios.max() - ratios.min()
+    density = (ratios - ratios.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratios)
+    density = density - density.mean() + (1 - sparsity)
+    return [float(1 - d) for d in density]
+
+
+def outlier_ratio(scores: list[torch.Tensor], threshold: float) -> float:
+    """Fraction of Wanda scores of a layer above ``threshold`` times their mean (OWL's LOD)."""
+    flat = torch.cat([s.flatten() for s in scores])
+    return float((flat > threshold * flat.mean()).float().mean())
+
+
+class InputNorms:
+    """Running sum of squared inputs per input channel of each observed linear (Wanda's
+    ``‖X_j‖₂²``), keyed by relative name."""
+
+    def __init__(self):
+        self.sq: dict[str, torch.Tensor] = {}
+
+    def add(self, name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        total = (x * x).sum(dim=0)
+        self.sq[name] = self.sq[name] + total if name in self.sq else total
+
+    def norm(self, name: str) -> torch.Tensor:
+        return self.sq[name].sqrt()
+
+
+class _OwlPass:
+    """A read-only walk that measures each layer's outlier ratio on the unpruned model."""
+
+    def __init__(self, targeting: "Targeting", threshold: float):
+        self.targeting, self.threshold = targeting, threshold
+        self.norms = InputNorms()
+        self.ratios: list[float] = []
+
+    def select(self, index, layer, names):
+        return self.targeting.names(index, names)
+
+    def observe(self, name, module, args, kwargs, output):
+        self.norms.add(name, args[0] if args else kwargs["input"])
+
+    def solve(self, index, layer, names):
+        scores = [linear_weight(get_module(layer, n)).abs().float() * self.norms.norm(n) for n in names]
+        self.ratios.append(outlier_ratio(scores, self.threshold))
+        self.norms = InputNorms()
+
+
+def layer_sparsities(model: nn.Module, options: PruneOptions, context, targeting: "Targeting") -> list[float]:
+    """Sparsity of each decoder layer: uniform, or OWL's from a calibration pass."""
+    count = len(decoder_layers(model, targeting.arch))
+    if options.layer_sparsity == "uniform":
+        return [options.target_sparsity] * count
+    owl = _OwlPass(targeting, options.owl_threshold)
+    context.walk(model, owl, sequential=False, description="OWL outliers")
+    result = owl_sparsities(owl.ratios, options.sparsity, options.owl_lambda)
+    context.log("OWL layer sparsities: " + ", ".join(f"{s:.3f}" for s in result))
+    return result
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+class Targeting:
+    """Which linears of which decoder layer a method prunes (``targets``/``ignore`` matched on
+    full module names), and the checks every pruner makes on them."""
+
+    def __init__(self, model: nn.Module, options: PruneOptions, context):
+        self.arch = context.architecture(model)
+        self.targets, self.ignore = list(options.targets), list(options.ignore)
+
+    def full_name(self, index: int, name: str) -> str:
+        return f"{self.arch.layers}.{index}.{name}"
+
+    def names(self, index: int, candidates) -> list[str]:
+        return [n for n in candidates
+                if matches(self.full_name(index, n), self.targets) and not matches(self.full_name(index, n), self.ignore)]
+
+    def all(self, model: nn.Module) -> dict[str, nn.Module]:
+        """Every targeted linear of every decoder layer, by full name."""
+        candidates = [n for group in self.arch.sequential for n in group]
+        found = {}
+        for index, layer in enumerate(decoder_layers(model, self.arch)):
+            for name in self.names(index, candidates):
+                found[self.full_name(index, name)] = get_module(layer, name)
+        return found
+
+
+def check_prunable(name: str, module: nn.Module) -> None:
+    if is_quantized(module):
+        raise PocketError(f"{name} is already quantized; prune before quantizing",
+                          fix="put the pruning stage before the quantization stage")
+    if not is_linear(module):
+        raise PocketError(f"{name} is not a linear layer")
+
+
+def apply_mask(module: nn.Module, weight: torch.Tensor, mask: torch.Tensor) -> None:
+    """Write ``weight`` (``[out, in]``) into ``module`` and record ``mask`` on it."""
+    from pocketlm.weights import set_linear_weight, set_mask
+
+    set_linear_weight(module, weight.to(linear_weight(module).dtype))
+    set_mask(module, mask)
+
+
+def old_mask(module: nn.Module) -> torch.Tensor | None:
+    return get_mask(module)
+
+
+class CalibratedPruner:
+    """The layer handler Wanda and SparseGPT share: observe the inputs of the targeted linears of
+    each group, then prune them with ``prune(name, module, sparsity)`` (subclasses)."""
+
+    def __init__(self, targeting: Targeting, sparsities: list[float], options: PruneOptions, log):
+        self.targeting, self.sparsities, self.options, self.log = targeting, sparsities, options, log
+
+    def select(self, index, layer, names):
+        chosen = self.targeting.names(index, names)
+        for name in chosen:
+            check_prunable(self.targeting.full_name(index, name), get_module(layer, name))
+        return chosen
+
+    def observe(self, name, module, args, kwargs, output):
+        self.accumulate(name, (args[0] if args else kwargs["input"]).detach())
+
+    def solve(self, index, layer, names):
+        for name in names:
+            module = get_module(layer, name)
+            weight, mask = self.prune(name, module, self.sparsities[index])
+            apply_mask(module, weight, mask)
+        self.free()
+
+    def accumulate(self, name: str, x: torch.Tensor) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def prune(self, name: str, module: nn.Module, sparsity: float):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def free(self) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def sparsity_plan(budget=None) -> list[dict]:
+    """Option sets the hybrid planner may try for an unstructured method."""
+    return [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.3}]
