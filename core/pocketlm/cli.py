@@ -134,7 +134,7 @@ def validate(recipe):
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, _plugins())
-    out.print(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
+    click.echo(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
               + ", ".join(s.method for s in loaded.stages) + ")")
 
 

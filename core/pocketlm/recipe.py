@@ -493,7 +493,7 @@ def json_schema(plugins) -> dict:
     schema["properties"]["stages"] = {"type": "array", "items": {"oneOf": variants} if variants else {"type": "object"}}
     schema["properties"]["export"] = {"type": "object", "properties": {
         "format": {"enum": sorted(plugins.exporters)}, "path": {"type": "string"}}}
-    schema["properties"]["evaluate"]["properties"]["metrics"] = {
-        "type": "array", "items": {"enum": sorted(plugins.evaluators)}}
+    evaluate = schema.get("$defs", {}).get("EvaluateSection", {})
+    evaluate.setdefault("properties", {})["metrics"] = {"type": "array", "items": {"enum": sorted(plugins.evaluators)}}
     schema["title"] = "pocketlm recipe"
     return json.loads(json.dumps(schema, default=str))
