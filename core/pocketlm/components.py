@@ -130,12 +130,15 @@ class Exporter:
     core renames into place when it returns, so an export is never seen half-written.
     ``represents`` is the set of model features it can write (``"dense"``, ``"quantized"``,
     ``"masked"``, ``"restructured"``). ``check(model, options)`` optionally returns a list of
-    problems that stop the export before anything is written."""
+    problems that stop the export before anything is written. ``packs`` is the subset of
+    ``represents`` it stores compactly (a quantized grid as integers, not dequantized floats);
+    the planner exports quantized candidates with an exporter that packs them."""
 
     name: str
     options: type[Options]
     export: Callable[[Any, Path, Any, "Context"], None]
     represents: frozenset[str] = frozenset({"dense", "masked", "restructured"})
+    packs: frozenset[str] = frozenset()
     check: Callable[[Any, Any], list[str]] | None = None
     summary: str = ""
 

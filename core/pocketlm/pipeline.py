@@ -7,7 +7,7 @@ Everything goes into a run folder::
                              sha256 of the data files
       eval-before.json       metrics of the loaded model
       stages/01-<method>/    checkpoint after stage 1 (config, safetensors, masks, stage.json)
-      stages/01-<method>.work/  scratch a stage may use to resume itself (distillation steps)
+      stages/01-<method>.work/  scratch a stage may use to resume itself (training steps, for example)
       export/                the export (or the recipe's export.path)
       report.json, report.md metrics before, after and per stage
       run.log

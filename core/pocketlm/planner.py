@@ -77,11 +77,28 @@ class Candidate:
             return "baseline"
         return " → ".join(_stage_label(m, o) for m, o in self.stages)
 
-    def recipe(self, model: str) -> dict:
+    def features(self) -> set[str]:
+        return {f for effect in self.effects for f in effect.features}
+
+    def recipe(self, model: str, export_format: str = "hf") -> dict:
         return {"model": {"source": model},
                 "stages": [{"method": m.name, **o} for m, o in self.stages],
                 "evaluate": {"metrics": ["perplexity", "size"]},
-                "export": {"format": "hf", "path": "export"}}
+                "export": {"format": export_format, "path": "export"}}
+
+
+def choose_exporter(plugins, candidate: "Candidate") -> str:
+    """The exporter that can represent the candidate and packs the most of what it produces
+    (the dense ``hf`` folder when nothing packs better); ties go to the name."""
+    features = candidate.features()
+    best = ("hf", -1)
+    for name, exporter in sorted(plugins.exporters.items()):
+        if features - {"dense"} - set(exporter.represents):
+            continue
+        packed = len(features & set(exporter.packs))
+        if packed > best[1] or (packed == best[1] and name == "hf"):
+            best = (name, packed)
+    return best[0]
 
 
 def _stage_label(method: Method, options: dict) -> str:

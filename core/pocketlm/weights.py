@@ -9,7 +9,7 @@
   ``[out, in]`` matrix, whether it is an ``nn.Linear``, GPT-2's transposed ``Conv1D`` or a
   quantized linear.
 
-Grid convention (the GPTQ convention): ``w = (q - zero) * scale`` with ``q`` in
+Grid convention (the one common 4-bit checkpoint formats share): ``w = (q - zero) * scale`` with ``q`` in
 ``[0, 2**bits - 1]``. A symmetric grid has ``zero = 2**(bits - 1)``. Scales are stored in
 float16, the dtype every runtime format uses, so an export is bit-exact with the model in memory.
 """
@@ -33,7 +33,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
 
     The row is one little-endian bit stream: value ``i`` occupies bits ``i*bits ..``. Every 32
     values fill exactly ``bits`` words, so 4-bit packs 8 values a word and 3-bit spreads 32
-    values over 3 words (the GPTQ layout for both)."""
+    values over 3 words (the layout common checkpoint formats use)."""
     rows, n = q.shape
     q = F.pad(q.to(torch.int64), (0, (-n) % 32)).view(rows, -1, 32)
     words = torch.zeros(rows, q.shape[1], bits, dtype=torch.int64)

@@ -1,0 +1,91 @@
+"""``pocketlm plan --evaluate K``: run candidates, then write the Pareto table, a plot and the
+chosen recipe."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import atomic
+from .planner import Candidate, PlanBudget, choose_exporter, to_toml
+from .errors import PocketError
+from .recipe import parse_recipe
+
+
+def pareto(points: list[dict]) -> list[dict]:
+    """Points not dominated by another (smaller or equal size and perplexity, one strictly)."""
+    front = []
+    for p in points:
+        dominated = any(q is not p and q["size_mb"] <= p["size_mb"] and q["perplexity"] <= p["perplexity"]
+                        and (q["size_mb"] < p["size_mb"] or q["perplexity"] < p["perplexity"]) for q in points)
+        if not dominated:
+            front.append(p)
+    return sorted(front, key=lambda p: p["size_mb"])
+
+
+def plot(points: list[dict], path: Path, extra: list[dict] = ()) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    front = pareto(points)
+    axis.scatter([p["size_mb"] for p in points], [p["perplexity"] for p in points], label="pocketlm candidates")
+    axis.plot([p["size_mb"] for p in front], [p["perplexity"] for p in front], "--", label="Pareto front")
+    for p in points:
+        axis.annotate(p["label"][:40], (p["size_mb"], p["perplexity"]), fontsize=6)
+    for p in extra:
+        axis.scatter([p["size_mb"]], [p["perplexity"]], marker="x", color="red")
+        axis.annotate(p["label"], (p["size_mb"], p["perplexity"]), fontsize=6, color="red")
+    axis.set_xlabel("export size on disk (MB)")
+    axis.set_ylabel("perplexity (lower is better)")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    figure.savefig(tmp, dpi=120)
+    tmp.replace(path)
+    plt.close(figure)
+
+
+def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_dir: Path, budget: PlanBudget,
+                        console, peers: list[dict] = ()) -> list[dict]:
+    from .pipeline import Run
+
+    out_dir = Path(out_dir)
+    points = []
+    for number, candidate in enumerate(candidates, 1):
+        export_format = choose_exporter(plugins, candidate)
+        text = to_toml(candidate.recipe(model, export_format))
+        recipe = parse_recipe(text, plugins, file=f"<candidate {number}>")
+        console.print(f"[{number}/{len(candidates)}] {candidate.label} → {export_format}")
+        start = time.perf_counter()
+        try:
+            report = Run(recipe, out_dir / f"candidate-{number}", plugins, resume=True,
+                         echo=lambda m: None).execute()
+        except PocketError as exc:  # a format check the estimate could not foresee
+            console.print(f"  skipped: {exc}")
+            continue
+        points.append({"label": candidate.label, "recipe": text, "export": export_format,
+                       "size_mb": report["after"]["size_mb"], "perplexity": report["after"]["perplexity"],
+                       "baseline_perplexity": report["before"].get("perplexity"),
+                       "seconds": sum(s["seconds"] for s in report["stages"]),
+                       "wall_seconds": time.perf_counter() - start})
+    for point in points:
+        if point["baseline_perplexity"]:
+            point["retention"] = point["baseline_perplexity"] / point["perplexity"]
+    eligible = [p for p in points if budget.min_retention is None or p.get("retention", 0) >= budget.min_retention]
+    chosen = min(eligible or points, key=lambda p: (p["size_mb"], p["perplexity"]))
+    front = pareto(points)
+    lines = ["| candidate | export | size (MB) | perplexity | retention | seconds | Pareto |", "|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: p["size_mb"]):
+        lines.append(f"| {p['label']} | {p['export']} | {p['size_mb']:.1f} | {p['perplexity']:.2f} | "
+                     f"{p.get('retention', float('nan')):.3f} | {p['seconds']:.0f} | {'yes' if p in front else ''} |")
+    atomic.write_text(out_dir / "pareto.md", "\n".join(lines) + "\n")
+    atomic.write_json(out_dir / "pareto.json", points)
+    atomic.write_text(out_dir / "chosen.toml", chosen["recipe"])
+    plot(points, out_dir / "pareto.png", list(peers))
+    console.print("\n".join(lines))
+    console.print(f"chosen: {chosen['label']} → {out_dir / 'chosen.toml'}; plot: {out_dir / 'pareto.png'}")
+    return points

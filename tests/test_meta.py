@@ -1,0 +1,68 @@
+"""Meta-tests that keep the contract honest."""
+
+import re
+import tomllib
+from pathlib import Path
+
+from pocketlm import KINDS, hookspecs
+
+ROOT = Path(__file__).resolve().parent.parent
+HOOKS = [n for n in dir(hookspecs) if getattr(getattr(hookspecs, n), "pocketlm_spec", None) is not None]
+
+
+def test_every_hook_has_a_docs_entry_and_a_docstring():
+    docs = (ROOT / "docs" / "plugin-api.md").read_text()
+    for hook in HOOKS:
+        assert f"### `{hook}(" in docs, f"docs/plugin-api.md lacks an entry for {hook}"
+        assert (getattr(hookspecs, hook).__doc__ or "").strip(), f"{hook} has no docstring"
+
+
+def test_every_hook_has_a_test():
+    tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
+    for hook in HOOKS:
+        assert re.search(rf"\b(def test_{hook}|hook\.{hook}\(|{hook} = hookimpl|plugin\.{hook} = )", tests), \
+            f"no test calls or implements the {hook} hook"
+
+
+def _registry():
+    return tomllib.loads((ROOT / "registry.toml").read_text())["plugins"]
+
+
+def test_core_names_no_method():
+    methods = {m for entry in _registry().values() for m in entry.get("methods", [])} - set(KINDS)
+    pattern = re.compile(r"\b(" + "|".join(re.escape(m) for m in sorted(methods)) + r")\b", re.IGNORECASE)
+    offenders = []
+    for path in (ROOT / "core").rglob("*"):
+        if path.is_file() and path.suffix in (".py", ".toml", ".json", ".jinja", ".tmpl", ".txt") \
+                and "data" not in path.relative_to(ROOT / "core").parts and "templates" not in path.parts:
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if pattern.search(line):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "core/ names methods:\n" + "\n".join(offenders)
+
+
+def test_registry_agrees_with_the_plugin_packages():
+    registry = _registry()
+    packages = {}
+    for pyproject in (ROOT / "plugins").glob("*/pyproject.toml"):
+        project = tomllib.loads(pyproject.read_text())["project"]
+        packages[project["name"]] = (project["version"], pyproject.parent.relative_to(ROOT).as_posix(), project)
+    assert set(registry) == set(packages)
+    for name, entry in registry.items():
+        version, source, project = packages[name]
+        assert entry["version"] == version, f"{name}: registry says {entry['version']}, package says {version}"
+        assert entry["source"] == source
+        assert "pocketlm" in project.get("entry-points", {}), f"{name} declares no pocketlm entry point"
+        assert (ROOT / source / "CHANGELOG.md").is_file(), f"{name} has no CHANGELOG.md"
+
+
+def test_registry_lists_what_installed_plugins_register():
+    from pocketlm.plugins import get_plugins
+
+    plugins = get_plugins()
+    for name, entry in _registry().items():
+        info = next((i for i in plugins.infos if i.distribution == name), None)
+        if info is None:
+            continue  # not installed in this environment
+        assert sorted(info.provides.get("methods", [])) == sorted(entry.get("methods", [])), name
+        assert sorted(info.provides.get("exporters", [])) == sorted(entry.get("exporters", [])), name
