@@ -245,7 +245,7 @@ class Run:
                 raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
                                   field="export.format", fix="choose another format, or change the stages")
         self.log(f"exporting ({section.format}) to {target}")
-        with atomic.folder(target) as tmp:
+        with atomic.folder(target) as tmp, self.progress.task(f"export ({section.format})", None):
             self.plugins.hook.export(model=model, exporter=exporter, options=self.recipe.export_options, path=tmp,
                                      context=self._context(tokenizer, export_path=target))
         return target

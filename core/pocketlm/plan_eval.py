@@ -55,9 +55,12 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
 
     out_dir = Path(out_dir)
     points = []
+    baseline = None
     for number, candidate in enumerate(candidates, 1):
         export_format = choose_exporter(plugins, candidate)
-        text = to_toml(candidate.recipe(model, export_format))
+        recipe_data = candidate.recipe(model, export_format)
+        recipe_data["evaluate"]["before"] = baseline is None  # the baseline is measured once
+        text = to_toml(recipe_data)
         recipe = parse_recipe(text, plugins, file=f"<candidate {number}>")
         console.print(f"[{number}/{len(candidates)}] {candidate.label} → {export_format}")
         start = time.perf_counter()
@@ -69,9 +72,10 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
             continue
         points.append({"label": candidate.label, "recipe": text, "export": export_format,
                        "size_mb": report["after"]["size_mb"], "perplexity": report["after"]["perplexity"],
-                       "baseline_perplexity": report["before"].get("perplexity"),
+                       "baseline_perplexity": (report["before"] or {}).get("perplexity", baseline),
                        "seconds": sum(s["seconds"] for s in report["stages"]),
                        "wall_seconds": time.perf_counter() - start})
+        baseline = points[-1]["baseline_perplexity"]
     for point in points:
         if point["baseline_perplexity"]:
             point["retention"] = point["baseline_perplexity"] / point["perplexity"]

@@ -151,6 +151,10 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
         found = [c for c in found if c.size_mb <= budget.target_size_mb]
     if budget.target_bits is not None:
         found = [c for c in found if c.bits <= budget.target_bits]
+    if budget.target_size_mb is not None or budget.target_bits is not None:
+        # Under a budget the best candidates use most of it: the least compression that fits
+        # loses the least quality. Fewer stages first among equals.
+        return sorted(found, key=lambda c: (-c.size_mb, len(c.stages), c.label))
     return sorted(found, key=lambda c: (c.size_mb, len(c.stages), c.label))
 
 
@@ -178,7 +182,7 @@ def default_candidate(plugins, stats: ModelStats = DEMO_STATS) -> Candidate | No
             size_mb, bits = estimate(stats, effects)
             return Candidate(pairs, effects, size_mb, bits)
     options = [c for c in candidates(plugins, stats) if len(c.stages) <= 2]
-    return options[0] if options else None
+    return options[-1] if options else None  # the gentlest: the largest of the short candidates
 
 
 def to_toml(recipe: dict) -> str:

@@ -1,0 +1,816 @@
+"""The conformance kit: the contract every pocketlm plugin component must meet, as checks.
+
+Use it from a plugin's tests in one of two ways.
+
+**Subclass a pytest class** (each check becomes its own test, parametrized over the tiny
+architectures)::
+
+    from pocketlm.testing.conformance import MethodConformance
+
+    class TestConformance(MethodConformance):
+        method = "foo"
+        options = {"sparsity": 0.5}
+        unsupported = {"opt": "OPT's fused ... is not handled yet"}   # optional, with a reason
+
+**Call the functions** (each raises :class:`ConformanceError`, an ``AssertionError``, with every
+problem it found)::
+
+    from pocketlm.testing.conformance import check_method, check_exporter, check_loader, check_evaluator
+
+    check_method("foo", {"sparsity": 0.5})
+    check_exporter("bar", method="rtn", method_options={"bits": 4, "group_size": 32})
+
+What a **method** must do (``check_method``, ``MethodConformance``):
+
+* options: the defaults build (unless the options model needs a choice from the user), an
+  unknown key is rejected, instances are frozen, and options survive the JSON round trip a run
+  folder makes (``model_dump(mode="json")`` then validate gives the same options);
+* registration: ``effect(options)`` is a :class:`pocketlm.SizeEffect`, ``plan`` (if any) only
+  proposes option sets that validate;
+* runs on each tiny architecture (llama, qwen2, gpt2, opt) with 4 calibration windows of 16
+  tokens, changes the model, leaves no NaN/inf in weights or logits;
+* never modifies what it is handed besides the model: the calibration windows and the
+  teacher (``context.teacher()``) hash the same before and after;
+* keeps the model loadable: saved with the core checkpoint and reloaded it gives the same
+  logits; exported with the ``hf`` exporter, plain transformers reloads it with the same logits;
+* is deterministic: two runs on the same model with the same seed give identical tensors;
+* respects masks: weights an earlier stage pruned (``weights.set_mask``) are still exactly
+  zero afterwards and the masks are kept;
+* respects ``ignore`` (when its options have one): ignored linears are left untouched.
+
+An architecture a method does not support is skipped only when the test declares it in
+``unsupported`` with the reason; otherwise a failure there is a failure.
+
+**Exporters** write only inside the temporary folder they are given, leave nothing behind when
+they fail (the core's :func:`pocketlm.atomic.folder`), never change the model, and write the
+same bytes twice. **Evaluators** return a flat dict of finite numbers and leave the model as
+they found it. **Loaders** claim their source and return a :class:`pocketlm.LoadedModel` whose
+model gives finite logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from .. import atomic
+from ..components import Evaluator, Exporter, LoadedModel, Method, Options, SizeEffect
+from ..modules import get_module, matches, select_linears
+from ..weights import (QuantizedLinear, get_mask, is_linear, linear_shape, linear_weight, masks,
+                       set_mask)
+from . import make_context
+from .models import tiny_model, tiny_windows
+
+#: The architectures every method is run on (the four families with distinct layouts:
+#: llama-style GQA, qwen2 with q/k/v biases, GPT-2's transposed fused Conv1D, OPT).
+FAMILIES = ("llama", "qwen2", "gpt2", "opt")
+#: Calibration windows × tokens per window: small, so each check takes a second or two.
+WINDOWS, SEQ_LEN = 4, 16
+#: Tolerance on logits after a save-and-reload round trip.
+ATOL = 1e-4
+
+
+class ConformanceError(AssertionError):
+    """One or more contract violations, each on its own line."""
+
+    def __init__(self, what: str, problems: list[str]):
+        self.what, self.problems = what, list(problems)
+        super().__init__(f"{what}:\n  - " + "\n  - ".join(self.problems))
+
+
+def _raise(what: str, problems: list[str]) -> None:
+    if problems:
+        raise ConformanceError(what, problems)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def tiny(family: str = "llama", *, seed: int = 0, **sizes) -> nn.Module:
+    """A tiny random model of ``family`` (see :func:`pocketlm.testing.models.tiny_model`)."""
+    return tiny_model(family, seed=seed, **sizes)
+
+
+def windows(n: int = WINDOWS, seq_len: int = SEQ_LEN, *, seed: int = 0) -> torch.Tensor:
+    """Calibration token windows ``[n, seq_len]`` for the tiny models."""
+    return tiny_windows(n, seq_len, seed=seed)
+
+
+def _plugins(plugins=None):
+    if plugins is not None:
+        return plugins
+    from ..plugins import get_plugins
+
+    return get_plugins()
+
+
+def _component(plugins, table: str, name: str):
+    found = getattr(plugins, table)
+    if table == "loaders":
+        found = {loader.name: loader for loader in found}
+    if name not in found:
+        problems = "; ".join(f"{p.name}: {p.reason}" for p in plugins.problems)
+        raise ConformanceError(f"{table[:-1]} {name!r}", [
+            f"is not registered (installed {table}: {', '.join(sorted(found)) or 'none'})"
+            + (f"; skipped plugins: {problems}" if problems else "")
+            + "; is the plugin installed (pip install -e .) and its entry point in the 'pocketlm' group?"])
+    return found[name]
+
+
+# ---------------------------------------------------------------------------- hashing
+
+
+def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every tensor that defines ``model``: its state dict plus the sparsity masks (which are
+    non-persistent buffers and so not in the state dict)."""
+    found = {k: v.detach() for k, v in model.state_dict().items()}
+    found.update({f"{name}#mask": mask for name, mask in masks(model).items()})
+    return found
+
+
+def _bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    if flat.dtype == torch.bool:
+        flat = flat.to(torch.uint8)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def state_hash(model_or_tensor) -> str:
+    """SHA-256 over names, dtypes, shapes and bytes of a model's tensors (or of one tensor)."""
+    digest = hashlib.sha256()
+    items = ({"": model_or_tensor} if isinstance(model_or_tensor, torch.Tensor)
+             else tensors(model_or_tensor))
+    for name in sorted(items):
+        tensor = items[name]
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(_bytes(tensor))
+    return digest.hexdigest()
+
+
+def _differences(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], limit: int = 5) -> list[str]:
+    names = sorted(set(a) | set(b))
+    diff = []
+    for name in names:
+        if name not in a or name not in b:
+            diff.append(f"{name} only in {'the first' if name in a else 'the second'}")
+        elif a[name].shape != b[name].shape or a[name].dtype != b[name].dtype:
+            diff.append(f"{name}: {tuple(a[name].shape)}/{a[name].dtype} vs {tuple(b[name].shape)}/{b[name].dtype}")
+        elif not torch.equal(a[name], b[name]):
+            delta = (a[name].double() - b[name].double()).abs().max().item() if a[name].is_floating_point() else "?"
+            diff.append(f"{name}: differs (max |Δ| {delta})")
+    return diff[:limit] + ([f"... and {len(diff) - limit} more"] if len(diff) > limit else [])
+
+
+@torch.no_grad()
+def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    out = model(input_ids=ids, use_cache=False).logits.float()
+    model.train(was_training)
+    return out
+
+
+def nonfinite(model: nn.Module, ids: torch.Tensor | None = None) -> list[str]:
+    """Names of tensors (and logits) of ``model`` holding NaN or inf."""
+    bad = [name for name, t in tensors(model).items() if t.is_floating_point() and not torch.isfinite(t).all()]
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and not torch.isfinite(module.dequantize()).all():
+            bad.append(f"{name} (dequantized)")
+    if ids is not None and not torch.isfinite(logits(model, ids)).all():
+        bad.append("logits")
+    return bad
+
+
+# --------------------------------------------------------------------------- options
+
+
+def build_options(method: Method, options: Mapping[str, Any] | Options | None = None) -> Options:
+    if isinstance(options, Options):
+        return options
+    try:
+        return method.options(**dict(options or {}))
+    except ValidationError as exc:
+        raise ConformanceError(f"method {method.name!r}", [f"options {dict(options or {})} do not validate: {exc}"])
+
+
+def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaults_build: bool = True,
+                  plugins=None) -> None:
+    """The options model is closed, frozen, has buildable defaults and survives the JSON
+    round trip; ``effect`` and ``plan`` are well-formed."""
+    plugins = _plugins(plugins)
+    method: Method = _component(plugins, "methods", name)
+    problems: list[str] = []
+    cls = method.options
+    config = cls.model_config
+    if config.get("extra") != "forbid":
+        problems.append(f"{cls.__name__} accepts unknown keys (model_config extra={config.get('extra')!r}); "
+                        "subclass pocketlm.Options and do not change model_config['extra']")
+    if not config.get("frozen"):
+        problems.append(f"{cls.__name__} is not frozen; subclass pocketlm.Options and keep frozen=True")
+    if defaults_build:
+        try:
+            cls()
+        except ValidationError as exc:
+            problems.append(f"{cls.__name__}() with the defaults does not validate ({exc.errors()[0]['msg']}); "
+                            "give every option a default, or declare defaults_build = False with the reason "
+                            "in your test if the user must choose")
+    built = None
+    try:
+        built = cls(**dict(options or {}))
+    except ValidationError as exc:
+        problems.append(f"{cls.__name__}(**{dict(options or {})}) does not validate: {exc}")
+    try:
+        cls(**{**dict(options or {}), "definitely_not_an_option": 1})
+        problems.append(f"{cls.__name__} accepted the unknown key 'definitely_not_an_option'")
+    except ValidationError:
+        pass
+    if built is not None:
+        field_name = next(iter(cls.model_fields), None)
+        if field_name is not None:
+            try:
+                setattr(built, field_name, getattr(built, field_name))
+                problems.append(f"{cls.__name__} instances can be changed after validation (set {field_name!r})")
+            except (ValidationError, TypeError, AttributeError):
+                pass
+        try:
+            again = cls.model_validate(built.model_dump(mode="json"))
+            if again != built:
+                problems.append(f"{cls.__name__} does not survive model_dump(mode='json') -> model_validate "
+                                f"({built!r} became {again!r}); run folders store options as JSON")
+        except ValidationError as exc:
+            problems.append(f"{cls.__name__}: model_dump(mode='json') does not validate again: {exc}")
+        try:
+            cls.model_json_schema()
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"{cls.__name__}.model_json_schema() fails ({type(exc).__name__}: {exc}); "
+                            "`pocketlm schema` needs it")
+        try:
+            effect = method.effect(built)
+            if not isinstance(effect, SizeEffect):
+                problems.append(f"effect(options) returned {type(effect).__name__}, expected pocketlm.SizeEffect")
+            elif not effect.features <= {"quantized", "masked", "restructured"}:
+                problems.append(f"effect features {sorted(effect.features)} are not among quantized, masked, restructured")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"effect(options) raised {type(exc).__name__}: {exc}")
+    if method.plan is not None:
+        try:
+            proposals = method.plan(None)
+            for proposal in proposals:
+                try:
+                    cls(**proposal)
+                except ValidationError as exc:
+                    problems.append(f"plan proposes {proposal}, which does not validate: {exc.errors()[0]['msg']}")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"plan(None) raised {type(exc).__name__}: {exc}")
+    _raise(f"method {name!r} options", problems)
+
+
+# ------------------------------------------------------------------------------ runs
+
+
+@dataclass
+class MethodRun:
+    """A method run on a tiny model, with what the checks compare against."""
+
+    method: Method
+    options: Options
+    family: str
+    original: nn.Module          # an untouched copy of the model before the run
+    model: nn.Module             # the result
+    windows: torch.Tensor
+    context: Any
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def run_method(name: str, options: Mapping[str, Any] | Options | None = None, family: str = "llama", *,
+               model: nn.Module | None = None, ids: torch.Tensor | None = None, seed: int = 0,
+               stage_dir: Path | None = None, tokenizer=None, plugins=None,
+               check_inputs: bool = True) -> MethodRun:
+    """Run method ``name`` on a tiny ``family`` model (or ``model``) through the ``compress``
+    hook, as a pipeline stage would, with a teacher (a copy of the model) in the context.
+    With ``check_inputs``, fail if the calibration windows or the teacher changed."""
+    import time
+
+    plugins = _plugins(plugins)
+    method: Method = _component(plugins, "methods", name)
+    built = build_options(method, options)
+    model = tiny(family, seed=seed) if model is None else model
+    ids = windows() if ids is None else ids
+    original = copy.deepcopy(model)
+    teacher = copy.deepcopy(model)
+    ids_before = ids.clone()
+    teacher_before = state_hash(teacher)
+    context = make_context(ids, teacher=teacher, stage_dir=stage_dir, seed=seed, tokenizer=tokenizer,
+                           plugins=plugins)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    result = plugins.hook.compress(model=model, method=method, options=built, context=context)
+    seconds = time.perf_counter() - start
+    if result is not None and not isinstance(result, nn.Module):
+        raise ConformanceError(f"method {name!r} on {family}",
+                               [f"compress returned {type(result).__name__}; return the model (or None)"])
+    result = model if result is None else result
+    result.eval()
+    if check_inputs:
+        problems = []
+        if not torch.equal(ids, ids_before) or ids.dtype != ids_before.dtype:
+            problems.append("it modified the calibration windows tensor it was handed (clone before changing it)")
+        if state_hash(teacher) != teacher_before:
+            problems.append("it modified the teacher (context.teacher() must never change): "
+                            + "; ".join(_differences(tensors(copy.deepcopy(original)), tensors(teacher))))
+        _raise(f"method {name!r} on {family}", problems)
+    return MethodRun(method, built, family, original, result, ids, context, seconds)
+
+
+def check_runs(name: str, options=None, family: str = "llama", *, expect_change: bool = True,
+               plugins=None, **kwargs) -> MethodRun:
+    """Runs on ``family``, leaves inputs and teacher alone, changes the model, stays finite."""
+    run = run_method(name, options, family, plugins=plugins, **kwargs)
+    problems = []
+    bad = nonfinite(run.model, run.windows)
+    if bad:
+        problems.append(f"NaN or inf in {', '.join(bad[:6])}")
+    if expect_change and state_hash(run.model) == state_hash(run.original):
+        problems.append("the model is unchanged after the run (with these options); pass options that make "
+                        "it do something, or declare expect_change = False with the reason")
+    _raise(f"method {name!r} on {family}", problems)
+    return run
+
+
+def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.Tensor | None = None,
+                   plugins=None, what: str = "the result") -> None:
+    """``model`` survives the core checkpoint (same tensors, masks and logits) and the ``hf``
+    exporter (transformers reloads it, same logits)."""
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint import load_checkpoint, save_checkpoint
+
+    plugins = _plugins(plugins)
+    ids = windows() if ids is None else ids
+    problems: list[str] = []
+    expected = logits(model, ids)
+    with _folder(folder) as base:
+        try:
+            with atomic.folder(base / "checkpoint") as tmp:
+                save_checkpoint(model, None, tmp)
+            reloaded = load_checkpoint(base / "checkpoint").model
+            diff = _differences(tensors(model), tensors(reloaded))
+            if diff:
+                problems.append("the core checkpoint does not reload the same tensors: " + "; ".join(diff))
+            elif not torch.allclose(logits(reloaded, ids), expected, atol=ATOL, rtol=ATOL):
+                problems.append("the core checkpoint reloads with different logits")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"save/load with the core checkpoint failed: {type(exc).__name__}: {exc}")
+        try:
+            exporter = plugins.exporters["hf"]
+            options = exporter.options()
+            context = make_context(ids, plugins=plugins)
+            hash_before = state_hash(model)
+            with atomic.folder(base / "hf") as tmp:
+                plugins.hook.export(model=model, exporter=exporter, options=options, path=tmp, context=context)
+            if state_hash(model) != hash_before:
+                problems.append("exporting with 'hf' changed the model")
+            dense = AutoModelForCausalLM.from_pretrained(base / "hf", dtype=torch.float32)
+            got = logits(dense, ids)
+            if got.shape != expected.shape or not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
+                delta = (got - expected).abs().max().item() if got.shape == expected.shape else "shape"
+                problems.append(f"the hf export, reloaded with transformers, gives different logits (max |Δ| {delta})")
+        except Exception as exc:  # noqa: BLE001
+            problems.append(f"hf export and transformers reload failed: {type(exc).__name__}: {exc}")
+    _raise(what, problems)
+
+
+def check_deterministic(name: str, options=None, family: str = "llama", *, plugins=None, **kwargs) -> None:
+    """Two runs on identical models with the same seed give bitwise identical tensors."""
+    first = run_method(name, options, family, plugins=plugins, check_inputs=False, **kwargs).model
+    second = run_method(name, options, family, plugins=plugins, check_inputs=False, **kwargs).model
+    diff = _differences(tensors(first), tensors(second))
+    _raise(f"method {name!r} on {family} is not deterministic (same model, options and seed)", diff)
+
+
+def mask_everything(model: nn.Module, fraction: float = 0.3, seed: int = 1234) -> dict[str, torch.Tensor]:
+    """Give every decoder linear (not the head) a random mask pruning ``fraction`` of it, the
+    way an earlier pruning stage would. Returns the masks by module name."""
+    generator = torch.Generator().manual_seed(seed)
+    given = {}
+    for name, module in select_linears(model, ["*"], ["lm_head"]).items():
+        mask = torch.rand(linear_shape(module), generator=generator) >= fraction
+        set_mask(module, mask)
+        given[name] = get_mask(module).clone()
+    return given
+
+
+def check_masks(name: str, options=None, family: str = "llama", *, plugins=None, **kwargs) -> None:
+    """Weights an earlier stage masked stay exactly zero, and the masks stay recorded."""
+    model = tiny(family)
+    given = mask_everything(model)
+    shapes = {n: linear_shape(m) for n, m in select_linears(model, ["*"], ["lm_head"]).items()}
+    run = run_method(name, options, family, model=model, plugins=plugins, check_inputs=False, **kwargs)
+    result = run.model
+    linears = {n: m for n, m in result.named_modules() if n and is_linear(m)}
+    same_structure = {n: linear_shape(m) for n, m in linears.items() if n in shapes} == shapes
+    problems = []
+    for module_name, module in linears.items():
+        mask = get_mask(module)
+        if mask is None:
+            if same_structure and module_name in given:
+                problems.append(f"{module_name}: the mask an earlier stage set is gone "
+                                "(carry it with weights.transfer_mask(old, new) when replacing a module)")
+            continue
+        weight = linear_weight(module)
+        if weight.shape != mask.shape:
+            problems.append(f"{module_name}: mask {tuple(mask.shape)} no longer fits weight {tuple(weight.shape)}")
+            continue
+        leaked = int((weight[~mask] != 0).sum())
+        if leaked:
+            problems.append(f"{module_name}: {leaked} masked weights are no longer zero")
+        if same_structure and module_name in given and bool((mask & ~given[module_name]).any()):
+            problems.append(f"{module_name}: the mask now keeps weights an earlier stage pruned")
+    if not same_structure and given and not any(get_mask(m) is not None for m in linears.values()):
+        problems.append("no mask survived the run (masks of kept modules must be kept, sliced where "
+                        "a dimension shrinks)")
+    _raise(f"method {name!r} on {family} does not respect masks", problems)
+
+
+def check_ignore(name: str, options=None, family: str = "llama", *, plugins=None, **kwargs) -> bool:
+    """With an ``ignore`` option: linears it matches are left untouched. Returns False (and
+    checks nothing) when the options have no ``ignore``."""
+    plugins = _plugins(plugins)
+    method: Method = _component(plugins, "methods", name)
+    if "ignore" not in method.options.model_fields:
+        return False
+    given = dict(options.model_dump() if isinstance(options, Options) else (options or {}))
+    base = build_options(method, given)
+    model = tiny(family)
+    arch = make_context(plugins=plugins).architecture(model)
+    extra = f"{arch.layers}.0.{arch.sequential[0][0]}"
+    ignore = list(base.ignore) + [extra]
+    run = run_method(name, {**given, "ignore": ignore}, family, model=model, plugins=plugins,
+                     check_inputs=False, **kwargs)
+    problems = []
+    for module_name, module in select_linears(run.original, ["*"], []).items():
+        if not matches(module_name, ignore):
+            continue
+        try:
+            now = get_module(run.model, module_name)
+        except AttributeError:
+            problems.append(f"{module_name} (ignored) is gone")
+            continue
+        if type(now) is not type(module):
+            problems.append(f"{module_name} (ignored) was replaced by a {type(now).__name__}")
+            continue
+        diff = _differences(module.state_dict(), now.state_dict())
+        if diff:
+            problems.append(f"{module_name} (ignored) changed: " + "; ".join(diff))
+    _raise(f"method {name!r} on {family} does not respect ignore={ignore}", problems)
+    return True
+
+
+def check_method(name: str, options: Mapping[str, Any] | None = None, *, families=FAMILIES,
+                 unsupported: Mapping[str, str] | None = None, detail_families=("llama", "gpt2"),
+                 defaults_build: bool = True, expect_change: bool = True, plugins=None,
+                 folder: Path | None = None) -> dict[str, str]:
+    """Every method check on every family (masks, ignore and determinism on
+    ``detail_families``). Raises one :class:`ConformanceError` listing every failure;
+    returns ``{check: "ok" | "skipped: reason"}``."""
+    unsupported = dict(unsupported or {})
+    outcome: dict[str, str] = {}
+    failures: list[str] = []
+
+    def attempt(label, fn, *args, **kw):
+        try:
+            fn(*args, **kw)
+            outcome[label] = "ok"
+        except ConformanceError as exc:
+            outcome[label] = "failed"
+            failures.append(f"[{label}] " + str(exc).replace("\n", "\n    "))
+        except Exception as exc:  # noqa: BLE001
+            outcome[label] = "failed"
+            failures.append(f"[{label}] raised {type(exc).__name__}: {exc}")
+
+    attempt("options", check_options, name, options, defaults_build=defaults_build, plugins=plugins)
+    for family in families:
+        if family in unsupported:
+            outcome[f"runs[{family}]"] = f"skipped: {unsupported[family]}"
+            continue
+
+        def runs_and_loads(family=family):
+            run = check_runs(name, options, family, expect_change=expect_change, plugins=plugins)
+            check_loadable(run.model, folder / family if folder else None, ids=run.windows, plugins=plugins,
+                           what=f"method {name!r} on {family}")
+
+        attempt(f"runs[{family}]", runs_and_loads)
+        if family in detail_families:
+            attempt(f"deterministic[{family}]", check_deterministic, name, options, family, plugins=plugins)
+            attempt(f"masks[{family}]", check_masks, name, options, family, plugins=plugins)
+            attempt(f"ignore[{family}]", check_ignore, name, options, family, plugins=plugins)
+    _raise(f"method {name!r} fails conformance", failures)
+    return outcome
+
+
+# ---------------------------------------------------------------------------- exporters
+
+
+@contextlib.contextmanager
+def _folder(folder: Path | None) -> Iterator[Path]:
+    if folder is not None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        yield Path(folder)
+        return
+    with tempfile.TemporaryDirectory(prefix="pocketlm-conformance-") as tmp:
+        yield Path(tmp)
+
+
+@contextlib.contextmanager
+def _cwd(path: Path) -> Iterator[None]:
+    before = os.getcwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
+def _listing(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def prepared_model(family: str = "llama", method: str | None = None, method_options=None, *, plugins=None) -> nn.Module:
+    """A tiny model, compressed by ``method`` first when one is named."""
+    if method is None:
+        return tiny(family)
+    return run_method(method, method_options, family, plugins=plugins, check_inputs=False).model
+
+
+def check_exporter(name: str, options: Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
+                   family: str = "llama", method: str | None = None, method_options=None, tokenizer=None,
+                   plugins=None, folder: Path | None = None) -> Path | None:
+    """Exporter ``name`` writes ``model`` (or a tiny ``family`` model compressed by
+    ``method``) only inside the temporary folder it is handed, leaves the model unchanged,
+    writes identical bytes twice, and leaves nothing visible when it fails. Returns the export
+    folder when ``folder`` is given."""
+    plugins = _plugins(plugins)
+    exporter: Exporter = _component(plugins, "exporters", name)
+    built = exporter.options(**dict(options or {}))
+    model = prepared_model(family, method, method_options, plugins=plugins) if model is None else model
+    problems: list[str] = []
+    if exporter.check is not None:
+        found = exporter.check(model, built)
+        if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
+            problems.append(f"check(model, options) returned {found!r}; expected a list of strings")
+        elif found:
+            _raise(f"exporter {name!r}", [f"check() refuses the prepared model: {'; '.join(found)} "
+                                          "(prepare a model it represents: method=..., method_options=...)"])
+    before = state_hash(model)
+    with _folder(folder) as base:
+        sandbox, cwd = base / "sandbox", base / "cwd"
+        sandbox.mkdir(parents=True, exist_ok=True)
+        cwd.mkdir(parents=True, exist_ok=True)
+        outputs = []
+        for attempt in ("first", "second"):
+            target = sandbox / f"{attempt}-export"
+            context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
+            context.export_path = target
+            with _cwd(cwd), atomic.folder(target) as tmp:
+                plugins.hook.export(model=model, exporter=exporter, options=built, path=tmp, context=context)
+            outputs.append(_listing(target))
+        if state_hash(model) != before:
+            problems.append("exporting changed the model")
+        if not outputs[0]:
+            problems.append("the export folder is empty")
+        stray = sorted(p.name for p in sandbox.iterdir() if p.name not in ("first-export", "second-export"))
+        if stray:
+            problems.append(f"it wrote outside the folder it was given: {stray} next to it")
+        if any(cwd.iterdir()):
+            problems.append(f"it wrote into the working directory: {sorted(p.name for p in cwd.iterdir())}")
+        if outputs[0].keys() != outputs[1].keys():
+            problems.append(f"two exports wrote different files: {sorted(outputs[0])} vs {sorted(outputs[1])}")
+        else:
+            differing = [k for k in outputs[0] if outputs[0][k] != outputs[1][k]]
+            if differing:
+                problems.append(f"two exports of the same model wrote different bytes in {differing} "
+                                "(timestamps? unordered dicts?)")
+        # An export that fails part-way must leave nothing visible.
+        failing = sandbox / "failed-export"
+        context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
+        context.export_path = failing
+        try:
+            with _cwd(cwd), atomic.folder(failing) as tmp:
+                plugins.hook.export(model=model, exporter=exporter, options=built, path=tmp, context=context)
+                raise _Interrupted()
+        except _Interrupted:
+            pass
+        leftovers = sorted(p.name for p in sandbox.iterdir() if p.name not in ("first-export", "second-export"))
+        if leftovers:
+            problems.append(f"after a failed export these are visible: {leftovers} (write only into the "
+                            "path you are given, never into context.export_path)")
+        kept = None
+        if folder is not None:
+            kept = sandbox / "first-export"
+    _raise(f"exporter {name!r}", problems)
+    return kept
+
+
+class _Interrupted(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------- evaluators, loaders
+
+
+def check_evaluator(name: str, options: Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
+                    family: str = "llama", tokenizer=None, plugins=None) -> dict[str, float]:
+    """Evaluator ``name`` returns a non-empty flat dict of finite numbers and leaves the model
+    (weights and train/eval mode) as it found it."""
+    plugins = _plugins(plugins)
+    evaluator: Evaluator = _component(plugins, "evaluators", name)
+    built = evaluator.options(**dict(options or {}))
+    if tokenizer is None:
+        from .models import tiny_tokenizer
+
+        tokenizer = tiny_tokenizer()
+    model = tiny(family, vocab_size=len(tokenizer)) if model is None else model
+    problems = []
+    before = state_hash(model)
+    for mode in (False, True):
+        model.train(mode)
+        context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
+        result = plugins.hook.evaluate(model=model, evaluator=evaluator, options=built, context=context)
+        if model.training != mode:
+            problems.append(f"it left the model in {'train' if model.training else 'eval'} mode "
+                            f"(it was handed it in {'train' if mode else 'eval'} mode)")
+        if not isinstance(result, dict) or not result:
+            problems.append(f"it returned {result!r}; expected a non-empty dict of metric name to number")
+            break
+        for key, value in result.items():
+            if not isinstance(key, str):
+                problems.append(f"key {key!r} is not a string")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                problems.append(f"{key} = {value!r} is not a float (convert tensors with .item())")
+            elif not math.isfinite(value):
+                problems.append(f"{key} = {value} is not finite")
+    model.eval()
+    if state_hash(model) != before:
+        problems.append("evaluating changed the model")
+    _raise(f"evaluator {name!r}", problems)
+    return result
+
+
+def check_loader(name: str, source: str, options: Mapping[str, Any] | None = None, *, plugins=None) -> LoadedModel:
+    """Loader ``name`` claims ``source``, is the loader the core picks for it, and returns a
+    :class:`pocketlm.LoadedModel` whose model gives finite logits."""
+    from ..recipe import ModelSection
+
+    plugins = _plugins(plugins)
+    loader = _component(plugins, "loaders", name)
+    section = ModelSection(source=source, **dict(options or {}))
+    problems = []
+    if not loader.matches(source):
+        _raise(f"loader {name!r}", [f"matches({source!r}) is false"])
+    first = next((l for l in plugins.loaders if l.matches(source)), None)
+    if first is not loader:
+        problems.append(f"the core picks loader {first.name!r} for {source!r} before this one")
+    loaded = loader.load(source, section)
+    if not isinstance(loaded, LoadedModel):
+        _raise(f"loader {name!r}", [f"load() returned {type(loaded).__name__}; expected pocketlm.LoadedModel"])
+    if not isinstance(loaded.model, nn.Module):
+        problems.append(f"LoadedModel.model is a {type(loaded.model).__name__}, not a torch module")
+    else:
+        vocab = loaded.model.get_input_embeddings().num_embeddings
+        ids = windows(seed=0) % vocab
+        bad = nonfinite(loaded.model, ids)
+        if bad:
+            problems.append(f"the loaded model has NaN or inf in {', '.join(bad[:6])}")
+        if loaded.model.training:
+            problems.append("the loaded model is in train mode; return model.eval()")
+    if not isinstance(loaded.source, str):
+        problems.append(f"LoadedModel.source is {loaded.source!r}; expected the source string")
+    _raise(f"loader {name!r}", problems)
+    return loaded
+
+
+# ------------------------------------------------------------------------- pytest classes
+
+
+def _pytest():
+    import pytest
+
+    return pytest
+
+
+class MethodConformance:
+    """Subclass as ``TestSomething`` and set ``method`` (and ``options``); pytest then runs
+    each check as a test, per architecture.
+
+    * ``options``: option values for the runs (small and fast);
+    * ``architectures``: families to run on; ``detail_architectures``: where the mask,
+      ignore and determinism checks run (GPT-2 covers the transposed Conv1D layout);
+    * ``unsupported``: ``{family: reason}`` for families the method declares unsupported;
+    * ``defaults_build``: set False (with a comment why) when the user must choose an option;
+    * ``expect_change``: set False for a method that may legitimately leave a model as it is.
+    """
+
+    method: str = ""
+    options: dict = {}
+    architectures: tuple[str, ...] = FAMILIES
+    detail_architectures: tuple[str, ...] = ("llama", "gpt2")
+    unsupported: dict[str, str] = {}
+    defaults_build: bool = True
+    expect_change: bool = True
+
+    def pytest_generate_tests(self, metafunc):
+        if "family" in metafunc.fixturenames:
+            if metafunc.function.__name__ == "test_runs_and_exports":
+                families = list(self.architectures)
+            else:
+                families = [f for f in self.detail_architectures if f in self.architectures]
+            metafunc.parametrize("family", families)
+
+    def _supported(self, family):
+        if family in self.unsupported:
+            _pytest().skip(f"{self.method} does not support {family}: {self.unsupported[family]}")
+
+    def test_options(self):
+        check_options(self.method, self.options, defaults_build=self.defaults_build)
+
+    def test_runs_and_exports(self, family, tmp_path):
+        self._supported(family)
+        run = check_runs(self.method, self.options, family, expect_change=self.expect_change)
+        check_loadable(run.model, tmp_path, ids=run.windows, what=f"method {self.method!r} on {family}")
+
+    def test_deterministic(self, family):
+        self._supported(family)
+        check_deterministic(self.method, self.options, family)
+
+    def test_respects_masks(self, family):
+        self._supported(family)
+        check_masks(self.method, self.options, family)
+
+    def test_respects_ignore(self, family):
+        self._supported(family)
+        if not check_ignore(self.method, self.options, family):
+            _pytest().skip(f"{self.method}'s options have no 'ignore'")
+
+
+class ExporterConformance:
+    """Subclass as ``TestSomething``; set ``exporter`` and ``options``, and ``method`` /
+    ``method_options`` to prepare a model the exporter represents (None: a dense model)."""
+
+    exporter: str = ""
+    options: dict = {}
+    method: str | None = None
+    method_options: dict = {}
+    architectures: tuple[str, ...] = ("llama",)
+
+    def pytest_generate_tests(self, metafunc):
+        if "family" in metafunc.fixturenames:
+            metafunc.parametrize("family", list(self.architectures))
+
+    def test_exporter_contract(self, family, tmp_path):
+        check_exporter(self.exporter, self.options, family=family, method=self.method,
+                       method_options=self.method_options, folder=tmp_path)
+
+
+class EvaluatorConformance:
+    """Subclass as ``TestSomething``; set ``evaluator`` and ``options``."""
+
+    evaluator: str = ""
+    options: dict = {}
+
+    def test_evaluator_contract(self):
+        check_evaluator(self.evaluator, self.options)
+
+
+class LoaderConformance:
+    """Subclass as ``TestSomething``; set ``loader`` and implement ``source(tmp_path)``
+    returning a source string the loader should load."""
+
+    loader: str = ""
+    options: dict = {}
+
+    def source(self, tmp_path: Path) -> str:  # pragma: no cover - the author provides it
+        raise NotImplementedError("return a source string your loader understands")
+
+    def test_loader_contract(self, tmp_path):
+        check_loader(self.loader, self.source(tmp_path), self.options)
+
+
+__all__ = [
+    "ATOL", "ConformanceError", "EvaluatorConformance", "ExporterConformance", "FAMILIES", "LoaderConformance",
+    "MethodConformance", "MethodRun", "SEQ_LEN", "WINDOWS", "build_options", "check_deterministic",
+    "check_evaluator", "check_exporter", "check_ignore", "check_loadable", "check_loader", "check_masks",
+    "check_method", "check_options", "check_runs", "logits", "mask_everything", "nonfinite", "prepared_model",
+    "run_method", "state_hash", "tensors", "tiny", "windows",
+]
