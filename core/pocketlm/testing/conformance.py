@@ -18,7 +18,7 @@ problem it found)::
     from pocketlm.testing.conformance import check_method, check_exporter, check_loader, check_evaluator
 
     check_method("foo", {"sparsity": 0.5})
-    check_exporter("bar", method="rtn", method_options={"bits": 4, "group_size": 32})
+    check_exporter("bar", method="my-quantizer", method_options={"bits": 4})
 
 What a **method** must do (``check_method``, ``MethodConformance``):
 
@@ -87,6 +87,9 @@ class ConformanceError(AssertionError):
     def __init__(self, what: str, problems: list[str]):
         self.what, self.problems = what, list(problems)
         super().__init__(f"{what}:\n  - " + "\n  - ".join(self.problems))
+
+    def __reduce__(self):  # picklable (pytest-xdist sends failures between processes)
+        return (type(self), (self.what, self.problems))
 
 
 def _raise(what: str, problems: list[str]) -> None:
@@ -516,6 +519,9 @@ def check_method(name: str, options: Mapping[str, Any] | None = None, *, familie
             attempt(f"deterministic[{family}]", check_deterministic, name, options, family, plugins=plugins)
             attempt(f"masks[{family}]", check_masks, name, options, family, plugins=plugins)
             attempt(f"ignore[{family}]", check_ignore, name, options, family, plugins=plugins)
+            if outcome[f"ignore[{family}]"] == "ok" and "ignore" not in _component(
+                    _plugins(plugins), "methods", name).options.model_fields:
+                outcome[f"ignore[{family}]"] = "skipped: the options have no 'ignore'"
     _raise(f"method {name!r} fails conformance", failures)
     return outcome
 
