@@ -102,7 +102,7 @@ def choose_exporter(plugins, candidate: "Candidate") -> str:
 
 
 def _stage_label(method: Method, options: dict) -> str:
-    shown = ", ".join(f"{k}={v}" for k, v in options.items() if k not in ("targets", "ignore"))
+    shown = ", ".join(f"{k}={v}" for k, v in options.items())
     return f"{method.name}({shown})"
 
 
@@ -136,7 +136,7 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
     for count in range(1, max_stages + 1):
         for combo in itertools.combinations(proposals, count):
             ordered = sorted(combo, key=lambda pair: pair[0].phase)
-            if len({m.name for m, _ in ordered}) < len(ordered) and not _distinct_covers(ordered):
+            if not _one_per_phase(ordered):
                 continue
             try:
                 pairs = [(m, m.options.model_validate(o)) for m, o in ordered]
@@ -158,9 +158,22 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
     return sorted(found, key=lambda c: (c.size_mb, len(c.stages), c.label))
 
 
-def _distinct_covers(stages: list[tuple[Method, dict]]) -> bool:
-    covers = [m.effect(m.options.model_validate(o)).covers for m, o in stages]
-    return len(set(covers)) == len(covers)
+def _one_per_phase(stages: list[tuple[Method, dict]]) -> bool:
+    """A hybrid takes at most one step per phase and part of the model: two pruners in a row
+    or two proposals of one quantizer add nothing a single stronger option would not. Steps of
+    one phase that cover different parts (decoder linears, embedding) may combine."""
+    seen = set()
+    for method, options in stages:
+        try:
+            covers = method.effect(method.options.model_validate(options)).covers
+        except Exception:  # noqa: BLE001 - invalid proposals are dropped later
+            covers = "decoder"
+        parts = {"decoder", "embedding"} if covers == "all" else {covers}
+        keys = {(method.phase, part) for part in parts}
+        if keys & seen:
+            return False
+        seen |= keys
+    return True
 
 
 def default_candidate(plugins, stats: ModelStats = DEMO_STATS) -> Candidate | None:
