@@ -8,7 +8,8 @@ For every decoder layer, on calibration activations:
    normalised by ``sqrt(max(s) * min(s))``, is tried for ``α`` on a grid of ``n_grid`` points in
    ``[0, 1)`` (plus the identity). The chosen ``α`` gives the lowest mean squared error of the
    pair's ``block`` output (``self_attn``, ``mlp``; the linears themselves when the table has no
-   block) when the linears' weights are ``Q(W·diag(s))·diag(1/s)``.
+   block) when the linears' weights are ``Q(W·diag(s))·diag(1/s)``, measured on the first
+   ``search_tokens`` calibration tokens (the channel means use all of them).
 2. **Folding.** ``s`` is divided out of the preceding op's output channels (norm weight and
    bias, or the previous linear's output rows and bias) and multiplied into the linears' input
    columns, which leaves the model unchanged before rounding. A pair whose widths disagree
@@ -25,6 +26,7 @@ the ``register_architectures`` hook works without changing this file.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
@@ -40,7 +42,18 @@ from pocketlm.modules import get_module, select_linears, set_module
 
 
 class AWQOptions(Options):
-    """AWQ's options; the defaults are AutoAWQ's (4-bit, group 128, zero point)."""
+    """AWQ's options; the defaults are AutoAWQ's (4-bit, group 128, zero point, 20-point grids).
+
+    * ``bits``: 3, 4 or 8; ``group_size``: -1 (per output channel), 32, 64 or 128, which must
+      divide every target's input width; ``symmetric``: zero point 2**(bits-1) instead of a
+      fitted one.
+    * ``targets`` / ``ignore``: module-name patterns (decoder-layer linears only).
+    * ``n_grid``: α grid points in [0, 1); ``duo_scaling``: divide by ``mean|w|^(1-α)``.
+    * ``search_tokens``: calibration tokens (whole sequences, first batches first) on which the
+      scale search measures its loss; None uses all of them. Channel means use every token.
+    * ``clip``: search per-group clipping bounds (``clip_grid`` steps down to ``1 - max_shrink``
+      of ``max|w|``, on ``max_clip_tokens`` tokens); ``clip_qk`` also clips q/k projections.
+    """
 
     bits: Literal[3, 4, 8] = 4
     group_size: int = 128
@@ -54,7 +67,7 @@ class AWQOptions(Options):
     clip_grid: int = 20
     max_shrink: float = 0.5
     max_clip_tokens: int = 512
-    search_tokens: int | None = 8192
+    search_tokens: int | None = 2048
 
     @field_validator("group_size")
     @classmethod
@@ -114,12 +127,13 @@ def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool
 
 
 def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """``w`` rounded onto its group grid and mapped back to floats (same shape)."""
-    q, scale, zero = quantize_groups(w, bits, group_size, symmetric)
+    """``w`` rounded onto its group grid and mapped back to floats (same shape). The same grid
+    and rounding as :func:`quantize_groups`, computed in place (the search calls it often)."""
     rows, cols = w.shape
-    groups = scale.shape[1]
-    deq = (q.reshape(rows, groups, -1) - zero[..., None]) * scale[..., None]
-    return deq.reshape(rows, cols)
+    grouped = _grouped(w.float(), group_size).reshape(-1, cols if group_size == -1 else group_size)
+    scale, zero = W.minmax_grid(grouped, bits, symmetric)
+    q = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
+    return q.sub_(zero).mul_(scale).reshape(rows, cols)
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -280,6 +294,23 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
     return args, {**kwargs, "hidden_states": hidden}
 
 
+def _slice_rows(value: Any, rows: int, keep: int) -> Any:
+    """``value`` (a call's args or kwargs) cut to its first ``keep`` sequences: every tensor of
+    two or more dimensions whose first dimension is the batch (``rows``) is sliced; broadcast
+    tensors (rotary tables of batch 1, 1-D positions) pass through."""
+    if keep == rows:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[:keep] if value.dim() >= 2 and value.shape[0] == rows else value
+    if isinstance(value, tuple):
+        return tuple(_slice_rows(v, rows, keep) for v in value)
+    if isinstance(value, list):
+        return [_slice_rows(v, rows, keep) for v in value]
+    if isinstance(value, dict):
+        return {k: _slice_rows(v, rows, keep) for k, v in value.items()}
+    return value
+
+
 def _first(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -294,8 +325,8 @@ class _Pair:
 class _Stats:
     abs_sum: torch.Tensor | None = None
     count: int = 0
-    batches: int = 0
-    search_x: list[torch.Tensor] = field(default_factory=list)  # inputs of the search batches
+    rows: int = 0  # sequences kept for the scale search so far
+    search_x: list[torch.Tensor] = field(default_factory=list)  # inputs of the search sequences
     clip_x: list[torch.Tensor] = field(default_factory=list)  # a strided token subsample
     block: list[tuple[tuple, dict, torch.Tensor]] = field(default_factory=list)
 
@@ -314,7 +345,6 @@ class AWQHandler:
         self.no_clip = set() if options.clip_qk else {attention[k] for k in ("q", "k", "qkv") if k in attention}
         self.stats: dict[str, _Stats] = {}
         self.pairs: list[_Pair] = []
-        self.search_batches: int | None = None
         self.report: list[dict] = []
 
     # -- walker protocol
@@ -339,31 +369,42 @@ class AWQHandler:
 
     def observe(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stats = self.stats[name]
-        batch = stats.batches
-        stats.batches += 1
         if name in self.block_names:
-            if self._is_search_batch(batch, _hidden_input(args, kwargs)):
-                stats.block.append((args, kwargs, _first(output).detach()))
+            hidden = _hidden_input(args, kwargs)
+            keep = self._search_rows(stats, hidden)
+            if keep:
+                rows = hidden.shape[0]
+                stats.block.append((_slice_rows(args, rows, keep), _slice_rows(kwargs, rows, keep),
+                                    _first(output).detach()[:keep]))
             return
         x = args[0].detach()
         flat = x.reshape(-1, x.shape[-1])
         absolute = flat.abs().float().sum(0)
         stats.abs_sum = absolute if stats.abs_sum is None else stats.abs_sum + absolute
         stats.count += flat.shape[0]
-        if name in self.search_names and self._is_search_batch(batch, x):
-            stats.search_x.append(x)
+        if name in self.search_names:
+            keep = self._search_rows(stats, x)
+            if keep:
+                stats.search_x.append(x[:keep])
         stride = max(1, self.total_tokens // self.options.max_clip_tokens)
         stats.clip_x.append(flat[::stride].float().clone())
 
-    def _is_search_batch(self, batch: int, x: torch.Tensor) -> bool:
-        if self.search_batches is None:
-            tokens = x.shape[:-1].numel()
-            limit = self.options.search_tokens
-            self.search_batches = 1 << 30 if limit is None else max(1, math.ceil(limit / tokens))
-        return batch < self.search_batches
+    def _search_rows(self, stats: _Stats, x: torch.Tensor) -> int:
+        """How many leading sequences of this batch the scale search keeps (``search_tokens``
+        in whole sequences, from the first batches)."""
+        limit = self.options.search_tokens
+        rows = x.shape[0]  # sequences, or tokens where a model flattens them (OPT's MLP)
+        if limit is None:
+            return rows
+        seq_len = x.shape[-2] if x.dim() > 2 else 1
+        wanted = max(1, math.ceil(limit / seq_len))
+        keep = max(0, min(rows, wanted - stats.rows))
+        stats.rows += keep
+        return keep
 
     def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
         options = self.options
+        started = time.perf_counter()
         input_scale: dict[str, torch.Tensor] = {}
         layer_report = {"layer": index, "alphas": {}}
         for pair in self.pairs:
@@ -418,6 +459,9 @@ class AWQHandler:
             set_module(layer, name, quantized)
         self.report.append(layer_report)
         self.stats, self.pairs = {}, []
+        alphas = ", ".join(f"{k}={'identity' if a is None else format(a, 'g')}"
+                           for k, a in layer_report["alphas"].items())
+        self.context.log(f"awq: layer {index}: alpha {alphas} ({time.perf_counter() - started:.1f} s)")
 
     def _block_loss(self, block: nn.Module, calls: list, targeted: list[nn.Module]) -> Callable[[torch.Tensor], float]:
         options = self.options
@@ -484,6 +528,6 @@ def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
     alphas = [a for r in handler.report for a in r["alphas"].values()]
     chosen = [a for a in alphas if a is not None]
     context.log(f"awq: {len(handler.report)} layers, W{options.bits} g{options.group_size} "
-                f"{'sym' if options.symmetric else 'asym'}; scales folded for {len(chosen)} of {len(alphas)} "
+                f"{'sym' if options.symmetric else 'asym'}; scales folded for {len(chosen)} of {len(alphas)} searched "
                 f"pairs (mean alpha {sum(chosen) / max(len(chosen), 1):.2f}), clip={options.clip}")
     return model

@@ -352,10 +352,11 @@ def write_curve(history: list[dict], folder: Path) -> None:
     figure = Figure(figsize=(6, 3.5))
     axes = figure.add_subplot()
     steps = [row["step"] for row in history]
-    for key in ("loss", "kl", "ce", "hidden"):
-        values = [row[key] for row in history]
-        if any(v != 0 for v in values):
-            axes.plot(steps, values, label=key)
+    axes.plot(steps, [row["loss"] for row in history], label="loss (weighted sum)")
+    parts = [key for key in ("kl", "ce", "hidden") if any(row[key] != 0 for row in history)]
+    if len(parts) > 1:  # with a single term the total is that term
+        for key in parts:
+            axes.plot(steps, [row[key] for row in history], label=key, linewidth=0.8)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.set_title("distill")
@@ -384,8 +385,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     total = options.steps if options.steps is not None else math.ceil(options.tokens / tokens_per_step)
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, total // 20)
 
-    teachers = load_teachers(options, context)
     need_teacher = options.kl_weight > 0 or options.hidden_weight > 0
+    teachers = load_teachers(options, context) if need_teacher else []  # plain CE runs no teacher
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     original_device = next(model.parameters()).device
     original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -442,7 +443,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
 
     prepared, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     device = accelerator.device
-    teachers = [t.to(device) for t in teachers]
+    teacher_devices = [next(t.parameters()).device for t in teachers]
+    teachers = [t.to(device) for t in teachers]  # a no-op on CPU; moved back at the end
     masked = [(p, m.to(device)) for p, m in masked]
     if state is not None:
         accelerator.unwrap_model(prepared).load_state_dict(state["model"])
@@ -527,6 +529,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
         set_module(model, name, ste.close())
     accelerator.free_memory()
     model.to(original_device)
+    for teacher, teacher_device in zip(teachers, teacher_devices):
+        teacher.to(teacher_device)
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(original_flags.get(name, True))
     model.eval()

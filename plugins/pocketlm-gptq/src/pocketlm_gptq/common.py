@@ -127,16 +127,23 @@ def check_group_size(model: nn.Module, selection: Selection, options: QuantOptio
 # ------------------------------------------------------------------------ effect and plan
 
 
-def _embeddings_targeted(options: QuantOptions) -> bool:
-    if any(t in (EMBED_ALIAS, "lm_head") or "embed" in t or t.endswith("wte") for t in options.targets):
-        return True
-    return "*" in options.targets and not ({EMBED_ALIAS, "lm_head"} <= set(options.ignore))
+def _embedding_names(target: str) -> bool:
+    return target in (EMBED_ALIAS, "lm_head") or "embed" in target or target.endswith("wte")
+
+
+def _covers(options: QuantOptions) -> str:
+    """``"embedding"`` when only the embedding/head is named, ``"all"`` when the decoder and the
+    embedding are both covered, else ``"decoder"``."""
+    named = [t for t in options.targets if _embedding_names(t)]
+    if named and len(named) == len(options.targets):
+        return "embedding"
+    if named or ("*" in options.targets and not ({EMBED_ALIAS, "lm_head"} <= set(options.ignore))):
+        return "all"
+    return "decoder"
 
 
 def effect(options: QuantOptions) -> SizeEffect:
     """Bits per weight including the float16 scale and zero point per group (approximate: per
     channel the overhead is spread over a whole row and counted as nothing)."""
     overhead = 0.0 if options.group_size == -1 else 16 * 2 / options.group_size
-    return SizeEffect(bits=options.bits + overhead,
-                      covers="all" if _embeddings_targeted(options) else "decoder",
-                      features=frozenset({"quantized"}))
+    return SizeEffect(bits=options.bits + overhead, covers=_covers(options), features=frozenset({"quantized"}))

@@ -19,6 +19,7 @@ Stage: :func:`compress_gptq` (method ``gptq``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from pocketlm.modules import get_module
-from pocketlm.weights import get_mask, linear_weight, minmax_grid, quantize
+from pocketlm.weights import get_mask, linear_weight, minmax_grid
 
 from .common import QuantOptions, check_group_size, select
 from .rtn import group_grid, quantize_embedding, replace_linear, rtn_quantize
@@ -87,6 +88,18 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     raise RuntimeError("the Hessian is not positive definite even with 1000x damping")
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The solve is many small ops and a few small factorizations (a 1536-wide Cholesky is about
+    a GFLOP): extra threads only add synchronisation, which on a busy machine costs 10x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
                   mask: torch.Tensor | None = None):
@@ -96,6 +109,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     column order, ``scales``/``zeros`` ``[rows, groups]`` and ``g_idx`` (always None: groups are
     plain, ``column // group_size``, also with ``act_order``). ``mask`` (True = kept) pins pruned
     weights to the zero point and keeps the error compensation out of them."""
+    with _one_thread():
+        return _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask)
+
+
+def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask):
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, cols = W.shape
@@ -112,48 +130,58 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     zeros = torch.zeros(rows, n_groups)
     if act_order or group_size == -1:      # static groups: from the original column order
         scales, zeros = group_grid(W, bits, group_size, symmetric)
-        ready = torch.ones(n_groups, dtype=torch.bool)
+        ready = [True] * n_groups
     else:                                  # groups fixed when quantization reaches them
-        ready = torch.zeros(n_groups, dtype=torch.bool)
+        ready = [False] * n_groups
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
     W, H = W[:, perm], H[perm][:, perm]
     keep = None if keep is None else keep[:, perm]
-    group_of = (perm // size)              # group of each (permuted) column
+    group_of = (perm // size).tolist()     # group of each (permuted) column
     U = _inverse_cholesky(H, damp)
     Q = torch.zeros(rows, cols)
 
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        W1 = W[:, start:end].clone()
+        # the block is held transposed ([columns, rows]) so each column and each update is contiguous
+        W1 = W[:, start:end].t().contiguous()
         E1 = torch.zeros_like(W1)
         U1 = U[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            group = int(group_of[column])
-            if not ready[group]:           # natural order: the group begins at this column
-                current = torch.cat([W1[:, i:], W[:, end:]], 1)[:, :size]  # up-to-date columns
-                scale, zero = minmax_grid(current, bits, symmetric)
-                scales[:, group], zeros[:, group] = scale[:, 0], zero[:, 0]
-                ready[group] = True
-            w = W1[:, i]
-            scale, zero = scales[:, group], zeros[:, group]
-            q = quantize(w, scale, zero, bits)
+        keep1 = None if keep is None else keep[:, start:end].t().contiguous()
+        _sweep(W, W1, E1, U1, Q, scales, zeros, ready, group_of, keep1, start, end, size, bits, symmetric)
+        W[:, start:end] = W1.t()
+        if end < cols:
+            W[:, end:].addmm_(E1.t(), U[start:end, end:], alpha=-1)
             if keep is not None:
-                q = torch.where(keep[:, column], q, zero)
-            Q[:, column] = q
-            error = (w - (q - zero) * scale) / U1[i, i]
-            W1[:, i:] -= error.unsqueeze(1) * U1[i, i:].unsqueeze(0)
-            if keep is not None:
-                W1[:, i:] *= keep[:, start + i:end]
-            E1[:, i] = error
-        W[:, start:end] = W1
-        W[:, end:] -= E1 @ U[start:end, end:]
-        if keep is not None:
-            W[:, end:] *= keep[:, end:]
+                W[:, end:] *= keep[:, end:]
 
     inverse = torch.argsort(perm)
     return Q[:, inverse].to(torch.int32), scales, zeros, None
+
+
+def _sweep(W, W1, E1, U1, Q, scales, zeros, ready, group_of, keep1, start, end, size, bits, symmetric):
+    """Quantize columns ``start:end`` one by one, spreading each column's error over the block's
+    later columns. ``W1``/``E1``/``keep1`` are the block transposed, ``[columns, rows]``."""
+    maxq = 2**bits - 1
+    for i in range(end - start):
+        column = start + i
+        group = group_of[column]
+        if not ready[group]:           # natural order: the group begins at this column
+            current = torch.cat([W1[i:].t(), W[:, end:]], 1)[:, :size]  # up-to-date columns
+            scale, zero = minmax_grid(current, bits, symmetric)
+            scales[:, group], zeros[:, group] = scale[:, 0], zero[:, 0]
+            ready[group] = True
+        w = W1[i]
+        scale, zero = scales[:, group], zeros[:, group]
+        q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+        if keep1 is not None:
+            q = torch.where(keep1[i], q, zero)
+        Q[:, column] = q
+        error = (w - (q - zero) * scale) / U1[i, i]
+        W1[i:].addr_(U1[i, i:], error, alpha=-1)
+        if keep1 is not None:
+            W1[i:] *= keep1[i:]
+        E1[i] = error
 
 
 # ------------------------------------------------------------------------------ handler
@@ -164,20 +192,18 @@ class GPTQHandler:
     ``solve`` run :func:`gptq_quantize`, put a ``QuantizedLinear`` in place and free the Hessian.
     Linears of a group that read the same input tensor (q/k/v, gate/up) share one Hessian."""
 
-    def __init__(self, model: nn.Module, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, log):
-        self.options, self.log = options, log
+    def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions):
+        self.options = options
         self.layers_path = layers_path
         self.selected = selected
         self.hessians: dict[str, list] = {}       # owner name -> [H, n]
         self.owner: dict[str, str] = {}           # linear name -> name whose Hessian it reads
         self._last: tuple | None = None           # (input tensor, owner) of the latest call
-        self.errors: dict[str, float] = {}
 
     def _full(self, index: int, name: str) -> str:
         return f"{self.layers_path}.{index}.{name}"
 
     def select(self, index, layer, names):
-        self._index = index
         return [n for n in names if self._full(index, n) in self.selected]
 
     def observe(self, name, module, args, kwargs, output):
@@ -191,14 +217,29 @@ class GPTQHandler:
         self._last = (x, name)
 
     def solve(self, index, layer, names):
+        """Quantize the group. Linears sharing a Hessian are stacked row-wise and quantized in
+        one call: GPTQ treats rows independently given H, so this is the same result with a
+        third of the column loop for q/k/v."""
         self._last = None
         o = self.options
+        by_owner: dict[str, list[str]] = {}
         for name in names:
-            module = get_module(layer, name)
-            H = self.hessians[self.owner[name]][0]
-            q, scales, zeros, g_idx = gptq_quantize(linear_weight(module), H, o.bits, o.group_size, o.symmetric,
-                                                    o.damp, o.block_size, o.act_order, get_mask(module))
-            replace_linear(layer, name, module, q, scales, zeros, o)
+            by_owner.setdefault(self.owner[name], []).append(name)
+        for owner, members in by_owner.items():
+            modules = [get_module(layer, n) for n in members]
+            weights = [linear_weight(m) for m in modules]
+            masks = [get_mask(m) for m in modules]
+            mask = None
+            if any(m is not None for m in masks):
+                mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m
+                                  for w, m in zip(weights, masks)])
+            q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self.hessians[owner][0], o.bits, o.group_size,
+                                                o.symmetric, o.damp, o.block_size, o.act_order, mask)
+            start = 0
+            for name, module, weight in zip(members, modules, weights):
+                rows = slice(start, start + weight.shape[0])
+                replace_linear(layer, name, module, q[rows], scales[rows], zeros[rows], o)
+                start += weight.shape[0]
         self.hessians.clear()
         self.owner.clear()
 
@@ -217,7 +258,7 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
     quantize_embedding(model, selection, options, context.log)
     prefix = architecture.layers + "."
     in_layers = {n: m for n, m in selection.linears.items() if n.startswith(prefix)}
-    handler = GPTQHandler(model, architecture.layers, in_layers, options, context.log)
+    handler = GPTQHandler(architecture.layers, in_layers, options)
     context.walk(model, handler, sequential=options.true_sequential, description="gptq")
     # Linears outside the decoder layers (an untied head) see no walked inputs: round them.
     for name, module in selection.linears.items():

@@ -36,10 +36,16 @@ def hessian(x: torch.Tensor) -> torch.Tensor:
 
 def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of ``(H + λI)⁻¹``, with ``λ = damp · mean(diag H)``."""
-    h = h.clone()
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+    mean = torch.mean(torch.diag(h))
+    for attempt in range(4):  # raise the damping tenfold if H is numerically not positive definite
+        try:
+            damped = h + damp * 10**attempt * mean * eye
+            hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+            return torch.linalg.cholesky(hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise torch.linalg.LinAlgError("the Hessian stays singular even with 1000x the damping")
 
 
 def _block_counts(rows: int, cols: int, block_size: int, sparsity: float) -> list[int]:

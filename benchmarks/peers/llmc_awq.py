@@ -1,0 +1,71 @@
+"""llm-compressor's AWQ (AWQModifier smoothing + QuantizationModifier, W4A16 asymmetric, group
+size 64) on the reference model, for benchmarks/bench_awq.py. Runs inside the llm-compressor
+venv (never imports pocketlm).
+
+Usage: <llmc-venv>/bin/python benchmarks/peers/llmc_awq.py MODEL_DIR WINDOWS.safetensors BITS GROUP [--patch]
+
+``--patch`` replaces ``IntermediatesCache.pin_memory`` with a no-op: llm-compressor 0.14 calls it
+unconditionally and it raises "Cannot access accelerator device when none is available" on a
+CPU-only machine. Pinning only speeds up host-to-device copies, so the no-op changes no result.
+Reads the calibration and evaluation token windows the main script saved, prints one JSON line.
+"""
+
+import json
+import math
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import QuantizationModifier
+from llmcompressor.modifiers.transform.awq import AWQModifier
+
+
+@torch.no_grad()
+def perplexity(model, evaluation, batch_size=4):
+    torch.manual_seed(0)
+    total, count = 0.0, 0
+    for start in range(0, evaluation.shape[0], batch_size):
+        batch = evaluation[start:start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                 reduction="sum").item()
+        count += batch[:, 1:].numel()
+    return math.exp(total / count)
+
+
+def main():
+    folder, windows_file, bits, group = sys.argv[1:5]
+    patch = "--patch" in sys.argv[5:]
+    if patch:
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    tensors = load_file(windows_file)
+    calibration, evaluation = tensors["calibration"], tensors["evaluation"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
+                                 "attention_mask": torch.ones_like(calibration).tolist()})
+    weights = {"num_bits": int(bits), "type": "int", "symmetric": False, "strategy": "group",
+               "group_size": int(group)}
+    recipe = [AWQModifier(duo_scaling=True, n_grid=20),
+              QuantizationModifier(ignore=["lm_head"], config_groups={
+                  "group_0": {"targets": ["Linear"], "weights": weights}})]
+    start = time.perf_counter()
+    oneshot(model=model, dataset=dataset, recipe=recipe, num_calibration_samples=calibration.shape[0],
+            max_seq_length=calibration.shape[1], shuffle_calibration_samples=False)
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, evaluation)
+    print("RESULT " + json.dumps({"method": "llmc-awq", "patched": patch, "bits": int(bits), "group_size": int(group),
+                                   "seconds": seconds, "perplexity": ppl}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,352 @@
+"""The ``gguf`` exporter: one llama.cpp ``.gguf`` file for a Llama-family model.
+
+* Quantized layers (:class:`pocketlm.weights.QuantizedLinear` / ``QuantizedEmbedding``) whose grid
+  fits a ggml block format are written exactly: a GPTQ, AWQ or RTN 4-bit grid with groups of 32
+  (or any multiple of 32) becomes Q4_0 (symmetric) or Q4_1 (asymmetric), an 8-bit symmetric grid
+  Q8_0 (see :mod:`pocketlm_gguf.blocks`). llama.cpp then runs the optimized weights themselves.
+* Grids that do not fit (act-order ``g_idx``, group sizes 32 does not divide, 8-bit asymmetric)
+  are re-quantized from their dequantized weights to the ``fallback`` format, with a notice in
+  the run log that says how much changed.
+* Dense linears are written in ``dtype`` (F16/F32), or quantized with llama.cpp's own
+  round-to-nearest when ``quantize`` is set; norms and biases stay F32.
+* q/k projection rows get llama.cpp's rotary permutation (``general.architecture = "llama"``);
+  Qwen2 (``"qwen2"``, NeoX rotary) keeps them as they are.
+* The tokenizer, the hyperparameters and provenance (``pocketlm.recipe``, ``pocketlm.versions``,
+  ``pocketlm.tensors``) go into the metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+import gguf
+import numpy as np
+import torch
+from pydantic import field_validator
+from torch import nn
+
+import pocketlm
+from pocketlm import Exporter, Options, PocketError
+from pocketlm.modules import matches
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
+
+from . import blocks
+from .tokenizer import vocab_from_tokenizer, write_vocab
+
+# config.model_type -> (general.architecture, rotary permutation of q/k rows)
+FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
+
+_FILE_TYPES = {
+    gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32,
+    gguf.GGMLQuantizationType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
+    gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
+    gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+class GGUFOptions(Options):
+    """Options of the ``gguf`` exporter.
+
+    * ``filename``: the file written inside the export folder.
+    * ``dtype``: ``"f16"`` or ``"f32"`` for dense (not quantized) matrices; norms and biases are
+      always F32.
+    * ``quantize``: ``"none"``, or llama.cpp's round-to-nearest ``"q8_0"``/``"q4_0"``/``"q4_1"`` for
+      the dense linears selected by ``targets``/``ignore`` (the token embedding and, by default,
+      ``lm_head`` stay in ``dtype``). Layers that are already quantized are never re-rounded.
+    * ``fallback``: the format for a quantized grid with no exact block form: ``"auto"`` (the
+      same size class: Q8_0 for 8 bits, Q4_0 for symmetric grids of 4 bits or fewer, Q4_1
+      otherwise), or one of ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"f16"``, ``"f32"``.
+    * ``name``: ``general.name`` (default: the model's name or path).
+    * ``tokenizer``: write the tokenizer (byte-level BPE) from the context into the metadata.
+    * ``tokenizer_pre``: llama.cpp's pre-tokenizer name (``tokenizer.ggml.pre``); guessed from
+      the tokenizer when unset.
+    """
+
+    filename: str = "model.gguf"
+    dtype: Literal["f16", "f32"] = "f16"
+    quantize: Literal["none", "q8_0", "q4_0", "q4_1"] = "none"
+    fallback: Literal["auto", "q8_0", "q4_0", "q4_1", "f16", "f32"] = "auto"
+    targets: list[str] = ["*"]
+    ignore: list[str] = ["lm_head"]
+    name: str | None = None
+    tokenizer: bool = True
+    tokenizer_pre: str | None = None
+
+    @field_validator("filename")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if not value.endswith(".gguf") or "/" in value or "\\" in value or value.startswith("."):
+            raise ValueError("filename must be a plain file name ending in .gguf, such as model.gguf")
+        return value
+
+
+# ----------------------------------------------------------------------------- check
+
+
+def _rope_theta(config) -> float:
+    parameters = getattr(config, "rope_parameters", None) or {}
+    theta = parameters.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def _rope_type(config) -> str:
+    parameters = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return parameters.get("rope_type", parameters.get("type", "default")) or "default"
+
+
+def check(model, options) -> list[str]:
+    """Problems that stop a GGUF export before anything is written."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        return [f"the gguf exporter writes Llama-family models ({', '.join(sorted(FAMILIES))}); this model is "
+                f"{model_type!r}. Export it with the 'hf' exporter and convert it with llama.cpp's "
+                "convert_hf_to_gguf.py instead"]
+    problems = []
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        return [f"this {model_type} model has no model.layers; the gguf exporter expects the transformers layout"]
+    if _rope_type(config) != "default":
+        problems.append(f"rotary scaling {_rope_type(config)!r} is not written by the gguf exporter (only plain RoPE)")
+    if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
+        problems.append("Llama models with attention_bias or mlp_bias are not written (transformers' GGUF loader "
+                        "cannot read the biases back)")
+    shapes = {_layer_shapes(layer) for layer in layers}
+    if len(shapes) > 1:
+        problems.append("the decoder layers differ in shape (width-pruned per layer); a GGUF file holds one "
+                        "feed-forward and head layout for every layer")
+    return problems
+
+
+def _layer_shapes(layer) -> tuple:
+    return tuple(linear_shape(m) for _, m in sorted(layer.named_modules()) if is_linear(m))
+
+
+# ---------------------------------------------------------------------------- tensors
+
+
+def _is_tied(model) -> bool:
+    """True where the head reads the token embedding's own storage (then only token_embd is written)."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head is None:
+        return True
+    if isinstance(embed, QuantizedEmbedding) and isinstance(head, QuantizedLinear):
+        return head.storage is embed.storage
+    head_weight, embed_weight = getattr(head, "weight", None), getattr(embed, "weight", None)
+    return head_weight is not None and embed_weight is not None and head_weight is embed_weight
+
+
+def _leaf_modules(model):
+    """``(name, module)`` for every module that owns tensors to write, storage-holders excluded."""
+    for name, module in model.named_modules():
+        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or is_linear(module) or isinstance(module, nn.Embedding):
+            yield name, module
+        elif type(module).__name__ == "_PackedGrid":
+            continue
+        elif any(True for _ in module.parameters(recurse=False)):
+            yield name, module
+
+
+class _Report:
+    """What happened to each matrix, for the notices and the ``pocketlm.tensors`` metadata key."""
+
+    def __init__(self):
+        self.kinds: Counter = Counter()
+        self.fallbacks: dict[str, list[tuple[str, float]]] = defaultdict(list)
+        self.unquantized: dict[str, list[str]] = defaultdict(list)
+
+    def fallback(self, reason: str, fmt: str, name: str, change: float) -> None:
+        self.fallbacks[f"{reason}; re-quantized from the dequantized weights to {fmt.upper()}"].append((name, change))
+
+    def notices(self) -> list[str]:
+        lines = []
+        for what, items in self.fallbacks.items():
+            worst = max(items, key=lambda item: item[1])
+            mean = sum(change for _, change in items) / len(items)
+            lines.append(f"gguf: {len(items)} layer(s): {what}; relative RMS change of the weights "
+                         f"{mean:.2%} on average, worst {worst[1]:.2%} ({worst[0]}). The exact optimized grid "
+                         "is lost for these layers.")
+        for what, names in self.unquantized.items():
+            lines.append(f"gguf: {len(names)} layer(s) not quantized: {what} ({', '.join(names[:3])}"
+                         f"{', ...' if len(names) > 3 else ''})")
+        return lines
+
+
+def _relative_change(before: torch.Tensor, packed: blocks.Packed, cols: int) -> float:
+    after = blocks.decode(packed, cols)
+    return float((after - before).norm() / before.norm().clamp_min(1e-12))
+
+
+def _matrix(name: str, module, options: GGUFOptions, report: _Report) -> blocks.Packed:
+    """The packed matrix of a linear or embedding module."""
+    if isinstance(module, (QuantizedLinear, QuantizedEmbedding)):
+        storage = module.storage
+        exact = blocks.exact_blocks(storage)
+        if not isinstance(exact, str):
+            report.kinds[f"{exact.qtype.name} exact"] += 1
+            return exact
+        fmt = blocks.closest_format(storage) if options.fallback == "auto" else options.fallback
+        if fmt == "f16" and options.fallback == "auto":
+            fmt = options.dtype
+        if fmt.startswith("q") and storage.cols % blocks.QK:
+            fmt = options.dtype
+        dense = storage.dequantize()
+        packed = blocks.encode(dense, fmt)
+        report.fallback(f"{storage.bits}-bit grid: {exact}", fmt, name, _relative_change(dense, packed, storage.cols))
+        report.kinds[f"{packed.qtype.name} re-quantized"] += 1
+        return packed
+    weight = (linear_weight(module) if is_linear(module) else module.weight).detach().float()
+    selected = (is_linear(module) and options.quantize != "none" and matches(name, options.targets)
+                and not matches(name, options.ignore))
+    if selected and weight.shape[-1] % blocks.QK:
+        report.unquantized[f"input width {weight.shape[-1]} is not a multiple of {blocks.QK}, so no "
+                           f"{options.quantize.upper()} blocks; kept in {options.dtype.upper()}"].append(name)
+        selected = False
+    packed = blocks.encode(weight, options.quantize if selected else options.dtype)
+    report.kinds[f"{packed.qtype.name} {'round-to-nearest' if selected else 'dense'}"] += 1
+    return packed
+
+
+def _tensors(model, options: GGUFOptions, report: _Report, architecture: str, permute: bool):
+    """``(gguf name, array, raw qtype or None)`` for every tensor of the file."""
+    config = model.config
+    layers = config.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if architecture == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                        layers)
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    tied = _is_tied(model)
+    head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
+    for name, module in _leaf_modules(model):
+        if tied and name == head_name:
+            continue
+        target = name_map.get_name(name)
+        if target is None:
+            raise PocketError(f"the gguf exporter does not know where module {name!r} goes in a GGUF file",
+                              fix="export with the 'hf' exporter instead")
+        if is_linear(module) or isinstance(module, (nn.Embedding, QuantizedEmbedding)):
+            packed = _matrix(name, module, options, report)
+            data = packed.data
+            if permute and target.endswith((".attn_q", ".attn_k")):
+                data = data[blocks.rope_permutation(data.shape[0], heads if target.endswith("attn_q") else kv_heads)]
+            yield target + ".weight", np.ascontiguousarray(data), packed.qtype
+            bias = getattr(module, "bias", None)
+            if bias is not None:
+                bias = bias.detach().float().numpy()
+                if permute and target.endswith((".attn_q", ".attn_k")):
+                    bias = bias[blocks.rope_permutation(bias.shape[0], heads if target.endswith("attn_q") else kv_heads)]
+                yield target + ".bias", np.ascontiguousarray(bias, dtype=np.float32), None
+            continue
+        for parameter_name, parameter in module.named_parameters(recurse=False):
+            yield f"{target}.{parameter_name}", parameter.detach().float().numpy().astype(np.float32), None
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def _versions(context) -> dict[str, str]:
+    versions = {"pocketlm": pocketlm.__version__}
+    plugins = getattr(context, "plugins", None)
+    if plugins is None:
+        from pocketlm.plugins import get_plugins
+
+        plugins = get_plugins()
+    for info in plugins.infos:
+        if not info.builtin and info.distribution:
+            versions[info.distribution] = info.version or "unknown"
+    return versions
+
+
+def _hyperparameters(writer: gguf.GGUFWriter, model) -> None:
+    config = model.config
+    layer = model.model.layers[0]
+    heads = config.num_attention_heads
+    kv_heads = config.num_key_value_heads or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    intermediate = layer.mlp.gate_proj.out_features if hasattr(layer.mlp.gate_proj, "out_features") else config.intermediate_size
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(intermediate))
+    writer.add_head_count(int(heads))
+    writer.add_head_count_kv(int(kv_heads))
+    writer.add_rope_freq_base(_rope_theta(config))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(model.get_input_embeddings().num_embeddings))
+    writer.add_rope_dimension_count(int(head_dim))
+    if head_dim * heads != config.hidden_size:
+        writer.add_key_length(int(head_dim))
+        writer.add_value_length(int(head_dim))
+
+
+def export_gguf(model, path, options: GGUFOptions, context) -> None:
+    problems = check(model, options)
+    if problems:
+        raise PocketError("cannot export to GGUF: " + "; ".join(problems))
+    log = context.log if context is not None else print
+    architecture, permute = FAMILIES[model.config.model_type]
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    report = _Report()
+    with torch.no_grad():
+        tensors = list(_tensors(model, options, report, architecture, permute))
+
+    writer = gguf.GGUFWriter(path / options.filename, architecture)
+    # (a general.name of exactly "mistral" would make transformers' loader look for a GGUF
+    # architecture gguf-py does not have, so the fallback name is never the bare family name)
+    name = options.name or getattr(model.config, "_name_or_path", None) or f"pocketlm-{model.config.model_type}"
+    writer.add_name(str(name))
+    _hyperparameters(writer, model)
+    matrix_types = Counter(qtype for _, data, qtype in tensors if qtype is not None and data.ndim == 2)
+    quantized = [t for t in matrix_types if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
+    dominant = max(quantized or matrix_types, key=lambda t: matrix_types[t])
+    writer.add_file_type(_FILE_TYPES[dominant])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    window = getattr(model.config, "sliding_window", None)
+    if window and getattr(model.config, "use_sliding_window", True) and window < model.config.max_position_embeddings:
+        log(f"gguf: the model's sliding window ({window} tokens) is not written; llama.cpp attends to the whole "
+            "context, which only differs on sequences longer than the window")
+    tokenizer = getattr(context, "tokenizer", None) if context is not None else None
+    if tokenizer is not None and options.tokenizer:
+        try:
+            vocab = vocab_from_tokenizer(tokenizer, model.get_input_embeddings().num_embeddings, options.tokenizer_pre)
+        except ValueError as error:
+            raise PocketError(f"cannot write the tokenizer into the GGUF file: {error}", field="export.tokenizer",
+                              fix="set the exporter option tokenizer = false to write the weights without it "
+                                  "(llama.cpp needs a tokenizer to run the file)") from error
+        write_vocab(writer, vocab)
+        for note in vocab.notes:
+            log("gguf: " + note)
+    else:
+        log("gguf: no tokenizer written; the file has no tokenizer.ggml.* metadata, which llama.cpp needs to run it")
+
+    recipe = getattr(context, "recipe", None) or {}
+    writer.add_string("pocketlm.recipe", json.dumps(recipe, default=str, sort_keys=True))
+    writer.add_string("pocketlm.versions", json.dumps(_versions(context), sort_keys=True))
+    writer.add_string("pocketlm.tensors", json.dumps(dict(sorted(report.kinds.items()))))
+
+    for tensor_name, data, qtype in tensors:
+        writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for line in report.notices():
+        log(line)
+    log(f"gguf: wrote {options.filename} ({(path / options.filename).stat().st_size / 1e6:.1f} MB; "
+        + ", ".join(f"{count} {kind}" for kind, count in sorted(report.kinds.items())) + ")")
+
+
+EXPORTER = Exporter(
+    name="gguf",
+    options=GGUFOptions,
+    export=export_gguf,
+    represents=frozenset({"dense", "masked", "quantized", "restructured"}),
+    check=check,
+    summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q4_0/Q4_1/Q8_0 from pocketlm grids, "
+            "F16/F32 or llama.cpp round-to-nearest for dense layers, tokenizer and provenance metadata",
+)

@@ -1,0 +1,130 @@
+"""``backend = "llmcompressor"``: run llm-compressor's GPTQModifier on the same model and the
+same calibration windows, in llm-compressor's own Python environment, and load its result back
+as pocketlm ``QuantizedLinear`` grids.
+
+llm-compressor is never a dependency of pocketlm: it pins its own transformers, so it lives in
+a separate venv (``bash benchmarks/peers/setup_llmcompressor.sh`` makes one) found through
+``POCKETLM_LLMCOMPRESSOR_PYTHON`` or ``benchmarks/.venvs/llmcompressor`` under the working
+directory or the pocketlm checkout. The worker (``llmc_worker.py``) runs as a subprocess.
+
+Differences from ``backend = "pocketlm"``: llm-compressor stores scales in the model's dtype
+(float32 here); pocketlm's grids hold float16 scales, so scales are rounded to float16 on load
+(the integer grid is kept exactly). It does not keep pruning masks, so a masked model is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from pocketlm import PocketError
+from pocketlm.builtins.export_hf import densify
+from pocketlm.modules import get_module
+from pocketlm.weights import get_mask, is_transposed, unpack
+
+from .rtn import quantize_embedding, replace_linear
+
+WORKER = Path(__file__).with_name("llmc_worker.py")
+ENV = "POCKETLM_LLMCOMPRESSOR_PYTHON"
+
+
+def _candidates() -> list[str]:
+    candidates = [os.environ[ENV]] if os.environ.get(ENV) else []
+    for root in (Path.cwd(), *Path(__file__).resolve().parents):
+        candidates.append(str(root / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
+    return candidates
+
+
+def find_peer_python() -> str:
+    """The Python of an environment where ``import llmcompressor`` works, or a PocketError."""
+    for python in _candidates():
+        if Path(python).exists():
+            check = subprocess.run([python, "-c", "import llmcompressor"], capture_output=True, text=True)
+            if check.returncode == 0:
+                return python
+    raise PocketError(
+        "backend = \"llmcompressor\" needs llm-compressor, which is not installed in any environment "
+        f"pocketlm can find (looked at ${ENV} and benchmarks/.venvs/llmcompressor)",
+        field="backend",
+        fix="create its own venv with `bash benchmarks/peers/setup_llmcompressor.sh` (or `python -m venv "
+        "VENV && VENV/bin/pip install llmcompressor==0.14.*`) and set "
+        f"{ENV}=VENV/bin/python; or use backend = \"pocketlm\"")
+
+
+def load_packed(tensors: dict, prefix: str, bits: int, symmetric: bool, in_features: int):
+    """compressed-tensors ``pack-quantized`` tensors of one linear as a pocketlm grid
+    ``(q, scales, zeros)``: packed signed values are stored offset by ``2**(bits-1)``, which is
+    pocketlm's unsigned grid; zero points likewise (packed along the output dimension)."""
+    offset = 2 ** (bits - 1)
+    packed = tensors[prefix + "weight_packed"]
+    q = unpack(packed, bits, in_features).to(torch.int32)
+    scales = tensors[prefix + "weight_scale"].float()
+    if symmetric or prefix + "weight_zero_point" not in tensors:
+        zeros = torch.full_like(scales, offset)
+    else:
+        zp = tensors[prefix + "weight_zero_point"]
+        if zp.dtype == torch.int32:  # packed along dim 0
+            zeros = unpack(zp.t().contiguous(), bits, q.shape[0]).t().float()
+        else:
+            zeros = zp.float() + offset
+    if prefix + "weight_g_idx" in tensors:
+        raise PocketError("llm-compressor returned a reordered grid (weight_g_idx)", exit_code=1,
+                          fix="use act_order = false or true (static), not group-wise activation order")
+    return q, scales, zeros
+
+
+def compress_with_llmcompressor(model, options, context, selection):
+    masked = [n for n, m in selection.linears.items() if get_mask(m) is not None]
+    if masked:
+        raise PocketError(f"llm-compressor's GPTQ does not keep pruning masks ({masked[0]} has one)",
+                          field="backend", fix="use backend = \"pocketlm\", which keeps pruned weights at zero")
+    conv = [n for n, m in selection.linears.items() if is_transposed(m)]
+    if conv:
+        raise PocketError(f"llm-compressor quantizes nn.Linear only; {conv[0]} is a Conv1D", field="backend",
+                          fix="use backend = \"pocketlm\"")
+    python = find_peer_python()
+    windows = context.calibration_windows()
+    with tempfile.TemporaryDirectory(prefix="pocketlm-llmc-") as work:
+        work = Path(work)
+        dense = densify(model)
+        if hasattr(dense.config, "quantization_config"):
+            del dense.config.quantization_config
+        dense.save_pretrained(work / "model")
+        del dense
+        if context.tokenizer is not None:
+            context.tokenizer.save_pretrained(work / "model")
+        save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
+        command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
+                   "--out", str(work / "out"), "--result", str(work / "result.json"),
+                   "--bits", str(options.bits), "--group-size", str(options.group_size),
+                   "--actorder", "static" if options.act_order else "none", "--damp", str(options.damp),
+                   "--block-size", str(options.block_size), "--threads", str(torch.get_num_threads()),
+                   "--targets", *[f"re:^{re.escape(n)}$" for n in selection.linears], "--ignore"]
+        if not options.symmetric:
+            command.append("--asymmetric")
+        context.log(f"gptq: running llm-compressor in {python}")
+        run = subprocess.run(command, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise PocketError(f"llm-compressor failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}",
+                              exit_code=1, fix="run with backend = \"pocketlm\", or check the llm-compressor venv")
+        result = json.loads((work / "result.json").read_text())
+        tensors = {}
+        for file in sorted((work / "out").glob("*.safetensors")):
+            tensors.update(load_file(str(file)))
+    worst = 0.0
+    for name, module in selection.linears.items():
+        q, scales, zeros = load_packed(tensors, name + ".", options.bits, options.symmetric, module.in_features)
+        rounded = scales.half().float()
+        worst = max(worst, float(((rounded - scales).abs() / scales.abs().clamp(min=1e-12)).max()))
+        replace_linear(model, name, get_module(model, name), q, rounded, zeros, options)
+    quantize_embedding(model, selection, options, context.log)
+    context.log(f"gptq (llm-compressor {result['llmcompressor']}): {len(selection.linears)} linears in "
+                f"{result['seconds']:.1f} s; float16 scales differ from its float32 ones by at most {worst:.1e} (relative)")
+    return model

@@ -1,0 +1,162 @@
+"""rtn and gptq as stages on tiny random models of every family the walker covers."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+import pocketlm
+from pocketlm.plugins import get_plugins
+from pocketlm.testing.models import tiny_model
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask, is_linear, linear_weight, set_mask
+from pocketlm_gptq.common import effect
+from pocketlm_gptq.gptq import GPTQOptions, compress_gptq, plan as gptq_plan
+from pocketlm_gptq.rtn import RTNOptions, compress_rtn, plan as rtn_plan
+
+from conftest import capture_linear_inputs, reconstruction_error
+
+
+def test_plugin_registers_methods_and_exporters():
+    plugins = get_plugins()
+    assert not [p for p in plugins.problems if "gptq" in (p.name + str(p.distribution))]
+    assert {"rtn", "gptq"} <= set(plugins.methods)
+    assert {"gptq", "compressed-tensors"} <= set(plugins.exporters)
+    method = plugins.methods["gptq"]
+    assert method.needs_calibration and method.exclusive and method.phase == pocketlm.PHASE_QUANTIZE
+    assert plugins.methods["rtn"].kind == "quantize"
+
+
+@pytest.mark.parametrize("family,bits", [("llama", 4), ("llama", 3), ("qwen2", 4), ("gpt2", 4), ("opt", 4)])
+def test_gptq_reconstructs_layers_better_than_rtn(family, bits, windows, context):
+    original = tiny_model(family, outliers=True)
+    inputs = capture_linear_inputs(original, windows)
+    options = dict(bits=bits, group_size=32)
+    rtn_model = compress_rtn(copy.deepcopy(original), RTNOptions(**options), context)
+    gptq_model = compress_gptq(copy.deepcopy(original), GPTQOptions(**options), context)
+    quantized = [n for n, m in gptq_model.named_modules() if isinstance(m, QuantizedLinear)]
+    expected = [n for n, m in original.named_modules() if is_linear(m) and n != "lm_head"]
+    assert sorted(quantized) == sorted(expected)
+    assert isinstance(gptq_model.get_submodule("lm_head"), torch.nn.Linear)  # ignored by default
+    rtn_error = reconstruction_error(original, rtn_model, inputs)
+    gptq_error = reconstruction_error(original, gptq_model, inputs)
+    assert gptq_error < 0.9 * rtn_error, (gptq_error, rtn_error)
+
+
+def test_act_order_and_per_channel_run_and_keep_plain_groups(windows, context):
+    original = tiny_model("llama", outliers=True)
+    inputs = capture_linear_inputs(original, windows)
+    rtn_error = reconstruction_error(original, compress_rtn(copy.deepcopy(original), RTNOptions(bits=4, group_size=-1), context), inputs)
+    for options in (GPTQOptions(bits=4, group_size=32, act_order=True),
+                    GPTQOptions(bits=4, group_size=-1, act_order=True, true_sequential=False)):
+        model = compress_gptq(copy.deepcopy(original), options, context)
+        layer = model.model.layers[0].self_attn.q_proj
+        assert layer.storage.g_idx is None and layer.group_size == options.group_size
+        assert reconstruction_error(original, model, inputs) < rtn_error
+
+
+def test_gptq_keeps_pruning_masks(windows, context):
+    model = tiny_model("llama")
+    generator = torch.Generator().manual_seed(0)
+    for name, module in list(model.named_modules()):
+        if is_linear(module) and name != "lm_head":
+            set_mask(module, torch.rand(linear_weight(module).shape, generator=generator) > 0.5)
+    compress_gptq(model, GPTQOptions(bits=4, group_size=32, symmetric=False, act_order=True), context)
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, QuantizedLinear):
+            mask = get_mask(module)
+            assert mask is not None, name
+            weight = module.dequantize()
+            assert int((weight[~mask] != 0).sum()) == 0, name
+            checked += 1
+    assert checked == 14
+
+
+def test_rtn_keeps_pruning_masks(context):
+    model = tiny_model("opt")
+    module = model.model.decoder.layers[0].fc1
+    mask = torch.rand(linear_weight(module).shape, generator=torch.Generator().manual_seed(0)) > 0.3
+    set_mask(module, mask)
+    compress_rtn(model, RTNOptions(bits=3, group_size=32), context)
+    quantized = model.model.decoder.layers[0].fc1
+    assert isinstance(quantized, QuantizedLinear) and torch.equal(get_mask(quantized), mask)
+    assert int((quantized.dequantize()[~mask] != 0).sum()) == 0
+
+
+def test_targets_and_ignore(context):
+    model = compress_rtn(tiny_model("llama"), RTNOptions(targets=["*.q_proj", "*.k_proj"], ignore=["*.layers.1.*"]), context)
+    quantized = sorted(n for n, m in model.named_modules() if isinstance(m, QuantizedLinear))
+    assert quantized == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
+
+
+@pytest.mark.parametrize("options,field", [
+    ({"bits": 5}, "bits"), ({"group_size": 48}, "group_size"), ({"damp": 0.0}, "damp"),
+    ({"block_size": 0}, "block_size"), ({"targets": []}, "targets"), ({"bogus": 1}, "bogus"),
+    ({"backend": "autogptq"}, "backend"),
+])
+def test_bad_options_are_rejected(options, field):
+    with pytest.raises(ValidationError, match=field):
+        GPTQOptions(**options)
+
+
+def test_group_size_that_does_not_divide_is_refused_up_front(context):
+    model = tiny_model("llama")  # hidden 64: 128 does not divide it
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(pocketlm.PocketError) as error:
+        compress_gptq(model, GPTQOptions(group_size=128), context)
+    assert error.value.field == "group_size"
+    assert "q_proj" in str(error.value) and "-1, 32, 64" in error.value.fix
+    assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing changed
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_partial_group_allowed_when_asked(context):
+    model = compress_rtn(tiny_model("llama"), RTNOptions(group_size=128, allow_partial_group=True), context)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert layer.storage.scales.shape == (64, 1)  # one short group of 64 columns
+    down = model.model.layers[0].mlp.down_proj  # in = 128: one whole group
+    assert down.storage.scales.shape == (64, 1)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_embedding_is_quantized_once_for_both_uses(method, windows, context):
+    model = tiny_model("llama")
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    with torch.no_grad():
+        reference = model(input_ids=windows).logits
+    options = dict(bits=8, group_size=-1, targets=["embed"])
+    if method == "rtn":
+        compress_rtn(model, RTNOptions(**options), context)
+    else:
+        compress_gptq(model, GPTQOptions(**{**options, "targets": ["*"], "ignore": []}), context)
+    embed, head = model.model.embed_tokens, model.lm_head
+    assert isinstance(embed, QuantizedEmbedding) and isinstance(head, QuantizedLinear)
+    assert head.storage is embed.storage
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits
+    if method == "rtn":  # 8-bit per row: close to the float model
+        assert (logits - reference).abs().max() < 0.05 * reference.abs().max()
+        assert not any(isinstance(m, QuantizedLinear) for n, m in model.named_modules() if "layers" in n)
+
+
+def test_untied_head_can_be_targeted(context):
+    model = compress_rtn(tiny_model("gpt2"), RTNOptions(bits=8, group_size=-1, targets=["lm_head"]), context)
+    assert isinstance(model.lm_head, QuantizedLinear)
+    assert not isinstance(model.transformer.wte, QuantizedEmbedding)  # gpt2's tiny model is untied
+
+
+def test_effect_and_plan():
+    e = effect(GPTQOptions(bits=4, group_size=64))
+    assert e.bits == pytest.approx(4.5) and e.covers == "decoder" and e.features == frozenset({"quantized"})
+    assert effect(RTNOptions(bits=8, group_size=-1)).bits == 8
+    assert effect(RTNOptions(bits=8, targets=["embed"])).covers == "embedding"
+    assert effect(RTNOptions(bits=8, targets=["*"], ignore=[])).covers == "all"
+    for plan, options in ((rtn_plan, RTNOptions), (gptq_plan, GPTQOptions)):
+        sets = plan(None)
+        assert len(sets) >= 3
+        for option_set in sets:
+            options(**option_set)  # every proposed set validates

@@ -1,0 +1,50 @@
+"""pocketlm-prune: pruning methods for pocketlm.
+
+* ``magnitude``, ``wanda``, ``sparsegpt``: unstructured or N:M (2:4, 4:8) sparsity, recorded as
+  masks (:func:`pocketlm.weights.set_mask`) that later stages keep;
+* ``prune-width``: removes MLP channels and attention heads (GQA groups) physically;
+* ``prune-depth``: removes whole decoder layers.
+"""
+
+from __future__ import annotations
+
+from pocketlm import PHASE_RESTRUCTURE, PHASE_SPARSIFY, Method, hookimpl
+
+from . import depth, magnitude, sparsegpt, wanda, width
+from .common import prune_effect
+
+__version__ = "0.1.0"
+POCKETLM_API = ">=1.0,<2"
+
+_NOT_AFTER = frozenset({"quantize"})
+
+
+def methods() -> list[Method]:
+    return [
+        Method(name="magnitude", kind="prune", options=magnitude.MagnitudeOptions, compress=magnitude.compress,
+               summary="zero the smallest weights (per layer or global; unstructured or N:M)",
+               needs_calibration=False, effect=prune_effect, phase=PHASE_SPARSIFY, not_after=_NOT_AFTER,
+               plan=magnitude.plan),
+        Method(name="wanda", kind="prune", options=wanda.WandaOptions, compress=wanda.compress,
+               summary="Wanda: prune by |W|·‖X‖ within each output row (unstructured or N:M)",
+               needs_calibration=True, effect=prune_effect, phase=PHASE_SPARSIFY, not_after=_NOT_AFTER,
+               plan=wanda.plan),
+        Method(name="sparsegpt", kind="prune", options=sparsegpt.SparseGPTOptions, compress=sparsegpt.compress,
+               summary="SparseGPT: Hessian-based pruning with weight reconstruction (unstructured or N:M)",
+               needs_calibration=True, effect=prune_effect, phase=PHASE_SPARSIFY, not_after=_NOT_AFTER,
+               plan=sparsegpt.plan),
+        Method(name="prune-width", kind="prune", options=width.WidthOptions, compress=width.compress,
+               summary="remove MLP channels and attention head groups by activation importance (Minitron)",
+               needs_calibration=True, effect=width.effect, phase=PHASE_RESTRUCTURE, not_after=_NOT_AFTER,
+               plan=width.plan),
+        Method(name="prune-depth", kind="prune", options=depth.DepthOptions, compress=depth.compress,
+               summary="remove whole decoder layers by block influence or perplexity change",
+               needs_calibration=True, effect=depth.effect, phase=PHASE_RESTRUCTURE, not_after=_NOT_AFTER,
+               plan=depth.plan),
+    ]
+
+
+@hookimpl
+def register_methods(register):
+    for method in methods():
+        register(method)
