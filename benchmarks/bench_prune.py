@@ -112,6 +112,29 @@ def structured_extra(evaluation):
     return measure
 
 
+def speed_job(calibration, evaluation, log, rounds: int = 3):
+    """Baseline, width- and depth-pruned models timed in alternation (A B C A B C ...) in one
+    process, so that load from other processes on a shared machine hits all three alike."""
+    plugins = get_plugins()
+    models = {"baseline": common.load_reference()[0]}
+    for method, options in (("prune-width", {"mlp_ratio": 0.25}), ("prune-depth", {"layers": 4})):
+        model = common.load_reference()[0]
+        plugins.methods[method].compress(model, plugins.methods[method].options(**options),
+                                         make_context(calibration, plugins=plugins))
+        models[f"{method} {json.dumps(options)}"] = model
+    forward = {name: float("inf") for name in models}
+    generate = {name: 0.0 for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            forward[name] = min(forward[name], forward_latency(model, evaluation[:1], repeats=1))
+            generate[name] = max(generate[name], generation_speed(model, evaluation[:1, :32], repeats=1))
+    for name, model in models.items():
+        log({"method": "speed", "model": name, "parameters": unique_parameters(model),
+             "forward_s": forward[name], "gen_tokens_per_s": generate[name],
+             "forward_speedup": forward["baseline"] / forward[name],
+             "gen_speedup": generate[name] / generate["baseline"]})
+
+
 JOBS = ["sparsegpt-50", "baseline-speed", "width", "depth", "wanda-50", "sparsegpt-2:4", "wanda-2:4",
         "magnitude-50", "magnitude-2:4", "llmc-sparsegpt-50", "llmc-wanda-50", "llmc-sparsegpt-2:4",
         "llmc-wanda-2:4", "baseline-ppl"]
@@ -123,11 +146,13 @@ def report(path: Path) -> str:
     for line in Path(path).read_text().splitlines():
         row = json.loads(line)
         key = (row["method"], json.dumps(row.get("options", row.get("mask"))), "forward_s" in row)
+        if row["method"] == "speed":
+            key = ("speed", row["model"], False)
         rows[key] = {**rows.get(key, {}), **row}
     base_ppl = next((r["perplexity"] for (m, _, _), r in rows.items() if m == "baseline" and "perplexity" in r), None)
     lines = ["| method | setting | perplexity | seconds | sparsity |", "| --- | --- | --- | --- | --- |"]
     for (method, _, speed), r in rows.items():
-        if speed or method in ("baseline", "prune-width", "prune-depth"):
+        if speed or method in ("baseline", "prune-width", "prune-depth", "speed"):
             continue
         setting = r.get("options") or {"mask": r.get("mask")}
         setting = setting.get("pattern") or setting.get("mask") or f"{setting.get('sparsity', 0.5):.0%}"
@@ -149,6 +174,14 @@ def report(path: Path) -> str:
         label = method if method == "baseline" else f"{method} {json.dumps(r['options'])}"
         lines.append(f"| {label} | {ppl} | {r['parameters'] / 1e6:.1f} M | {r['forward_s']:.3f} | {fwd:.2f}x | "
                      f"{r['gen_tokens_per_s']:.1f} | {gen:.2f}x | {r.get('reload_max_logit_diff', 0):.1e} |")
+    timed = [r for (m, _, _), r in rows.items() if m == "speed"]
+    if timed:
+        lines += ["", "Alternating timing (`--jobs speed`: the three models timed in turn, best of 3 rounds):", "",
+                  "| model | parameters | forward 1x512 (s) | speed-up | generation tok/s | speed-up |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for r in timed:
+            lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} M | {r['forward_s']:.3f} | "
+                         f"{r['forward_speedup']:.2f}x | {r['gen_tokens_per_s']:.1f} | {r['gen_speedup']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -187,6 +220,8 @@ def main():
             else:
                 row["perplexity"] = common.perplexity(model, evaluation)
             log(row)
+        elif job == "speed":
+            speed_job(calibration, evaluation, log)
         elif job == "width":
             run_ours("prune-width", {"mlp_ratio": 0.25}, calibration, evaluation, log, structured_extra(evaluation))
         elif job == "depth":

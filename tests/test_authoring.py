@@ -223,11 +223,7 @@ MUST_CHOOSE = {
     "distill": "give a training budget: exactly one of steps and tokens",
 }
 # Genuine limitations, reported to the maintainers (strict: an xfail that starts passing fails).
-KNOWN = {
-    ("awq", "ignore"): "AWQ folds its equivalent scales into every linear of a smoothing group, including "
-                       "an ignored one (the ignored layer stays dense and the function is preserved, but its "
-                       "weights change)",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 def _method(case: str) -> str:

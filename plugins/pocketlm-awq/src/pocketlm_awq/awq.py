@@ -422,6 +422,14 @@ class AWQHandler:
                         f"writes {width} channels but they read {sorted(in_widths)} (grouped-query "
                         "attention or another width change); these linears are quantized without a scale")
                 continue
+            if len(pair.targeted) != len(smooth.linears):
+                # Folding rescales every linear of the pair; an ignored one must stay untouched.
+                key = (smooth.prev, smooth.linears, "ignored")
+                if key not in self.skipped_logged:
+                    self.skipped_logged.add(key)
+                    self.context.log(f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: some of "
+                                     "them are ignored; the targeted ones are quantized without a scale")
+                continue
             stats = self.stats[smooth.linears[0]]
             x_mean = stats.abs_sum / stats.count
             targeted = [get_module(layer, n) for n in pair.targeted]
