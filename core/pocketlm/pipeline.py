@@ -35,7 +35,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
 from .errors import PocketError
-from .recipe import Recipe
+from .recipe import Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
 
@@ -234,19 +234,35 @@ class Run:
         self.log(f"stage {index + 1} ({stage.method}) finished in {seconds:.1f} s")
         return model
 
+    def _choose_exporter(self, model):
+        """For ``format = "auto"``: the exporter that can represent what the stages produced,
+        packs the most of it, and whose check accepts this model (``hf`` when none packs)."""
+        features = {f for stage in self.recipe.stages
+                    for f in self.plugins.methods[stage.method].effect(stage.options).features}
+        for exporter in rank_exporters(self.plugins.exporters, features):
+            options = exporter.options()
+            if exporter.check is None or not exporter.check(model, options):
+                return exporter, options
+        raise PocketError("no installed export format can write this model", field="export.format",
+                          fix="install an exporter plugin, or change the stages")
+
     def _export(self, model, tokenizer) -> Path:
         section = self.recipe.file.export
-        exporter = self.plugins.exporters[section.format]
+        if section.format == "auto":
+            exporter, export_options = self._choose_exporter(model)
+            self.log(f"export format auto: chose {exporter.name!r}")
+        else:
+            exporter, export_options = self.plugins.exporters[section.format], self.recipe.export_options
         target = Path(section.path)
         target = target if target.is_absolute() else self.run_dir / target
         if exporter.check is not None:
-            problems = exporter.check(model, self.recipe.export_options)
+            problems = exporter.check(model, export_options)
             if problems:
                 raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
                                   field="export.format", fix="choose another format, or change the stages")
-        self.log(f"exporting ({section.format}) to {target}")
-        with atomic.folder(target) as tmp, self.progress.task(f"export ({section.format})", None):
-            self.plugins.hook.export(model=model, exporter=exporter, options=self.recipe.export_options, path=tmp,
+        self.log(f"exporting ({exporter.name}) to {target}")
+        with atomic.folder(target) as tmp, self.progress.task(f"export ({exporter.name})", None):
+            self.plugins.hook.export(model=model, exporter=exporter, options=export_options, path=tmp,
                                      context=self._context(tokenizer, export_path=target))
         return target
 

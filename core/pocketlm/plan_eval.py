@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from . import atomic
-from .planner import Candidate, PlanBudget, choose_exporter, to_toml
+from .planner import Candidate, PlanBudget, to_toml
 from .errors import PocketError
 from .recipe import parse_recipe
 
@@ -57,7 +57,7 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
     points = []
     baseline = None
     for number, candidate in enumerate(candidates, 1):
-        export_format = choose_exporter(plugins, candidate)
+        export_format = "auto"  # the pipeline picks the packing format whose check accepts the model
         recipe_data = candidate.recipe(model, export_format)
         recipe_data["evaluate"]["before"] = baseline is None  # the baseline is measured once
         text = to_toml(recipe_data)
@@ -70,7 +70,9 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
         except PocketError as exc:  # a format check the estimate could not foresee
             console.print(f"  skipped: {exc}")
             continue
-        points.append({"label": candidate.label, "recipe": text, "export": export_format,
+        chosen_format = next((line.split("'")[1] for line in (out_dir / f"candidate-{number}" / "run.log").read_text().splitlines()
+                              if "export format auto: chose" in line), export_format)
+        points.append({"label": candidate.label, "recipe": text, "export": chosen_format,
                        "size_mb": report["after"]["size_mb"], "perplexity": report["after"]["perplexity"],
                        "baseline_perplexity": (report["before"] or {}).get("perplexity", baseline),
                        "seconds": sum(s["seconds"] for s in report["stages"]),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .components import Method, SizeEffect
-from .recipe import combination_problems
+from .recipe import combination_problems, rank_exporters
 
 DEFAULT_MODEL = "demo:smollm2-135m"
 
@@ -88,17 +88,8 @@ class Candidate:
 
 
 def choose_exporter(plugins, candidate: "Candidate") -> str:
-    """The exporter that can represent the candidate and packs the most of what it produces
-    (the dense ``hf`` folder when nothing packs better); ties go to the name."""
-    features = candidate.features()
-    best = ("hf", -1)
-    for name, exporter in sorted(plugins.exporters.items()):
-        if features - {"dense"} - set(exporter.represents):
-            continue
-        packed = len(features & set(exporter.packs))
-        if packed > best[1] or (packed == best[1] and name == "hf"):
-            best = (name, packed)
-    return best[0]
+    """The format a candidate would be exported in, before its model exists to check."""
+    return rank_exporters(plugins.exporters, candidate.features())[0].name
 
 
 def _stage_label(method: Method, options: dict) -> str:
@@ -130,7 +121,7 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
         if method.plan is None:
             continue
         for options in method.plan(budget):
-            proposals.append((method, dict(options)))
+            proposals.append((method, {k: v for k, v in options.items() if k != "default"}))
     export = plugins.exporters.get(exporter)
     found: list[Candidate] = []
     for count in range(1, max_stages + 1):
@@ -223,7 +214,7 @@ def to_toml(recipe: dict) -> str:
 
 def default_recipe_text(plugins, model: str = DEFAULT_MODEL) -> str:
     candidate = default_candidate(plugins)
-    recipe = candidate.recipe(model) if candidate else {
+    recipe = candidate.recipe(model, "auto") if candidate else {
         "model": {"source": model}, "evaluate": {"metrics": ["perplexity", "size"]},
         "export": {"format": "hf", "path": "export"}}
     return to_toml(recipe)

@@ -28,7 +28,7 @@ from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import registry
-from .components import Method
+from .components import Method, NoOptions
 from .data import DEFAULT_CALIBRATION_TEXT, resolve_text
 from .errors import PocketError
 
@@ -246,7 +246,17 @@ def _validate_evaluate(section: EvaluateSection, plugins, locate) -> dict[str, A
     return validated
 
 
+AUTO_FORMAT = "auto"
+
+
 def _validate_export(section: ExportSection, plugins, locate):
+    if section.format == AUTO_FORMAT:  # chosen at export time: see pipeline.Run._choose_exporter
+        extra = dict(section.model_extra or {})
+        if extra:
+            raise PocketError(f"format \"auto\" takes no exporter options, got {', '.join(extra)}", file=locate.file,
+                              line=locate(("export", next(iter(extra)))), field=f"export.{next(iter(extra))}",
+                              fix="name a format to pass it options, or remove them")
+        return NoOptions()
     exporter = plugins.exporters.get(section.format)
     if exporter is None:
         entry = registry.provider_of("exporters", section.format)
@@ -331,6 +341,13 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
             problems.append((None, f"export format {exporter.name!r} cannot represent {', '.join(sorted(missing))} "
                                    f"weights that the stages produce"))
     return problems
+
+
+def rank_exporters(exporters: dict, features: set[str]) -> list:
+    """Exporters that can represent ``features``: those that pack most of them first, then the
+    dense ``hf`` folder, then by name. Used by ``format = "auto"`` and by the planner."""
+    fitting = [e for e in exporters.values() if not (set(features) - {"dense"} - set(e.represents))]
+    return sorted(fitting, key=lambda e: (-len(set(features) & set(e.packs)), e.name != "hf", e.name))
 
 
 def _check_combination(recipe: Recipe, plugins, locate) -> None:

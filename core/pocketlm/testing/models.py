@@ -62,9 +62,7 @@ def tiny_model(family: str = "llama", *, seed: int = 0, outliers: bool = False, 
             for name, module in model.named_modules():
                 weight = getattr(module, "weight", None)
                 if weight is not None and weight.dim() == 1 and weight.shape[0] == hidden and "norm" in type(module).__name__.lower():
-                    weight[channels] *= 20
-                if weight is not None and ("LayerNorm" == type(module).__name__) and weight.shape[0] == hidden:
-                    weight[channels] *= 20
+                    weight[channels] *= 20  # RMSNorm and LayerNorm alike, once
     return model.eval()
 
 

@@ -28,5 +28,6 @@ def register_methods(register):
 def register_exporters(register):
     register(Exporter(
         name="awq", options=export_awq.AWQExportOptions, export=export_awq.export_awq,
-        represents=frozenset({"quantized", "dense", "masked"}), check=export_awq.check,
+        represents=frozenset({"quantized", "dense", "masked", "restructured"}), packs=frozenset({"quantized"}),
+        check=export_awq.check,
         summary="AutoAWQ GEMM checkpoint (4-bit, grouped) for transformers, vLLM and GPTQModel"))

@@ -36,12 +36,13 @@ def register_exporters(register):
 
     register(Exporter(
         name="gptq", options=export_gptq.GPTQExportOptions, export=export_gptq.export_gptq,
-        represents=frozenset({"dense", "quantized", "masked"}), check=export_gptq.check_gptq,
+        represents=frozenset({"dense", "quantized", "masked", "restructured"}), packs=frozenset({"quantized"}),
+        check=export_gptq.check_gptq,
         summary="GPTQ checkpoint (qweight/qzeros/scales/g_idx) for transformers+gptqmodel, GPTQModel, vLLM"))
     register(Exporter(
         name="compressed-tensors", options=export_compressed_tensors.CTExportOptions,
         export=export_compressed_tensors.export_compressed_tensors,
-        represents=frozenset({"dense", "quantized", "masked"}),
+        represents=frozenset({"dense", "quantized", "masked", "restructured"}), packs=frozenset({"quantized"}),
         check=export_compressed_tensors.check_compressed_tensors,
         summary="compressed-tensors pack-quantized checkpoint for transformers and vLLM"))
 

@@ -279,5 +279,5 @@ def plan(budget=None) -> list[dict]:
     return [
         {"bits": 4, "group_size": 64},
         {"bits": 3, "group_size": 64},
-        {"bits": 8, "group_size": -1},
+        {"bits": 8, "group_size": -1, "default": True},  # near lossless: the default hybrid's decoder step
     ]

@@ -121,5 +121,5 @@ def plan(budget=None) -> list[dict]:
         {"bits": 8, "group_size": -1},
         {"bits": 4, "group_size": 64},
         {"bits": 3, "group_size": 64},
-        {"bits": 8, "group_size": -1, "targets": ["embed"], "ignore": []},
+        {"bits": 8, "group_size": -1, "targets": ["embed"], "ignore": [], "default": True},
     ]
