@@ -271,7 +271,8 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
             proposals = method.plan(None)
             for proposal in proposals:
                 try:
-                    cls(**proposal)
+                    # "default" marks a proposal for the default hybrid; it is not an option
+                    cls(**{k: v for k, v in proposal.items() if k != "default"})
                 except ValidationError as exc:
                     problems.append(f"plan proposes {proposal}, which does not validate: {exc.errors()[0]['msg']}")
         except Exception as exc:  # noqa: BLE001

@@ -158,5 +158,6 @@ def test_effect_and_plan():
     for plan, options in ((rtn_plan, RTNOptions), (gptq_plan, GPTQOptions)):
         sets = plan(None)
         assert len(sets) >= 3
-        for option_set in sets:
-            options(**option_set)  # every proposed set validates
+        for option_set in sets:  # every proposed set validates ("default" marks the default hybrid)
+            options(**{k: v for k, v in option_set.items() if k != "default"})
+        assert sum(bool(option_set.get("default")) for option_set in sets) == 1
