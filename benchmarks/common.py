@@ -9,15 +9,17 @@
 from __future__ import annotations
 
 import json
-import math
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from pocketlm import data
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+import _protocol  # noqa: E402
 from pocketlm.builtins.loaders import demo_folder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,17 +63,7 @@ def windows(tokenizer, protocol: str = "quick") -> tuple[torch.Tensor, torch.Ten
     return evaluation, calibration
 
 
-@torch.no_grad()
-def perplexity(model, evaluation: torch.Tensor, batch_size: int = 4) -> float:
-    torch.manual_seed(0)
-    total, count = 0.0, 0
-    for start in range(0, evaluation.shape[0], batch_size):
-        batch = evaluation[start:start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+perplexity = _protocol.perplexity  # one implementation for pocketlm and the peers
 
 
 def peak_rss_mb() -> float:

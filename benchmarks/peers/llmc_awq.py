@@ -11,12 +11,10 @@ Reads the calibration and evaluation token windows the main script saved, prints
 """
 
 import json
-import math
 import sys
 import time
 
 import torch
-import torch.nn.functional as F
 from datasets import Dataset
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -26,17 +24,7 @@ from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 
 
-@torch.no_grad()
-def perplexity(model, evaluation, batch_size=4):
-    torch.manual_seed(0)
-    total, count = 0.0, 0
-    for start in range(0, evaluation.shape[0], batch_size):
-        batch = evaluation[start:start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        total += F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                                 reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(total / count)
+from _protocol import perplexity  # noqa: E402  (same code as benchmarks/common.py)
 
 
 def main():
