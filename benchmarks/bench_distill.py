@@ -96,6 +96,10 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.25)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--kd-ce-weight", type=float, default=0.0,
+                        help="weight of the label cross-entropy in the KD run (Hinton et al. mix soft and "
+                             "hard targets; 0 = logits KL only)")
+    parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--steps", type=int, default=None, help="skip the probe and use this many steps")
     parser.add_argument("--ce-equal-time", action="store_true", help="also run CE for the KD wall time")
     parser.add_argument("--out", type=Path, default=common.ROOT / "benchmarks" / "results" / "distill")
@@ -158,13 +162,15 @@ def main() -> None:
     tokens = steps * args.batch_size * common.SEQ_LEN
 
     results = {}
-    for name, extra in (("KD", dict(kl_weight=1.0, ce_weight=0.0)), ("CE", dict(kl_weight=0.0, ce_weight=1.0))):
+    kd = dict(kl_weight=1.0, ce_weight=args.kd_ce_weight, temperature=args.temperature)
+    kd_name = "KD" if not args.kd_ce_weight else f"KD (KL + {args.kd_ce_weight:g} CE)"
+    for name, extra in ((kd_name, kd), ("CE", dict(kl_weight=0.0, ce_weight=1.0))):
         model.load_state_dict(pruned_state)
         seconds, history = run_distill(model, teacher, tokenizer, calibration, text, args.out / name,
                                        steps=steps, **train, **extra)
         ppl = common.perplexity(model, evaluation)
-        results[name] = seconds
-        record({"model": f"pruned + {name}", "perplexity": ppl, "steps": steps, "tokens": tokens,
+        results["CE" if name == "CE" else "KD"] = seconds
+        record({"model": f"pruned + {name}", "perplexity": ppl, "steps": steps, "tokens": tokens, **extra,
                 "budget_s": args.budget_s,
                 "train_s": seconds, "first_loss": float(history[0]["loss"]), "last_loss": float(history[-1]["loss"]),
                 "retention": base_ppl / ppl, "recovered": (pruned_ppl - ppl) / (pruned_ppl - base_ppl), **train})

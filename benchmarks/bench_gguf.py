@@ -9,7 +9,7 @@ Parts (each appends one JSON row to benchmarks/results/gguf.jsonl):
 * ``baseline``: the float32 reference model, in memory.
 * ``rtn-llamacpp``: the dense model exported with ``quantize="q4_0"`` (llama.cpp's reference
   round-to-nearest, gguf-py's bit-exact port of ``quantize_row_q4_0_ref``).
-* ``gptq``: pocketlm-gptq's ``gptq`` method, W4 group 32 symmetric (no act-order), exported
+* ``gptq``: pocketlm-gptq's ``gptq`` method, W4 group 32 symmetric (act-order, its default), exported
   exactly as Q4_0; every matrix read back from the file is compared with the in-memory grid
   (and, with ``--in-memory``, the in-memory perplexity is measured too).
 * ``rtn-pocketlm``: pocketlm-gptq's ``rtn`` method with the same grid, exported exactly as Q4_0.
@@ -150,7 +150,7 @@ def run(part: str, out: Path, llama_python: str | None, in_memory: bool) -> dict
         context.logger = log
         with common.Timer() as timer, torch.no_grad():
             method.compress(model, options, context)
-        row.update(method=f"pocketlm {name} W4 g32 symmetric", options=options.model_dump(),
+        row.update(method=f"pocketlm {name} W4 g32 symmetric" + (" act-order" if getattr(options, "act_order", False) else ""), options=options.model_dump(),
                    compress_seconds=round(timer.seconds, 1))
         if in_memory:
             row["in_memory_perplexity"] = round(common.perplexity(model, evaluation), 3)

@@ -1,11 +1,12 @@
 """Benchmark pocketlm-gptq on the reference model (SmolLM2-135M), side by side with llm-compressor.
 
-Rows: baseline; RTN W4 g64; GPTQ W4 g64; GPTQ W4 g64 with one calibration pass per layer
-(true_sequential = false, what llm-compressor's sequential pipeline does); GPTQ W4 g64 act-order;
-GPTQ W3 g64; GPTQ W8 per channel; llm-compressor GPTQ W4 g64 (its own venv, same model folder,
-same calibration windows, its default static act-order). Each row
-runs in its own process so its peak RSS is its own. All grids symmetric (llm-compressor's W4A16
-default), damp 0.01, block 128, true-sequential.
+Rows (``ROWS``): baseline; GPTQ W4 g64 with and without act-order, each next to llm-compressor's
+GPTQModifier with the same act-order (its own venv, same model folder, same calibration windows;
+its default is static act-order); GPTQ W4 g64 with one calibration pass per layer
+(true_sequential = false, what llm-compressor's sequential pipeline does); RTN W4 g64; GPTQ W3
+g64; GPTQ W8 per channel. Each row runs in its own process so its peak RSS is its own. All grids
+symmetric (llm-compressor's W4A16 default), damp 0.01, block 128, true-sequential unless the row
+says onepass.
 
     flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_gptq.py \
         --protocol quick --lock '' [--only NAME ...] [--results docs/bench/gptq-results.jsonl]
@@ -32,13 +33,15 @@ import common  # noqa: E402
 
 ROWS = {  # most important first, so a partial run keeps what matters
     "baseline": None,
-    "gptq-w4-g64": ("gptq", dict(bits=4, group_size=64)),
-    "llmcompressor-gptq-w4-g64": "peer",
-    "gptq-w4-g64-onepass": ("gptq", dict(bits=4, group_size=64, true_sequential=False)),
     "gptq-w4-g64-actorder": ("gptq", dict(bits=4, group_size=64, act_order=True)),
+    "llmcompressor-gptq-w4-g64": ("peer", dict(actorder="static")),   # its default
+    "gptq-w4-g64": ("gptq", dict(bits=4, group_size=64, act_order=False)),
+    "llmcompressor-gptq-w4-g64-no-actorder": ("peer", dict(actorder="none")),
+    "gptq-w4-g64-actorder-onepass": ("gptq", dict(bits=4, group_size=64, act_order=True, true_sequential=False)),
     "rtn-w4-g64": ("rtn", dict(bits=4, group_size=64)),
-    "gptq-w3-g64": ("gptq", dict(bits=3, group_size=64)),
-    "gptq-w8-perchannel": ("gptq", dict(bits=8, group_size=-1)),
+    "gptq-w3-g64-actorder": ("gptq", dict(bits=3, group_size=64, act_order=True)),
+    "gptq-w8-perchannel": ("gptq", dict(bits=8, group_size=-1, act_order=True)),
+    "gptq-w4-g64-onepass": ("gptq", dict(bits=4, group_size=64, act_order=False, true_sequential=False)),
 }
 PEER_PYTHON = os.environ.get("POCKETLM_LLMCOMPRESSOR_PYTHON",
                              str(common.ROOT / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
@@ -61,8 +64,8 @@ def run_one(name: str, protocol: str) -> dict:
                 model(input_ids=calibration[start:start + 8], use_cache=False)
         row.update(calibration_forward_s=floor.seconds, checkpoint_mb=common.fp16_reference_mb(model),
                    compress_s=0.0)
-    elif spec == "peer":
-        row.update(run_peer(calibration))
+    elif spec[0] == "peer":
+        row.update(run_peer(calibration, **spec[1]))
         from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
         model = AutoModelForCausalLM.from_pretrained(
@@ -88,7 +91,7 @@ def run_one(name: str, protocol: str) -> dict:
     return row
 
 
-def run_peer(calibration) -> dict:
+def run_peer(calibration, actorder: str) -> dict:
     from safetensors.torch import save_file
 
     if not Path(PEER_PYTHON).exists():
@@ -97,7 +100,8 @@ def run_peer(calibration) -> dict:
     save_file({"input_ids": calibration.contiguous()}, str(work / "calib.safetensors"))
     command = [PEER_PYTHON, str(common.ROOT / "benchmarks" / "peers" / "llmc_gptq.py"),
                "--model", str(common.reference_folder()), "--windows", str(work / "calib.safetensors"),
-               "--out", str(work / "out"), "--result", str(work / "result.json"), "--bits", "4", "--group-size", "64"]
+               "--out", str(work / "out"), "--result", str(work / "result.json"), "--bits", "4", "--group-size", "64",
+               "--actorder", actorder]
     with common.Timer() as wall:
         subprocess.run(command, check=True, stdout=sys.stderr)
     result = json.loads((work / "result.json").read_text())
@@ -108,11 +112,12 @@ def run_peer(calibration) -> dict:
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["row"] == "baseline"), None)
-    lines = ["| row | perplexity | retention | compress s | peak RSS MB | checkpoint MB |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| row | perplexity | retention | compress s | x calibration forward | peak RSS MB | checkpoint MB |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in rows:
         retention = f"{base['perplexity'] / r['perplexity']:.3f}" if base else "-"
-        lines.append(f"| {r['row']} | {r['perplexity']:.2f} | {retention} | {r['compress_s']:.1f} | "
+        ratio = f"{r['compress_s'] / base['calibration_forward_s']:.2f}" if base and r["compress_s"] else "-"
+        lines.append(f"| {r['row']} | {r['perplexity']:.2f} | {retention} | {r['compress_s']:.1f} | {ratio} | "
                      f"{r['peak_rss_mb']:.0f} | {r['checkpoint_mb']:.1f} |")
     if base:
         lines.append(f"\nOne forward pass over the calibration set: {base['calibration_forward_s']:.1f} s")

@@ -113,15 +113,27 @@ def structured_extra(evaluation):
 
 
 def speed_job(calibration, evaluation, log, rounds: int = 3):
-    """Baseline, width- and depth-pruned models timed in alternation (A B C A B C ...) in one
-    process, so that load from other processes on a shared machine hits all three alike."""
+    """Baseline, width-, depth- and width-then-depth-pruned models timed in alternation
+    (A B C D A B C D ...) in one process, so that load from other processes on a shared machine
+    hits all of them alike. The combined model's perplexity is measured too (the single ones
+    have theirs in the ``width``/``depth`` jobs)."""
+    import copy
+
     plugins = get_plugins()
     models = {"baseline": common.load_reference()[0]}
-    for method, options in (("prune-width", {"mlp_ratio": 0.25}), ("prune-depth", {"layers": 4})):
-        model = common.load_reference()[0]
+
+    def pruned(model, method, options):
         plugins.methods[method].compress(model, plugins.methods[method].options(**options),
                                          make_context(calibration, plugins=plugins))
-        models[f"{method} {json.dumps(options)}"] = model
+        return model
+
+    width = pruned(common.load_reference()[0], "prune-width", {"mlp_ratio": 0.25})
+    models['prune-width {"mlp_ratio": 0.25}'] = width
+    models['prune-depth {"layers": 4}'] = pruned(common.load_reference()[0], "prune-depth", {"layers": 4})
+    both = pruned(copy.deepcopy(width), "prune-depth", {"layers": 4})
+    models['prune-width {"mlp_ratio": 0.25} then prune-depth {"layers": 4}'] = both
+    log({"method": "prune-width+prune-depth", "options": {"mlp_ratio": 0.25, "layers": 4},
+         "perplexity": common.perplexity(both, evaluation), "parameters": unique_parameters(both)})
     forward = {name: float("inf") for name in models}
     generate = {name: 0.0 for name in models}
     for _ in range(rounds):
@@ -152,7 +164,7 @@ def report(path: Path) -> str:
     base_ppl = next((r["perplexity"] for (m, _, _), r in rows.items() if m == "baseline" and "perplexity" in r), None)
     lines = ["| method | setting | perplexity | seconds | sparsity |", "| --- | --- | --- | --- | --- |"]
     for (method, _, speed), r in rows.items():
-        if speed or method in ("baseline", "prune-width", "prune-depth", "speed"):
+        if speed or method in ("baseline", "prune-width", "prune-depth", "speed", "prune-width+prune-depth"):
             continue
         setting = r.get("options") or {"mask": r.get("mask")}
         setting = setting.get("pattern") or setting.get("mask") or f"{setting.get('sparsity', 0.5):.0%}"
@@ -182,6 +194,10 @@ def report(path: Path) -> str:
         for r in timed:
             lines.append(f"| {r['model']} | {r['parameters'] / 1e6:.1f} M | {r['forward_s']:.3f} | "
                          f"{r['forward_speedup']:.2f}x | {r['gen_tokens_per_s']:.1f} | {r['gen_speedup']:.2f}x |")
+    combined = [r for (m, _, _), r in rows.items() if m == "prune-width+prune-depth"]
+    for r in combined:
+        lines.append(f"\nprune-width (25% MLP) then prune-depth (4 layers): perplexity {r['perplexity']:.2f}, "
+                     f"{r['parameters'] / 1e6:.1f} M parameters")
     return "\n".join(lines)
 
 

@@ -104,3 +104,26 @@ def test_the_default_recipe_is_a_valid_recipe(tiny_folder):
     text = default_recipe_text(plugins, model=str(tiny_folder))
     recipe = parse_recipe(text, plugins)
     assert recipe.stages  # the planner proposed something from the installed methods
+
+
+def test_a_quantized_embedding_counts_only_where_the_format_packs_it():
+    effects = [SizeEffect(bits=4), SizeEffect(bits=4, covers="embedding",
+                                              features=frozenset({"quantized", "quantized-embedding"}))]
+    packed = estimate(DEMO_STATS, effects, frozenset({"quantized", "quantized-embedding"}))[0]
+    written_dense = estimate(DEMO_STATS, effects, frozenset({"quantized"}))[0]
+    assert written_dense - packed == pytest.approx(DEMO_STATS.embedding * 12 / 8 / 1e6)
+
+
+def test_quantized_embedding_is_a_refinement_any_quantized_format_writes_and_packers_win_auto():
+    from pocketlm.recipe import rank_exporters
+
+    def exporter(name, packs):
+        return Exporter(name, NoOptions, lambda *a: None, represents=frozenset({"dense", "quantized"}) | packs,
+                        packs=packs)
+
+    exporters = {"a-dense-embedding": exporter("a-dense-embedding", frozenset({"quantized"})),
+                 "b-packs-embedding": exporter("b-packs-embedding", frozenset({"quantized", "quantized-embedding"})),
+                 "hf": Exporter("hf", NoOptions, lambda *a: None)}
+    ranked = [e.name for e in rank_exporters(exporters, {"quantized", "quantized-embedding"})]
+    assert ranked == ["b-packs-embedding", "a-dense-embedding"]   # hf cannot write "quantized" at all
+    assert [e.name for e in rank_exporters(exporters, {"quantized"})][0] == "a-dense-embedding"

@@ -118,3 +118,67 @@ def test_unknown_architecture_names_the_hook():
     model.config.model_type = "brand-new"
     with pytest.raises(PocketError, match="register_architectures"):
         make_context().architecture(model)
+
+
+
+class Halver:
+    """Halves every selected linear and records what each linear was fed. With
+    ``changes_only_selected`` the walker may replay the layer's last pass instead of running the
+    layer again; ``also_touch = (other, trigger)`` makes it break that promise."""
+
+    def __init__(self, changes_only_selected, also_touch=None):
+        self.changes_only_selected = changes_only_selected
+        self.also_touch = also_touch
+        self.fed, self.index = {}, 0
+
+    def select(self, index, layer, names):
+        self.index = index
+        return list(names)
+
+    def observe(self, name, module, args, kwargs, output):
+        self.fed.setdefault((self.index, name), []).append(args[0].clone())
+
+    def solve(self, index, layer, names):
+        with torch.no_grad():
+            for name in names:
+                get_module(layer, name).weight.mul_(0.5)
+            if self.also_touch and names == [self.also_touch[1]]:
+                get_module(layer, self.also_touch[0]).weight.mul_(0.5)
+
+
+def _walk(family, handler, runs):
+    """Walk a fresh tiny model with ``handler``; count how often decoder layers run."""
+    model = tiny_model(family)
+    context = make_context(tiny_windows(6, 24))
+    for layer in decoder_layers(model, context.architecture(model)):
+        layer.register_forward_pre_hook(lambda *a: runs.append(1))
+    context.walk(model, handler)
+    return model
+
+
+@pytest.mark.parametrize("family", ARCHITECTURES)
+def test_replaying_the_last_pass_feeds_every_layer_what_running_it_would(family):
+    plain_runs, replay_runs = [], []
+    plain, replayed = Halver(False), Halver(True)
+    _walk(family, plain, plain_runs)
+    _walk(family, replayed, replay_runs)
+    assert len(replay_runs) < len(plain_runs)          # the propagation runs were replaced
+    assert plain.fed.keys() == replayed.fed.keys()
+    for key in plain.fed:
+        for a, b in zip(plain.fed[key], replayed.fed[key]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("touch", [("mlp.up_proj", "mlp.down_proj"), ("self_attn.q_proj", "self_attn.o_proj")])
+def test_a_broken_promise_is_caught_on_the_first_layer_and_the_walker_runs_layers_instead(touch):
+    """The handler claims to change only the module it solves but also changes another one in
+    the same scope (the layer for down_proj, the attention block for o_proj): replaying would
+    feed stale inputs. The check on layer 0 catches it."""
+    honest, liar = Halver(False, also_touch=touch), Halver(True, also_touch=touch)
+    honest_runs, liar_runs = [], []
+    _walk("llama", honest, honest_runs)
+    _walk("llama", liar, liar_runs)
+    assert liar.fed.keys() == honest.fed.keys()
+    for key in honest.fed:
+        for a, b in zip(honest.fed[key], liar.fed[key]):
+            torch.testing.assert_close(b, a)

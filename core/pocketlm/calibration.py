@@ -6,8 +6,14 @@
    the modules the method asks for, run the layer over the calibration batches (stopping each
    batch as soon as every hooked module has fired), let the method ``observe`` what flowed
    through and then ``solve`` (change the layer and free its statistics).
-3. Run the changed layer once more to produce the next layer's inputs, so each layer is
-   calibrated on the outputs of the already-compressed layers before it.
+3. Produce the next layer's inputs from the changed layer, so each layer is calibrated on the
+   outputs of the already-compressed layers before it. Usually that is one more run of the
+   layer. When the last group is one module whose output is added straight into the layer's
+   output (``down_proj``, ``fc2``, ``c_proj``) and the handler declares that ``solve`` changes
+   only the modules it was given, the walker instead replays the last pass: new output = old
+   output + module_new(x) - module_old(x), one matmul instead of a whole layer. Whether that
+   identity holds is checked on the first layer against a real run, so an architecture where it
+   does not (a norm after the MLP, say) silently falls back to running the layer.
 
 Memory holds one layer's calibration activations (inputs and outputs) plus what the method keeps.
 Layers are only touched through ``Architecture.layers``, one at a time, which is the seam for
@@ -43,6 +49,11 @@ class LayerHandler(Protocol):
 
     def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
         """Change the selected modules using what was observed, then free the statistics."""
+
+    # Optional: ``changes_only_selected = True`` promises that ``solve`` changes nothing but the
+    # modules named in ``names`` (a Hessian solve or a pruner does; a method that folds scales into
+    # neighbouring modules does not).
+    # It lets the walker replay the layer's last pass instead of running the layer again.
 
 
 @dataclass
@@ -94,32 +105,117 @@ def capture_inputs(model: nn.Module, architecture: Architecture, windows: torch.
     return captured
 
 
+@dataclass
+class Replay:
+    """What one pass saw of a module ``name`` and of the ``scope`` that contains it (the whole
+    layer, ``""``, or a submodule such as ``"self_attn"``), per batch: the scope's output, the
+    module's positional inputs and its output. If the module's output is added straight into the
+    scope's output, that is enough to recompute the scope's output after the module alone
+    changed: old scope output + module_new(x) - module_old(x)."""
+
+    name: str
+    scope: str
+    scope_outputs: list[Any]
+    module_args: list[tuple]
+    module_outputs: list[torch.Tensor]
+    scope_call: tuple | None = None        # (args, kwargs) of the scope's first call, for the check
+
+    def outputs(self, layer: nn.Module) -> list[Any]:
+        module = get_module(layer, self.name)
+        with torch.no_grad():
+            return [_with_hidden(out, _hidden(out) + (module(*args) - old).reshape(_hidden(out).shape))
+                    for out, args, old in zip(self.scope_outputs, self.module_args, self.module_outputs)]
+
+    def matches(self, layer: nn.Module, real: torch.Tensor) -> bool:
+        """Does the replayed first batch equal ``real``, the scope's true output after the change?"""
+        old = self.module_outputs[0]
+        if old.numel() != real.numel():
+            return False
+        module = get_module(layer, self.name)
+        with torch.no_grad():
+            replayed = _hidden(self.scope_outputs[0]) + (module(*self.module_args[0]) - old).reshape(real.shape)
+        scale = real.abs().max().clamp(min=1e-6)
+        return bool(((real - replayed).abs().max() / scale) < 1e-4)
+
+
+def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
+    """``output`` (a tensor, or a tuple whose first item is one) with its hidden states replaced."""
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
-                 observe: Callable[[str, nn.Module, tuple, dict, Any], None]) -> None:
+                 observe: Callable[[str, nn.Module, tuple, dict, Any], None], *,
+                 record: str | None = None, substitutes: dict[str, list] | None = None) -> Replay | None:
     """Run ``layer`` over ``inputs`` with ``observe`` hooked on the submodules ``names``; each
-    batch stops as soon as every hooked module has fired."""
+    batch stops as soon as every hooked module has fired.
+
+    * ``record`` (one name only): a scope, ``""`` for the whole layer or the name of a submodule
+      holding the module; every batch runs to the end of that scope and the pass is returned as
+      a :class:`Replay`.
+    * ``substitutes``: submodule name -> its output per batch; those submodules are not run, their
+      recorded outputs are returned instead (their inside has not changed since)."""
     fired: set[str] = set()
+    replay = Replay(names[0], record, [], [], []) if record is not None else None
+    batch = [0]
 
     def hook_for(name):
         def hook(module, args, kwargs, output):
             observe(name, module, args, kwargs, output)
             fired.add(name)
-            if len(fired) == len(names):
+            if replay is not None:
+                replay.module_args.append(args)
+                replay.module_outputs.append(output)
+            elif len(fired) == len(names):
                 raise _Stop
         return hook
 
+    def scope_pre(module, args, kwargs):
+        if replay.scope_call is None:
+            replay.scope_call = (args, kwargs)
+
+    def scope_done(module, args, kwargs, output):
+        replay.scope_outputs.append(output)
+        raise _Stop
+
     handles = [get_module(layer, n).register_forward_hook(hook_for(n), with_kwargs=True) for n in names]
+    if replay is not None and record:
+        scope = get_module(layer, record)
+        handles.append(scope.register_forward_pre_hook(scope_pre, with_kwargs=True))
+        handles.append(scope.register_forward_hook(scope_done, with_kwargs=True))
+    patched = []
+    for name, outputs in (substitutes or {}).items():
+        module = get_module(layer, name)
+        module.forward = lambda *a, _outputs=outputs, **k: _outputs[batch[0]]
+        patched.append(module)
     try:
         with torch.no_grad():
-            for hidden, kwargs in zip(inputs.hidden, inputs.kwargs):
+            for number, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
                 fired.clear()
+                batch[0] = number
                 try:
-                    layer(hidden, **kwargs)
+                    output = layer(hidden, **kwargs)
+                    if replay is not None and not record:
+                        replay.scope_outputs.append(output)
                 except _Stop:
                     pass
     finally:
         for handle in handles:
             handle.remove()
+        for module in patched:
+            del module.forward
+    if replay is not None and not (len(replay.module_outputs) == len(replay.scope_outputs) == len(inputs.hidden)
+                                   and all(isinstance(o, torch.Tensor) for o in replay.module_outputs)):
+        return None   # the module did not run once per batch with a plain tensor output
+    return replay
+
+
+def _scope_of(name: str, later: list[str]) -> str | None:
+    """The submodule holding ``name`` (``"self_attn"`` for ``"self_attn.o_proj"``) when no later
+    group lives inside it, so its output can stand in for running it; else None."""
+    if "." not in name:
+        return None
+    parent = name.rsplit(".", 1)[0]
+    return None if any(n == parent or n.startswith(parent + ".") for n in later) else parent
 
 
 def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Tensor,
@@ -136,13 +232,39 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
         inputs = capture_inputs(model, architecture, windows, batch_size)
         layers = decoder_layers(model, architecture)
         groups = architecture.sequential if sequential else (tuple(n for g in architecture.sequential for n in g),)
+        may_replay = bool(getattr(handler, "changes_only_selected", False))
+        trusted: dict[str, bool] = {}          # scope -> replaying it matched a real run
         for index, layer in enumerate(layers):
-            for group in groups:
+            replay, substitutes = None, {}
+            for number, group in enumerate(groups):
                 names = list(handler.select(index, layer, group))
-                if names:
-                    observe_pass(layer, inputs, names, handler.observe)
-                    handler.solve(index, layer, names)
-            inputs = LayerInputs(inputs.run(layer), inputs.kwargs)
+                if not names:
+                    continue
+                last = number == len(groups) - 1
+                later = [n for g in groups[number + 1:] for n in g]
+                scope = None
+                if may_replay and len(names) == 1:
+                    scope = "" if last else _scope_of(names[0], later)
+                if scope is not None and trusted.get(scope) is False:
+                    scope = None
+                replay = observe_pass(layer, inputs, names, handler.observe, record=scope, substitutes=substitutes)
+                handler.solve(index, layer, names)
+                if replay is None or not replay.scope:
+                    continue
+                if scope not in trusted:  # first time: check against really running the scope
+                    args, kwargs = replay.scope_call
+                    with torch.no_grad():
+                        trusted[scope] = replay.matches(layer, _hidden(get_module(layer, scope)(*args, **kwargs)))
+                if trusted[scope]:
+                    substitutes[scope] = replay.outputs(layer)
+                replay = None
+            if replay is not None and "" not in trusted:
+                trusted[""] = replay.matches(layer, _hidden(layer(inputs.hidden[0], **inputs.kwargs[0])))
+            if replay is not None and trusted.get(""):
+                outputs = [_hidden(o) for o in replay.outputs(layer)]
+            else:
+                outputs = inputs.run(layer)
+            inputs = LayerInputs(outputs, inputs.kwargs)
             if progress:
                 progress(index + 1, len(layers))
     finally:

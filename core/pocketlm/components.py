@@ -32,6 +32,16 @@ class NoOptions(Options):
     """For components that take no options."""
 
 
+# A feature any exporter that represents its parent can write, though not every one packs it.
+REFINEMENTS = {"quantized-embedding": "quantized"}
+
+
+def unrepresented(features, represents) -> set[str]:
+    """The ``features`` an exporter that ``represents`` these cannot write."""
+    missing = set(features) - {"dense"} - set(represents)
+    return {f for f in missing if REFINEMENTS.get(f) not in represents}
+
+
 @dataclass(frozen=True)
 class SizeEffect:
     """What a method does to the model's size, estimated from its options alone.
@@ -42,7 +52,11 @@ class SizeEffect:
     * ``covers``: which weights the effect applies to: ``"decoder"`` (the linears of the
       decoder layers), ``"embedding"`` (token embedding and tied head) or ``"all"``.
     * ``features``: what the result holds that an exporter must represent, from
-      ``{"quantized", "masked", "restructured"}``."""
+      ``{"quantized", "masked", "restructured"}``, plus ``"quantized-embedding"`` when the token
+      embedding is quantized. That one is a refinement of ``"quantized"``: every exporter that
+      represents ``"quantized"`` can write it (dense, if it must), and only an exporter that
+      lists it in ``packs`` stores it compactly, which is what the planner's size estimate and
+      ``format = "auto"`` look at."""
 
     bits: float | None = None
     sparsity: float | None = None
@@ -132,7 +146,8 @@ class Exporter:
     ``"masked"``, ``"restructured"``). ``check(model, options)`` optionally returns a list of
     problems that stop the export before anything is written. ``packs`` is the subset of
     ``represents`` it stores compactly (a quantized grid as integers, not dequantized floats);
-    the planner exports quantized candidates with an exporter that packs them."""
+    the planner exports quantized candidates with an exporter that packs them (see
+    ``SizeEffect.features`` for ``"quantized-embedding"``)."""
 
     name: str
     options: type[Options]

@@ -92,20 +92,48 @@ def choose_exporter(plugins, candidate: "Candidate") -> str:
     return rank_exporters(plugins.exporters, candidate.features())[0].name
 
 
+def _packs(plugins, effects: list[SizeEffect]) -> frozenset[str] | None:
+    """What the format ``format = "auto"`` would choose for these effects stores compactly."""
+    ranked = rank_exporters(plugins.exporters, {f for e in effects for f in e.features})
+    return frozenset(ranked[0].packs) if ranked else None
+
+
+def damage(stats: ModelStats, effects: list[SizeEffect]) -> float:
+    """A prior on how much quality a candidate gives up, from its declared effects alone (the
+    planner knows no method, so no method-specific knowledge goes in): rounding error grows about
+    4x per bit removed (a 4-bit grid scores 1 per weight it covers, 8-bit 1/16), zeroing weights
+    costs in proportion to sparsity, removing parameters twice that. Weighted by the fraction of
+    the model each effect covers. Only the order matters; ``--evaluate`` measures the truth."""
+    total = stats.decoder + stats.embedding
+    share = {"decoder": stats.decoder / total, "embedding": stats.embedding / total, "all": 1.0}
+    score = 0.0
+    for effect in effects:
+        weight = share[effect.covers]
+        if effect.bits is not None:
+            score += weight * 4.0 ** (4 - min(effect.bits, 16))
+        if effect.sparsity:
+            score += weight * 4 * effect.sparsity
+        score += 8 * effect.params_removed * share["decoder"]
+    return score
+
+
 def _stage_label(method: Method, options: dict) -> str:
     shown = ", ".join(f"{k}={v}" for k, v in options.items())
     return f"{method.name}({shown})"
 
 
-def estimate(stats: ModelStats, effects: list[SizeEffect]) -> tuple[float, float]:
-    """(size in MB, mean bits per weight) after the effects, dense weights in float16."""
+def estimate(stats: ModelStats, effects: list[SizeEffect], packs: frozenset[str] | None = None) -> tuple[float, float]:
+    """(size in MB, mean bits per weight) after the effects, dense weights in float16. ``packs``
+    is what the export format stores compactly (None: everything); a quantized embedding that
+    the format cannot pack is counted at float16, as it will be written."""
     decoder_bits, embedding_bits, kept = 16.0, 16.0, 1.0
+    embedding_packed = packs is None or "quantized-embedding" in packs
     for effect in effects:
         kept *= 1 - effect.params_removed
         if effect.bits is not None:
             if effect.covers in ("decoder", "all"):
                 decoder_bits = min(decoder_bits, effect.bits)
-            if effect.covers in ("embedding", "all"):
+            if effect.covers in ("embedding", "all") and embedding_packed:
                 embedding_bits = min(embedding_bits, effect.bits)
     bits = stats.decoder * kept * decoder_bits + stats.embedding * embedding_bits + stats.other * 16
     params = stats.decoder * kept + stats.embedding + stats.other
@@ -136,16 +164,16 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
             if combination_problems(pairs, export):
                 continue
             effects = [m.effect(o) for m, o in pairs]
-            size_mb, bits = estimate(stats, effects)
+            size_mb, bits = estimate(stats, effects, _packs(plugins, effects))
             found.append(Candidate(list(ordered), effects, size_mb, bits))
     if budget.target_size_mb is not None:
         found = [c for c in found if c.size_mb <= budget.target_size_mb]
     if budget.target_bits is not None:
         found = [c for c in found if c.bits <= budget.target_bits]
     if budget.target_size_mb is not None or budget.target_bits is not None:
-        # Under a budget the best candidates use most of it: the least compression that fits
-        # loses the least quality. Fewer stages first among equals.
-        return sorted(found, key=lambda c: (-c.size_mb, len(c.stages), c.label))
+        # Under a budget the best candidates are those that fit and give up the least quality
+        # by the effects' prior; then the largest (least compressed), then fewer stages.
+        return sorted(found, key=lambda c: (round(damage(stats, c.effects), 3), -c.size_mb, len(c.stages), c.label))
     return sorted(found, key=lambda c: (c.size_mb, len(c.stages), c.label))
 
 
@@ -183,7 +211,7 @@ def default_candidate(plugins, stats: ModelStats = DEMO_STATS) -> Candidate | No
         validated = [(m, m.options.model_validate(o)) for m, o in pairs]
         if not combination_problems(validated, plugins.exporters.get("hf")):
             effects = [m.effect(o) for m, o in validated]
-            size_mb, bits = estimate(stats, effects)
+            size_mb, bits = estimate(stats, effects, _packs(plugins, effects))
             return Candidate(pairs, effects, size_mb, bits)
     options = [c for c in candidates(plugins, stats) if len(c.stages) <= 2]
     return options[-1] if options else None  # the gentlest: the largest of the short candidates

@@ -28,7 +28,7 @@ from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from . import registry
-from .components import Method, NoOptions
+from .components import Method, NoOptions, unrepresented
 from .data import DEFAULT_CALIBRATION_TEXT, resolve_text
 from .errors import PocketError
 
@@ -336,7 +336,7 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
         seen_kinds.setdefault(method.kind, index)
         features |= set(effect.features)
     if exporter is not None:
-        missing = features - set(exporter.represents) - {"dense"}
+        missing = unrepresented(features, exporter.represents)
         if missing:
             problems.append((None, f"export format {exporter.name!r} cannot represent {', '.join(sorted(missing))} "
                                    f"weights that the stages produce"))
@@ -346,7 +346,7 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
 def rank_exporters(exporters: dict, features: set[str]) -> list:
     """Exporters that can represent ``features``: those that pack most of them first, then the
     dense ``hf`` folder, then by name. Used by ``format = "auto"`` and by the planner."""
-    fitting = [e for e in exporters.values() if not (set(features) - {"dense"} - set(e.represents))]
+    fitting = [e for e in exporters.values() if not unrepresented(features, e.represents)]
     return sorted(fitting, key=lambda e: (-len(set(features) & set(e.packs)), e.name != "hf", e.name))
 
 

@@ -14,6 +14,8 @@ from gguf import GGMLQuantizationType as Q
 
 from pocketlm import weights as W
 from pocketlm.plugins import get_plugins
+import pocketlm
+import pocketlm_gguf
 from pocketlm_gguf import GGUFOptions, check
 
 
@@ -26,7 +28,7 @@ def test_registered():
     plugins = get_plugins()
     exporter = plugins.exporters["gguf"]
     assert exporter.options is GGUFOptions and "quantized" in exporter.represents
-    assert any(info.distribution == "pocketlm-gguf" and info.version == "0.1.0" for info in plugins.infos)
+    assert any(info.distribution == "pocketlm-gguf" and info.version == pocketlm_gguf.__version__ for info in plugins.infos)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -126,7 +128,7 @@ def test_metadata_and_tokenizer(tmp_path, tokenizer):
     assert value("general.architecture") == "llama" and value("general.name") == "tiny-llama"
     assert json.loads(value("pocketlm.recipe")) == recipe
     versions = json.loads(value("pocketlm.versions"))
-    assert versions["pocketlm"] == "0.1.0" and versions["pocketlm-gguf"] == "0.1.0"
+    assert versions["pocketlm"] == pocketlm.__version__ and versions["pocketlm-gguf"] == pocketlm_gguf.__version__
     assert json.loads(value("pocketlm.tensors")) == {"F16 dense": 2, "Q4_0 exact": 14}
     config = model.config
     assert value("llama.block_count") == config.num_hidden_layers

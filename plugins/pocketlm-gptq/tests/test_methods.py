@@ -150,10 +150,12 @@ def test_untied_head_can_be_targeted(context):
 
 
 def test_effect_and_plan():
-    e = effect(GPTQOptions(bits=4, group_size=64))
-    assert e.bits == pytest.approx(4.5) and e.covers == "decoder" and e.features == frozenset({"quantized"})
+    e = effect(GPTQOptions(bits=4, group_size=64))   # a float16 scale per 64 weights
+    assert e.bits == pytest.approx(4.25) and e.covers == "decoder" and e.features == frozenset({"quantized"})
+    assert effect(GPTQOptions(bits=4, group_size=64, symmetric=False)).bits == pytest.approx(4.5)  # + zero point
     assert effect(RTNOptions(bits=8, group_size=-1)).bits == 8
-    assert effect(RTNOptions(bits=8, targets=["embed"])).covers == "embedding"
+    embedding = effect(RTNOptions(bits=8, targets=["embed"]))
+    assert embedding.covers == "embedding" and "quantized-embedding" in embedding.features
     assert effect(RTNOptions(bits=8, targets=["*"], ignore=[])).covers == "all"
     for plan, options in ((rtn_plan, RTNOptions), (gptq_plan, GPTQOptions)):
         sets = plan(None)

@@ -10,8 +10,8 @@ from pocketlm import hookimpl
 
 from .export import EXPORTER, GGUFOptions, check, export_gguf
 
-__version__ = "0.1.0"
-POCKETLM_API = ">=1.0,<2"
+__version__ = "0.2.0"
+POCKETLM_API = ">=1.1,<2"
 
 __all__ = ["GGUFOptions", "check", "export_gguf", "register_exporters"]
 

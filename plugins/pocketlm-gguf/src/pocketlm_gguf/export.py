@@ -345,8 +345,8 @@ EXPORTER = Exporter(
     name="gguf",
     options=GGUFOptions,
     export=export_gguf,
-    represents=frozenset({"dense", "masked", "quantized", "restructured"}),
-    packs=frozenset({"quantized"}),
+    represents=frozenset({"dense", "masked", "quantized", "quantized-embedding", "restructured"}),
+    packs=frozenset({"quantized", "quantized-embedding"}),  # token_embd is stored as Q8_0/Q4_0/Q4_1
     check=check,
     summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q4_0/Q4_1/Q8_0 from pocketlm grids, "
             "F16/F32 or llama.cpp round-to-nearest for dense layers, tokenizer and provenance metadata",

@@ -12,8 +12,8 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import common, gptq, rtn
 
-__version__ = "0.1.0"
-POCKETLM_API = ">=1.0,<2"
+__version__ = "0.2.0"
+POCKETLM_API = ">=1.1,<2"
 
 
 @hookimpl

@@ -143,7 +143,12 @@ def _covers(options: QuantOptions) -> str:
 
 
 def effect(options: QuantOptions) -> SizeEffect:
-    """Bits per weight including the float16 scale and zero point per group (approximate: per
-    channel the overhead is spread over a whole row and counted as nothing)."""
-    overhead = 0.0 if options.group_size == -1 else 16 * 2 / options.group_size
-    return SizeEffect(bits=options.bits + overhead, covers=_covers(options), features=frozenset({"quantized"}))
+    """Bits per weight including the float16 scale (and, asymmetric, the zero point) per group
+    (approximate: per channel the overhead is spread over a whole row and counted as nothing).
+    A quantized token embedding is the ``"quantized-embedding"`` feature: only formats that pack
+    it (GGUF) store it in fewer bits than float16."""
+    per_group = 16 if options.symmetric else 32
+    overhead = 0.0 if options.group_size == -1 else per_group / options.group_size
+    covers = _covers(options)
+    features = {"quantized"} | ({"quantized-embedding"} if covers in ("embedding", "all") else set())
+    return SizeEffect(bits=options.bits + overhead, covers=covers, features=frozenset(features))

@@ -38,7 +38,9 @@ class GPTQOptions(QuantOptions):
 
     * ``damp``: fraction of the mean Hessian diagonal added to the diagonal (0.01).
     * ``block_size``: columns quantized before a lazy batch update of the rest (128).
-    * ``act_order``: process columns by descending Hessian diagonal (static groups).
+    * ``act_order``: process columns by descending Hessian diagonal, with static groups (on by
+      default, as in llm-compressor: it costs nothing at inference because the groups keep their
+      plain order, and on the reference model W4 g64 it took perplexity from 38.49 to 34.63).
     * ``true_sequential``: observe each group of linears after quantizing the previous group.
     * ``backend``: ``"pocketlm"`` (this implementation) or ``"llmcompressor"`` (llm-compressor's
       GPTQModifier run in its own environment on the same windows, loaded back as grids).
@@ -46,7 +48,7 @@ class GPTQOptions(QuantOptions):
 
     damp: float = 0.01
     block_size: int = 128
-    act_order: bool = False
+    act_order: bool = True
     true_sequential: bool = True
     backend: Literal["pocketlm", "llmcompressor"] = "pocketlm"
 
@@ -74,16 +76,20 @@ def hessian_update(H: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple
 
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) I)^-1``, damping harder if needed."""
+    """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1``, damping harder if needed.
+
+    One factorization and one triangular inverse instead of factor, invert, factor again: with
+    ``J`` the reversal, ``J H J = M M^T`` gives ``H = R R^T`` for the upper ``R = J M J``, so
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1`` (upper, positive diagonal: the Cholesky factor)."""
     mean_diag = torch.mean(torch.diag(H))
+    identity = torch.eye(H.shape[0])
     for factor in (1, 10, 100, 1000):
         damped = H.clone()
         damped.diagonal().add_(damp * factor * mean_diag)
-        L, info = torch.linalg.cholesky_ex(damped)
+        M, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
         if info == 0:
-            Hinv = torch.cholesky_inverse(L)
-            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-            if info == 0:
+            U = torch.linalg.solve_triangular(M.flip(0, 1), identity, upper=True)
+            if torch.isfinite(U).all():
                 return U
     raise RuntimeError("the Hessian is not positive definite even with 1000x damping")
 
@@ -109,8 +115,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     column order, ``scales``/``zeros`` ``[rows, groups]`` and ``g_idx`` (always None: groups are
     plain, ``column // group_size``, also with ``act_order``). ``mask`` (True = kept) pins pruned
     weights to the zero point and keeps the error compensation out of them."""
-    with _one_thread():
-        return _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask)
+    return _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask)
 
 
 def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask):
@@ -126,10 +131,13 @@ def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_orde
 
     size = cols if group_size == -1 else group_size
     n_groups = math.ceil(cols / size)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
+    # grids and the result are held transposed ([groups, rows], [cols, rows]) so that what the
+    # column loop reads and writes is contiguous
+    scales = torch.zeros(n_groups, rows)
+    zeros = torch.zeros(n_groups, rows)
     if act_order or group_size == -1:      # static groups: from the original column order
-        scales, zeros = group_grid(W, bits, group_size, symmetric)
+        static_scales, static_zeros = group_grid(W, bits, group_size, symmetric)
+        scales, zeros = static_scales.t().contiguous(), static_zeros.t().contiguous()
         ready = [True] * n_groups
     else:                                  # groups fixed when quantization reaches them
         ready = [False] * n_groups
@@ -138,9 +146,18 @@ def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_orde
     W, H = W[:, perm], H[perm][:, perm]
     keep = None if keep is None else keep[:, perm]
     group_of = (perm // size).tolist()     # group of each (permuted) column
-    U = _inverse_cholesky(H, damp)
-    Q = torch.zeros(rows, cols)
+    U = _inverse_cholesky(H, damp)        # factorizations use every thread, the sweep only one
+    Q = torch.zeros(cols, rows)
+    with _one_thread():
+        _sweep_blocks(W, U, Q, scales, zeros, ready, group_of, keep, block_size, size, bits, symmetric)
+    inverse = torch.argsort(perm)
+    return Q.t()[:, inverse].to(torch.int32), scales.t().contiguous(), zeros.t().contiguous(), None
 
+
+def _sweep_blocks(W, U, Q, scales, zeros, ready, group_of, keep, block_size, size, bits, symmetric):
+    """The lazy-batch loop: sweep each block of columns, then push its accumulated error onto
+    all later columns at once (one matmul per block instead of one rank-1 update per column)."""
+    cols = W.shape[1]
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
         # the block is held transposed ([columns, rows]) so each column and each update is contiguous
@@ -155,29 +172,27 @@ def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_orde
             if keep is not None:
                 W[:, end:] *= keep[:, end:]
 
-    inverse = torch.argsort(perm)
-    return Q[:, inverse].to(torch.int32), scales, zeros, None
-
 
 def _sweep(W, W1, E1, U1, Q, scales, zeros, ready, group_of, keep1, start, end, size, bits, symmetric):
     """Quantize columns ``start:end`` one by one, spreading each column's error over the block's
-    later columns. ``W1``/``E1``/``keep1`` are the block transposed, ``[columns, rows]``."""
+    later columns. ``W1``/``E1``/``keep1`` are the block and ``Q``/``scales``/``zeros`` the
+    results, all transposed (``[columns or groups, rows]``)."""
     maxq = 2**bits - 1
+    diagonal = U1.diagonal().tolist()
     for i in range(end - start):
         column = start + i
         group = group_of[column]
         if not ready[group]:           # natural order: the group begins at this column
             current = torch.cat([W1[i:].t(), W[:, end:]], 1)[:, :size]  # up-to-date columns
             scale, zero = minmax_grid(current, bits, symmetric)
-            scales[:, group], zeros[:, group] = scale[:, 0], zero[:, 0]
+            scales[group], zeros[group] = scale[:, 0], zero[:, 0]
             ready[group] = True
-        w = W1[i]
-        scale, zero = scales[:, group], zeros[:, group]
-        q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+        w, scale, zero = W1[i], scales[group], zeros[group]
+        q = torch.div(w, scale).round_().add_(zero).clamp_(0, maxq)
         if keep1 is not None:
             q = torch.where(keep1[i], q, zero)
-        Q[:, column] = q
-        error = (w - (q - zero) * scale) / U1[i, i]
+        Q[column] = q
+        error = w.sub((q - zero).mul_(scale)).div_(diagonal[i])
         W1[i:].addr_(U1[i, i:], error, alpha=-1)
         if keep1 is not None:
             W1[i:] *= keep1[i:]
@@ -191,6 +206,8 @@ class GPTQHandler:
     """Layer-walker handler: accumulate each selected linear's Hessian in ``observe``; in
     ``solve`` run :func:`gptq_quantize`, put a ``QuantizedLinear`` in place and free the Hessian.
     Linears of a group that read the same input tensor (q/k/v, gate/up) share one Hessian."""
+
+    changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
 
     def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions):
         self.options = options
@@ -273,11 +290,13 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
 
 
 def plan(budget=None) -> list[dict]:
-    """Option sets the hybrid planner may try for ``gptq``: 4-bit g64 (the usual sweet spot),
-    3-bit g64 (smaller, with visible loss), 8-bit per channel (near lossless). Each needs
-    calibration data. ``budget`` is not consulted."""
+    """Option sets the hybrid planner may try for ``gptq``: 4-bit g64 with act-order (the usual
+    sweet spot), 4-bit g32 (GGUF's Q4_0 block exactly), 3-bit g64 (smaller, with visible loss)
+    and 8-bit g32 (near lossless, GGUF's Q8_0 block exactly: the default hybrid's decoder step).
+    Each needs calibration data. ``budget`` is not consulted."""
     return [
-        {"bits": 4, "group_size": 64},
-        {"bits": 3, "group_size": 64},
-        {"bits": 8, "group_size": -1, "default": True},  # near lossless: the default hybrid's decoder step
+        {"bits": 4, "group_size": 64, "act_order": True},
+        {"bits": 4, "group_size": 32, "act_order": True},
+        {"bits": 3, "group_size": 64, "act_order": True},
+        {"bits": 8, "group_size": 32, "default": True},
     ]

@@ -114,12 +114,15 @@ def compress_rtn(model: nn.Module, options: RTNOptions, context) -> nn.Module:
 
 def plan(budget=None) -> list[dict]:
     """Option sets the hybrid planner may try for ``rtn``, cheapest loss first: 8-bit per channel
-    (near lossless), 4-bit g64, 3-bit g64, and the token embedding (with its tied head) at 8 bits
-    per row, which on small models with tied embeddings is where a fifth of the weights sit.
-    ``budget`` (a ``PlanBudget``) is not consulted: every set is sensible on any decoder model."""
+    (near lossless), 4-bit g64, 3-bit g64, and the token embedding (with its tied head) at 8 or
+    4 bits in groups of 32, which on small models with tied embeddings is where a fifth of the
+    weights sit. Groups of 32 with symmetric grids are exactly GGUF's Q8_0 and Q4_0 blocks, the
+    formats that pack an embedding. ``budget`` (a ``PlanBudget``) is not consulted: every set is
+    sensible on any decoder model."""
     return [
         {"bits": 8, "group_size": -1},
         {"bits": 4, "group_size": 64},
         {"bits": 3, "group_size": 64},
-        {"bits": 8, "group_size": -1, "targets": ["embed"], "ignore": [], "default": True},
+        {"bits": 8, "group_size": 32, "targets": ["embed"], "ignore": [], "default": True},
+        {"bits": 4, "group_size": 32, "targets": ["embed"], "ignore": []},
     ]

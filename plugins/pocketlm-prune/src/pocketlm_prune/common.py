@@ -241,6 +241,8 @@ class CalibratedPruner:
     """The layer handler Wanda and SparseGPT share: observe the inputs of the targeted linears of
     each group, then prune them with ``prune(name, module, sparsity)`` (subclasses)."""
 
+    changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
+
     def __init__(self, targeting: Targeting, sparsities: list[float], options: PruneOptions, log):
         self.targeting, self.sparsities, self.options, self.log = targeting, sparsities, options, log
 
