@@ -6,7 +6,8 @@ import pytest
 
 import pocketlm
 from pocketlm import Exporter, Method, NoOptions, Options, SizeEffect, hookimpl
-from pocketlm.planner import DEMO_STATS, PlanBudget, candidates, choose_exporter, default_recipe_text, estimate
+from pocketlm.planner import (DEMO_STATS, PlanBudget, candidates, choose_exporter, default_recipe_text, estimate,
+                              to_toml)
 from pocketlm.plugins import Plugins
 from pocketlm.recipe import combination_problems, parse_recipe
 
@@ -127,3 +128,13 @@ def test_quantized_embedding_is_a_refinement_any_quantized_format_writes_and_pac
     ranked = [e.name for e in rank_exporters(exporters, {"quantized", "quantized-embedding"})]
     assert ranked == ["b-packs-embedding", "a-dense-embedding"]   # hf cannot write "quantized" at all
     assert [e.name for e in rank_exporters(exporters, {"quantized"})][0] == "a-dense-embedding"
+
+
+def test_chart_labels_name_each_stage_and_its_values():
+    from pocketlm.plan_eval import short_label
+
+    text = to_toml({"model": {"source": "m"}, "stages": [
+        {"method": "rtn", "bits": 8, "group_size": 32, "targets": ["embed"], "ignore": []},
+        {"method": "gptq", "bits": 4, "group_size": 32}]})
+    assert short_label(text) == "rtn 8/32/[embed] → gptq 4/32"
+    assert short_label(to_toml({"model": {"source": "m"}})) == "baseline"

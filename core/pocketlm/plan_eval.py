@@ -24,24 +24,39 @@ def pareto(points: list[dict]) -> list[dict]:
     return sorted(front, key=lambda p: p["size_mb"])
 
 
+def short_label(recipe_text: str) -> str:
+    """``rtn 8/32 [embed] → gptq 8/32``: each stage's method and option values, for a chart."""
+    import tomllib
+
+    stages = tomllib.loads(recipe_text).get("stages", [])
+    parts = []
+    for stage in stages:
+        values = [("[" + ",".join(map(str, v)) + "]") if isinstance(v, list) else str(v)
+                  for k, v in stage.items() if k != "method" and (not isinstance(v, list) or v)]
+        parts.append(" ".join([stage["method"], "/".join(values)]).strip())
+    return " → ".join(parts) or "baseline"
+
+
 def plot(points: list[dict], path: Path, extra: list[dict] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = plt.subplots(figsize=(8, 6))
     front = pareto(points)
     axis.scatter([p["size_mb"] for p in points], [p["perplexity"] for p in points], label="pocketlm candidates")
-    axis.plot([p["size_mb"] for p in front], [p["perplexity"] for p in front], "--", label="Pareto front")
+    axis.plot([p["size_mb"] for p in front], [p["perplexity"] for p in front], "--", label="pocketlm Pareto front")
     for p in points:
-        axis.annotate(p["label"][:40], (p["size_mb"], p["perplexity"]), fontsize=6)
-    for p in extra:
-        axis.scatter([p["size_mb"]], [p["perplexity"]], marker="x", color="red")
-        axis.annotate(p["label"], (p["size_mb"], p["perplexity"]), fontsize=6, color="red")
-    axis.set_xlabel("export size on disk (MB)")
+        label = short_label(p["recipe"]) if "recipe" in p else p["label"][:40]
+        axis.annotate(label, (p["size_mb"], p["perplexity"]), fontsize=7, xytext=(5, 4), textcoords="offset points")
+    markers = "xv^<>sPD*"
+    for number, p in enumerate(extra):
+        axis.scatter([p["size_mb"]], [p["perplexity"]], marker=markers[number % len(markers)], color="red",
+                     label=f"{p['label']}: {p['perplexity']:.2f}")
+    axis.set_xlabel("export size on disk (MB, all files)")
     axis.set_ylabel("perplexity (lower is better)")
-    axis.legend(fontsize=7)
+    axis.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)
     figure.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     figure.savefig(tmp, dpi=120)

@@ -53,6 +53,9 @@ class AWQOptions(Options):
       scale search measures its loss; None uses all of them. Channel means use every token.
     * ``clip``: search per-group clipping bounds (``clip_grid`` steps down to ``1 - max_shrink``
       of ``max|w|``, on ``max_clip_tokens`` tokens); ``clip_qk`` also clips q/k projections.
+    * ``backend``: ``"pocketlm"`` (this file) or ``"llmcompressor"``: llm-compressor's
+      AWQModifier run in its own venv (see ``backend_llmcompressor``; needs ``clip = false``
+      and ``search_tokens`` covering every calibration token).
     """
 
     bits: Literal[3, 4, 8] = 4
@@ -68,6 +71,7 @@ class AWQOptions(Options):
     max_shrink: float = 0.5
     max_clip_tokens: int = 512
     search_tokens: int | None = 2048
+    backend: Literal["pocketlm", "llmcompressor"] = "pocketlm"
 
     @field_validator("group_size")
     @classmethod
@@ -529,7 +533,11 @@ def check_model(model: nn.Module, architecture, options: AWQOptions) -> dict[str
 
 def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
     architecture = context.architecture(model)  # raises a PocketError naming register_architectures
-    check_model(model, architecture, options)
+    targets = check_model(model, architecture, options)
+    if options.backend == "llmcompressor":
+        from .backend_llmcompressor import compress_with_llmcompressor
+
+        return compress_with_llmcompressor(model, options, context, targets)
     windows = context.calibration_windows()
     handler = AWQHandler(model, architecture, options, context, total_tokens=int(windows.numel()))
     context.walk(model, handler, sequential=False, windows=windows, description="awq")
