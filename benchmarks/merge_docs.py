@@ -17,11 +17,14 @@ calibration on 32 windows of 512 tokens of WikiText-2 validation picked with
 `random.Random(0).sample`, `torch.manual_seed(0)`, `torch.set_num_threads(2)`. Baseline
 perplexity: 28.142 (measured here; the issues quote 28.14).
 
-Caveat on seconds: while these ran, up to six jobs shared the two cores (load average 2 to 9).
-Figures measured at different times are not side-by-side comparisons; each section says which
-rows ran side by side. Figures quoted from the issues (peers measured on a machine of this
-kind) are labelled as such. Raw rows are in `benchmarks/results/*.jsonl` and
-`docs/bench/gptq-results.jsonl`; each section names the exact command.
+Caveat on seconds: in session 1 up to six jobs shared the two cores (load average 2 to 9); in
+session 2 (2026-11-29 01:40 onwards) the benchmarks ran one at a time under a lock, with light
+test runs at `nice 19` alongside some of them (each section says where). Figures measured at
+different times are not side-by-side comparisons; each section says which rows ran side by
+side. Figures quoted from the issues (peers measured on a machine of this kind) are labelled as
+such. Raw rows: `docs/bench/raw/*.jsonl` (copies of `benchmarks/results/*.jsonl`, which is not
+versioned), `docs/bench/gptq-results.jsonl` and `docs/bench/gptq-timing.jsonl`; each section
+names the exact command.
 
 """
 
