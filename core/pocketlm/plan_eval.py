@@ -25,8 +25,8 @@ def pareto(points: list[dict]) -> list[dict]:
 
 
 def short_label(recipe_text: str) -> str:
-    """``rtn 8/32 [embed] → gptq 8/32``: each stage's method and option values, for a chart."""
-    import tomllib
+    """``a 8/32/[embed] → b 4/32``: each stage's method name and option values, for a chart."""
+    from .recipe import tomllib
 
     stages = tomllib.loads(recipe_text).get("stages", [])
     parts = []

@@ -18,7 +18,10 @@ from __future__ import annotations
 import difflib
 import json
 import re
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 from pathlib import Path
 from typing import Any, Literal
 
