@@ -35,15 +35,6 @@ from pocketlm.testing import make_context  # noqa: E402
 LLMC_PYTHON = common.ROOT / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"
 
 
-def unique_parameters(model) -> int:
-    seen, count = set(), 0
-    for parameter in model.parameters():
-        if parameter.data_ptr() not in seen:
-            seen.add(parameter.data_ptr())
-            count += parameter.numel()
-    return count
-
-
 def sparsity_of(model) -> float:
     from pocketlm.weights import masks
     found = masks(model)
@@ -81,7 +72,7 @@ def round_trip(model, window: torch.Tensor) -> dict:
         export_hf(model, Path(folder), None, None)
         loaded = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         diff = (loaded(input_ids=window).logits - model(input_ids=window).logits).abs().max().item()
-        return {"reload_max_logit_diff": diff, "reload_params": unique_parameters(loaded),
+        return {"reload_max_logit_diff": diff, "reload_params": common.unique_parameters(loaded),
                 "reload_class": type(loaded).__name__}
 
 
@@ -95,7 +86,7 @@ def run_ours(method, options, calibration, evaluation, log, extra=None):
         spec.compress(model, spec.options(**options), context)
     row = {"method": method, "options": options, "seconds": round(timer.seconds, 1),
            "perplexity": common.perplexity(model, evaluation), "sparsity": sparsity_of(model),
-           "parameters": unique_parameters(model)}
+           "parameters": common.unique_parameters(model)}
     if extra:
         row.update(extra(model))
     log(row)
@@ -133,7 +124,7 @@ def speed_job(calibration, evaluation, log, rounds: int = 3):
     both = pruned(copy.deepcopy(width), "prune-depth", {"layers": 4})
     models['prune-width {"mlp_ratio": 0.25} then prune-depth {"layers": 4}'] = both
     log({"method": "prune-width+prune-depth", "options": {"mlp_ratio": 0.25, "layers": 4},
-         "perplexity": common.perplexity(both, evaluation), "parameters": unique_parameters(both)})
+         "perplexity": common.perplexity(both, evaluation), "parameters": common.unique_parameters(both)})
     forward = {name: float("inf") for name in models}
     generate = {name: 0.0 for name in models}
     for _ in range(rounds):
@@ -141,7 +132,7 @@ def speed_job(calibration, evaluation, log, rounds: int = 3):
             forward[name] = min(forward[name], forward_latency(model, evaluation[:1], repeats=1))
             generate[name] = max(generate[name], generation_speed(model, evaluation[:1, :32], repeats=1))
     for name, model in models.items():
-        log({"method": "speed", "model": name, "parameters": unique_parameters(model),
+        log({"method": "speed", "model": name, "parameters": common.unique_parameters(model),
              "forward_s": forward[name], "gen_tokens_per_s": generate[name],
              "forward_speedup": forward["baseline"] / forward[name],
              "gen_speedup": generate[name] / generate["baseline"]})
@@ -229,7 +220,7 @@ def main():
         name, _, variant = job.partition("-") if not job.startswith("llmc-") else ("llmc", "", job[5:])
         if job == "baseline-speed" or job == "baseline-ppl":
             model, _ = common.load_reference()
-            row = {"method": "baseline", "options": {}, "parameters": unique_parameters(model)}
+            row = {"method": "baseline", "options": {}, "parameters": common.unique_parameters(model)}
             if job == "baseline-speed":
                 row.update({"forward_s": forward_latency(model, evaluation[:1]),
                             "gen_tokens_per_s": generation_speed(model, evaluation[:1, :32])})

@@ -78,14 +78,19 @@ def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6
 
 
-def fp16_reference_mb(model) -> float:
-    """Float16 size of the original weights: 2 bytes a parameter, tied embedding once."""
+def unique_parameters(model) -> int:
+    """Parameters counted once per storage (a tied embedding and head count once)."""
     seen, count = set(), 0
     for parameter in model.parameters():
         if parameter.data_ptr() not in seen:
             seen.add(parameter.data_ptr())
             count += parameter.numel()
-    return 2 * count / 1e6
+    return count
+
+
+def fp16_reference_mb(model) -> float:
+    """Float16 size of the original weights: 2 bytes a parameter, tied embedding once."""
+    return 2 * unique_parameters(model) / 1e6
 
 
 class Timer:

@@ -20,3 +20,21 @@ def perplexity(model, evaluation: torch.Tensor, batch_size: int = 4) -> float:
                                  reduction="sum").item()
         count += batch[:, 1:].numel()
     return math.exp(total / count)
+
+
+def load_model_and_windows(folder: str, windows_file: str):
+    """What every peer script starts from: seed 0, 2 threads, the float32 model, the calibration
+    and evaluation token windows the benchmark handed over, and the calibration windows as the
+    ``datasets.Dataset`` llm-compressor's ``oneshot`` takes."""
+    from datasets import Dataset
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    tensors = load_file(windows_file)
+    calibration, evaluation = tensors["calibration"], tensors["evaluation"]
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
+                                 "attention_mask": torch.ones_like(calibration).tolist()})
+    return model, calibration, evaluation, dataset

@@ -14,17 +14,13 @@ import json
 import sys
 import time
 
-import torch
-from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import QuantizationModifier
 from llmcompressor.modifiers.transform.awq import AWQModifier
 
 
-from _protocol import perplexity  # noqa: E402  (same code as benchmarks/common.py)
+from _protocol import load_model_and_windows, perplexity  # noqa: E402  (same code as benchmarks/common.py)
 
 
 def main():
@@ -34,13 +30,7 @@ def main():
         from llmcompressor.pipelines.cache import IntermediatesCache
 
         IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    tensors = load_file(windows_file)
-    calibration, evaluation = tensors["calibration"], tensors["evaluation"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
-                                 "attention_mask": torch.ones_like(calibration).tolist()})
+    model, calibration, evaluation, dataset = load_model_and_windows(folder, windows_file)
     weights = {"num_bits": int(bits), "type": "int", "symmetric": False, "strategy": "group",
                "group_size": int(group)}
     recipe = [AWQModifier(duo_scaling=True, n_grid=20),

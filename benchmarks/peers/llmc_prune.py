@@ -11,26 +11,17 @@ import sys
 import time
 
 import torch
-from datasets import Dataset
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
 
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
 
 
-from _protocol import perplexity  # noqa: E402  (same code as benchmarks/common.py)
+from _protocol import load_model_and_windows, perplexity  # noqa: E402  (same code as benchmarks/common.py)
 
 
 def main():
     folder, windows_file, method, mask = sys.argv[1:5]
-    torch.manual_seed(0)
-    torch.set_num_threads(2)
-    tensors = load_file(windows_file)
-    calibration, evaluation = tensors["calibration"], tensors["evaluation"]
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    dataset = Dataset.from_dict({"input_ids": calibration.tolist(),
-                                 "attention_mask": torch.ones_like(calibration).tolist()})
+    model, calibration, evaluation, dataset = load_model_and_windows(folder, windows_file)
     cls = {"sparsegpt": SparseGPTModifier, "wanda": WandaPruningModifier}[method]
     recipe = cls(sparsity=0.5, mask_structure=mask, targets=["Linear"], ignore=["lm_head", "re:.*lm_head"])
     start = time.perf_counter()

@@ -120,20 +120,21 @@ class Replay:
     module_outputs: list[torch.Tensor]
     scope_call: tuple | None = None        # (args, kwargs) of the scope's first call, for the check
 
+    def _hidden_after(self, module: nn.Module, batch: int) -> torch.Tensor:
+        """The scope's hidden output for ``batch`` with ``module`` as it is now."""
+        hidden, old = _hidden(self.scope_outputs[batch]), self.module_outputs[batch]
+        with torch.no_grad():
+            return hidden + (module(*self.module_args[batch]) - old).reshape(hidden.shape)
+
     def outputs(self, layer: nn.Module) -> list[Any]:
         module = get_module(layer, self.name)
-        with torch.no_grad():
-            return [_with_hidden(out, _hidden(out) + (module(*args) - old).reshape(_hidden(out).shape))
-                    for out, args, old in zip(self.scope_outputs, self.module_args, self.module_outputs)]
+        return [_with_hidden(out, self._hidden_after(module, batch)) for batch, out in enumerate(self.scope_outputs)]
 
     def matches(self, layer: nn.Module, real: torch.Tensor) -> bool:
         """Does the replayed first batch equal ``real``, the scope's true output after the change?"""
-        old = self.module_outputs[0]
-        if old.numel() != real.numel():
+        if self.module_outputs[0].numel() != real.numel():
             return False
-        module = get_module(layer, self.name)
-        with torch.no_grad():
-            replayed = _hidden(self.scope_outputs[0]) + (module(*self.module_args[0]) - old).reshape(real.shape)
+        replayed = self._hidden_after(get_module(layer, self.name), 0)
         scale = real.abs().max().clamp(min=1e-6)
         return bool(((real - replayed).abs().max() / scale) < 1e-4)
 

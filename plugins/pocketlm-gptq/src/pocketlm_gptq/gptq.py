@@ -115,10 +115,6 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     column order, ``scales``/``zeros`` ``[rows, groups]`` and ``g_idx`` (always None: groups are
     plain, ``column // group_size``, also with ``act_order``). ``mask`` (True = kept) pins pruned
     weights to the zero point and keeps the error compensation out of them."""
-    return _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask)
-
-
-def _gptq_quantize(W, H, bits, group_size, symmetric, damp, block_size, act_order, mask):
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, cols = W.shape
