@@ -6,6 +6,9 @@
    here (score of channel c = ||W_gate[c]|| * ||W_up[c]|| * ||W_down[:, c]||);
 3. a short timing probe sets the step count N that fits the CPU budget for KD;
 4. KD: N steps of ``distill`` (KL on logits, T=1, teacher = the unpruned reference);
+   with ``--teacher-correction-steps M`` a copy of the teacher is first fine-tuned with CE for
+   M steps on the same text (Minitron's teacher correction; label "KD+TC", its time counted in
+   the KD run's train_s);
 5. CE: the same N steps, same windows, same optimizer and schedule, cross-entropy only
    (``kl_weight=0, ce_weight=1``: no teacher); optionally CE for the same wall time (more steps).
 
@@ -100,8 +103,14 @@ def main() -> None:
                         help="weight of the label cross-entropy in the KD run (Hinton et al. mix soft and "
                              "hard targets; 0 = logits KL only)")
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--teacher-correction-steps", type=int, default=0,
+                        help="KD run only: CE steps on a copy of the teacher before distilling (Minitron's "
+                             "teacher correction; 0 = off). Its time is part of the KD run's train_s but not "
+                             "of the step-count probe or the --finish-by budget")
     parser.add_argument("--steps", type=int, default=None, help="skip the probe and use this many steps")
     parser.add_argument("--ce-equal-time", action="store_true", help="also run CE for the KD wall time")
+    parser.add_argument("--no-ce", action="store_true", help="KD only (the CE row of an earlier run with the "
+                                                             "same steps, seed and windows stands)")
     parser.add_argument("--out", type=Path, default=common.ROOT / "benchmarks" / "results" / "distill")
     parser.add_argument("--finish-by", default=None,
                         help="UTC HH:MM by which the run must end: shrinks the budget (and drops the "
@@ -162,9 +171,12 @@ def main() -> None:
     tokens = steps * args.batch_size * common.SEQ_LEN
 
     results = {}
-    kd = dict(kl_weight=1.0, ce_weight=args.kd_ce_weight, temperature=args.temperature)
-    kd_name = "KD" if not args.kd_ce_weight else f"KD (KL + {args.kd_ce_weight:g} CE)"
-    for name, extra in ((kd_name, kd), ("CE", dict(kl_weight=0.0, ce_weight=1.0))):
+    kd = dict(kl_weight=1.0, ce_weight=args.kd_ce_weight, temperature=args.temperature,
+              teacher_correction_steps=args.teacher_correction_steps)
+    kd_name = "KD" if not args.teacher_correction_steps else f"KD+TC({args.teacher_correction_steps})"
+    kd_name += "" if not args.kd_ce_weight else f" (KL + {args.kd_ce_weight:g} CE)"
+    runs = [(kd_name, kd)] + ([] if args.no_ce else [("CE", dict(kl_weight=0.0, ce_weight=1.0))])
+    for name, extra in runs:
         model.load_state_dict(pruned_state)
         seconds, history = run_distill(model, teacher, tokenizer, calibration, text, args.out / name,
                                        steps=steps, **train, **extra)

@@ -146,10 +146,16 @@ class Halver:
                 get_module(layer, self.also_touch[0]).weight.mul_(0.5)
 
 
-def _walk(family, handler, runs):
+class InputsOnly(Halver):
+    """A Halver that declares ``observes_outputs = False`` (its ``observe`` reads only inputs)."""
+
+    observes_outputs = False
+
+
+def _walk(family, handler, runs, windows=6):
     """Walk a fresh tiny model with ``handler``; count how often decoder layers run."""
     model = tiny_model(family)
-    context = make_context(tiny_windows(6, 24))
+    context = make_context(tiny_windows(windows, 24))
     for layer in decoder_layers(model, context.architecture(model)):
         layer.register_forward_pre_hook(lambda *a: runs.append(1))
     context.walk(model, handler)
@@ -170,15 +176,53 @@ def test_replaying_the_last_pass_feeds_every_layer_what_running_it_would(family)
 
 
 @pytest.mark.parametrize("touch", [("mlp.up_proj", "mlp.down_proj"), ("self_attn.q_proj", "self_attn.o_proj")])
-def test_a_broken_promise_is_caught_on_the_first_layer_and_the_walker_runs_layers_instead(touch):
+@pytest.mark.parametrize("inputs_only", [False, True])
+def test_a_broken_promise_is_caught_on_the_first_layer_and_the_walker_runs_layers_instead(touch, inputs_only):
     """The handler claims to change only the module it solves but also changes another one in
     the same scope (the layer for down_proj, the attention block for o_proj): replaying would
-    feed stale inputs. The check on layer 0 catches it."""
-    honest, liar = Halver(False, also_touch=touch), Halver(True, also_touch=touch)
+    feed stale inputs. The check on layer 0 catches it (also when an inputs-only handler's
+    replays put zeros in place of the old module after the first of 3 batches)."""
+    honest, liar = Halver(False, also_touch=touch), (InputsOnly if inputs_only else Halver)(True, also_touch=touch)
     honest_runs, liar_runs = [], []
-    _walk("llama", honest, honest_runs)
-    _walk("llama", liar, liar_runs)
+    _walk("llama", honest, honest_runs, windows=20)
+    _walk("llama", liar, liar_runs, windows=20)
     assert liar.fed.keys() == honest.fed.keys()
     for key in honest.fed:
         for a, b in zip(honest.fed[key], liar.fed[key]):
             torch.testing.assert_close(b, a)
+
+
+def _linear_calls(model, context):
+    """Count the completed forward calls of each linear of every decoder layer (relative names)."""
+    calls = {}
+    architecture = context.architecture(model)
+    for layer in decoder_layers(model, architecture):
+        for group in architecture.sequential:
+            for name in group:
+                get_module(layer, name).register_forward_hook(
+                    lambda *a, _name=name: calls.__setitem__(_name, calls.get(_name, 0) + 1))
+    return calls
+
+
+@pytest.mark.parametrize("family", ARCHITECTURES)
+@pytest.mark.parametrize("sequential", [True, False])
+def test_an_inputs_only_handler_sees_the_same_inputs_and_skips_running_what_it_observes(family, sequential):
+    """Groups whose linears read one tensor (q/k/v, gate/up) are observed at the first one's input
+    and none of them runs, once layer 0 has shown that they do read one tensor; a group whose
+    members read different tensors (the single group of a non-sequential walk) runs as before."""
+    results = {}
+    for handler in (Halver(True), InputsOnly(True)):
+        model = tiny_model(family)
+        context = make_context(tiny_windows(20, 24))   # 3 batches: replays use zeros after the first
+        calls = _linear_calls(model, context)
+        context.walk(model, handler, sequential=sequential)
+        results[type(handler).__name__] = (handler.fed, calls, model)
+    (plain, plain_calls, plain_model), (lean, lean_calls, lean_model) = results["Halver"], results["InputsOnly"]
+    assert plain.keys() == lean.keys()
+    for key in plain:
+        assert len(plain[key]) == len(lean[key])
+        for a, b in zip(plain[key], lean[key]):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert sum(lean_calls.values()) < sum(plain_calls.values())
+    for a, b in zip(plain_model.parameters(), lean_model.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)

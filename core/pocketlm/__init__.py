@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import pluggy
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 

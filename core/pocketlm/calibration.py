@@ -54,6 +54,10 @@ class LayerHandler(Protocol):
     # modules named in ``names`` (a Hessian solve or a pruner does; a method that folds scales into
     # neighbouring modules does not).
     # It lets the walker replay the layer's last pass instead of running the layer again.
+    # Optional: ``observes_outputs = False`` says ``observe`` reads only the inputs (it may then
+    # be called with ``output=None``). The walker may then stop each batch before the selected
+    # modules run, and when a group's modules all read one tensor (q/k/v, gate/up) it observes
+    # them all at the first one's input without computing any of them.
 
 
 @dataclass
@@ -139,6 +143,23 @@ class Replay:
         return bool(((real - replayed).abs().max() / scale) < 1e-4)
 
 
+def _zeros_after_first_batch(module: nn.Module, batch: list[int]) -> nn.Module:
+    """Patch ``module`` to run for real on batch 0 and return zeros of that output's width on
+    later batches (when batch 0 gave a plain tensor of its input's rank). Returns the module."""
+    width: list[int] = []
+
+    def stand_in(*args, **kwargs):
+        if batch[0] == 0 or not width:
+            output = type(module).forward(module, *args, **kwargs)
+            if batch[0] == 0 and args and isinstance(output, torch.Tensor) and output.dim() == args[0].dim():
+                width.append(output.shape[-1])
+            return output
+        return args[0].new_zeros(*args[0].shape[:-1], width[0])
+
+    module.forward = stand_in
+    return module
+
+
 def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
     """``output`` (a tensor, or a tuple whose first item is one) with its hidden states replaced."""
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
@@ -146,9 +167,17 @@ def _with_hidden(output: Any, hidden: torch.Tensor) -> Any:
 
 def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
                  observe: Callable[[str, nn.Module, tuple, dict, Any], None], *,
-                 record: str | None = None, substitutes: dict[str, list] | None = None) -> Replay | None:
+                 record: str | None = None, substitutes: dict[str, list] | None = None,
+                 inputs_only: bool = False, shared_input: bool = False) -> Replay | None:
     """Run ``layer`` over ``inputs`` with ``observe`` hooked on the submodules ``names``; each
     batch stops as soon as every hooked module has fired.
+
+    * ``inputs_only``: ``observe`` gets ``output=None``. Without ``record`` the modules' inputs
+      are hooked, so a batch stops before the last module runs; with ``shared_input`` too, the
+      first module called stands for all of them (they read the same tensor) and none runs. With
+      ``record`` the module runs only on the first batch (which feeds the replay's check); later
+      batches get zeros in its place, since the replay adds the new module's output to the
+      scope's output without the old one.
 
     * ``record`` (one name only): a scope, ``""`` for the whole layer or the name of a submodule
       holding the module; every batch runs to the end of that scope and the pass is returned as
@@ -161,7 +190,7 @@ def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
 
     def hook_for(name):
         def hook(module, args, kwargs, output):
-            observe(name, module, args, kwargs, output)
+            observe(name, module, args, kwargs, None if inputs_only else output)
             fired.add(name)
             if replay is not None:
                 replay.module_args.append(args)
@@ -178,12 +207,26 @@ def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
         replay.scope_outputs.append(output)
         raise _Stop
 
-    handles = [get_module(layer, n).register_forward_hook(hook_for(n), with_kwargs=True) for n in names]
+    def pre_hook_for(name):
+        def pre_hook(module, args, kwargs):
+            for other in (names if shared_input else [name]):
+                observe(other, get_module(layer, other) if shared_input else module, args, kwargs, None)
+                fired.add(other)
+            if len(fired) == len(names):
+                raise _Stop
+        return pre_hook
+
+    if inputs_only and record is None:
+        handles = [get_module(layer, n).register_forward_pre_hook(pre_hook_for(n), with_kwargs=True) for n in names]
+    else:
+        handles = [get_module(layer, n).register_forward_hook(hook_for(n), with_kwargs=True) for n in names]
     if replay is not None and record:
         scope = get_module(layer, record)
         handles.append(scope.register_forward_pre_hook(scope_pre, with_kwargs=True))
         handles.append(scope.register_forward_hook(scope_done, with_kwargs=True))
     patched = []
+    if inputs_only and replay is not None:
+        patched.append(_zeros_after_first_batch(get_module(layer, names[0]), batch))
     for name, outputs in (substitutes or {}).items():
         module = get_module(layer, name)
         module.forward = lambda *a, _outputs=outputs, **k: _outputs[batch[0]]
@@ -210,6 +253,28 @@ def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
     return replay
 
 
+def _observe_inputs(layer: nn.Module, inputs: LayerInputs, names: list[str], observe: Callable,
+                    substitutes: dict[str, list], shared: dict[tuple, bool]) -> None:
+    """An inputs-only pass. The first time a layer class meets a group of several modules, the
+    pass runs them and checks that they all read one tensor; after that, such a group is observed
+    at its first module's input and none of its modules runs."""
+    key = (type(layer).__name__, tuple(names))
+    if len(names) == 1 or shared.get(key) is not None:
+        observe_pass(layer, inputs, names, observe, substitutes=substitutes, inputs_only=True,
+                     shared_input=len(names) == 1 or shared[key])
+        return None
+    first: list = []                         # the inputs of the first batch's calls
+
+    def recording(name, module, args, kwargs, output):
+        if len(first) < len(names):
+            first.append(args[0] if args else None)
+        observe(name, module, args, kwargs, output)
+
+    observe_pass(layer, inputs, names, recording, substitutes=substitutes, inputs_only=True)
+    shared[key] = len(first) == len(names) and first[0] is not None and all(x is first[0] for x in first)
+    return None
+
+
 def _scope_of(name: str, later: list[str]) -> str | None:
     """The submodule holding ``name`` (``"self_attn"`` for ``"self_attn.o_proj"``) when no later
     group lives inside it, so its output can stand in for running it; else None."""
@@ -234,7 +299,9 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
         layers = decoder_layers(model, architecture)
         groups = architecture.sequential if sequential else (tuple(n for g in architecture.sequential for n in g),)
         may_replay = bool(getattr(handler, "changes_only_selected", False))
+        inputs_only = not getattr(handler, "observes_outputs", True)
         trusted: dict[str, bool] = {}          # scope -> replaying it matched a real run
+        shared: dict[tuple, bool] = {}         # (layer class, group) -> its modules read one tensor
         for index, layer in enumerate(layers):
             replay, substitutes = None, {}
             for number, group in enumerate(groups):
@@ -248,7 +315,11 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
                     scope = "" if last else _scope_of(names[0], later)
                 if scope is not None and trusted.get(scope) is False:
                     scope = None
-                replay = observe_pass(layer, inputs, names, handler.observe, record=scope, substitutes=substitutes)
+                if inputs_only and scope is None:
+                    replay = _observe_inputs(layer, inputs, names, handler.observe, substitutes, shared)
+                else:
+                    replay = observe_pass(layer, inputs, names, handler.observe, record=scope, substitutes=substitutes,
+                                          inputs_only=inputs_only)
                 handler.solve(index, layer, names)
                 if replay is None or not replay.scope:
                     continue

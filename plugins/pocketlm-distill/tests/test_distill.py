@@ -23,7 +23,15 @@ from pocketlm.testing.models import tiny_model
 from pocketlm.weights import QuantizedLinear, get_mask, linear_weight, masks, minmax_grid, quantize, set_mask
 from pocketlm.modules import select_linears, set_module
 from pocketlm_distill import DistillOptions, distill, kd_loss, lr_factor
-from pocketlm_distill.distill import STATE_FILE, batch_order
+from pocketlm_distill.distill import (
+    STATE_FILE,
+    TEACHER_FILE,
+    batch_order,
+    ce_loss,
+    correct_teacher,
+    load_corrected,
+    save_corrected,
+)
 
 def options(corpus, **kwargs) -> DistillOptions:
     defaults = dict(text=str(corpus["train"]), seq_len=SEQ_LEN, batch_size=4, lr=3e-3, checkpoint_every=0)
@@ -70,6 +78,18 @@ def test_options_validation():
         DistillOptions(steps=10, kl_weight=0.0)
     with pytest.raises(ValidationError):
         DistillOptions(steps=10, bogus=1)
+
+
+def test_teacher_correction_options():
+    assert DistillOptions(steps=1).teacher_correction_steps == 0  # off by default
+    with pytest.raises(ValidationError, match="teacher_correction_steps"):
+        DistillOptions(steps=10, teacher_correction_steps=-1)
+    with pytest.raises(ValidationError, match="teacher_correction_steps.*no teacher"):
+        DistillOptions(steps=10, kl_weight=0.0, ce_weight=1.0, teacher_correction_steps=5)
+    with pytest.raises(ValidationError, match="teacher_correction_lr"):
+        DistillOptions(steps=10, teacher_correction_steps=5, teacher_correction_lr=0.0)
+    # a teacher used through the hidden-state loss alone can be corrected
+    DistillOptions(steps=10, kl_weight=0.0, hidden_weight=1.0, layer_map={"0": 0}, teacher_correction_steps=5)
 
 
 # ------------------------------------------------------------------------------ pure functions
@@ -331,6 +351,114 @@ def test_multi_teacher_averages(corpus, teacher, tmp_path):
     assert to_mean < kl_to(teacher, student, held) and to_mean < kl_to(second, student, held)
 
 
+# ------------------------------------------------------------------------------ teacher correction
+
+
+def _accelerator():
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+
+
+@torch.no_grad()
+def _ce(model, windows) -> float:
+    return ce_loss(model(input_ids=windows, use_cache=False).logits, windows).item()
+
+
+def test_correction_lowers_teacher_ce_on_the_student_batches(corpus, teacher):
+    windows = corpus["train_windows"]
+    opts = options(corpus, steps=10, teacher_correction_steps=8)
+    teacher_hash = params_hash(teacher)
+    accelerator = _accelerator()
+    corrected, history = correct_teacher(teacher, windows, opts, seed=0, accelerator=accelerator)
+    accelerator.free_memory()
+    assert corrected is not teacher and len(history) == 8
+    assert not corrected.training and all(not p.requires_grad for p in corrected.parameters())
+    # the windows the student's first 8 steps see, in that order, are the ones corrected on
+    seen = windows[sorted(set(sum(batch_order(windows.shape[0], 4, 8, seed=0), [])))]
+    before, after = _ce(teacher, seen), _ce(corrected, seen)
+    assert after < before - 0.05, (before, after)
+    assert params_hash(teacher) == teacher_hash  # bit-identical
+    assert all(not p.requires_grad for p in teacher.parameters()) and not teacher.training
+
+
+def test_corrected_teacher_is_used_and_original_untouched(corpus, teacher, tmp_path):
+    base = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    teacher_hash = params_hash(teacher)
+    plain, corrected = copy.deepcopy(base), copy.deepcopy(base)
+    distill(plain, options(corpus, steps=3), context(corpus, teacher, tmp_path / "a"))
+    messages = []
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.logger = messages.append
+    distill(corrected, options(corpus, steps=3, teacher_correction_steps=6, checkpoint_every=2), ctx)
+    assert params_hash(teacher) == teacher_hash
+    assert all(not p.requires_grad for p in teacher.parameters())
+    assert any("teacher correction: 6 steps, CE" in m for m in messages), messages
+    rows = list(csv.DictReader(open(tmp_path / "b" / "stage" / "teacher-correction.csv")))
+    assert [int(r["step"]) for r in rows] == list(range(1, 7)) and float(rows[-1]["ce"]) < float(rows[0]["ce"])
+    assert not (tmp_path / "b" / "stage" / TEACHER_FILE.format(0)).exists()  # dropped once done
+    # a different teacher gave a different student
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert (plain.state_dict()[name] - corrected.state_dict()[name]).abs().max() > 1e-5
+
+
+def test_corrected_teacher_file_keeps_tied_weights(corpus, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.testing.models import tiny_config
+
+    config = tiny_config("llama", vocab_size=len(corpus["tokenizer"]))
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    tied = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    accelerator = _accelerator()
+    corrected, _ = correct_teacher(tied, corpus["train_windows"], options(corpus, steps=2, teacher_correction_steps=2),
+                                   seed=0, accelerator=accelerator)
+    accelerator.free_memory()
+    path = tmp_path / "t.safetensors"
+    save_corrected(corrected, path, "abc")
+    assert load_corrected(tied, path, "other") is None  # written with other options
+    loaded = load_corrected(tied, path, "abc")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    for (name, a), (_, b) in zip(corrected.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(loaded.model.embed_tokens.weight, tied.model.embed_tokens.weight)
+
+
+def test_resume_with_teacher_correction_equals_uninterrupted(corpus, teacher, tmp_path):
+    base = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    opts = options(corpus, steps=8, checkpoint_every=3, grad_accum=2, batch_size=2, warmup_steps=2,
+                   teacher_correction_steps=4)
+
+    straight = copy.deepcopy(base)
+    distill(straight, opts, context(corpus, teacher, tmp_path / "a"))
+
+    killed = copy.deepcopy(base)
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.progress = _KillAfter(5)
+    with pytest.raises(_Killed):
+        distill(killed, opts, ctx)
+    stage = tmp_path / "b" / "stage"
+    assert torch.load(stage / STATE_FILE, weights_only=True)["step"] == 3
+    assert (stage / TEACHER_FILE.format(0)).is_file()
+    messages = []
+    resumed = copy.deepcopy(base)
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.logger = messages.append
+    distill(resumed, opts, ctx)
+    assert any("resuming at step 3" in m for m in messages)
+    assert any("teacher correction: loaded teacher 0" in m for m in messages)  # not retrained
+    assert not any("teacher correction: 4 steps" in m for m in messages)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    losses_a = [r["loss"] for r in csv.DictReader(open(tmp_path / "a" / "stage" / "loss.csv"))]
+    losses_b = [r["loss"] for r in csv.DictReader(open(stage / "loss.csv"))]
+    assert losses_a == losses_b and len(losses_a) == 8
+    assert not (stage / STATE_FILE).exists() and not (stage / TEACHER_FILE.format(0)).exists()
+
+
 # ------------------------------------------------------------------------------ accelerate, 2 processes
 
 
@@ -357,18 +485,22 @@ def _rank(rank, port, student, teacher, windows, opts, out):
         raise SystemExit(3)
     if not any("on 2 process(es)" in m for m in messages):
         raise SystemExit(4)
+    if opts.teacher_correction_steps and not any("teacher correction: 2 steps" in m for m in messages):
+        raise SystemExit(5)
     if rank == 0:
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out)
 
 
-def test_two_processes_match_one(corpus, teacher, tmp_path):
+@pytest.mark.parametrize("correction", [0, 2])
+def test_two_processes_match_one(corpus, teacher, tmp_path, correction):
     """The same global batch on 2 gloo CPU processes (DDP through accelerate) and on 1.
 
     The processes are forked from this one (no second import of torch and transformers);
     each sets the environment a launcher sets and runs ``distill`` unchanged."""
     student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
     windows = corpus["train_windows"][:64].contiguous()
-    opts = DistillOptions(steps=4, batch_size=4, grad_accum=2, lr=3e-3, ce_weight=0.3, checkpoint_every=0)
+    opts = DistillOptions(steps=4, batch_size=4, grad_accum=2, lr=3e-3, ce_weight=0.3, checkpoint_every=0,
+                          teacher_correction_steps=correction)
     one = copy.deepcopy(student)
     distill(one, opts, make_context(windows, teacher=teacher))
 

@@ -105,3 +105,19 @@ def test_grid_packs_into_quantized_linear_exactly(problem, bits):
     assert torch.equal(module.storage.grid().to(torch.int32), q)
     assert torch.equal(module.dequantize(), dequantize_grid(q, scales, zeros, 32))
     assert module.storage.qweight.shape == (64, 2 * bits)  # 64 values of `bits` bits in int32 words
+
+
+@pytest.mark.parametrize("cols", [64, 576, 1000])
+def test_the_blocked_gram_update_equals_the_full_product(cols):
+    """add_gram computes each off-diagonal block once and mirrors it: same H as x^T x."""
+    from pocketlm_gptq.gptq import add_gram
+
+    torch.manual_seed(0)
+    x = torch.randn(200, cols)
+    start = torch.randn(cols, cols)
+    H = start + start.t()
+    expected = H + x.t() @ x
+    add_gram(H, x)
+    torch.testing.assert_close(H, expected, rtol=1e-5, atol=1e-3)
+    assert torch.equal(H, H.t())
+

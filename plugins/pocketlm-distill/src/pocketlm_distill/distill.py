@@ -44,11 +44,22 @@ optimizer, the scheduler, the RNG state, the step and the loss history are writt
 to ``context.stage_dir/distill-state.pt``; a later call with the same options resumes from it
 and ends with the same weights as an uninterrupted run. The loss curve is written to
 ``loss.csv`` and ``loss.png`` in the stage folder.
+
+Teacher correction (``teacher_correction_steps > 0``, off by default): Minitron (Sreenivas et
+al., 2024) first fine-tunes the teacher on the distillation text, because a teacher that never
+saw that text pulls the student toward a distribution that does not fit it. Here a *copy* of
+each teacher is trained with next-token cross-entropy for that many optimizer steps (same
+batches, in the same order, as the student's first steps; AdamW, warm-up and cosine, clipping,
+through the same accelerator) and then distilled from; the teacher passed in is never changed.
+Cost: one CE training step on the teacher (forward and backward, plus its AdamW state in
+memory) per correction step. With checkpoints on, each corrected teacher is saved to
+``distill-teacher-{i}.safetensors`` in the stage folder and reused by a resumed run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import json
@@ -75,6 +86,7 @@ from pocketlm.weights import (
 )
 
 STATE_FILE = "distill-state.pt"
+TEACHER_FILE = "distill-teacher-{}.safetensors"  # a corrected teacher, by its index
 
 
 class DistillOptions(Options):
@@ -101,6 +113,8 @@ class DistillOptions(Options):
     layer_map: dict[str, int] | None = None  # student layer -> teacher layer, e.g. {"0": 0, "1": 2}
     quantized: Literal["ste", "freeze"] = "ste"
     freeze: list[str] = []              # parameter name patterns kept fixed (e.g. "model.embed_tokens")
+    teacher_correction_steps: int = 0   # CE steps on a copy of the teacher first (Minitron); 0: off
+    teacher_correction_lr: float | None = None  # peak rate of the correction; None: lr
     checkpoint_every: int = 50          # optimizer steps between resumable checkpoints; 0: never
     seed: int | None = None             # None: the recipe's seed
 
@@ -132,6 +146,14 @@ class DistillOptions(Options):
                     raise ValueError(f"layer_map entries pair layer indices: {key!r}: {value!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("min_lr_ratio must lie in [0, 1]")
+        if self.teacher_correction_steps < 0:
+            raise ValueError(f"teacher_correction_steps must be 0 (off) or positive, "
+                             f"not {self.teacher_correction_steps}")
+        if self.teacher_correction_lr is not None and self.teacher_correction_lr <= 0:
+            raise ValueError("teacher_correction_lr must be positive (or None: the student's lr)")
+        if self.teacher_correction_steps > 0 and self.kl_weight == 0 and self.hidden_weight == 0:
+            raise ValueError("teacher_correction_steps > 0 corrects the teacher, but no teacher is used "
+                             "(kl_weight and hidden_weight are 0)")
         return self
 
 
@@ -322,6 +344,117 @@ def mask_pairs(model: nn.Module, opened: dict[str, STELinear]) -> list[tuple[nn.
     return pairs
 
 
+def correct_teacher(teacher: nn.Module, windows: torch.Tensor, options: DistillOptions, seed: int,
+                    accelerator) -> tuple[nn.Module, list[float]]:
+    """Teacher correction: a copy of ``teacher`` fine-tuned with next-token CE for
+    ``options.teacher_correction_steps`` optimizer steps on the batches the student starts with.
+
+    Returns the copy (eval mode, frozen) and its CE per step. ``teacher`` is not changed. The
+    copy, its optimizer and loader go through ``accelerator.prepare``; the caller releases
+    them (``accelerator.free_memory()``) before preparing anything it keeps."""
+    steps, accum = options.teacher_correction_steps, options.grad_accum
+    warmup = min(100, steps // 20)
+    corrected = copy.deepcopy(teacher)
+    corrected.train()
+    for parameter in corrected.parameters():
+        parameter.requires_grad_(True)
+    lr = options.teacher_correction_lr if options.teacher_correction_lr is not None else options.lr
+    optimizer = torch.optim.AdamW(corrected.parameters(), lr=lr, betas=options.betas,
+                                  weight_decay=options.weight_decay, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, steps, options.min_lr_ratio))
+    order = batch_order(windows.shape[0], options.batch_size, steps * accum, seed)
+    loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(order, options.batch_size))
+    torch.manual_seed(seed)  # dropout, where the teacher has any
+    prepared, optimizer, loader = accelerator.prepare(corrected, optimizer, loader)
+    parameters = [p for p in prepared.parameters() if p.requires_grad]
+    history, running = [], torch.zeros((), device=accelerator.device)
+    for index, ids in enumerate(loader):
+        sync = index % accum == accum - 1
+        with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
+            ce = ce_loss(prepared(input_ids=ids, use_cache=False).logits, ids)
+            accelerator.backward(ce / accum)
+        running += ce.detach().float() / accum
+        if not sync:
+            continue
+        if options.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(parameters, options.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        mean = accelerator.reduce(running, reduction="mean") if accelerator.num_processes > 1 else running
+        history.append(mean.item())
+        running = torch.zeros_like(running)
+    corrected = accelerator.unwrap_model(prepared)
+    del prepared, optimizer, scheduler, loader
+    return _frozen(corrected), history
+
+
+def _frozen(model: nn.Module) -> nn.Module:
+    model.eval()
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def load_corrected(teacher: nn.Module, path: Path, fingerprint: str) -> nn.Module | None:
+    """The corrected teacher saved at ``path`` by a run with the same fingerprint, else None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        if (handle.metadata() or {}).get("fingerprint") != fingerprint:
+            return None
+    corrected = copy.deepcopy(teacher)
+    load_model(corrected, path, device=str(next(teacher.parameters()).device))
+    return _frozen(corrected)
+
+
+def save_corrected(model: nn.Module, path: Path, fingerprint: str) -> None:
+    """Atomic safetensors file of ``model`` (tied weights are stored once), tagged with the fingerprint."""
+    from safetensors.torch import save_model
+
+    temporary = path.with_name(path.name + ".tmp")
+    save_model(model, str(temporary), metadata={"fingerprint": fingerprint})
+    os.replace(temporary, path)
+
+
+def corrected_teachers(teachers: list[nn.Module], windows: torch.Tensor, options: DistillOptions, seed: int,
+                       accelerator, context, fingerprint: str) -> list[nn.Module]:
+    """Each teacher corrected (:func:`correct_teacher`), or loaded from the stage folder when a
+    run with the same options saved it; saved there for a resume when checkpoints are on."""
+    folder = Path(context.stage_dir) if context.stage_dir is not None else None
+    result = []
+    for index, teacher in enumerate(teachers):
+        path = folder / TEACHER_FILE.format(index) if folder is not None else None
+        corrected = load_corrected(teacher, path, fingerprint) if path is not None else None
+        if corrected is not None:
+            context.log(f"distill: teacher correction: loaded teacher {index} from {path}")
+            result.append(corrected)
+            continue
+        corrected, history = correct_teacher(teacher, windows, options, seed, accelerator)
+        context.log(f"distill: teacher correction: {len(history)} steps, CE {history[0]:.4f} -> {history[-1]:.4f}"
+                    + (f" (teacher {index})" if len(teachers) > 1 else ""))
+        if folder is not None and accelerator.is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)
+            _append_correction_curve(folder / "teacher-correction.csv", index, history)
+            if options.checkpoint_every:
+                save_corrected(corrected, path, fingerprint)
+        accelerator.wait_for_everyone()
+        result.append(corrected)
+    return result
+
+
+def _append_correction_curve(path: Path, index: int, history: list[float]) -> None:
+    with open(path, "w" if index == 0 else "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if index == 0:
+            writer.writerow(["teacher", "step", "ce"])
+        writer.writerows([index, step + 1, ce] for step, ce in enumerate(history))
+
+
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
     described["seed"] = seed
@@ -437,14 +570,18 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
             start, history = int(state["step"]), list(state["history"])
             context.log(f"distill: resuming at step {start} of {total}")
 
+    originals, teacher_devices = teachers, [next(t.parameters()).device for t in teachers]
+    if options.teacher_correction_steps:
+        teachers = corrected_teachers(teachers, windows, options, seed, accelerator, context, fingerprint)
+        accelerator.free_memory()  # drop the corrections' prepared copies, optimizers and loaders
+
     order = batch_order(windows.shape[0], options.batch_size, total * options.grad_accum, seed)
     remaining = order[start * options.grad_accum:]
     loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(remaining, options.batch_size))
 
     prepared, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     device = accelerator.device
-    teacher_devices = [next(t.parameters()).device for t in teachers]
-    teachers = [t.to(device) for t in teachers]  # a no-op on CPU; moved back at the end
+    teachers = [t.to(device) for t in teachers]  # a no-op on CPU; the originals are moved back at the end
     masked = [(p, m.to(device)) for p, m in masked]
     if state is not None:
         accelerator.unwrap_model(prepared).load_state_dict(state["model"])
@@ -529,8 +666,9 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
         set_module(model, name, ste.close())
     accelerator.free_memory()
     model.to(original_device)
-    for teacher, teacher_device in zip(teachers, teacher_devices):
+    for teacher, teacher_device in zip(originals, teacher_devices):
         teacher.to(teacher_device)
+    del teachers  # corrected copies, if any, are dropped
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(original_flags.get(name, True))
     model.eval()
@@ -539,6 +677,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
         write_curve(history, Path(context.stage_dir))
         if state_path is not None and state_path.exists():
             state_path.unlink()
+        for index in range(len(originals)):
+            (Path(context.stage_dir) / TEACHER_FILE.format(index)).unlink(missing_ok=True)
     if history:
         first, last = history[0], history[-1]
         context.log(f"distill: loss {first['loss']:.4f} -> {last['loss']:.4f} over {total} steps, "

@@ -12,7 +12,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import common, gptq, rtn
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 POCKETLM_API = ">=1.1,<2"
 
 

@@ -242,6 +242,7 @@ class CalibratedPruner:
     each group, then prune them with ``prune(name, module, sparsity)`` (subclasses)."""
 
     changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
+    observes_outputs = False       # statistics of the inputs only: the walker may skip running them
 
     def __init__(self, targeting: Targeting, sparsities: list[float], options: PruneOptions, log):
         self.targeting, self.sparsities, self.options, self.log = targeting, sparsities, options, log
