@@ -262,7 +262,7 @@ def _observe_inputs(layer: nn.Module, inputs: LayerInputs, names: list[str], obs
     if len(names) == 1 or shared.get(key) is not None:
         observe_pass(layer, inputs, names, observe, substitutes=substitutes, inputs_only=True,
                      shared_input=len(names) == 1 or shared[key])
-        return None
+        return
     first: list = []                         # the inputs of the first batch's calls
 
     def recording(name, module, args, kwargs, output):
@@ -272,7 +272,6 @@ def _observe_inputs(layer: nn.Module, inputs: LayerInputs, names: list[str], obs
 
     observe_pass(layer, inputs, names, recording, substitutes=substitutes, inputs_only=True)
     shared[key] = len(first) == len(names) and first[0] is not None and all(x is first[0] for x in first)
-    return None
 
 
 def _scope_of(name: str, later: list[str]) -> str | None:
@@ -316,7 +315,8 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
                 if scope is not None and trusted.get(scope) is False:
                     scope = None
                 if inputs_only and scope is None:
-                    replay = _observe_inputs(layer, inputs, names, handler.observe, substitutes, shared)
+                    _observe_inputs(layer, inputs, names, handler.observe, substitutes, shared)
+                    replay = None
                 else:
                     replay = observe_pass(layer, inputs, names, handler.observe, record=scope, substitutes=substitutes,
                                           inputs_only=inputs_only)

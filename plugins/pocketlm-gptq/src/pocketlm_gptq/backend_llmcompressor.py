@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketError
-from pocketlm.builtins.export_hf import densify
+from pocketlm.builtins.export_hf import export_hf
 from pocketlm.modules import get_module
 from pocketlm.weights import get_mask, is_transposed, unpack
 
@@ -93,13 +93,7 @@ def compress_with_llmcompressor(model, options, context, selection):
     windows = context.calibration_windows()
     with tempfile.TemporaryDirectory(prefix="pocketlm-llmc-") as work:
         work = Path(work)
-        dense = densify(model)
-        if hasattr(dense.config, "quantization_config"):
-            del dense.config.quantization_config
-        dense.save_pretrained(work / "model")
-        del dense
-        if context.tokenizer is not None:
-            context.tokenizer.save_pretrained(work / "model")
+        export_hf(model, work / "model", None, context)   # the dense model and its tokenizer
         save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
         command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
                    "--out", str(work / "out"), "--result", str(work / "result.json"),
