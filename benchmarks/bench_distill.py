@@ -13,7 +13,9 @@
    (``kl_weight=0, ce_weight=1``: no teacher); optionally CE for the same wall time (more steps).
 
 Training text: WikiText-2 *validation* (the calibration split), all non-overlapping 512-token
-windows, shuffled with the seed; evaluation: the quick protocol on WikiText-2 test.
+windows, shuffled with the seed; evaluation: the quick protocol on WikiText-2 test (``--eval full``
+adds the full protocol's 128 windows, from the same pass). ``--seeds 0,1`` repeats steps 4-5 for
+each seed (window order and training RNG), the pruned model being the same.
 
     flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_distill.py --budget-s 480
 """
@@ -24,12 +26,14 @@ import argparse
 import copy
 import csv
 import json
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -38,6 +42,7 @@ from pocketlm.modules import get_module  # noqa: E402
 from pocketlm.plugins import get_plugins  # noqa: E402
 from pocketlm.testing import make_context  # noqa: E402
 
+QUICK_WINDOWS = 32  # the quick protocol's evaluation windows: the first 32 of the full protocol's 128
 RESULTS = common.ROOT / "benchmarks" / "results" / "bench_distill.jsonl"
 
 
@@ -81,6 +86,23 @@ def prune(model, tokenizer, calibration, ratio: float) -> str:
     return f"magnitude structured MLP-channel removal in the benchmark script, ratio={ratio}"
 
 
+@torch.no_grad()
+def window_nll(model, evaluation: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """Summed next-token NLL of each window: the protocol's perplexity, kept per window so that
+    one pass over the full protocol's windows also gives the quick protocol's (its first 32)."""
+    torch.manual_seed(0)
+    sums = []
+    for start in range(0, evaluation.shape[0], batch_size):
+        batch = evaluation[start:start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits.float()
+        # the same (tokens, vocab) layout as the protocol's perplexity: a (batch, vocab, tokens)
+        # layout takes another log-softmax kernel, whose float32 sums read about 1e-4 lower
+        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                              reduction="none")
+        sums.append(nll.view(batch.shape[0], -1).double().sum(dim=1))
+    return torch.cat(sums)
+
+
 def run_distill(student, teacher, tokenizer, calibration, text, stage: Path, **options):
     from pocketlm_distill import DistillOptions, distill
 
@@ -107,6 +129,12 @@ def main() -> None:
                         help="KD run only: CE steps on a copy of the teacher before distilling (Minitron's "
                              "teacher correction; 0 = off). Its time is part of the KD run's train_s but not "
                              "of the step-count probe or the --finish-by budget")
+    parser.add_argument("--seeds", default="0",
+                        help="comma-separated seeds: each one orders the training windows and seeds the training "
+                             "RNG, and gets its own KD and CE runs (the two runs of one seed see the same windows)")
+    parser.add_argument("--eval", choices=["quick", "full"], default="quick",
+                        help="full: also report the full protocol's perplexity (128 test windows, which "
+                             "begin with the quick protocol's 32; one pass gives both)")
     parser.add_argument("--steps", type=int, default=None, help="skip the probe and use this many steps")
     parser.add_argument("--ce-equal-time", action="store_true", help="also run CE for the KD wall time")
     parser.add_argument("--no-ce", action="store_true", help="KD only (the CE row of an earlier run with the "
@@ -144,8 +172,29 @@ def main() -> None:
         common.append_result(RESULTS, row)
         log(json.dumps(row))
 
-    base_ppl = common.perplexity(model, evaluation)
-    record({"model": "reference (unpruned)", "perplexity": base_ppl})
+    if args.eval == "full":
+        evaluation = common.windows(tokenizer, "full")[0]
+    seeds = [int(seed) for seed in args.seeds.split(",")]
+
+    def measure(model) -> dict:
+        nll = window_nll(model, evaluation)
+        quick = {"perplexity": math.exp(nll[:QUICK_WINDOWS].sum().item() / (QUICK_WINDOWS * (common.SEQ_LEN - 1)))}
+        if args.eval == "full":
+            quick["perplexity_full"] = math.exp(nll.sum().item() / (nll.numel() * (common.SEQ_LEN - 1)))
+        return quick
+
+    def quality(scores: dict) -> dict:
+        """Retention and the share of the pruning loss recovered, for each protocol measured."""
+        out = {}
+        for key, value in scores.items():
+            suffix = key[len("perplexity"):]
+            out["retention" + suffix] = base[key] / value
+            out["recovered" + suffix] = (pruned[key] - value) / (pruned[key] - base[key])
+        return out
+
+    base = measure(model)
+    base_ppl = base["perplexity"]
+    record({"model": "reference (unpruned)", **base})
     teacher = copy.deepcopy(model).eval()
     for parameter in teacher.parameters():
         parameter.requires_grad_(False)
@@ -153,8 +202,8 @@ def main() -> None:
     with common.Timer() as timer:
         how = prune(model, tokenizer, calibration, args.ratio)
     params = sum(p.numel() for p in model.parameters())
-    pruned_ppl = common.perplexity(model, evaluation)
-    record({"model": "pruned", "how": how, "perplexity": pruned_ppl, "params": params,
+    pruned = measure(model)
+    record({"model": "pruned", "how": how, **pruned, "params": params,
             "intermediate_size": model.config.intermediate_size, "prune_s": timer.seconds})
     pruned_state = {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -175,33 +224,35 @@ def main() -> None:
               teacher_correction_steps=args.teacher_correction_steps)
     kd_name = "KD" if not args.teacher_correction_steps else f"KD+TC({args.teacher_correction_steps})"
     kd_name += "" if not args.kd_ce_weight else f" (KL + {args.kd_ce_weight:g} CE)"
+    kd_name += "" if args.temperature == 1.0 else f" T={args.temperature:g}"
     runs = [(kd_name, kd)] + ([] if args.no_ce else [("CE", dict(kl_weight=0.0, ce_weight=1.0))])
-    for name, extra in runs:
-        model.load_state_dict(pruned_state)
-        seconds, history = run_distill(model, teacher, tokenizer, calibration, text, args.out / name,
-                                       steps=steps, **train, **extra)
-        ppl = common.perplexity(model, evaluation)
-        results["CE" if name == "CE" else "KD"] = seconds
-        record({"model": f"pruned + {name}", "perplexity": ppl, "steps": steps, "tokens": tokens, **extra,
-                "budget_s": args.budget_s,
-                "train_s": seconds, "first_loss": float(history[0]["loss"]), "last_loss": float(history[-1]["loss"]),
-                "retention": base_ppl / ppl, "recovered": (pruned_ppl - ppl) / (pruned_ppl - base_ppl), **train})
+    for seed in seeds:
+        for name, extra in runs:
+            name += "" if seed == 0 else f" seed {seed}"
+            model.load_state_dict(pruned_state)
+            seconds, history = run_distill(model, teacher, tokenizer, calibration, text, args.out / name,
+                                           steps=steps, seed=seed, **train, **extra)
+            scores = measure(model)
+            results["CE" if name.startswith("CE") else "KD"] = seconds
+            record({"model": f"pruned + {name}", **scores, "steps": steps, "tokens": tokens, **extra,
+                    "budget_s": args.budget_s, "train_s": seconds, "first_loss": float(history[0]["loss"]),
+                    "last_loss": float(history[-1]["loss"]), **quality(scores), **train, "seed": seed})
     if args.ce_equal_time:
         ce_steps = int(steps * results["KD"] / results["CE"])
         model.load_state_dict(pruned_state)
         seconds, history = run_distill(model, teacher, tokenizer, calibration, text, args.out / "CE-time",
-                                       steps=ce_steps, **train, kl_weight=0.0, ce_weight=1.0)
-        ppl = common.perplexity(model, evaluation)
-        record({"model": "pruned + CE (KD's wall time)", "perplexity": ppl, "steps": ce_steps,
-                "tokens": ce_steps * args.batch_size * common.SEQ_LEN, "train_s": seconds,
-                "retention": base_ppl / ppl, "recovered": (pruned_ppl - ppl) / (pruned_ppl - base_ppl), **train})
+                                       steps=ce_steps, seed=seeds[-1], **train, kl_weight=0.0, ce_weight=1.0)
+        scores = measure(model)
+        record({"model": "pruned + CE (KD's wall time)", **scores, "steps": ce_steps,
+                "tokens": ce_steps * args.batch_size * common.SEQ_LEN, "train_s": seconds, **quality(scores),
+                **train, "seed": seeds[-1]})
 
-    print("\n| model | perplexity | retention | recovered | steps | tokens | train s |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | perplexity (quick) | perplexity (full) | retention | recovered | steps | tokens | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        print(f"| {row['model']} | {row['perplexity']:.2f} | {base_ppl / row['perplexity']:.3f} | "
-              f"{row.get('recovered', float('nan')):.2f} | {row.get('steps', '')} | {row.get('tokens', '')} | "
-              f"{row.get('train_s', 0):.0f} |")
+        print(f"| {row['model']} | {row['perplexity']:.2f} | {row.get('perplexity_full', float('nan')):.2f} | "
+              f"{base_ppl / row['perplexity']:.3f} | {row.get('recovered', float('nan')):.3f} | "
+              f"{row.get('steps', '')} | {row.get('tokens', '')} | {row.get('train_s', 0):.0f} |")
     log(f"peak RSS {common.peak_rss_mb():.0f} MB")
 
 

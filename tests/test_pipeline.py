@@ -118,6 +118,21 @@ def test_resume_refuses_a_different_recipe(tiny_folder, toy_plugins, tmp_path):
         Run(other, tmp_path / "run", toy_plugins, echo=lambda m: None).execute()
 
 
+def test_a_run_that_finished_nothing_can_be_rerun_without_flags(tiny_folder, toy_plugins, tmp_path):
+    """A model that fails to load leaves only the resolved recipe; fixing it and rerunning just works."""
+    from pocketlm.errors import PocketError
+
+    broken = parse_recipe(RECIPE.format(model=tmp_path / "no-such-model"), toy_plugins, file="recipe.toml")
+    with pytest.raises(PocketError):
+        Run(broken, tmp_path / "run", toy_plugins, echo=lambda m: None).execute()
+    assert (tmp_path / "run" / "recipe.resolved.json").exists()
+    report = _run(tiny_folder, toy_plugins, tmp_path / "run")
+    assert [s["method"] for s in report["stages"]] == ["toy-mask", "toy-round"]
+    # once a stage has finished, the folder holds work, and a plain rerun refuses again
+    with pytest.raises(PocketError, match="already holds a run"):
+        _run(tiny_folder, toy_plugins, tmp_path / "run")
+
+
 def test_a_failing_export_leaves_no_partial_folder(tiny_folder, toy_plugins, tmp_path, monkeypatch):
     from pocketlm.builtins import export_hf
 

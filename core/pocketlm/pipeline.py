@@ -95,8 +95,19 @@ class Run:
         stable = {k: v for k, v in self.resolved.items() if k != "_base"}
         return hashlib.sha256(json.dumps(stable, sort_keys=True, default=str).encode()).hexdigest()
 
+    def _holds_work(self) -> bool:
+        """Whether the folder holds anything a rerun would lose: an evaluation, a stage, an export."""
+        if any((self.run_dir / name).exists() for name in ("eval-before.json", "export", "report.json")):
+            return True
+        return any((self.run_dir / "stages").glob("*/stage.json"))
+
     def _prepare_folder(self) -> None:
         resolved_path = self.run_dir / RESOLVED
+        if resolved_path.exists() and not self.resume and not self.overwrite and not self._holds_work():
+            # A run that stopped before finishing anything (a model that failed to load, a Ctrl-C
+            # during the first stage) left nothing to lose: start over instead of refusing.
+            self.echo(f"{self.run_dir} holds a run that finished nothing; starting it over")
+            self.overwrite = True
         if resolved_path.exists():
             previous = json.loads(resolved_path.read_text())
             if self.resume:
