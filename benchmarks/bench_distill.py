@@ -26,17 +26,16 @@ import argparse
 import copy
 import csv
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from common import _protocol  # noqa: E402
 
 from pocketlm.modules import get_module  # noqa: E402
 from pocketlm.plugins import get_plugins  # noqa: E402
@@ -84,23 +83,6 @@ def prune(model, tokenizer, calibration, ratio: float) -> str:
             log(f"prune-width failed ({type(exc).__name__}: {exc}); using the benchmark's own removal")
     magnitude_width_prune(model, make_context(plugins=plugins).architecture(model), ratio)
     return f"magnitude structured MLP-channel removal in the benchmark script, ratio={ratio}"
-
-
-@torch.no_grad()
-def window_nll(model, evaluation: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
-    """Summed next-token NLL of each window: the protocol's perplexity, kept per window so that
-    one pass over the full protocol's windows also gives the quick protocol's (its first 32)."""
-    torch.manual_seed(0)
-    sums = []
-    for start in range(0, evaluation.shape[0], batch_size):
-        batch = evaluation[start:start + batch_size]
-        logits = model(input_ids=batch, use_cache=False).logits.float()
-        # the same (tokens, vocab) layout as the protocol's perplexity: a (batch, vocab, tokens)
-        # layout takes another log-softmax kernel, whose float32 sums read about 1e-4 lower
-        nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
-                              reduction="none")
-        sums.append(nll.view(batch.shape[0], -1).double().sum(dim=1))
-    return torch.cat(sums)
 
 
 def run_distill(student, teacher, tokenizer, calibration, text, stage: Path, **options):
@@ -177,11 +159,11 @@ def main() -> None:
     seeds = [int(seed) for seed in args.seeds.split(",")]
 
     def measure(model) -> dict:
-        nll = window_nll(model, evaluation)
-        quick = {"perplexity": math.exp(nll[:QUICK_WINDOWS].sum().item() / (QUICK_WINDOWS * (common.SEQ_LEN - 1)))}
+        nll = _protocol.window_nll(model, evaluation)  # one pass: the quick windows are the first 32
+        scores = {"perplexity": _protocol.perplexity_of(nll[:QUICK_WINDOWS], common.SEQ_LEN)}
         if args.eval == "full":
-            quick["perplexity_full"] = math.exp(nll.sum().item() / (nll.numel() * (common.SEQ_LEN - 1)))
-        return quick
+            scores["perplexity_full"] = _protocol.perplexity_of(nll, common.SEQ_LEN)
+        return scores
 
     def quality(scores: dict) -> dict:
         """Retention and the share of the pruning loss recovered, for each protocol measured."""

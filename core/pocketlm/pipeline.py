@@ -38,6 +38,7 @@ from .errors import PocketError
 from .recipe import Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
+OUTPUTS = ("stages", "export", "report.json", "report.md", "eval-before.json")  # what a run leaves
 
 
 @dataclass
@@ -97,17 +98,14 @@ class Run:
 
     def _holds_work(self) -> bool:
         """Whether the folder holds anything a rerun would lose: an evaluation, a stage, an export."""
-        if any((self.run_dir / name).exists() for name in ("eval-before.json", "export", "report.json")):
-            return True
-        return any((self.run_dir / "stages").glob("*/stage.json"))
+        return any((self.run_dir / name).exists() for name in OUTPUTS if name != "stages") \
+            or any((self.run_dir / "stages").glob("*/stage.json"))
 
     def _prepare_folder(self) -> None:
         resolved_path = self.run_dir / RESOLVED
-        if resolved_path.exists() and not self.resume and not self.overwrite and not self._holds_work():
-            # A run that stopped before finishing anything (a model that failed to load, a Ctrl-C
-            # during the first stage) left nothing to lose: start over instead of refusing.
-            self.echo(f"{self.run_dir} holds a run that finished nothing; starting it over")
-            self.overwrite = True
+        # A run that stopped before finishing anything (a model that failed to load, a Ctrl-C
+        # during the first stage) left nothing to lose: a plain rerun starts it over.
+        overwrite = self.overwrite or (not self.resume and resolved_path.exists() and not self._holds_work())
         if resolved_path.exists():
             previous = json.loads(resolved_path.read_text())
             if self.resume:
@@ -116,14 +114,14 @@ class Run:
                                       field="--resume", fix="resume with the recipe that started the run, "
                                       "or pass --overwrite to start over")
                 return
-            if not self.overwrite:
+            if not overwrite:
                 raise PocketError(f"the run folder {self.run_dir} already holds a run",
                                   fix="pass --resume to continue it, --overwrite to replace it, "
                                   "or --run-dir to choose another folder")
-        if self.overwrite and self.run_dir.exists():
+        if overwrite and self.run_dir.exists():
             import shutil
 
-            for child in ("stages", "export", "report.json", "report.md", "eval-before.json", "run.log"):
+            for child in (*OUTPUTS, "run.log"):
                 target = self.run_dir / child
                 if target.is_dir():
                     shutil.rmtree(target)

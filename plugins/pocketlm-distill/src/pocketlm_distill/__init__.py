@@ -7,7 +7,7 @@ from pocketlm import PHASE_TRAIN, Method, SizeEffect, hookimpl
 from .distill import DistillOptions, distill, kd_loss, lr_factor
 
 POCKETLM_API = ">=1.0,<2"
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 __all__ = ["DistillOptions", "distill", "kd_loss", "lr_factor"]
 
 

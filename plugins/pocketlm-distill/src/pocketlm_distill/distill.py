@@ -344,6 +344,16 @@ def mask_pairs(model: nn.Module, opened: dict[str, STELinear]) -> list[tuple[nn.
     return pairs
 
 
+def optimizer_and_schedule(parameters: list[nn.Parameter], lr: float, warmup: int, total: int,
+                           options: DistillOptions):
+    """AdamW at peak rate ``lr`` with :func:`lr_factor`'s warm-up and cosine schedule."""
+    optimizer = torch.optim.AdamW(parameters, lr=lr, betas=options.betas,
+                                  weight_decay=options.weight_decay, foreach=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, warmup, total, options.min_lr_ratio))
+    return optimizer, scheduler
+
+
 def correct_teacher(teacher: nn.Module, windows: torch.Tensor, options: DistillOptions, seed: int,
                     accelerator) -> tuple[nn.Module, list[float]]:
     """Teacher correction: a copy of ``teacher`` fine-tuned with next-token CE for
@@ -359,10 +369,7 @@ def correct_teacher(teacher: nn.Module, windows: torch.Tensor, options: DistillO
     for parameter in corrected.parameters():
         parameter.requires_grad_(True)
     lr = options.teacher_correction_lr if options.teacher_correction_lr is not None else options.lr
-    optimizer = torch.optim.AdamW(corrected.parameters(), lr=lr, betas=options.betas,
-                                  weight_decay=options.weight_decay, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, steps, options.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(list(corrected.parameters()), lr, warmup, steps, options)
     order = batch_order(windows.shape[0], options.batch_size, steps * accum, seed)
     loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(order, options.batch_size))
     torch.manual_seed(seed)  # dropout, where the teacher has any
@@ -416,9 +423,7 @@ def save_corrected(model: nn.Module, path: Path, fingerprint: str) -> None:
     """Atomic safetensors file of ``model`` (tied weights are stored once), tagged with the fingerprint."""
     from safetensors.torch import save_model
 
-    temporary = path.with_name(path.name + ".tmp")
-    save_model(model, str(temporary), metadata={"fingerprint": fingerprint})
-    os.replace(temporary, path)
+    _replace_atomically(path, lambda temporary: save_model(model, str(temporary), metadata={"fingerprint": fingerprint}))
 
 
 def corrected_teachers(teachers: list[nn.Module], windows: torch.Tensor, options: DistillOptions, seed: int,
@@ -463,10 +468,15 @@ def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _atomic_save(state: dict, path: Path) -> None:
+def _replace_atomically(path: Path, write) -> None:
+    """``write(temporary)`` next to ``path``, then rename it into place: a resume never reads a
+    half-written file, and a failed write leaves nothing behind."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def write_curve(history: list[dict], folder: Path) -> None:
@@ -552,10 +562,7 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
         for parameter, mask in masked:
             parameter.mul_(mask.to(parameter.dtype))
     trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=options.lr, betas=options.betas,
-                                  weight_decay=options.weight_decay, foreach=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, warmup, total, options.min_lr_ratio))
+    optimizer, scheduler = optimizer_and_schedule(trainable, options.lr, warmup, total, options)
 
     # --- resume?
     state_path = Path(context.stage_dir) / STATE_FILE if context.stage_dir is not None else None
@@ -650,10 +657,11 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
                     state_path.parent.mkdir(parents=True, exist_ok=True)
                     rng = {"torch": torch.get_rng_state(),
                            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-                    _atomic_save({"fingerprint": fingerprint, "step": step + 1,
+                    checkpoint = {"fingerprint": fingerprint, "step": step + 1,
                                   "model": accelerator.unwrap_model(prepared).state_dict(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "rng": rng, "history": history}, state_path)
+                                  "rng": rng, "history": history}
+                    _replace_atomically(state_path, lambda temporary: torch.save(checkpoint, temporary))
                 accelerator.wait_for_everyone()
             advance(1, loss=round(loss_value, 4), tokens_per_s=round(tokens_per_step / max(seconds, 1e-9)))
 
