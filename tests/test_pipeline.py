@@ -122,7 +122,8 @@ def test_a_run_that_finished_nothing_can_be_rerun_without_flags(tiny_folder, toy
     """A model that fails to load leaves only the resolved recipe; fixing it and rerunning just works."""
     from pocketlm.errors import PocketError
 
-    broken = parse_recipe(RECIPE.format(model=tmp_path / "no-such-model"), toy_plugins, file="recipe.toml")
+    (tmp_path / "broken-model").mkdir()  # exists (validation passes) but holds no config.json
+    broken = parse_recipe(RECIPE.format(model=tmp_path / "broken-model"), toy_plugins, file="recipe.toml")
     with pytest.raises(PocketError):
         Run(broken, tmp_path / "run", toy_plugins, echo=lambda m: None).execute()
     assert (tmp_path / "run" / "recipe.resolved.json").exists()
@@ -142,7 +143,9 @@ def test_a_failing_export_leaves_no_partial_folder(tiny_folder, toy_plugins, tmp
     exporter = toy_plugins.exporters["hf"]
     monkeypatch.setitem(toy_plugins.exporters, "hf", type(exporter)(exporter.name, exporter.options, explode,
                                                                       exporter.represents))
-    with pytest.raises(OSError):
+    from pocketlm.errors import PocketError
+
+    with pytest.raises(PocketError, match=r"export \(hf\): plugin pocketlm .* raised OSError: disk full"):
         _run(tiny_folder, toy_plugins, tmp_path / "run")
     assert not (tmp_path / "run" / "export").exists()
     assert not [p for p in (tmp_path / "run").iterdir() if p.name.startswith(".export")]

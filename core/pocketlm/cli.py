@@ -16,12 +16,18 @@ from typing import Iterator
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from .context import Progress
 from .errors import PocketError
 
-console = Console(stderr=True)
-out = Console()
+# markup off: recipe text ("[model]"), paths and messages are printed as they are
+console = Console(stderr=True, markup=False)
+out = Console(markup=False)
+
+
+def print_error(message: str) -> None:
+    console.print(Text.assemble(("error:", "bold red"), " " + message), highlight=False, soft_wrap=True)
 
 
 class RichProgress(Progress):
@@ -56,16 +62,28 @@ def _handle_errors(fn):
         except PocketError as exc:
             if debug:
                 raise
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            print_error(str(exc))
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             console.print("interrupted; continue with --resume")
             sys.exit(130)
+        except SystemExit as exc:  # model or library code that called sys.exit: never a silent success
+            if debug:
+                raise
+            print_error(f"the run stopped: something called sys.exit({exc.code!r})\n"
+                        "  (rerun with --debug for the traceback; continue with --resume)")
+            sys.exit(1)
+        except OSError as exc:
+            if debug:
+                raise
+            where = f" {exc.filename}" if exc.filename else ""
+            print_error(f"cannot write{where}: {exc.strerror or exc}\n  fix: free space or choose a writable "
+                        "folder, then continue with --resume")
+            sys.exit(1)
         except Exception as exc:  # noqa: BLE001
             if debug:
                 raise
-            console.print(f"[bold red]error:[/] {type(exc).__name__}: {exc}\n  (rerun with --debug for the traceback)",
-                          highlight=False, soft_wrap=True)
+            print_error(f"{type(exc).__name__}: {exc}\n  (rerun with --debug for the traceback)")
             sys.exit(1)
     return click.option("--debug", is_flag=True, help="show tracebacks")(wrapper)
 
@@ -75,7 +93,8 @@ def _plugins():
 
     plugins = get_plugins()
     for problem in plugins.problems:
-        console.print(f"[yellow]warning:[/] plugin {problem.name} skipped: {problem.reason}", highlight=False)
+        console.print(Text.assemble(("warning:", "yellow"), f" plugin {problem.name} skipped: {problem.reason}"),
+                      highlight=False)
     return plugins
 
 
@@ -115,7 +134,7 @@ def run(recipe, run_dir, resume, overwrite):
         loaded = load_recipe(recipe, plugins)
         run_dir = run_dir or Path("runs") / Path(recipe).stem
     report = Run(loaded, run_dir, plugins, resume=resume, overwrite=overwrite, progress=RichProgress(),
-                 echo=lambda m: console.print(m, highlight=False)).execute()
+                 echo=lambda m: console.print(m, highlight=False, soft_wrap=True)).execute()
     table = Table(title=f"{report['model']}: before and after")
     rows = report_rows(report)
     for column in rows[0]:
@@ -128,12 +147,19 @@ def run(recipe, run_dir, resume, overwrite):
 
 @main.command()
 @click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--run-dir", type=click.Path(path_type=Path), help="run folder to check (default runs/<recipe name>)")
 @_handle_errors
-def validate(recipe):
+def validate(recipe, run_dir):
     """Check RECIPE against the installed plugins without running it."""
+    from .pipeline import Run
     from .recipe import load_recipe
+    from .rundir import check_run_folder
 
-    loaded = load_recipe(recipe, _plugins())
+    plugins = _plugins()
+    loaded = load_recipe(recipe, plugins)
+    run_dir = run_dir or Path("runs") / Path(recipe).stem
+    check_run_folder(run_dir)
+    Run(loaded, run_dir, plugins, owns_folder=False).export_target()
     click.echo(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
               + ", ".join(s.method for s in loaded.stages) + ")")
 
@@ -190,7 +216,8 @@ def plugins(as_json, available):
         table.add_row(info.name, info.distribution or "", info.version or "", provides)
     out.print(table)
     for problem in loaded.problems:
-        out.print(f"[yellow]skipped[/] {problem.name} ({problem.distribution}): {problem.reason}", highlight=False)
+        out.print(Text.assemble(("skipped", "yellow"), f" {problem.name} ({problem.distribution}): {problem.reason}"),
+                  highlight=False)
 
 
 @main.command()
@@ -211,7 +238,9 @@ def methods(as_json):
         click.echo(json.dumps(rows, indent=2, default=str))
         return
     for row in rows:
-        out.print(f"[bold]{row['name']}[/] ({row['kind']}, {row['plugin']}){' [calibration]' if row['needs_calibration'] else ''}: {row['summary']}")
+        out.print(Text.assemble((row["name"], "bold"), f" ({row['kind']}, {row['plugin']})"
+                                f"{' [calibration]' if row['needs_calibration'] else ''}: {row['summary']}"),
+                  highlight=False)
         for key, option in row["options"].items():
             out.print(f"    {key}: {option['type']} = {option['default']!r}  {option['description']}", highlight=False)
 
@@ -219,7 +248,7 @@ def methods(as_json):
 @main.command(name="eval")
 @click.argument("model")
 @click.option("--metrics", default="perplexity,size,parameters,sparsity", show_default=True)
-@click.option("--windows", type=int, help="perplexity windows (default 32)")
+@click.option("--windows", type=click.IntRange(min=1), help="perplexity windows (default 32)")
 @_handle_errors
 def eval_(model, metrics, windows):
     """Evaluate MODEL (a folder, a .gguf file, a run's stage folder or demo:NAME)."""
@@ -227,13 +256,13 @@ def eval_(model, metrics, windows):
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
     text = f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = {json.dumps(names)}\nper_stage = []\n'
-    if windows and "perplexity" in names:
+    if windows is not None and "perplexity" in names:
         text += f"[evaluate.perplexity]\nwindows = {windows}\n"
     loaded_plugins = _plugins()
     recipe = parse_recipe(text, loaded_plugins, file="<eval>")
     from .pipeline import Run
 
-    run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress())
+    run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress(), owns_folder=False)
     loaded = run_._load_source(model)
     results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
     table = Table(title=model)
@@ -253,12 +282,15 @@ def export(model, format_, output):
     """Export MODEL (a folder, a run's stage folder or demo:NAME) to OUTPUT."""
     from .pipeline import Run
     from .recipe import parse_recipe
+    from .rundir import check_export_path
 
+    check_export_path(str(output), None, model, Path.cwd(), field="--output")
     loaded_plugins = _plugins()
     text = (f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = []\nper_stage = []\n'
             f'[export]\nformat = {json.dumps(format_)}\npath = {json.dumps(str(output.resolve()))}\n')
     recipe = parse_recipe(text, loaded_plugins, file="<export>")
-    run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress())
+    run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress(), owns_folder=False,
+               echo=lambda m: None)
     loaded = run_._load_source(model)
     path = run_._export(loaded.model, loaded.tokenizer)
     out.print(f"exported {model} as {format_} to {path}")

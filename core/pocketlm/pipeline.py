@@ -11,14 +11,20 @@ Everything goes into a run folder::
       export/                the export (or the recipe's export.path)
       report.json, report.md metrics before, after and per stage
       run.log
+      .pocketlm-run, .pocketlm-lock   ownership marker and the OS lock of the running process
 
-Every file and folder is written atomically. ``resume=True`` loads the last finished stage's
+Every file and folder is written atomically. Each stage folder records the sha256 of its files,
+verified on ``--resume``; the folder's ownership rule, lock, leftover cleanup and the
+``--overwrite`` swap live in :mod:`pocketlm.rundir`.
+
+``resume=True`` loads the last finished stage's
 checkpoint and continues with the next, so a run killed at any point and resumed produces the
 same export as an uninterrupted one (stages are seeded from the recipe's seed and stage index).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import platform
@@ -30,7 +36,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, atomic
+from . import __version__, atomic, rundir
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
@@ -58,13 +64,33 @@ def stage_name(index: int, method: str) -> str:
     return f"{index + 1:02d}-{method}"
 
 
+class PluginFailure(PocketError):
+    """A plugin hook raised (anything, ``SystemExit`` and ``KeyboardInterrupt`` included)."""
+
+
+def plugin_failure(exc: BaseException, where: str, plugin: str, version: str | None) -> PluginFailure:
+    if isinstance(exc, SystemExit):
+        cause = f"called sys.exit({exc.code!r})"
+    elif isinstance(exc, KeyboardInterrupt):
+        cause = "was interrupted"
+    else:
+        cause = f"raised {type(exc).__name__}: {exc}"
+    return PluginFailure(f"{where}: plugin {plugin} {version or '(no version)'} {cause}",
+                         fix="the run folder keeps every finished stage: fix the cause and continue "
+                         "with --resume (report a fault in the plugin to its authors)",
+                         exit_code=130 if isinstance(exc, KeyboardInterrupt) else 1)
+
+
 class Run:
     """One execution of a recipe into ``run_dir``."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, plugins, *, resume: bool = False,
                  overwrite: bool = False, progress: Progress | None = None,
-                 echo: Callable[[str], None] = print):
+                 echo: Callable[[str], None] = print, owns_folder: bool = True):
         self.recipe, self.run_dir, self.plugins = recipe, Path(run_dir), plugins
+        self.final_dir = self.run_dir  # where the run ends up; --overwrite builds elsewhere first
+        # False for `pocketlm eval` / `export`, which use a Run's helpers but own no run folder
+        self.owns_folder = owns_folder
         self.resume, self.overwrite = resume, overwrite
         self.progress = progress or Progress()
         self.echo = echo
@@ -74,10 +100,45 @@ class Run:
     # ---------------------------------------------------------------- helpers
 
     def log(self, message: str) -> None:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "run.log", "a", encoding="utf-8") as handle:
-            handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
+        if self.owns_folder:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "run.log", "a", encoding="utf-8") as handle:
+                handle.write(f"{time.strftime('%H:%M:%S')} {message}\n")
         self.echo(message)
+
+    @contextlib.contextmanager
+    def _guard(self, where: str, table: str | None = None, name: str | None = None):
+        """Turn anything a plugin raises into a message naming the plugin, its version and ``where``."""
+        try:
+            yield
+        except PocketError:
+            raise
+        except BaseException as exc:  # noqa: BLE001 - SystemExit and KeyboardInterrupt included
+            owner = self.plugins.owner.get((table, name)) if table else None
+            info = self.plugins.info(owner) if owner else None
+            plugin = (info.distribution or info.name) if info else (owner or "unknown")
+            raise plugin_failure(exc, where, plugin, info.version if info else None) from exc
+
+    def _loader_name(self, source: str) -> str | None:
+        return next((loader.name for loader in self.plugins.loaders if loader.matches(source)), None)
+
+    def export_target(self) -> Path | None:
+        """The recipe's export folder for this run (checked against the ownership rule)."""
+        section = self.recipe.file.export
+        if section is None:
+            return None
+        locate = self.recipe.locate
+        return rundir.check_export_path(section.path, self.final_dir if self.owns_folder else None,
+                                        self.recipe.file.model.source, self.recipe.base,
+                                        file=locate.file if locate else None,
+                                        line=locate(("export", "path")) if locate else None)
+
+    def _shown(self, path: Path) -> Path:
+        """``path`` as it will be once an ``--overwrite`` build is swapped into place."""
+        try:
+            return self.final_dir / Path(path).relative_to(self.run_dir)
+        except ValueError:
+            return Path(path)
 
     def _provenance(self) -> dict:
         calibration = resolve_text(self.recipe.file.calibration.text, self.recipe.base)
@@ -105,7 +166,8 @@ class Run:
         resolved_path = self.run_dir / RESOLVED
         # A run that stopped before finishing anything (a model that failed to load, a Ctrl-C
         # during the first stage) left nothing to lose: a plain rerun starts it over.
-        overwrite = self.overwrite or (not self.resume and resolved_path.exists() and not self._holds_work())
+        overwrite = (self.overwrite and not self._holds_work()) or (
+            not self.resume and resolved_path.exists() and not self._holds_work())
         if resolved_path.exists():
             previous = json.loads(resolved_path.read_text())
             if self.resume:
@@ -142,36 +204,69 @@ class Run:
             model_loader=self._load_source, export_path=export_path)
 
     def _load_source(self, source: str):
-        loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
-                                              context=self._context(None))
+        with self._guard(f"loading {source}", "loaders", self._loader_name(source)):
+            loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
+                                                  context=self._context(None))
         return loaded
 
     def _load_teacher(self):
         return self._load_source(self.recipe.file.model.source).model
 
-    def _evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None) -> dict[str, float]:
+    def _evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None,
+                  when: str = "evaluation") -> dict[str, float]:
         context = self._context(tokenizer, export_path=export_path)
         results: dict[str, float] = {}
         for metric in metrics:
             evaluator = self.plugins.evaluators[metric]
-            results.update(self.plugins.hook.evaluate(model=model, evaluator=evaluator,
-                                                      options=self.recipe.evaluators[metric], context=context))
+            with self._guard(f"{when} ({metric})", "evaluators", metric):
+                results.update(self.plugins.hook.evaluate(model=model, evaluator=evaluator,
+                                                          options=self.recipe.evaluators[metric], context=context))
         return results
 
     def _finished_stages(self) -> int:
-        """How many stages have a complete checkpoint (their folders appear only when done)."""
+        """How many stages have a complete checkpoint whose files match their recorded sha256
+        (stage folders appear only when done). A damaged stage is named in the log, and the run
+        resumes from the stage before it."""
         done = 0
         for index, stage in enumerate(self.recipe.stages):
-            if (self.run_dir / "stages" / stage_name(index, stage.method) / "stage.json").is_file():
-                done = index + 1
-            else:
+            folder = self.run_dir / "stages" / stage_name(index, stage.method)
+            if not (folder / "stage.json").is_file():
                 break
+            problem = rundir.checksum_problem(folder)
+            if problem is not None:
+                self.log(f"warning: stage {index + 1} ({stage.method}) cannot be trusted: {problem}; "
+                         f"recomputing from stage {index + 1}")
+                break
+            done = index + 1
         return done
 
     # ---------------------------------------------------------------- run
 
     def execute(self) -> dict:
-        self._prepare_folder()
+        """Run the recipe under the folder's lock; see :mod:`pocketlm.rundir` for the rules."""
+        rundir.check_run_folder(self.final_dir)
+        self.export_target()  # refuse a dangerous export path before loading anything
+        with rundir.locked(self.final_dir):
+            rundir.remove_leftovers(self.final_dir)
+            rundir.write_marker(self.final_dir, rundir.RUN_MARKER)
+            if not (self.overwrite and self._holds_work()):
+                self._prepare_folder()
+                return self._execute()
+            # --overwrite over finished work: build beside the old run, swap only on success
+            build = rundir.overwrite_build(self.final_dir)
+            build.mkdir()
+            rundir.write_marker(build, rundir.RUN_MARKER)
+            with rundir.locked(build):
+                self.run_dir = build
+                try:
+                    self._prepare_folder()
+                    report = self._execute()
+                    rundir.swap_into_place(build, self.final_dir)
+                finally:
+                    self.run_dir = self.final_dir
+            return report
+
+    def _execute(self) -> dict:
         evaluate = self.recipe.file.evaluate
         loaded = self._load_source(self.recipe.file.model.source)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -182,7 +277,7 @@ class Run:
                 before = json.loads(before_path.read_text())
             else:
                 self.log("evaluating the model before compression")
-                before = self._evaluate(model, tokenizer, evaluate.metrics)
+                before = self._evaluate(model, tokenizer, evaluate.metrics, when="evaluation before the stages")
                 atomic.write_json(before_path, before)
         else:
             before = {}
@@ -207,12 +302,13 @@ class Run:
             export_path = self._export(model, tokenizer)
 
         self.log("evaluating the compressed model")
-        after = self._evaluate(model, tokenizer, evaluate.metrics, export_path) if evaluate.metrics else {}
+        after = self._evaluate(model, tokenizer, evaluate.metrics, export_path,
+                               when="evaluation after the stages") if evaluate.metrics else {}
         report = {
             "recipe": str(self.recipe.path) if self.recipe.path else None,
             "model": self.recipe.file.model.source,
-            "run_dir": str(self.run_dir),
-            "export": str(export_path) if export_path else None,
+            "run_dir": str(self.final_dir),
+            "export": str(self._shown(export_path)) if export_path else None,
             "before": before, "after": after,
             "stages": [r.__dict__ for r in records],
         }
@@ -230,15 +326,18 @@ class Run:
         torch.manual_seed(self.recipe.file.calibration.seed + index)
         context = self._context(tokenizer, stage_dir=work)
         start = time.perf_counter()
-        result = self.plugins.hook.compress(model=model, method=method, options=stage.options, context=context)
+        where = f"stage {index + 1} ({stage.method})"
+        with self._guard(where, "methods", stage.method):
+            result = self.plugins.hook.compress(model=model, method=method, options=stage.options, context=context)
         seconds = time.perf_counter() - start
         model = result if result is not None else model
         model.eval()
-        metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage)
+        metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
         with atomic.folder(self.run_dir / "stages" / name) as tmp:
             save_checkpoint(model, tokenizer, tmp)
             atomic.write_json(tmp / "stage.json", record.__dict__)
+            rundir.write_checksums(tmp)  # last: covers every file the checkpoint holds
         records.append(record)
         self.log(f"stage {index + 1} ({stage.method}) finished in {seconds:.1f} s")
         return model
@@ -262,17 +361,20 @@ class Run:
             self.log(f"export format auto: chose {exporter.name!r}")
         else:
             exporter, export_options = self.plugins.exporters[section.format], self.recipe.export_options
-        target = Path(section.path)
-        target = target if target.is_absolute() else self.run_dir / target
+        target = rundir.check_export_path(section.path, self.run_dir if self.owns_folder else None,
+                                          self.recipe.file.model.source, self.recipe.base)
         if exporter.check is not None:
             problems = exporter.check(model, export_options)
             if problems:
                 raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
                                   field="export.format", fix="choose another format, or change the stages")
-        self.log(f"exporting ({exporter.name}) to {target}")
+        self.log(f"exporting ({exporter.name}) to {self._shown(target)}")
+        rundir.remove_export_leftovers(target)
         with atomic.folder(target) as tmp, self.progress.task(f"export ({exporter.name})", None):
-            self.plugins.hook.export(model=model, exporter=exporter, options=export_options, path=tmp,
-                                     context=self._context(tokenizer, export_path=target))
+            rundir.write_marker(tmp, rundir.EXPORT_MARKER)  # first, so an unfinished copy is known as ours
+            with self._guard(f"export ({exporter.name})", "exporters", exporter.name):
+                self.plugins.hook.export(model=model, exporter=exporter, options=export_options, path=tmp,
+                                         context=self._context(tokenizer, export_path=target))
         return target
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 import re
 try:
     import tomllib
@@ -28,23 +29,24 @@ from typing import Any, Literal
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from . import registry
 from .components import Method, NoOptions, unrepresented
-from .data import DEFAULT_CALIBRATION_TEXT, resolve_text
+from .data import DEFAULT_CALIBRATION_TEXT, resolve_text, sha256
 from .errors import PocketError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelSection(_Section):
     source: str = Field("demo:smollm2-135m", description="a transformers folder, a .gguf file, or demo:NAME")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype to load the weights in")
-    allow_pickle: bool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
-    trust_remote_code: bool = Field(False, description="let transformers run the model folder's own code")
+    # Safety switches: true or false only, never "yes", "on" or 1.
+    allow_pickle: StrictBool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
+    trust_remote_code: StrictBool = Field(False, description="let transformers run the model folder's own code")
 
 
 class CalibrationSection(_Section):
@@ -59,7 +61,7 @@ class EvaluateSection(BaseModel):
     """``metrics`` to measure before and after; a sub-table named after a metric holds its
     options (``[evaluate.perplexity] windows = 8``)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     metrics: list[str] = Field(default_factory=lambda: ["perplexity", "size"])
     before: bool = Field(True, description="also measure the model before the first stage")
     per_stage: list[str] = Field(default_factory=lambda: ["parameters", "sparsity", "size"],
@@ -69,13 +71,13 @@ class EvaluateSection(BaseModel):
 class ExportSection(BaseModel):
     """``format`` names an exporter; other keys are that exporter's options."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     format: str = Field("hf", description="exporter name")
     path: str = Field("export", description="output folder, relative to the run folder")
 
 
 class StageSection(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     method: str
 
 
@@ -115,6 +117,7 @@ class Recipe(BaseModel):
     evaluators: dict[str, Any]
     export_options: Any = None
     path: Path | None = None
+    locate: Any = Field(None, exclude=True)  # finds a field's line in the recipe text
 
     @property
     def base(self) -> Path:
@@ -142,7 +145,12 @@ def load_recipe(path: str | Path, plugins) -> Recipe:
     if not path.is_file():
         raise PocketError(f"recipe file {path} does not exist", file=str(path),
                           fix="check the path, or run `pocketlm run` with no recipe for the default")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[:exc.start].count(b"\n") + 1
+        raise PocketError(f"the recipe is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})",
+                          file=str(path), line=line, fix="save the recipe as UTF-8") from None
     fmt = "yaml" if path.suffix.lower() in (".yaml", ".yml") else "toml"
     return parse_recipe(text, plugins, fmt=fmt, file=str(path), path=path)
 
@@ -151,24 +159,70 @@ def parse_recipe(text: str, plugins, *, fmt: str = "toml", file: str = "<recipe>
     raw = _parse(text, fmt, file)
     locate = _Locator(text, fmt, file)
     try:
-        recipe_file = RecipeFile.model_validate(raw)
+        recipe_file = strict_validate(RecipeFile, raw)
     except ValidationError as exc:
         raise _from_validation(exc, locate, prefix=(), model=RecipeFile) from None
     base = path.parent if path else Path.cwd()
+    _resolve_source(recipe_file, base if path else None)
     _check_required_plugins(recipe_file, plugins, locate)
     stages = [_validate_stage(i, stage, plugins, locate) for i, stage in enumerate(recipe_file.stages)]
     evaluators = _validate_evaluate(recipe_file.evaluate, plugins, locate)
     export_options = _validate_export(recipe_file.export, plugins, locate) if recipe_file.export else None
-    recipe = Recipe(file=recipe_file, stages=stages, evaluators=evaluators, export_options=export_options, path=path)
-    _check_texts(recipe, base, locate)
+    recipe = Recipe(file=recipe_file, stages=stages, evaluators=evaluators, export_options=export_options, path=path,
+                    locate=locate)
+    _check_source(recipe, plugins, locate)
+    _check_texts(recipe, base, locate, plugins)
     _check_combination(recipe, plugins, locate)
     return recipe
+
+
+def strict_validate(model: type[BaseModel], data: dict):
+    """Validate recipe data without coercion: ``"yes"`` is not a boolean, ``"8"`` not a number,
+    ``8.0`` not an integer. JSON's strict mode also accepts arrays for tuple options."""
+    return model.model_validate_json(json.dumps(data, default=str), strict=True)
+
+
+def _resolve_source(recipe_file: RecipeFile, base: Path | None) -> None:
+    """A relative local ``[model] source`` is taken from the recipe's folder, like ``calibration.text``."""
+    from .rundir import local_source
+
+    source = recipe_file.model.source
+    local = local_source(source)
+    if base is not None and local is not None and not local.is_absolute():
+        recipe_file.model.source = os.path.normpath((base / local).absolute())
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key, line: int, first: int):
+        super().__init__(key)
+        self.key, self.line, self.first = key, line, first
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader, refusing a key that appears twice in one mapping (TOML refuses it too;
+    YAML would silently keep the last one, so a second ``model:`` could switch on pickle)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                break
+            if first is not None:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1, first)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
 
 
 def _parse(text: str, fmt: str, file: str) -> dict:
     if fmt == "yaml":
         try:
-            raw = yaml.safe_load(text)
+            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        except _DuplicateKey as exc:
+            raise PocketError(f"duplicate key {exc.key!r} (first at line {exc.first})", file=file, line=exc.line,
+                              fix="keep one of them; YAML would silently use the last") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             raise PocketError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
@@ -181,8 +235,10 @@ def _parse(text: str, fmt: str, file: str) -> dict:
             match = re.search(r"line (\d+)", str(exc))
             raise PocketError(f"TOML syntax error: {exc}", file=file, line=int(match.group(1)) if match else None,
                               fix="fix the TOML syntax; strings need quotes, tables need [brackets]") from None
-    if raw is None:
-        raw = {}
+    if raw is None or raw == {}:
+        raise PocketError("the recipe is empty", file=file,
+                          fix="write at least [model] source = \"...\" (see docs/recipes.md), or run "
+                          "`pocketlm run` with no recipe for the default")
     if not isinstance(raw, dict):
         raise PocketError("a recipe must be a table of sections at the top level", file=file,
                           fix="start with [model], [[stages]] ... (see docs/recipes.md)")
@@ -206,7 +262,7 @@ def _validate_stage(index: int, stage: StageSection, plugins, locate) -> Stage:
                           fix=_missing_method_fix(stage.method, plugins))
     options = {k: v for k, v in (stage.model_extra or {}).items()}
     try:
-        validated = method.options.model_validate(options)
+        validated = strict_validate(method.options, options)
     except ValidationError as exc:
         raise _from_validation(exc, locate, prefix=where, model=method.options,
                                what=f"method {method.name!r}") from None
@@ -242,7 +298,7 @@ def _validate_evaluate(section: EvaluateSection, plugins, locate) -> dict[str, A
                               line=locate(("evaluate", metric)), field=f"evaluate.{metric}",
                               fix=f"write them as [evaluate.{metric}] with keys below it")
         try:
-            validated[metric] = plugins.evaluators[metric].options.model_validate(options)
+            validated[metric] = strict_validate(plugins.evaluators[metric].options, options)
         except ValidationError as exc:
             raise _from_validation(exc, locate, prefix=("evaluate", metric),
                                    model=plugins.evaluators[metric].options, what=f"metric {metric!r}") from None
@@ -269,7 +325,7 @@ def _validate_export(section: ExportSection, plugins, locate):
         raise PocketError(f"unknown export format {section.format!r}", file=locate.file,
                           line=locate(("export", "format")), field="export.format", fix=fix)
     try:
-        return exporter.options.model_validate(dict(section.model_extra or {}))
+        return strict_validate(exporter.options, dict(section.model_extra or {}))
     except ValidationError as exc:
         raise _from_validation(exc, locate, prefix=("export",), model=exporter.options,
                                what=f"export format {exporter.name!r}") from None
@@ -292,12 +348,80 @@ def _check_required_plugins(recipe_file: RecipeFile, plugins, locate) -> None:
                               line=line, field=f"plugins.{name}", fix=f"pip install '{name}{spec}'")
 
 
-def _check_texts(recipe: Recipe, base: Path, locate) -> None:
+def _model_config(recipe: Recipe) -> dict | None:
+    """The local source's config.json (read as data; no weights are loaded), or None."""
+    from .rundir import local_source
+
+    local = local_source(recipe.file.model.source)
+    config = local / "config.json" if local is not None and local.is_dir() else None
+    if config is None or not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def _context_length(config: dict | None) -> int | None:
+    if not config:
+        return None
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        if isinstance(config.get(key), int):
+            return config[key]
+    return None
+
+
+def _check_source(recipe: Recipe, plugins, locate) -> None:
+    """What can be known about the model without loading it: that a local source exists, that
+    its architecture is registered, and that the windows fit its context."""
+    from .rundir import local_source
+
+    source = recipe.file.model.source
+    local = local_source(source)
+    line = locate(("model", "source"))
+    if local is not None and not local.exists():
+        raise PocketError(f"model source {local} does not exist", file=locate.file, line=line, field="model.source",
+                          fix="give an existing transformers folder or .gguf file (a relative path is taken "
+                          "from the recipe's folder), or demo:smollm2-135m")
+    config = _model_config(recipe)
+    if config is None:
+        return
+    model_type = config.get("model_type")
+    known = sorted({t for a in plugins.architectures for t in a.model_types})
+    if recipe.stages and model_type not in known:
+        raise PocketError(f"no architecture is registered for model type {model_type!r} (from {local / 'config.json'})",
+                          file=locate.file, line=line, field="model.source",
+                          fix="install a plugin that registers it (register_architectures hook); "
+                          f"known model types: {', '.join(known)}")
+    context = _context_length(config)
+    calibration = recipe.file.calibration
+    if context and recipe.stages and calibration.seq_len > context:
+        raise PocketError(f"seq_len {calibration.seq_len} is longer than the model's context of {context} tokens",
+                          file=locate.file, line=locate(("calibration", "seq_len")), field="calibration.seq_len",
+                          fix=f"set seq_len to {context} or less")
+    perplexity = recipe.evaluators.get("perplexity")
+    if context and perplexity is not None and perplexity.seq_len > context:
+        raise PocketError(f"seq_len {perplexity.seq_len} is longer than the model's context of {context} tokens",
+                          file=locate.file, line=locate(("evaluate", "perplexity", "seq_len")),
+                          field="evaluate.perplexity.seq_len", fix=f"set seq_len to {context} or less")
+
+
+def _check_texts(recipe: Recipe, base: Path, locate, plugins=None) -> None:
+    """Both texts exist, differ in content, and are long enough: a token takes at least one
+    byte, so a text of fewer bytes than the windows need tokens is surely too short."""
     calibration = resolve_text(recipe.file.calibration.text, base)
     if not calibration.is_file():
         raise PocketError(f"calibration text {calibration} does not exist", file=locate.file,
                           line=locate(("calibration", "text")), field="calibration.text",
                           fix="give an existing text file, or builtin:wikitext-2-valid")
+    section = recipe.file.calibration
+    calibrates = plugins is not None and any(plugins.methods[s.method].needs_calibration for s in recipe.stages)
+    needed = section.samples * section.seq_len
+    if calibrates and calibration.stat().st_size < needed:
+        raise PocketError(f"calibration text {calibration} holds {calibration.stat().st_size} bytes, fewer than the "
+                          f"{section.samples} windows of {section.seq_len} tokens need", file=locate.file,
+                          line=locate(("calibration", "samples")), field="calibration.samples",
+                          fix="lower samples or seq_len, or use a longer text")
     perplexity = recipe.evaluators.get("perplexity")
     if perplexity is not None:
         evaluation = resolve_text(perplexity.text, base)
@@ -305,7 +429,12 @@ def _check_texts(recipe: Recipe, base: Path, locate) -> None:
             raise PocketError(f"evaluation text {evaluation} does not exist", file=locate.file,
                               line=locate(("evaluate", "perplexity", "text")), field="evaluate.perplexity.text",
                               fix="give an existing text file, or builtin:wikitext-2-test")
-        if evaluation.resolve() == calibration.resolve():
+        if evaluation.stat().st_size < perplexity.seq_len:
+            raise PocketError(f"evaluation text {evaluation} holds {evaluation.stat().st_size} bytes, fewer than "
+                              f"one window of {perplexity.seq_len} tokens needs", file=locate.file,
+                              line=locate(("evaluate", "perplexity", "text")), field="evaluate.perplexity.text",
+                              fix="use a longer text, or lower evaluate.perplexity.seq_len")
+        if evaluation.resolve() == calibration.resolve() or sha256(evaluation) == sha256(calibration):
             raise PocketError("the recipe calibrates on the text it evaluates on, which flatters the result",
                               file=locate.file, line=locate(("calibration", "text")), field="calibration.text",
                               fix="calibrate and evaluate on disjoint texts (builtin:wikitext-2-valid for "
