@@ -29,6 +29,7 @@ import hashlib
 import json
 import platform
 import resource
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from typing import Any, Callable
 import torch
 
 from . import __version__, atomic, rundir
+from .builtins.evaluators import check_context_length
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
@@ -181,8 +183,6 @@ class Run:
                                   fix="pass --resume to continue it, --overwrite to replace it, "
                                   "or --run-dir to choose another folder")
         if overwrite and self.run_dir.exists():
-            import shutil
-
             for child in (*OUTPUTS, "run.log"):
                 target = self.run_dir / child
                 if target.is_dir():
@@ -262,6 +262,9 @@ class Run:
                     self._prepare_folder()
                     report = self._execute()
                     rundir.swap_into_place(build, self.final_dir)
+                except BaseException:
+                    shutil.rmtree(build, ignore_errors=True)  # the old run stays as it was
+                    raise
                 finally:
                     self.run_dir = self.final_dir
             return report
@@ -324,6 +327,8 @@ class Run:
         work.mkdir(parents=True, exist_ok=True)
         self.log(f"stage {index + 1}/{len(self.recipe.stages)}: {stage.method}")
         torch.manual_seed(self.recipe.file.calibration.seed + index)
+        if method.needs_calibration:
+            check_context_length(model, self.recipe.file.calibration.seq_len, "calibration.seq_len")
         context = self._context(tokenizer, stage_dir=work)
         start = time.perf_counter()
         where = f"stage {index + 1} ({stage.method})"

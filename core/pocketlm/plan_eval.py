@@ -97,7 +97,7 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
         if point["baseline_perplexity"]:
             point["retention"] = point["baseline_perplexity"] / point["perplexity"]
     eligible = [p for p in points if budget.min_retention is None or p.get("retention", 0) >= budget.min_retention]
-    chosen = min(eligible or points, key=lambda p: (p["size_mb"], p["perplexity"]))
+    chosen = min(eligible, key=lambda p: (p["size_mb"], p["perplexity"])) if eligible else None
     front = pareto(points)
     lines = ["| candidate | export | size (MB) | perplexity | retention | seconds | Pareto |", "|---|---|---|---|---|---|---|"]
     for p in sorted(points, key=lambda p: p["size_mb"]):
@@ -105,8 +105,15 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
                      f"{p.get('retention', float('nan')):.3f} | {p['seconds']:.0f} | {'yes' if p in front else ''} |")
     atomic.write_text(out_dir / "pareto.md", "\n".join(lines) + "\n")
     atomic.write_json(out_dir / "pareto.json", points)
-    atomic.write_text(out_dir / "chosen.toml", chosen["recipe"])
     plot(points, out_dir / "pareto.png", list(peers))
     console.print("\n".join(lines))
+    if chosen is None:
+        (out_dir / "chosen.toml").unlink(missing_ok=True)  # an earlier plan's choice would mislead
+        best = max(points, key=lambda p: p.get("retention", 0), default=None)
+        console.print(f"warning: no candidate meets --min-retention {budget.min_retention}"
+                      + (f" (best: {best['label']}, retention {best.get('retention', 0):.3f})" if best else "")
+                      + f"; no recipe chosen. plot: {out_dir / 'pareto.png'}")
+        return points
+    atomic.write_text(out_dir / "chosen.toml", chosen["recipe"])
     console.print(f"chosen: {chosen['label']} → {out_dir / 'chosen.toml'}; plot: {out_dir / 'pareto.png'}")
     return points

@@ -254,10 +254,13 @@ def add_commands(main, handle_errors, load_plugins, out, console) -> None:
 
     @main.command()
     @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model source")
-    @click.option("--target-size-mb", type=float, help="largest acceptable size")
-    @click.option("--target-bits", type=float, help="largest acceptable mean bits per weight")
-    @click.option("--min-retention", type=float, help="smallest acceptable baseline/compressed perplexity (measured with --evaluate)")
-    @click.option("--evaluate", "evaluate_k", type=int, default=0, help="run the K smallest candidates (quick protocol)")
+    @click.option("--target-size-mb", type=click.FloatRange(min=0, min_open=True), help="largest acceptable size")
+    @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True, max=32),
+                  help="largest acceptable mean bits per weight")
+    @click.option("--min-retention", type=click.FloatRange(min=0, max=1, min_open=True),
+                  help="smallest acceptable baseline/compressed perplexity, in (0, 1] (measured with --evaluate)")
+    @click.option("--evaluate", "evaluate_k", type=click.IntRange(min=0), default=0,
+                  help="run the K smallest candidates (quick protocol)")
     @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/plan"), show_default=True)
     @click.option("--json", "as_json", is_flag=True)
     @handle_errors

@@ -171,6 +171,7 @@ class Plugins:
             self._problem(name, distribution, f"raised {type(exc).__name__}: {exc} "
                           f"(at {where.filename}:{where.lineno})")
             return
+        version = version or getattr(module, "__version__", None)  # a plugin handed in directly
         provides: dict[str, list[str]] = {}
         for table, items in collected.items():
             for item in items:

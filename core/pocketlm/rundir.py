@@ -60,9 +60,10 @@ def write_marker(folder: Path, marker: str) -> None:
 
 
 def is_run_folder(folder: Path) -> bool:
-    """A folder pocketlm made for a run: the marker, or a run folder of 0.1.3 (which had none)."""
+    """A folder pocketlm made for a run: the marker, the lock of a run killed before it wrote the
+    marker, or a run folder of 0.1.3 (which had no marker)."""
     folder = Path(folder)
-    return (folder / RUN_MARKER).is_file() or (folder / "recipe.resolved.json").is_file()
+    return any((folder / name).is_file() for name in (RUN_MARKER, LOCK_FILE, "recipe.resolved.json"))
 
 
 def is_export(folder: Path) -> bool:
@@ -104,6 +105,17 @@ def check_run_folder(run_dir: Path) -> None:
         raise PocketError(f"the run folder {run_dir} holds files that pocketlm did not write", field="--run-dir",
                           fix="choose an empty or new folder with --run-dir; pocketlm never writes over "
                           "a folder it did not create")
+    read_only = _read_only_ancestor(run_dir)
+    if read_only is not None:
+        raise PocketError(f"the run folder {run_dir} cannot be written: {read_only} is read-only", field="--run-dir",
+                          fix="choose a folder you can write to with --run-dir")
+
+
+def _read_only_ancestor(path: Path) -> Path | None:
+    """The nearest existing folder at or above ``path`` when it cannot be written, else None."""
+    resolved = Path(path).resolve()
+    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
+    return None if os.access(existing, os.W_OK | os.X_OK) else existing
 
 
 def check_export_path(path: str, run_dir: Path | None, source: str | None, base: Path | None = None,
@@ -136,9 +148,9 @@ def check_export_path(path: str, run_dir: Path | None, source: str | None, base:
     if target.is_dir() and not _is_empty_folder(target) and not is_export(target):
         raise refuse(f"the export path {target} exists and is not a pocketlm export",
                      "choose a new folder; pocketlm replaces only exports it wrote itself")
-    existing = next(p for p in (resolved, *resolved.parents) if p.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise refuse(f"the export path {target} cannot be written: {existing} is read-only",
+    read_only = _read_only_ancestor(target)
+    if read_only is not None:
+        raise refuse(f"the export path {target} cannot be written: {read_only} is read-only",
                      "choose a folder you can write to")
     return target
 

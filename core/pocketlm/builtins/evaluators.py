@@ -12,6 +12,7 @@ from pydantic import Field
 
 from .. import hookimpl
 from ..components import Evaluator, NoOptions, Options
+from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
 from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
 
@@ -26,7 +27,12 @@ class PerplexityOptions(Options):
 def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
     """exp(mean next-token NLL) over the first ``windows`` non-overlapping windows."""
     base = Path(context.recipe.get("_base", ".")) if context and context.recipe else None
-    ids = evaluation_windows(context.tokenizer, resolve_text(options.text, base), options.windows, options.seq_len)
+    check_context_length(model, options.seq_len, "evaluate.perplexity.seq_len")
+    text = resolve_text(options.text, base)
+    ids = evaluation_windows(context.tokenizer, text, options.windows, options.seq_len)
+    if ids.shape[0] == 0:
+        raise PocketError(f"evaluation text {text} holds fewer than {options.seq_len} tokens, not one window",
+                          field="evaluate.perplexity.text", fix="use a longer text, or lower seq_len")
     torch.manual_seed(0)
     total, count = 0.0, 0
     was_training = model.training
@@ -41,6 +47,23 @@ def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
             advance(batch.shape[0])
     model.train(was_training)
     return {"perplexity": math.exp(total / count), "eval_tokens": count}
+
+
+def context_length(model) -> int | None:
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def check_context_length(model, seq_len: int, field: str) -> None:
+    """Windows longer than the model's positions fail (GPT-2) or give meaningless numbers (RoPE)."""
+    limit = context_length(model)
+    if limit is not None and seq_len > limit:
+        raise PocketError(f"seq_len {seq_len} is longer than the model's context of {limit} tokens", field=field,
+                          fix=f"set seq_len to {limit} or less")
 
 
 def _unique_tensors(model) -> list[torch.Tensor]:
