@@ -423,6 +423,20 @@ def case_brackets_in_messages(env: Env):
     return code, output, "set allow_pickle = true in [model]" in output and "pickled [model]" in output
 
 
+def case_brackets_in_a_run_folder_path(env: Env):
+    code, output = cli("run", env.recipe(), "--run-dir", "runs/[model] test")
+    return code, output, "run folder: runs/[model] test" in output and "export: runs/[model] test/export" in output
+
+
+def case_run_folder_of_user_files(env: Env):
+    (env.tmp / "documents").mkdir()
+    (env.tmp / "documents" / "thesis.tex").write_text("mine")
+    code_validate, output_validate = cli("validate", env.recipe(), "--run-dir", "documents")
+    assert code_validate == 2 and "pocketlm did not write" in output_validate
+    code, output = cli("run", env.recipe(), "--run-dir", "documents", "--overwrite")
+    return code, output, [p.name for p in (env.tmp / "documents").iterdir()] == ["thesis.tex"]
+
+
 def case_plan_impossible_retention(env: Env):
     return (*cli("plan", "--min-retention", "2"), True)
 
@@ -594,6 +608,8 @@ CASES: list[tuple[Callable, int, str]] = [
     (case_unwritable_export_path, 2, "cannot be written"),
     (case_read_only_run_folder, 2, "cannot be written"),
     (case_brackets_in_messages, 2, "holds only pickle weights"),
+    (case_brackets_in_a_run_folder_path, 0, ""),
+    (case_run_folder_of_user_files, 2, "holds files that pocketlm did not write"),
     (case_plan_impossible_retention, 2, "Invalid value for '--min-retention'"),
     (case_plan_negative_size, 2, "Invalid value for '--target-size-mb'"),
     (case_eval_windows_0, 2, "Invalid value for '--windows'"),
