@@ -552,6 +552,14 @@ def _kill_at(env: Env, name: str):
                                        export_bytes(run) == export_bytes(env.finished))
 
 
+def case_kill_writing_the_resolved_recipe(env: Env):
+    return _kill_at(env, "recipe.resolved.json")
+
+
+def case_kill_writing_the_first_evaluation(env: Env):
+    return _kill_at(env, "eval-before.json")
+
+
 def case_kill_writing_a_stage_checkpoint(env: Env):
     return _kill_at(env, "02-boom")
 
@@ -614,11 +622,13 @@ CASES: list[tuple[Callable, int, str]] = [
     (case_plan_negative_size, 2, "Invalid value for '--target-size-mb'"),
     (case_eval_windows_0, 2, "Invalid value for '--windows'"),
     (case_eval_windows_negative, 2, "Invalid value for '--windows'"),
-    (case_export_command_writes_only_its_folder, 0, "exported"),
+    (case_export_command_writes_only_its_folder, 0, "/out/exported"),
     (case_leftover_temporary_folders, 0, ""),
     (case_corrupted_checkpoint, 0, ""),
-    (case_full_disk_injected, 1, "No space left on device"),
+    (case_full_disk_injected, 1, "stage 1 (toy-mask): cannot write its checkpoint"),
     (case_full_disk_tmpfs, 1, "No space left on device"),
+    (case_kill_writing_the_resolved_recipe, -signal.SIGKILL, ""),
+    (case_kill_writing_the_first_evaluation, -signal.SIGKILL, ""),
     (case_kill_writing_a_stage_checkpoint, -signal.SIGKILL, ""),
     (case_kill_writing_the_export, -signal.SIGKILL, ""),
     (case_kill_writing_the_report, -signal.SIGKILL, ""),

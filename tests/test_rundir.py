@@ -146,3 +146,18 @@ def test_plan_writes_no_chosen_recipe_when_no_candidate_meets_the_retention(tmp_
     assert "warning: no candidate meets --min-retention 10.0" in console.export_text()
     evaluate_candidates(found, str(tiny_folder), toy_plugins, tmp_path, PlanBudget(), console)
     assert (tmp_path / "chosen.toml").read_text() == points[0]["recipe"]
+
+
+def test_every_candidate_the_planner_proposes_is_a_valid_strict_recipe(tiny_folder):
+    """Strict recipes must still accept what the installed plugins' plan() proposes."""
+    from pocketlm.plugins import Plugins
+    from pocketlm.planner import DEMO_STATS, PlanBudget, candidates, to_toml
+    from pocketlm.recipe import parse_recipe
+
+    plugins = Plugins()
+    found = candidates(plugins, DEMO_STATS, PlanBudget())
+    for candidate in found:
+        parse_recipe(to_toml(candidate.recipe(str(tiny_folder), "auto")), plugins, file=candidate.label)
+    from pocketlm.planner import default_recipe_text
+
+    parse_recipe(default_recipe_text(plugins), plugins, file="<default recipe>")

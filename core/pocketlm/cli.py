@@ -127,7 +127,8 @@ def run(recipe, run_dir, resume, overwrite):
         from .planner import default_recipe_text
 
         text = default_recipe_text(plugins)
-        console.print("no recipe given: running the default recipe for the installed plugins:\n" + text, highlight=False)
+        console.print("no recipe given: running the default recipe for the installed plugins:\n" + text, highlight=False,
+                      soft_wrap=True)
         loaded = parse_recipe(text, plugins, file="<default recipe>")
         run_dir = run_dir or Path("runs") / "default"
     else:
@@ -142,7 +143,7 @@ def run(recipe, run_dir, resume, overwrite):
     for row in rows[1:]:
         table.add_row(*row)
     out.print(table)
-    out.print(f"run folder: {run_dir}" + (f"\nexport: {report['export']}" if report["export"] else ""))
+    out.print(f"run folder: {run_dir}" + (f"\nexport: {report['export']}" if report["export"] else ""), soft_wrap=True)
 
 
 @main.command()
@@ -293,7 +294,7 @@ def export(model, format_, output):
                echo=lambda m: None)
     loaded = run_._load_source(model)
     path = run_._export(loaded.model, loaded.tokenizer)
-    out.print(f"exported {model} as {format_} to {path}")
+    out.print(f"exported {model} as {format_} to {path}", soft_wrap=True)
 
 
 from . import planner as _planner  # noqa: E402  (registers `plan` and `new-plugin`)

@@ -339,10 +339,16 @@ class Run:
         model.eval()
         metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
-        with atomic.folder(self.run_dir / "stages" / name) as tmp:
-            save_checkpoint(model, tokenizer, tmp)
-            atomic.write_json(tmp / "stage.json", record.__dict__)
-            rundir.write_checksums(tmp)  # last: covers every file the checkpoint holds
+        try:
+            with atomic.folder(self.run_dir / "stages" / name) as tmp:
+                save_checkpoint(model, tokenizer, tmp)
+                atomic.write_json(tmp / "stage.json", record.__dict__)
+                rundir.write_checksums(tmp)  # last: covers every file the checkpoint holds
+        except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
+            raise PocketError(f"{where}: cannot write its checkpoint in {self._shown(self.run_dir / 'stages')}: "
+                              f"{getattr(exc, 'strerror', None) or exc}",
+                              fix="free space or make the folder writable, then continue with --resume",
+                              exit_code=1) from exc
         records.append(record)
         self.log(f"stage {index + 1} ({stage.method}) finished in {seconds:.1f} s")
         return model
