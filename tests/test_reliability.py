@@ -689,7 +689,6 @@ def table(rows) -> str:
 
 
 if __name__ == "__main__":  # python -m tests.test_reliability: print the table of docs/reliability.md
-    import re
     import tempfile
 
     from pocketlm.testing.models import save_tiny_model
@@ -707,7 +706,9 @@ if __name__ == "__main__":  # python -m tests.test_reliability: print the table 
             except pytest.skip.Exception as skipped:
                 print(f"skipped {case.__name__}: {skipped}", file=sys.stderr)
                 continue
-            line = re.sub(r"/tmp/\S+?/", "…/", first_line(output))
+            folder = tmp / case.__name__  # paths shown relative to the case's folder
+            line = first_line(output).replace(str(folder.resolve()) + "/", "").replace(str(folder) + "/", "")
+            line = line.replace(str(model), "MODEL")
             rows.append((case.__name__[5:].replace("_", " "), code, line, intact))
         print(table(rows))
         clear = sum(1 for _, code, _, intact in rows if code not in (0, -signal.SIGKILL) and intact)

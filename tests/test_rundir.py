@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,3 +162,19 @@ def test_every_candidate_the_planner_proposes_is_a_valid_strict_recipe(tiny_fold
     from pocketlm.planner import default_recipe_text
 
     parse_recipe(default_recipe_text(plugins), plugins, file="<default recipe>")
+
+
+def test_sys_exit_outside_any_hook_is_never_a_silent_success():
+    import click
+    from click.testing import CliRunner
+
+    from pocketlm.cli import _handle_errors
+
+    @click.command()
+    @_handle_errors
+    def command():
+        sys.exit(0)  # model or library code that gives up
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1
+    assert result.output.startswith("error: the run stopped: something called sys.exit(0)")
