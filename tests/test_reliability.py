@@ -199,7 +199,10 @@ def case_export_onto_a_source_that_is_an_export(env: Env):
 def _export_over_the_run(env: Env, path: str):
     run = env.copy_run()
     before = snapshot(run)
-    code, output = cli("run", env.recipe(export=json.dumps(path)), "--run-dir", run, "--overwrite")
+    recipe = env.recipe(export=json.dumps(path))
+    code_validate, output_validate = cli("validate", recipe, "--run-dir", run)
+    assert code_validate == 2 and "export.path" in output_validate, output_validate
+    code, output = cli("run", recipe, "--run-dir", run, "--overwrite")
     return code, output, snapshot(run) == before
 
 

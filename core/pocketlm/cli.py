@@ -160,7 +160,7 @@ def validate(recipe, run_dir):
     loaded = load_recipe(recipe, plugins)
     run_dir = run_dir or Path("runs") / Path(recipe).stem
     check_run_folder(run_dir)
-    Run(loaded, run_dir, plugins, owns_folder=False).export_target()
+    Run(loaded, run_dir, plugins).export_target()  # constructing a Run writes nothing
     click.echo(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
               + ", ".join(s.method for s in loaded.stages) + ")")
 
