@@ -375,7 +375,8 @@ class Run:
         target = rundir.check_export_path(section.path, self.run_dir if self.owns_folder else None,
                                           self.recipe.file.model.source, self.recipe.base)
         if exporter.check is not None:
-            problems = exporter.check(model, export_options)
+            with self._guard(f"export ({exporter.name}) check", "exporters", exporter.name):
+                problems = exporter.check(model, export_options)
             if problems:
                 raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
                                   field="export.format", fix="choose another format, or change the stages")
