@@ -134,6 +134,10 @@ def cli(*args, env: dict | None = None):
     return result.exit_code, result.output
 
 
+# Child processes: one thread each, like the tests (torch would start one per core).
+CHILD_ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+
+
 def snapshot(path: Path) -> dict:
     """Every file under ``path`` with its sha256 (what "intact" compares)."""
     path = Path(path)
@@ -246,7 +250,7 @@ Run(load_recipe({recipe!r}, plugins), {run!r}, plugins, echo=print).execute()
 def case_two_concurrent_runs(env: Env):
     recipe, run = env.recipe(), env.tmp / "run"
     process = subprocess.Popen([sys.executable, "-c", SLOW_RUN.format(root=str(ROOT), recipe=str(recipe), run=str(run))],
-                               env=dict(os.environ, POCKETLM_TEST_SLOW_STAGE="toy-round"),
+                               env=dict(CHILD_ENV, POCKETLM_TEST_SLOW_STAGE="toy-round"),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + 120
@@ -547,7 +551,7 @@ def _kill_at(env: Env, name: str):
     run = env.tmp / "run"
     recipe = env.recipe()
     killed = subprocess.run([sys.executable, "-c", KILL_AT.format(root=str(ROOT), name=name, recipe=str(recipe),
-                                                                  run=str(run))], capture_output=True)
+                                                                  run=str(run))], capture_output=True, env=CHILD_ENV)
     assert killed.returncode == -signal.SIGKILL, killed.stdout.decode()[-2000:] + killed.stderr.decode()[-2000:]
     code, output = cli("run", recipe, "--run-dir", run, "--resume")
     leftovers = [p for p in run.rglob("*.tmp")]
