@@ -178,3 +178,22 @@ def test_sys_exit_outside_any_hook_is_never_a_silent_success():
     result = CliRunner().invoke(command, [])
     assert result.exit_code == 1
     assert result.output.startswith("error: the run stopped: something called sys.exit(0)")
+
+
+def test_a_full_disk_outside_any_stage_names_the_path_and_the_way_on():
+    import errno
+
+    import click
+    from click.testing import CliRunner
+
+    from pocketlm.cli import _handle_errors
+
+    @click.command()
+    @_handle_errors
+    def command():
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "runs/x/report.json")
+
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1
+    assert result.output.splitlines() == ["error: No space left on device: runs/x/report.json",
+                                          "  fix: free space or choose a writable folder, then continue with --resume"]

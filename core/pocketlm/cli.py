@@ -7,6 +7,7 @@ while running ends with exit code 1.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import sys
@@ -73,12 +74,14 @@ def _handle_errors(fn):
             print_error(f"the run stopped: something called sys.exit({exc.code!r})\n"
                         "  (rerun with --debug for the traceback; continue with --resume)")
             sys.exit(1)
-        except OSError as exc:
+        except OSError as exc:  # a full disk, a read-only folder: say which path, and how to go on
             if debug:
                 raise
-            where = f" {exc.filename}" if exc.filename else ""
-            print_error(f"cannot write{where}: {exc.strerror or exc}\n  fix: free space or choose a writable "
-                        "folder, then continue with --resume")
+            where = f": {exc.filename}" if exc.filename else ""
+            fix = ("free space or choose a writable folder, then continue with --resume"
+                   if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT)
+                   else "rerun with --debug for the traceback")
+            print_error(f"{exc.strerror or exc}{where}\n  fix: {fix}")
             sys.exit(1)
         except Exception as exc:  # noqa: BLE001
             if debug:
