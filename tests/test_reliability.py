@@ -280,6 +280,7 @@ def case_lock_left_by_a_dead_process(env: Env):
     subprocess.run([sys.executable, "-c", LOCK_AND_DIE.format(root=str(ROOT), run=str(run))], check=False)
     assert (run / ".pocketlm-lock").read_text().startswith("process ")
     code, output = cli("run", env.recipe(), "--run-dir", run)
+    assert "taking over the lock of process" in output
     return code, output, export_bytes(run) == export_bytes(env.finished)
 
 
@@ -601,7 +602,7 @@ CASES: list[tuple[Callable, int, str]] = [
     (case_overwrite_that_fails, 1, "stage 2 (boom): plugin boomer 0.0.7 raised KeyError"),
     (case_overwrite_that_succeeds, 0, ""),
     (case_two_concurrent_runs, 2, "is in use by process"),
-    (case_lock_left_by_a_dead_process, 0, ""),
+    (case_lock_left_by_a_dead_process, 0, "taking over the lock of process"),
     (case_plugin_calls_sys_exit_0, 1, "stage 2 (boom): plugin boomer 0.0.7 called sys.exit(0)"),
     (case_plugin_raises_keyerror, 1, "stage 2 (boom): plugin boomer 0.0.7 raised KeyError: 'missing-key'"),
     (case_plugin_raises_keyboardinterrupt, 130, "stage 2 (boom): plugin boomer 0.0.7 was interrupted"),
@@ -685,6 +686,20 @@ def test_reliability_case(case, expected_code, fragment, reliability_env, tmp_pa
     assert fragment in first_line(output), output
     assert "Traceback" not in output
     assert intact, output
+
+
+def test_the_default_recipe_is_printed_with_its_section_headers(reliability_env, tmp_path, monkeypatch):
+    """`pocketlm run` with no recipe prints the recipe it runs; the console must not eat `[model]`."""
+    from pocketlm import planner
+
+    model, _ = reliability_env
+    text = RECIPE.format(model=model, export='"export"')
+    monkeypatch.setattr(planner, "default_recipe_text", lambda plugins: text)
+    monkeypatch.chdir(tmp_path)
+    code, output = cli("run")
+    assert code == 0, output
+    assert "[model]\nsource = " in output and "[[stages]]" in output and "[evaluate.perplexity]" in output
+    assert "run folder: runs/default" in output
 
 
 def table(rows) -> str:

@@ -246,7 +246,9 @@ class Run:
         """Run the recipe under the folder's lock; see :mod:`pocketlm.rundir` for the rules."""
         rundir.check_run_folder(self.final_dir)
         self.export_target()  # refuse a dangerous export path before loading anything
-        with rundir.locked(self.final_dir):
+        with rundir.locked(self.final_dir) as (lock,):
+            if lock.taken_over:
+                self.log(f"taking over the lock of {lock.taken_over}, which ended without releasing it")
             rundir.remove_leftovers(self.final_dir)
             rundir.write_marker(self.final_dir, rundir.RUN_MARKER)
             if not (self.overwrite and self._holds_work()):

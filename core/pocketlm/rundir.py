@@ -167,6 +167,7 @@ class RunLock:
     def __init__(self, folder: Path):
         self.path = Path(folder) / LOCK_FILE
         self.handle = None
+        self.taken_over: str | None = None
 
     def acquire(self) -> "RunLock":
         import fcntl
@@ -190,6 +191,9 @@ class RunLock:
                               fix="wait for that run to finish, or choose another folder with --run-dir",
                               exit_code=2) from None
         handle.seek(0)
+        # A name left in the file belongs to a run that died holding the lock (release clears it).
+        self.taken_over = handle.read().strip() or None
+        handle.seek(0)
         handle.truncate()
         handle.write(f"process {os.getpid()} ({' '.join(sys.argv)[:200]})\n")
         handle.flush()
@@ -198,17 +202,18 @@ class RunLock:
 
     def release(self) -> None:
         if self.handle is not None:
+            self.handle.truncate(0)
             self.handle.close()  # closing drops the flock
             self.handle = None
 
 
 @contextlib.contextmanager
-def locked(*folders: Path) -> Iterator[None]:
-    locks = []
+def locked(*folders: Path) -> Iterator[list[RunLock]]:
+    locks: list[RunLock] = []
     try:
         for folder in folders:
             locks.append(RunLock(folder).acquire())
-        yield
+        yield locks
     finally:
         for lock in reversed(locks):
             lock.release()
