@@ -119,7 +119,6 @@ def test_a_run_folder_of_someone_elses_files_is_refused(tmp_path):
 
 def test_perplexity_refuses_an_empty_text_and_windows_beyond_the_context(tmp_path, tiny_folder):
     from pocketlm.builtins.evaluators import PerplexityOptions, perplexity
-    from pocketlm.checkpoint import load_checkpoint  # noqa: F401 - the loader below needs transformers
     from pocketlm.context import Context
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
