@@ -66,3 +66,4 @@ def test_registry_lists_what_installed_plugins_register():
             continue  # not installed in this environment
         assert sorted(info.provides.get("methods", [])) == sorted(entry.get("methods", [])), name
         assert sorted(info.provides.get("exporters", [])) == sorted(entry.get("exporters", [])), name
+        assert sorted(info.provides.get("grid_rules", [])) == sorted(entry.get("grid_rules", [])), name

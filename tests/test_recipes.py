@@ -121,3 +121,19 @@ def test_yaml_recipe_runs_through_the_same_validation(cli, tmp_path):
     recipe.write_text(f"model:\n  source: {cli.model}\nstages:\n  - method: toy-round\n    bits: 9000\n")
     result = cli("validate", str(recipe))
     assert result.exit_code == 0  # toy-round accepts any int; the point is YAML parses into the same model
+
+
+def test_exclusive_stages_that_name_disjoint_modules_may_share_a_model():
+    from pocketlm import Method, NoOptions, SizeEffect
+    from pocketlm.recipe import combination_problems
+
+    def stage(modules):
+        method = Method("q", "quantize", NoOptions, lambda m, o, c: m, exclusive=True,
+                        effect=lambda o: SizeEffect(bits=4, features=frozenset({"quantized"}), modules=modules))
+        return method, NoOptions()
+
+    assert combination_problems([stage(frozenset({"a", "b"})), stage(frozenset({"c"})), stage(frozenset({"d"}))]) == []
+    clash = combination_problems([stage(frozenset({"a", "b"})), stage(frozenset({"c"})), stage(frozenset({"b"}))])
+    assert clash == [(2, "two quantize stages would act on the same layers (stage 0 and stage 2); a layer takes one "
+                         "quantizer")]
+    assert len(combination_problems([stage(frozenset({"a"})), stage(None)])) == 1   # unnamed: every layer

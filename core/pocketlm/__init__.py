@@ -11,7 +11,7 @@ __version__ = "0.1.3"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.2"
+API_VERSION = "1.3"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 
@@ -25,6 +25,7 @@ from .components import (  # noqa: E402
     Architecture,
     Evaluator,
     Exporter,
+    GridRule,
     LoadedModel,
     Loader,
     Method,
@@ -38,7 +39,7 @@ from .errors import PocketError  # noqa: E402
 
 __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
-    "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter",
+    "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
     "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress",
     "SizeEffect", "Smooth", "hookimpl", "__version__",
 ]

@@ -1,4 +1,4 @@
-"""What a plugin registers: methods, loaders, evaluators, exporters and architectures.
+"""What a plugin registers: methods, loaders, evaluators, exporters, architectures and grid rules.
 
 A plugin builds these objects and hands them to the ``register`` callback of the matching
 registration hook (see :mod:`pocketlm.hookspecs`). The core owns ordering, duplicate detection
@@ -56,13 +56,18 @@ class SizeEffect:
       embedding is quantized. That one is a refinement of ``"quantized"``: every exporter that
       represents ``"quantized"`` can write it (dense, if it must), and only an exporter that
       lists it in ``packs`` stores it compactly, which is what the planner's size estimate and
-      ``format = "auto"`` look at."""
+      ``format = "auto"`` look at.
+    * ``modules``: the exact module names the stage acts on, where it names them one by one
+      (None: every layer it ``covers``). Two ``exclusive`` stages of one kind may share a model
+      only when both name their modules and the names are disjoint (a per-matrix bit
+      allocation: one stage per width)."""
 
     bits: float | None = None
     sparsity: float | None = None
     params_removed: float = 0.0
     covers: Literal["decoder", "embedding", "all"] = "decoder"
     features: frozenset[str] = frozenset()
+    modules: frozenset[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -200,3 +205,40 @@ class Architecture:
     extra_embeddings: tuple[str, ...] = ()
     layer_count_key: str = "num_hidden_layers"
     intermediate_size_key: str = "intermediate_size"
+
+
+@dataclass(frozen=True)
+class GridRule:
+    """How a weight quantizer chooses each group's grid (scale and zero point).
+
+    ``fit(W, bits, group_size, symmetric, importance=None) -> (scales, zeros)``: a pure function
+    of ``W`` (``[rows, cols]`` float32) returning float32 ``scales`` (float16-representable values)
+    and integer-valued ``zeros``, both ``[rows, groups]`` (``group_size = -1``: one group per row;
+    a last group shorter than ``group_size`` covers the remaining columns), for the grid
+    ``w = (q - zero) * scale`` with ``q`` in ``[0, 2**bits - 1]``. ``importance`` is an optional
+    ``[cols]`` weight per input channel (the mean squared activation: the diagonal of a layer
+    Hessian); a rule that ignores it leaves ``uses_importance`` False. Every tensor it makes
+    lives on ``W``'s device.
+
+    ``bits``, ``group_sizes`` and ``symmetric`` restrict the settings a rule supports (None: any);
+    recipes that ask a rule for others are refused before anything runs. Quantizers take the
+    rule's name in an option called ``grid``."""
+
+    name: str
+    fit: Callable[..., tuple[Any, Any]]
+    summary: str = ""
+    bits: tuple[int, ...] | None = None
+    group_sizes: tuple[int, ...] | None = None
+    symmetric: bool | None = None
+    uses_importance: bool = False
+
+    def problems(self, bits: int, group_size: int, symmetric: bool) -> list[str]:
+        """Why this rule cannot fit grids of these settings (empty: it can)."""
+        found = []
+        if self.bits is not None and bits not in self.bits:
+            found.append(f"bits = {' or '.join(map(str, self.bits))} (not {bits})")
+        if self.group_sizes is not None and group_size not in self.group_sizes:
+            found.append(f"group_size = {' or '.join(map(str, self.group_sizes))} (not {group_size})")
+        if self.symmetric is not None and symmetric != self.symmetric:
+            found.append(f"symmetric = {str(self.symmetric).lower()}")
+        return found

@@ -71,6 +71,17 @@ def register_architectures(register):
     without editing any method. ``model_types`` are matched against ``config.model_type``."""
 
 
+@hookspec
+def register_grid_rules(register):
+    """Declare grid rules: ``register(pocketlm.GridRule(name, fit, summary, ...))``.
+
+    A grid rule chooses the scales and zero points of a weight quantizer's groups (min-max,
+    an importance-weighted search, a file format's own two-level grid). Quantizers take its
+    ``name`` in their ``grid`` option and call ``fit`` through ``context.plugins.grid_rules``,
+    never through another plugin's module. The core registers ``minmax`` (the default) and
+    ``weighted-mse``."""
+
+
 # ------------------------------------------------------------------------------- working
 
 

@@ -31,7 +31,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from . import API_VERSION, hookspecs
-from .components import KINDS, Architecture, Evaluator, Exporter, Loader, Method, Options
+from .components import KINDS, Architecture, Evaluator, Exporter, GridRule, Loader, Method, Options
 
 ENTRY_POINT_GROUP = "pocketlm"
 ALLOWLIST_ENV = "POCKETLM_PLUGINS"
@@ -44,6 +44,7 @@ REGISTRATIONS = {
     "register_evaluators": (Evaluator, "evaluators"),
     "register_exporters": (Exporter, "exporters"),
     "register_architectures": (Architecture, "architectures"),
+    "register_grid_rules": (GridRule, "grid_rules"),
 }
 
 
@@ -74,7 +75,7 @@ class PluginProblem:
 class Plugins:
     """The loaded plugins and everything they registered.
 
-    ``methods``, ``evaluators``, ``exporters`` map names to components, ``loaders`` and
+    ``methods``, ``evaluators``, ``exporters``, ``grid_rules`` map names to components, ``loaders`` and
     ``architectures`` keep registration order; ``owner[(table, name)]`` is the plugin that
     registered it; ``problems`` lists the skipped plugins with their reasons."""
 
@@ -85,6 +86,7 @@ class Plugins:
         self.methods: dict[str, Method] = {}
         self.evaluators: dict[str, Evaluator] = {}
         self.exporters: dict[str, Exporter] = {}
+        self.grid_rules: dict[str, GridRule] = {}
         self._loaders: dict[str, Loader] = {}
         self._architectures: dict[str, Architecture] = {}
         self._loader_order: list[tuple[bool, int, str]] = []
@@ -241,6 +243,8 @@ def _validate(item: Any, kind: type, hook: str) -> None:
             raise _Skip(f"method {item.name!r}: options must be a subclass of pocketlm.Options")
         if not callable(item.compress):
             raise _Skip(f"method {item.name!r}: compress is not callable")
+    if isinstance(item, GridRule) and not callable(item.fit):
+        raise _Skip(f"grid rule {item.name!r}: fit is not callable")
     if isinstance(item, (Evaluator, Exporter)) and not (
             isinstance(item.options, type) and issubclass(item.options, Options)):
         raise _Skip(f"{item.name!r}: options must be a subclass of pocketlm.Options")

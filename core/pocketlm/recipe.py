@@ -266,7 +266,36 @@ def _validate_stage(index: int, stage: StageSection, plugins, locate) -> Stage:
     except ValidationError as exc:
         raise _from_validation(exc, locate, prefix=where, model=method.options,
                                what=f"method {method.name!r}") from None
+    _check_grid_rule(index, method, validated, plugins, locate)
     return Stage(method=stage.method, options=validated)
+
+
+def _check_grid_rule(index: int, method: Method, options, plugins, locate) -> None:
+    """A method option called ``grid`` names a registered grid rule (see ``GridRule``); refuse an
+    unknown rule, or one that cannot fit the stage's ``bits``/``group_size``/``symmetric``."""
+    name = getattr(options, "grid", None)
+    if not isinstance(name, str):
+        return
+    where = ("stages", index, "grid")
+    rules = getattr(plugins, "grid_rules", {})
+    rule = rules.get(name)
+    if rule is None:
+        raise PocketError(f"method {method.name!r}: unknown grid rule {name!r}", file=locate.file,
+                          line=locate(where), field=f"stages[{index}].grid",
+                          fix=_did_you_mean(name, rules) + _missing_grid_hint(name) + "installed grid rules: "
+                          + ", ".join(sorted(rules)))
+    wanted = rule.problems(getattr(options, "bits", None), getattr(options, "group_size", None),
+                           getattr(options, "symmetric", None))
+    if wanted:
+        raise PocketError(f"method {method.name!r}: grid rule {name!r} needs " + ", ".join(wanted),
+                          file=locate.file, line=locate(where), field=f"stages[{index}].grid",
+                          fix="set " + " and ".join(w.split(" (")[0] for w in wanted)
+                          + f" in this stage, or choose another grid ({rule.summary})")
+
+
+def _missing_grid_hint(name: str) -> str:
+    entry = registry.provider_of("grid_rules", name)
+    return f"grid rule {name!r} is provided by {entry.distribution} ({entry.install}); " if entry else ""
 
 
 def _missing_method_fix(name: str, plugins) -> str:
@@ -450,7 +479,7 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
     declare: kinds, ``not_after``, ``exclusive`` and size effects. Shared with the planner."""
     problems: list[tuple[int | None, str]] = []
     seen_kinds: dict[str, int] = {}
-    exclusive_seen: dict[tuple[str, str], int] = {}
+    exclusive_seen: list[tuple[str, str, int, frozenset[str] | None]] = []
     features: set[str] = set()
     for index, (method, options) in enumerate(stages):
         for kind in method.not_after:
@@ -459,12 +488,14 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
                                         f"(stage {seen_kinds[kind]}): its declared order forbids it"))
         effect = method.effect(options)
         if method.exclusive:
-            key = (method.kind, effect.covers)
-            for (kind, covers), earlier in exclusive_seen.items():
+            for kind, covers, earlier, named in exclusive_seen:
+                if named is not None and effect.modules is not None and not (named & effect.modules):
+                    continue    # both stages name their modules, and no module is in both
                 if kind == method.kind and (covers == effect.covers or "all" in (covers, effect.covers)):
                     problems.append((index, f"two {method.kind} stages would act on the same layers "
                                             f"(stage {earlier} and stage {index}); a layer takes one {method.kind}r"))
-            exclusive_seen[key] = index
+                    break
+            exclusive_seen.append((method.kind, effect.covers, index, effect.modules))
         seen_kinds.setdefault(method.kind, index)
         features |= set(effect.features)
     if exporter is not None:

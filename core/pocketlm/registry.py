@@ -26,6 +26,7 @@ class Entry:
     loaders: tuple[str, ...] = ()
     evaluators: tuple[str, ...] = ()
     exporters: tuple[str, ...] = ()
+    grid_rules: tuple[str, ...] = ()
     extras: dict = field(default_factory=dict)
 
     @property
@@ -51,7 +52,8 @@ def _load(path: str) -> tuple[Entry, ...]:
             distribution=name, version=str(item.get("version", "")), api=str(item.get("api", "")),
             source=str(item.get("source", "")), summary=str(item.get("summary", "")),
             methods=tuple(item.get("methods", ())), loaders=tuple(item.get("loaders", ())),
-            evaluators=tuple(item.get("evaluators", ())), exporters=tuple(item.get("exporters", ()))))
+            evaluators=tuple(item.get("evaluators", ())), exporters=tuple(item.get("exporters", ())),
+            grid_rules=tuple(item.get("grid_rules", ()))))
     return tuple(entries)
 
 

@@ -122,8 +122,8 @@ class _PackedGrid(nn.Module):
 
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool):
         super().__init__()
-        if bits not in (2, 3, 4, 8):
-            raise ValueError(f"bits must be 2, 3, 4 or 8, not {bits}")
+        if bits not in (2, 3, 4, 5, 6, 8):
+            raise ValueError(f"bits must be 2, 3, 4, 5, 6 or 8, not {bits}")
         if group_size != -1 and group_size <= 0:
             raise ValueError(f"group_size must be -1 or positive, not {group_size}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric

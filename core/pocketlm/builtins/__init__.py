@@ -3,7 +3,7 @@ no special cases: built-in loaders, evaluators and the ``hf`` exporter are ordin
 
 from __future__ import annotations
 
-from . import architectures, dispatch, evaluators, export_hf, loaders
+from . import architectures, dispatch, evaluators, export_hf, grids, loaders
 
 BUILTIN_PLUGINS = (
     ("pocketlm.dispatch", dispatch),
@@ -11,4 +11,5 @@ BUILTIN_PLUGINS = (
     ("pocketlm.loaders", loaders),
     ("pocketlm.evaluators", evaluators),
     ("pocketlm.export_hf", export_hf),
+    ("pocketlm.grids", grids),
 )

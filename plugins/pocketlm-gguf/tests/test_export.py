@@ -162,7 +162,7 @@ def test_check_refuses_other_families():
     with pytest.raises(ValueError):
         GGUFOptions(filename="../x.gguf")
     with pytest.raises(ValueError):
-        GGUFOptions(quantize="q5_k")
+        GGUFOptions(quantize="q7_k")
 
 
 _LLAMA_CPP_SCRIPT = """

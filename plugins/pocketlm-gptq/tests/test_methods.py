@@ -93,7 +93,7 @@ def test_targets_and_ignore(context):
 
 
 @pytest.mark.parametrize("options,field", [
-    ({"bits": 5}, "bits"), ({"group_size": 48}, "group_size"), ({"damp": 0.0}, "damp"),
+    ({"bits": 7}, "bits"), ({"group_size": 48}, "group_size"), ({"damp": 0.0}, "damp"),
     ({"block_size": 0}, "block_size"), ({"targets": []}, "targets"), ({"bogus": 1}, "bogus"),
     ({"backend": "autogptq"}, "backend"),
 ])
@@ -108,7 +108,7 @@ def test_group_size_that_does_not_divide_is_refused_up_front(context):
     with pytest.raises(pocketlm.PocketError) as error:
         compress_gptq(model, GPTQOptions(group_size=128), context)
     assert error.value.field == "group_size"
-    assert "q_proj" in str(error.value) and "-1, 32, 64" in error.value.fix
+    assert "q_proj" in str(error.value) and "-1, 16, 32, 64" in error.value.fix
     assert not any(isinstance(m, QuantizedLinear) for m in model.modules())  # nothing changed
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

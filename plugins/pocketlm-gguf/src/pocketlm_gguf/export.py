@@ -33,7 +33,7 @@ from pocketlm import Exporter, Options, PocketError
 from pocketlm.modules import matches
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
 
-from . import blocks
+from . import blocks, kquants
 from .tokenizer import vocab_from_tokenizer, write_vocab
 
 # config.model_type -> (general.architecture, rotary permutation of q/k rows)
@@ -45,7 +45,18 @@ _FILE_TYPES = {
     gguf.GGMLQuantizationType.Q4_0: gguf.LlamaFileType.MOSTLY_Q4_0,
     gguf.GGMLQuantizationType.Q4_1: gguf.LlamaFileType.MOSTLY_Q4_1,
     gguf.GGMLQuantizationType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+    gguf.GGMLQuantizationType.Q5_0: gguf.LlamaFileType.MOSTLY_Q5_0,
+    gguf.GGMLQuantizationType.Q5_1: gguf.LlamaFileType.MOSTLY_Q5_1,
+    gguf.GGMLQuantizationType.Q2_K: gguf.LlamaFileType.MOSTLY_Q2_K,
+    gguf.GGMLQuantizationType.Q3_K: gguf.LlamaFileType.MOSTLY_Q3_K_M,
+    gguf.GGMLQuantizationType.Q4_K: gguf.LlamaFileType.MOSTLY_Q4_K_M,
+    gguf.GGMLQuantizationType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
+    gguf.GGMLQuantizationType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
+# What llama.cpp's quantizer (llama-quant.cpp) writes for a row length that 256 does not divide.
+# IQ4_NL (a non-uniform 4-bit codebook) has no quantizer in gguf-py: pocketlm writes Q4_0, the
+# same 4.5 bits per weight, instead.
+KQUANT_ROW_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 class GGUFOptions(Options):
@@ -54,9 +65,13 @@ class GGUFOptions(Options):
     * ``filename``: the file written inside the export folder.
     * ``dtype``: ``"f16"`` or ``"f32"`` for dense (not quantized) matrices; norms and biases are
       always F32.
-    * ``quantize``: ``"none"``, or llama.cpp's round-to-nearest ``"q8_0"``/``"q4_0"``/``"q4_1"`` for
-      the dense linears selected by ``targets``/``ignore`` (the token embedding and, by default,
-      ``lm_head`` stay in ``dtype``). Layers that are already quantized are never re-rounded.
+    * ``quantize``: ``"none"``, or llama.cpp's round-to-nearest ``"q8_0"``/``"q5_0"``/``"q5_1"``/
+      ``"q4_0"``/``"q4_1"``, or a k-quant ``"q2_k"`` ... ``"q6_k"`` (grids fitted by pocketlm's
+      k-quant rule, as gguf-py has no k-quant quantizer) for the dense linears selected by
+      ``targets``/``ignore`` (the token embedding and, by default, ``lm_head`` stay in ``dtype``).
+      A k-quant on rows that 256 does not divide takes llama.cpp's own fallback (Q4_K: Q5_0,
+      Q5_K: Q5_1, Q6_K: Q8_0; Q2_K and Q3_K: llama.cpp's IQ4_NL, written here as Q4_0 of the same
+      size), said in the log. Layers that are already quantized are never re-rounded.
     * ``fallback``: the format for a quantized grid with no exact block form: ``"auto"`` (the
       same size class: Q8_0 for 8 bits, Q4_0 for symmetric grids of 4 bits or fewer, Q4_1
       otherwise), or one of ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"f16"``, ``"f32"``.
@@ -68,8 +83,8 @@ class GGUFOptions(Options):
 
     filename: str = "model.gguf"
     dtype: Literal["f16", "f32"] = "f16"
-    quantize: Literal["none", "q8_0", "q4_0", "q4_1"] = "none"
-    fallback: Literal["auto", "q8_0", "q4_0", "q4_1", "f16", "f32"] = "auto"
+    quantize: Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = "none"
+    fallback: Literal["auto", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "f16", "f32"] = "auto"
     targets: list[str] = ["*"]
     ignore: list[str] = ["lm_head"]
     name: str | None = None
@@ -158,6 +173,7 @@ class _Report:
         self.kinds: Counter = Counter()
         self.fallbacks: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.unquantized: dict[str, list[str]] = defaultdict(list)
+        self.row_fallbacks: dict[str, list[str]] = defaultdict(list)
 
     def fallback(self, reason: str, fmt: str, name: str, change: float) -> None:
         self.fallbacks[f"{reason}; re-quantized from the dequantized weights to {fmt.upper()}"].append((name, change))
@@ -170,6 +186,10 @@ class _Report:
             lines.append(f"gguf: {len(items)} layer(s): {what}; relative RMS change of the weights "
                          f"{mean:.2%} on average, worst {worst[1]:.2%} ({worst[0]}). The exact optimized grid "
                          "is lost for these layers.")
+        if any(kind.endswith("_K exact") or "_K round" in kind for kind in self.kinds):
+            for what, names in self.row_fallbacks.items():
+                lines.append(f"gguf: {len(names)} layer(s): {what} ({', '.join(names[:3])}"
+                             f"{', ...' if len(names) > 3 else ''})")
         for what, names in self.unquantized.items():
             lines.append(f"gguf: {len(names)} layer(s) not quantized: {what} ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''})")
@@ -188,6 +208,12 @@ def _matrix(name: str, module, options: GGUFOptions, report: _Report) -> blocks.
         exact = blocks.exact_blocks(storage)
         if not isinstance(exact, str):
             report.kinds[f"{exact.qtype.name} exact"] += 1
+            kind = kquants.BY_BITS.get(storage.bits)
+            if kind is not None and storage.cols % kquants.QK_K and exact.qtype != kind.qtype:
+                report.row_fallbacks[
+                    f"input width {storage.cols} is not a multiple of {kquants.QK_K}, so no {kind.name.upper()}: "
+                    f"written exactly as {exact.qtype.name} (llama.cpp's quantizer falls back to "
+                    f"{kind.llama_fallback.upper()} here)"].append(name)
             return exact
         fmt = blocks.closest_format(storage) if options.fallback == "auto" else options.fallback
         if fmt == "f16" and options.fallback == "auto":
@@ -206,7 +232,16 @@ def _matrix(name: str, module, options: GGUFOptions, report: _Report) -> blocks.
         report.unquantized[f"input width {weight.shape[-1]} is not a multiple of {blocks.QK}, so no "
                            f"{options.quantize.upper()} blocks; kept in {options.dtype.upper()}"].append(name)
         selected = False
-    packed = blocks.encode(weight, options.quantize if selected else options.dtype)
+    fmt = options.quantize if selected else options.dtype
+    if selected and fmt in KQUANT_ROW_FALLBACK and weight.shape[-1] % kquants.QK_K:
+        fmt = KQUANT_ROW_FALLBACK[fmt]
+        llama = kquants.KQUANTS[options.quantize].llama_fallback
+        report.row_fallbacks[
+            f"input width {weight.shape[-1]} is not a multiple of {kquants.QK_K}, so no {options.quantize.upper()}: "
+            f"{fmt.upper()} instead" + ("" if llama == fmt else f" (llama.cpp writes {llama.upper()}, the same "
+                                        "4.5 bits per weight, which gguf-py cannot quantize)")
+            + ", as llama.cpp's quantizer does"].append(name)
+    packed = blocks.encode(weight, fmt)
     report.kinds[f"{packed.qtype.name} {'round-to-nearest' if selected else 'dense'}"] += 1
     return packed
 
@@ -348,6 +383,6 @@ EXPORTER = Exporter(
     represents=frozenset({"dense", "masked", "quantized", "quantized-embedding", "restructured"}),
     packs=frozenset({"quantized", "quantized-embedding"}),  # token_embd is stored as Q8_0/Q4_0/Q4_1
     check=check,
-    summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q4_0/Q4_1/Q8_0 from pocketlm grids, "
-            "F16/F32 or llama.cpp round-to-nearest for dense layers, tokenizer and provenance metadata",
+    summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q2_K-Q6_K, Q4_0/Q4_1/Q5_0/Q8_0 from pocketlm "
+            "grids, F16/F32 or round-to-nearest for dense layers, tokenizer and provenance metadata",
 )

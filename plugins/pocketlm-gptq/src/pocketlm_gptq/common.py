@@ -13,38 +13,45 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect
 from pocketlm.modules import get_module, matches, select_linears
 from pocketlm.weights import linear_shape
 
-GROUP_SIZES = (-1, 32, 64, 128)
+GROUP_SIZES = (-1, 16, 32, 64, 128)
 EMBED_ALIAS = "embed"
 
 
 class QuantOptions(Options):
     """Options shared by the weight-only quantizers.
 
-    * ``bits``: 2, 3, 4 or 8 bits per weight.
-    * ``group_size``: -1 (one scale per output channel) or 32/64/128 input columns per scale.
+    * ``bits``: 2, 3, 4, 5, 6 or 8 bits per weight (5 and 6 are written by the ``gguf`` exporter
+      only, as Q5_K/Q6_K or Q5_0/Q5_1 blocks).
+    * ``group_size``: -1 (one scale per output channel) or 16/32/64/128 input columns per scale.
       The default 64 divides the widths of every built-in tiny model and of the reference model
       (576, 1536); 128 does not divide 576 and is refused there (see ``allow_partial_group``).
     * ``symmetric``: symmetric grid (zero point 2**(bits-1), the GPTQ/vLLM default) or asymmetric.
     * ``targets`` / ``ignore``: module-name patterns; ``"embed"`` and ``"lm_head"`` are aliases for
       the architecture's token embedding and head.
+    * ``grid``: the registered grid rule that chooses each group's scale and zero point
+      (``pocketlm plugins`` lists them): ``"minmax"`` (default), ``"weighted-mse"`` (weighted by the
+      mean squared activation of each input channel), or a format's own grid such as the
+      ``gguf`` plugin's ``"q4_k"``.
     * ``allow_partial_group``: accept a group size that does not divide a layer's input width
       (the last group is short). The ``gptq`` format can hold that; ``compressed-tensors`` and vLLM
       cannot, so it is off by default and such a layer is refused up front.
     """
 
-    bits: Literal[2, 3, 4, 8] = 4
-    group_size: Literal[-1, 32, 64, 128] = 64
+    bits: Literal[2, 3, 4, 5, 6, 8] = 4
+    group_size: Literal[-1, 16, 32, 64, 128] = 64
     symmetric: bool = True
     targets: list[str] = ["*"]
     ignore: list[str] = ["lm_head", EMBED_ALIAS]
     allow_partial_group: bool = False
+    grid: str = Field("minmax", description="grid rule choosing each group's scale and zero point "
+                      "(minmax, weighted-mse, or one a plugin registers, such as q4_k)")
 
     @field_validator("targets")
     @classmethod
@@ -96,6 +103,24 @@ def select(model: nn.Module, options: QuantOptions, architecture) -> Selection:
     except AttributeError:
         want_embed = False
     return Selection(linears, embed if want_embed else None, tied, head)
+
+
+def grid_rule(context, options: QuantOptions):
+    """The registered ``GridRule`` named by ``options.grid``, looked up through the context's plugins."""
+    plugins = getattr(context, "plugins", None)
+    if plugins is None:
+        from pocketlm.plugins import get_plugins
+
+        plugins = get_plugins()
+    rule = plugins.grid_rules.get(options.grid)
+    if rule is None:
+        raise PocketError(f"unknown grid rule {options.grid!r}", field="grid",
+                          fix="installed grid rules: " + ", ".join(sorted(plugins.grid_rules)))
+    problems = rule.problems(options.bits, options.group_size, options.symmetric)
+    if problems:
+        raise PocketError(f"grid rule {options.grid!r} needs " + ", ".join(problems), field="grid",
+                          fix="change those options or choose another grid")
+    return rule
 
 
 # ------------------------------------------------------------------------ group-size check
@@ -151,4 +176,7 @@ def effect(options: QuantOptions) -> SizeEffect:
     overhead = 0.0 if options.group_size == -1 else per_group / options.group_size
     covers = _covers(options)
     features = {"quantized"} | ({"quantized-embedding"} if covers in ("embedding", "all") else set())
-    return SizeEffect(bits=options.bits + overhead, covers=covers, features=frozenset(features))
+    # stages that name their linears one by one (a mixed-precision allocation) may share a model
+    exact = not any(ch in t for t in options.targets for ch in "*?[") and covers == "decoder"
+    return SizeEffect(bits=options.bits + overhead, covers=covers, features=frozenset(features),
+                      modules=frozenset(options.targets) if exact else None)

@@ -94,6 +94,9 @@ def check_gptq(model: nn.Module, options: GPTQExportOptions) -> list[str]:
     schemes = {(m.bits, m.group_size, m.symmetric) for m in linears.values()}
     if len(schemes) > 1:
         problems.append(f"the gptq format holds one (bits, group_size, symmetric) per model; found {sorted(schemes)}")
+    odd = sorted({m.bits for m in linears.values()} - {2, 3, 4, 8})
+    if odd:
+        problems.append(f"gptq kernels read 2, 3, 4 or 8 bits, not {odd[0]}: export {odd[0]}-bit grids with gguf")
     narrow = [f"{n} ({m.out_features}x{m.in_features})" for n, m in linears.items()
               if m.in_features % 32 or m.out_features % 32]
     if narrow:

@@ -29,7 +29,7 @@ from torch import nn
 from pocketlm.modules import get_module
 from pocketlm.weights import get_mask, linear_weight, minmax_grid
 
-from .common import QuantOptions, check_group_size, select
+from .common import QuantOptions, check_group_size, grid_rule, select
 from .rtn import group_grid, quantize_embedding, replace_linear, rtn_quantize
 
 
@@ -57,6 +57,9 @@ class GPTQOptions(QuantOptions):
             raise ValueError(f"damp must be in (0, 1), not {self.damp}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, not {self.block_size}")
+        if self.backend == "llmcompressor" and self.grid != "minmax":
+            raise ValueError(f"backend 'llmcompressor' fits min-max grids only, not grid {self.grid!r}; "
+                             "use backend = 'pocketlm'")
 
 
 # ----------------------------------------------------------------------- pure functions
@@ -126,13 +129,16 @@ def _one_thread():
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  mask: torch.Tensor | None = None):
+                  mask: torch.Tensor | None = None, fit=None):
     """Quantize ``W`` (``[rows, cols]``) given the input Hessian ``H`` (``[cols, cols]``).
 
     Returns ``(q, scales, zeros, g_idx)``: integer grid ``q`` ``[rows, cols]`` in the original
     column order, ``scales``/``zeros`` ``[rows, groups]`` and ``g_idx`` (always None: groups are
     plain, ``column // group_size``, also with ``act_order``). ``mask`` (True = kept) pins pruned
-    weights to the zero point and keeps the error compensation out of them."""
+    weights to the zero point and keeps the error compensation out of them.
+    ``fit`` is a grid rule's ``fit`` (None: min-max): its grids are fitted once, before the sweep,
+    from the original weights with the Hessian diagonal (the mean squared input, times 2) as the
+    importance of each column, and so are static like act-order's."""
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     rows, cols = W.shape
@@ -149,7 +155,11 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     # column loop reads and writes is contiguous
     scales = torch.zeros(n_groups, rows)
     zeros = torch.zeros(n_groups, rows)
-    if act_order or group_size == -1:      # static groups: from the original column order
+    if fit is not None:                    # a grid rule's grids are fitted once, on the whole matrix
+        static_scales, static_zeros = fit(W, bits, group_size, symmetric, torch.diag(H))
+        scales, zeros = static_scales.t().contiguous(), static_zeros.t().contiguous()
+        ready = [True] * n_groups
+    elif act_order or group_size == -1:    # static groups: from the original column order
         static_scales, static_zeros = group_grid(W, bits, group_size, symmetric)
         scales, zeros = static_scales.t().contiguous(), static_zeros.t().contiguous()
         ready = [True] * n_groups
@@ -224,8 +234,9 @@ class GPTQHandler:
     changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
     observes_outputs = False       # a Hessian needs only inputs: the walker may skip running them
 
-    def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions):
+    def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, fit=None):
         self.options = options
+        self.fit = fit
         self.layers_path = layers_path
         self.selected = selected
         self.hessians: dict[str, list] = {}       # owner name -> [H, n]
@@ -266,7 +277,7 @@ class GPTQHandler:
                 mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m
                                   for w, m in zip(weights, masks)])
             q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self.hessians[owner][0], o.bits, o.group_size,
-                                                o.symmetric, o.damp, o.block_size, o.act_order, mask)
+                                                o.symmetric, o.damp, o.block_size, o.act_order, mask, self.fit)
             start = 0
             for name, module, weight in zip(members, modules, weights):
                 rows = slice(start, start + weight.shape[0])
@@ -287,20 +298,22 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
         from .backend_llmcompressor import compress_with_llmcompressor
 
         return compress_with_llmcompressor(model, options, context, selection)
-    quantize_embedding(model, selection, options, context.log)
+    rule = grid_rule(context, options)
+    fit = None if rule.name == "minmax" else rule.fit   # None: min-max, group by group as before
+    quantize_embedding(model, selection, options, context.log, fit)
     prefix = architecture.layers + "."
     in_layers = {n: m for n, m in selection.linears.items() if n.startswith(prefix)}
-    handler = GPTQHandler(architecture.layers, in_layers, options)
+    handler = GPTQHandler(architecture.layers, in_layers, options, fit)
     context.walk(model, handler, sequential=options.true_sequential, description="gptq")
     # Linears outside the decoder layers (an untied head) see no walked inputs: round them.
     for name, module in selection.linears.items():
         if name not in in_layers:
             q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
-                                            options.symmetric, get_mask(module))
+                                            options.symmetric, get_mask(module), fit)
             replace_linear(model, name, module, q, scales, zeros, options)
             context.log(f"gptq: {name} is outside the decoder layers; rounded to nearest")
     context.log(f"gptq: {len(in_layers)} linears to {options.bits} bits, group {options.group_size}"
-                f"{', act-order' if options.act_order else ''}")
+                f"{', act-order' if options.act_order else ''}{'' if fit is None else ', grid ' + rule.name}")
     return model
 
 

@@ -18,7 +18,7 @@ from pocketlm.modules import get_module, set_module
 from pocketlm.weights import (QuantizedEmbedding, QuantizedLinear, get_mask, is_transposed, linear_bias,
                               linear_weight, minmax_grid, n_groups, quantize, transfer_mask)
 
-from .common import QuantOptions, Selection, check_group_size, select
+from .common import QuantOptions, Selection, check_group_size, grid_rule, select
 
 
 class RTNOptions(QuantOptions):
@@ -47,12 +47,17 @@ def _expand(t: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:
 
 
 def rtn_quantize(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 mask: torch.Tensor | None = None, fit=None,
+                 importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Round ``W`` (``[rows, cols]``) to its group grids: returns ``(q, scales, zeros)`` with
     ``q`` integer ``[rows, cols]`` and ``scales``/``zeros`` ``[rows, groups]``. Where ``mask``
-    (True = kept) is False, ``q`` is the zero point, so the weight dequantizes to exactly 0."""
+    (True = kept) is False, ``q`` is the zero point, so the weight dequantizes to exactly 0.
+    ``fit`` is a grid rule's ``fit`` (None: min-max) and ``importance`` its per-column weights."""
     W = W.float()
-    scales, zeros = group_grid(W, bits, group_size, symmetric)
+    if fit is None:
+        scales, zeros = group_grid(W, bits, group_size, symmetric)
+    else:
+        scales, zeros = fit(W, bits, group_size, symmetric, importance)
     scale_full, zero_full = _expand(scales, W.shape[1], group_size), _expand(zeros, W.shape[1], group_size)
     q = quantize(W, scale_full, zero_full, bits)
     if mask is not None:
@@ -80,13 +85,14 @@ def replace_linear(root: nn.Module, name: str, module: nn.Module, q, scales, zer
     return new
 
 
-def quantize_embedding(model: nn.Module, selection: Selection, options: QuantOptions, log) -> None:
+def quantize_embedding(model: nn.Module, selection: Selection, options: QuantOptions, log, fit=None) -> None:
     """RTN-quantize the token embedding into a ``QuantizedEmbedding``; a tied head becomes its
     ``tied_head()`` so both read one grid."""
     if selection.embed is None:
         return
     embedding = get_module(model, selection.embed)
-    q, scales, zeros = rtn_quantize(embedding.weight.data, options.bits, options.group_size, options.symmetric)
+    q, scales, zeros = rtn_quantize(embedding.weight.data, options.bits, options.group_size, options.symmetric,
+                                    fit=fit)
     new = QuantizedEmbedding.from_grid(q, scales, zeros, bits=options.bits, group_size=options.group_size,
                                        symmetric=options.symmetric, padding_idx=embedding.padding_idx)
     set_module(model, selection.embed, new)
@@ -97,18 +103,65 @@ def quantize_embedding(model: nn.Module, selection: Selection, options: QuantOpt
         log(f"quantized {selection.embed} to {options.bits} bits")
 
 
+# ---------------------------------------------------------------- importance for grid rules
+
+
+class ImportanceHandler:
+    """Layer-walker handler that only observes: each selected linear's mean squared input per
+    channel, the importance a grid rule such as ``weighted-mse`` weighs its error by."""
+
+    changes_only_selected = True
+    observes_outputs = False
+
+    def __init__(self, layers_path: str, selected):
+        self.layers_path, self.selected = layers_path, set(selected)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def select(self, index, layer, names):
+        return [n for n in names if f"{self.layers_path}.{index}.{n}" in self.selected]
+
+    def observe(self, name, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def solve(self, index, layer, names):
+        for name in names:
+            if name in self.sums:
+                self.importance[f"{self.layers_path}.{index}.{name}"] = self.sums.pop(name) / self.counts.pop(name)
+
+
+def linear_importance(model: nn.Module, names, context) -> dict[str, torch.Tensor]:
+    """Mean squared input per channel of the linears ``names`` on the calibration windows (empty
+    where the context has none)."""
+    if context.calibration is None and getattr(context, "_windows", None) is None:
+        return {}
+    handler = ImportanceHandler(context.architecture(model).layers, names)
+    context.walk(model, handler, sequential=False, description="rtn: importance")
+    return handler.importance
+
+
 # ----------------------------------------------------------------------------- the stage
 
 
 def compress_rtn(model: nn.Module, options: RTNOptions, context) -> nn.Module:
     selection = select(model, options, context.architecture(model))
     check_group_size(model, selection, options, "rtn")
-    quantize_embedding(model, selection, options, context.log)
+    rule = grid_rule(context, options)
+    fit = None if rule.name == "minmax" else rule.fit
+    importance = linear_importance(model, selection.linears, context) if rule.uses_importance else {}
+    quantize_embedding(model, selection, options, context.log, fit)
     for name, module in selection.linears.items():
         q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
-                                        options.symmetric, get_mask(module))
+                                        options.symmetric, get_mask(module), fit, importance.get(name))
         replace_linear(model, name, module, q, scales, zeros, options)
-    context.log(f"rtn: {len(selection.linears)} linears to {options.bits} bits, group {options.group_size}")
+    context.log(f"rtn: {len(selection.linears)} linears to {options.bits} bits, group {options.group_size}"
+                + ("" if fit is None else f", grid {rule.name}")
+                + (", weighted by calibration activations" if importance else
+                   ", every input channel weighted alike (no calibration data)" if rule.uses_importance else ""))
     return model
 
 

@@ -1,0 +1,127 @@
+"""Grid rules and k-quants on the reference model (benchmarks/PROTOCOL.md, ``quick`` protocol).
+
+GPTQ W4 (group 32, symmetric, act-order, true-sequential, damp 0.01, block 128) with each grid
+rule, every result exported with the ``gguf`` exporter and measured from the file:
+
+* ``gptq-minmax``: ``grid = "minmax"`` (the default), written exactly as Q4_0;
+* ``gptq-weighted``: ``grid = "weighted-mse"`` (per group, the shrunken range with the lowest
+  squared error weighted by the Hessian diagonal, i.e. the mean squared activation; 20
+  candidates), written exactly as Q4_0;
+* ``gptq-q4k``: ``grid = "q4_k"`` (the same search, then llama.cpp's two-level Q4_K grid):
+  down_proj (1536-wide rows) written exactly as Q4_K, every 576-wide matrix exactly as Q4_0
+  (llama.cpp's own quantizer would write Q5_0 there);
+* ``gptq-q6k``: ``bits = 6, group_size = 16, grid = "q6_k"``: down_proj Q6_K, the rest Q8_0;
+* ``rtn-q4k``: the dense model exported with ``quantize = "q4_k"`` (pocketlm's k-quant grid fit
+  without importance; 576-wide rows take llama.cpp's Q5_0 fallback).
+
+The token embedding (tied with the head) stays F16 in every file, norms F32. Each file is read
+back with transformers' GGUF loader and scored with ``common.perplexity``; every decoder matrix
+of the file is compared with the in-memory grid.
+
+Usage (heavy: run under the shared lock):
+  flock /tmp/pocketlm-bench.lock nice .venv/bin/python benchmarks/bench_kquants.py \
+      [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,rtn-q4k] [--out /tmp/pocketlm-kquants-bench] [--no-reload]
+Rows are appended to benchmarks/results/kquants.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_gguf  # noqa: E402
+import common  # noqa: E402
+
+RESULTS = HERE / "results" / "kquants.jsonl"
+PARTS = {
+    "gptq-minmax": dict(bits=4, group_size=32, grid="minmax"),
+    "gptq-weighted": dict(bits=4, group_size=32, grid="weighted-mse"),
+    "gptq-q4k": dict(bits=4, group_size=32, grid="q4_k"),
+    "gptq-q6k": dict(bits=6, group_size=16, grid="q6_k"),
+    "rtn-q4k": None,
+}
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.")
+                        and t.name.endswith(".weight") and "norm" not in t.name))
+
+
+def run(part: str, out: Path, reload: bool = True) -> dict:
+    import torch
+
+    from pocketlm.plugins import get_plugins
+    from pocketlm.testing import make_context
+
+    common.setup_torch()
+    model, tokenizer = common.load_reference()
+    evaluation, calibration = common.windows(tokenizer, "quick")
+    row: dict = {"part": part, "protocol": "quick", "eval_windows": int(evaluation.shape[0]),
+                 "calib_windows": int(calibration.shape[0]), "seq_len": common.SEQ_LEN, "seed": 0}
+    settings = PARTS[part]
+    if settings is None:
+        recipe = {"model": "demo:smollm2-135m", "export": {"format": "gguf", "quantize": "q4_k"}}
+        path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe, quantize="q4_k")
+        row.update(method="dense model, exporter quantize=q4_k", export_seconds=round(seconds, 1))
+    else:
+        plugins = get_plugins()
+        method = plugins.methods["gptq"]
+        options = method.options(symmetric=True, **settings)
+        context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
+        context.logger = log
+        with common.Timer() as timer, torch.no_grad():
+            method.compress(model, options, context)
+        row.update(method=f"pocketlm gptq W{options.bits} g{options.group_size} symmetric act-order grid {options.grid}",
+                   options=options.model_dump(), compress_seconds=round(timer.seconds, 1))
+        row["in_memory_perplexity"] = round(common.perplexity(model, evaluation), 3)
+        log(f"{part}: in-memory perplexity {row['in_memory_perplexity']}")
+        recipe = {"model": "demo:smollm2-135m", "stages": [{"method": "gptq", **options.model_dump()}],
+                  "export": {"format": "gguf"}}
+        path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe)
+        row["export_seconds"] = round(seconds, 1)
+        row.update(bench_gguf.compare_tensors(model, path))
+    del model
+    row["tensor_types"] = tensor_types(path)
+    row["file_bytes"] = path.stat().st_size
+    row["file_mb"] = round(path.stat().st_size / 1e6, 2)
+    row["export_log"] = [line for line in lines if line.startswith("gguf:")]
+    if reload:   # the file read back by transformers' GGUF loader and evaluated again
+        row["perplexity"] = round(bench_gguf.gguf_perplexity(path, evaluation), 3)
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--parts", default=",".join(PARTS))
+    parser.add_argument("--out", default="/tmp/pocketlm-kquants-bench")
+    parser.add_argument("--no-reload", action="store_true", help="skip the perplexity of the file read back "
+                        "(the in-memory perplexity stands for it when every matrix is bit-identical)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
+        log(f"part {part}")
+        with common.Timer() as timer:
+            row = run(part, out, reload=not args.no_reload)
+        row["wall_seconds"] = round(timer.seconds, 1)
+        log(json.dumps(row))
+        common.append_result(RESULTS, row)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Grid rules the core provides: how a group of weights gets its scale and zero point.
+
+* ``minmax`` (the default): the grid spans each group's minimum and maximum (``weights.minmax_grid``).
+* ``weighted-mse``: the idea behind llama.cpp's importance matrix. Each group tries ``n_grid``
+  shrunken ranges (an activation-aware clip search) and keeps the one with the lowest squared error
+  weighted by the importance of each input channel (the mean squared activation that reaches
+  it). Without an importance vector every channel weighs the same (plain MSE). The first
+  candidate is min-max itself, so its weighted error is never higher than min-max's.
+
+Both are pure functions of a ``[rows, cols]`` matrix: ``fit(W, bits, group_size, symmetric,
+importance=None) -> (scales, zeros)``, each ``[rows, groups]``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .weights import minmax_grid, to_scale_dtype
+
+N_GRID = 20          # candidates per group (the usual clip-search grid)
+MAX_SHRINK = 0.5     # the narrowest candidate keeps half the min-max range
+
+
+def group_slices(cols: int, group_size: int) -> list[slice]:
+    """Column slices of the groups; a last group shorter than ``group_size`` takes the rest."""
+    size = cols if group_size == -1 else group_size
+    return [slice(start, start + size) for start in range(0, cols, size)]
+
+
+def minmax_group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                      importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max ``scales`` and ``zeros`` (``[rows, groups]``) of ``W``; ``importance`` is ignored."""
+    W = W.float()
+    grids = [minmax_grid(W[:, cols], bits, symmetric) for cols in group_slices(W.shape[1], group_size)]
+    return torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1)
+
+
+def shrunk_grid(w: torch.Tensor, bits: int, symmetric: bool, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min-max grid of ``w`` (``[rows, cols]``) with its range scaled by ``ratio``: ``([rows, 1], [rows, 1])``."""
+    maxq = 2**bits - 1
+    if symmetric:
+        scale = 2 * w.abs().amax(dim=1, keepdim=True) * ratio / maxq
+        scale = to_scale_dtype(torch.where(scale == 0, torch.ones_like(scale), scale))
+        return scale, torch.full_like(scale, 2 ** (bits - 1))
+    lo = w.amin(dim=1, keepdim=True).clamp(max=0) * ratio
+    hi = w.amax(dim=1, keepdim=True).clamp(min=0) * ratio
+    scale = (hi - lo) / maxq
+    scale = to_scale_dtype(torch.where(scale == 0, torch.ones_like(scale), scale))
+    return scale, torch.round(-lo / scale).clamp(0, maxq)
+
+
+def weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                   importance: torch.Tensor) -> torch.Tensor:
+    """Per row of ``w``: ``sum_j importance_j (w_j - fake_quantize(w_j))^2``."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+    return (((q - zero) * scale - w) ** 2 * importance).sum(dim=1)
+
+
+def weighted_group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
+                        importance: torch.Tensor | None = None, n_grid: int = N_GRID,
+                        max_shrink: float = MAX_SHRINK) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the shrink of the min-max range (``1 - i * max_shrink / n_grid``, ``i < n_grid``)
+    with the lowest importance-weighted squared error. Returns ``(scales, zeros)`` ``[rows, groups]``."""
+    W = W.float()
+    weight = (torch.ones(W.shape[1], device=W.device) if importance is None
+              else importance.to(W.device, torch.float32).clamp_min(0))
+    scales, zeros = [], []
+    for cols in group_slices(W.shape[1], group_size):
+        w, imp = W[:, cols], weight[cols]
+        best_scale, best_zero = shrunk_grid(w, bits, symmetric, 1.0)
+        best = weighted_error(w, best_scale, best_zero, bits, imp)
+        for i in range(1, n_grid):
+            scale, zero = shrunk_grid(w, bits, symmetric, 1 - i * max_shrink / n_grid)
+            error = weighted_error(w, scale, zero, bits, imp)
+            better = (error < best).unsqueeze(1)
+            best = torch.minimum(error, best)
+            best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        scales.append(best_scale)
+        zeros.append(best_zero)
+    return torch.cat(scales, 1), torch.cat(zeros, 1)
