@@ -1,8 +1,8 @@
-"""AWQ on the reference model (../shared/BENCHMARK.md, ``quick`` protocol), side by side with
+"""AWQ on the reference model (benchmarks/PROTOCOL.md, ``quick`` protocol), side by side with
 pocketlm's RTN and GPTQ (when the pocketlm-gptq plugin is installed) and llm-compressor's AWQ.
 
 Usage (heavy: run under the shared lock):
-  flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_awq.py \
+  flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_awq.py \
       --parts baseline,awq,compare [--peer] [--peer-unpatched]
 
 Each measurement runs in its own subprocess (so peak RSS is that run's own) and appends one JSON

@@ -17,7 +17,7 @@ windows, shuffled with the seed; evaluation: the quick protocol on WikiText-2 te
 adds the full protocol's 128 windows, from the same pass). ``--seeds 0,1`` repeats steps 4-5 for
 each seed (window order and training RNG), the pruned model being the same.
 
-    flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_distill.py --budget-s 480
+    flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_distill.py --budget-s 480
 """
 
 from __future__ import annotations

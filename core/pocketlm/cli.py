@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .context import Progress
+from .progress import Progress
 from .errors import PocketError
 
 # markup off: recipe text ("[model]"), paths and messages are printed as they are
@@ -32,17 +32,18 @@ def print_error(message: str) -> None:
 
 
 class RichProgress(Progress):
-    """Progress bars on stderr (quiet when stderr is not a terminal)."""
+    """Progress bars on stderr with the time left (quiet when stderr is not a terminal, so logs
+    stay plain)."""
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator:
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
         if not console.is_terminal:
             yield lambda steps=1, **fields: None
             return
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[info]}"))
+                   TextColumn("left"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
         from rich.progress import Progress as Bar
 
         with Bar(*columns, console=console, transient=True) as bar:
@@ -101,17 +102,26 @@ def _plugins():
     return plugins
 
 
+def _quiet_transformers() -> None:
+    """Commands that load a model silence transformers' own bars and notices (ours are on stderr);
+    done here, not in ``main``, so --help and validate never import transformers."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @click.group()
 @click.version_option(package_name="pocketlm")
 def main():
     """pocketlm: make language models pocket-sized."""
     import os
 
+    # Environment rather than transformers' logging API: importing transformers here would cost
+    # seconds on every command, --help included.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 @main.command()
@@ -125,6 +135,7 @@ def run(recipe, run_dir, resume, overwrite):
     from .pipeline import Run, report_rows
     from .recipe import load_recipe, parse_recipe
 
+    _quiet_transformers()
     plugins = _plugins()
     if recipe is None:
         from .planner import default_recipe_text
@@ -262,6 +273,7 @@ def eval_(model, metrics, windows):
     text = f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = {json.dumps(names)}\nper_stage = []\n'
     if windows is not None and "perplexity" in names:
         text += f"[evaluate.perplexity]\nwindows = {windows}\n"
+    _quiet_transformers()
     loaded_plugins = _plugins()
     recipe = parse_recipe(text, loaded_plugins, file="<eval>")
     from .pipeline import Run
@@ -289,6 +301,7 @@ def export(model, format_, output):
     from .rundir import check_export_path
 
     check_export_path(str(output), None, model, Path.cwd(), field="--output")
+    _quiet_transformers()
     loaded_plugins = _plugins()
     text = (f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = []\nper_stage = []\n'
             f'[export]\nformat = {json.dumps(format_)}\npath = {json.dumps(str(output.resolve()))}\n')

@@ -114,6 +114,7 @@ class LoadedModel:
     model: Any
     tokenizer: Any
     source: str
+    revision: str | None = None  # the commit a versioned source resolved to (a Hub model's hash)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from torch import nn
 from . import calibration, data
 from .components import Architecture, LoadedModel
 from .modules import find_architecture
+from .progress import Progress
 
 
 @dataclass(frozen=True)
@@ -24,15 +25,6 @@ class CalibrationSpec:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
-
-
-class Progress:
-    """A progress reporter; the CLI swaps in a rich progress bar."""
-
-    @contextlib.contextmanager
-    def task(self, description: str, total: int | None) -> Iterator[Callable[..., None]]:
-        """``with progress.task("layers", 30) as advance: advance(1, loss=0.3)``"""
-        yield lambda steps=1, **fields: None
 
 
 @dataclass

@@ -12,10 +12,12 @@ import hashlib
 import random
 from importlib import resources
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import PocketError
+
+if TYPE_CHECKING:  # torch is imported where tokens are made, so validating a recipe stays fast
+    import torch
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_TEXTS = {
@@ -61,6 +63,8 @@ def tokenize(tokenizer, path: Path) -> torch.Tensor:
     """All tokens of the text at ``path`` as a 1-D tensor (cached per file and tokenizer)."""
     key = (str(path), path.stat().st_mtime_ns, getattr(tokenizer, "name_or_path", id(tokenizer)), len(tokenizer))
     if key not in _TOKEN_CACHE:
+        import torch
+
         ids = tokenizer(read_text(path), add_special_tokens=False, return_attention_mask=False)["input_ids"]
         _TOKEN_CACHE[key] = torch.tensor(ids, dtype=torch.long)
     return _TOKEN_CACHE[key]

@@ -62,6 +62,15 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _version_of(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def stage_name(index: int, method: str) -> str:
     return f"{index + 1:02d}-{method}"
 
@@ -150,7 +159,8 @@ class Run:
             evaluation = resolve_text(perplexity.text, self.recipe.base)
             texts["evaluation"] = {"path": str(evaluation), "sha256": sha256(evaluation)}
         return {
-            "core": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "core": __version__, "torch": torch.__version__, "transformers": _version_of("transformers"),
+            "python": platform.python_version(),
             "plugins": {i.distribution or i.name: i.version for i in self.plugins.infos if not i.builtin},
             "data": texts,
         }
@@ -275,6 +285,7 @@ class Run:
         evaluate = self.recipe.file.evaluate
         loaded = self._load_source(self.recipe.file.model.source)
         model, tokenizer = loaded.model, loaded.tokenizer
+        self._record_revision(loaded)
 
         before_path = self.run_dir / "eval-before.json"
         if evaluate.before and evaluate.metrics:
@@ -309,6 +320,7 @@ class Run:
         self.log("evaluating the compressed model")
         after = self._evaluate(model, tokenizer, evaluate.metrics, export_path,
                                when="evaluation after the stages") if evaluate.metrics else {}
+        self.model, self.tokenizer = model, tokenizer  # for the Python API (pocketlm.run)
         report = {
             "recipe": str(self.recipe.path) if self.recipe.path else None,
             "model": self.recipe.file.model.source,
@@ -319,7 +331,27 @@ class Run:
         }
         atomic.write_json(self.run_dir / "report.json", report)
         atomic.write_text(self.run_dir / "report.md", render_report(report))
+        if export_path is not None:
+            self._write_card(export_path, report)
         return report
+
+    def _record_revision(self, loaded) -> None:
+        """Put the commit a versioned source resolved to (a Hub model's hash) into the provenance."""
+        if getattr(loaded, "revision", None) is None:
+            return
+        path = self.run_dir / RESOLVED
+        resolved = json.loads(path.read_text())
+        resolved["provenance"]["source"] = {"id": loaded.source, "revision": self.recipe.file.model.revision,
+                                            "commit": loaded.revision}
+        atomic.write_json(path, resolved)
+
+    def _write_card(self, export_path: Path, report: dict) -> None:
+        """The export's README.md: Hub card metadata, the measured table, recipe, versions."""
+        from .card import render_card
+
+        resolved = json.loads((self.run_dir / RESOLVED).read_text())
+        card = render_card(report, resolved["recipe"], resolved.get("provenance", {}), report_rows(report))
+        atomic.write_text(export_path / "README.md", card)
 
     def _run_stage(self, index: int, model, tokenizer, records: list[StageRecord]):
         stage = self.recipe.stages[index]
@@ -396,7 +428,16 @@ class Run:
 
 _COLUMNS = [("perplexity", "perplexity", "{:.2f}"), ("size_mb", "size (MB)", "{:.1f}"),
             ("bits_per_weight", "bits/weight", "{:.2f}"), ("parameters", "parameters", "{:,.0f}"),
-            ("sparsity", "sparsity", "{:.1%}")]
+            ("sparsity", "sparsity", "{:.1%}"), ("kl_divergence", "KL divergence", "{:.4f}"),
+            ("top1_agreement", "top-1 agreement", "{:.1%}")]
+
+
+def _columns(report: dict) -> list[tuple[str, str, str]]:
+    """The known columns, then every namespaced metric a plugin reports (``task:acc``)."""
+    everything = [report["before"], report["after"]] + [s["metrics"] for s in report["stages"]]
+    named = [c for c in _COLUMNS if any(c[0] in m for m in everything)]
+    spaced = sorted({k for m in everything for k in m if ":" in k})
+    return named + [(k, k, "{:.4g}") for k in spaced]
 
 
 def _cell(metrics: dict, key: str, fmt: str) -> str:
@@ -405,8 +446,7 @@ def _cell(metrics: dict, key: str, fmt: str) -> str:
 
 
 def report_rows(report: dict) -> list[tuple[str, ...]]:
-    keys = [c for c in _COLUMNS if any(c[0] in m for m in [report["before"], report["after"]]
-                                         + [s["metrics"] for s in report["stages"]])]
+    keys = _columns(report)
     rows = [("", *[c[1] for c in keys])]
     if report["before"]:
         rows.append(("before", *[_cell(report["before"], k, f) for k, _, f in keys]))

@@ -24,12 +24,14 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 from pathlib import Path
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 
 from . import registry
 from .components import Method, NoOptions, unrepresented
@@ -42,7 +44,9 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    source: str = Field("demo:smollm2-135m", description="a transformers folder, a .gguf file, or demo:NAME")
+    source: str = Field("demo:smollm2-135m", description="a transformers folder, a .gguf file, a Hugging Face Hub "
+                        "id (org/name), or demo:NAME")
+    revision: str | None = Field(None, description="branch, tag or commit of a Hub model (default: main)")
     dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="dtype to load the weights in")
     # Safety switches: true or false only, never "yes", "on" or 1.
     allow_pickle: StrictBool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
@@ -156,8 +160,15 @@ def load_recipe(path: str | Path, plugins) -> Recipe:
 
 
 def parse_recipe(text: str, plugins, *, fmt: str = "toml", file: str = "<recipe>", path: Path | None = None) -> Recipe:
-    raw = _parse(text, fmt, file)
-    locate = _Locator(text, fmt, file)
+    return recipe_from_data(_parse(text, fmt, file), plugins, file=file, path=path, locate=_Locator(text, fmt, file))
+
+
+def recipe_from_data(raw: dict, plugins, *, file: str = "<recipe>", path: Path | None = None, locate=None) -> Recipe:
+    """Validate a recipe given as plain data (the dict a TOML or YAML file parses to)."""
+    if not isinstance(raw, dict):
+        raise PocketError("a recipe must be a table of sections at the top level", file=file,
+                          fix="start with [model], [[stages]] ... (see docs/recipes.md)")
+    locate = locate or _Locator("", "toml", file)
     try:
         recipe_file = strict_validate(RecipeFile, raw)
     except ValidationError as exc:
@@ -187,9 +198,9 @@ def _resolve_source(recipe_file: RecipeFile, base: Path | None) -> None:
     from .rundir import local_source
 
     source = recipe_file.model.source
-    local = local_source(source)
-    if base is not None and local is not None and not local.is_absolute():
-        recipe_file.model.source = os.path.normpath((base / local).absolute())
+    local = local_source(source, base)
+    if base is not None and local is not None and not Path(source).expanduser().is_absolute():
+        recipe_file.model.source = os.path.normpath(local.absolute())
 
 
 class _DuplicateKey(Exception):
@@ -535,7 +546,6 @@ def _from_validation(exc: ValidationError, locate, *, prefix: tuple, model, what
     path = prefix + loc
     field = _field_path(path)
     kind = error["type"]
-    fields = getattr(model, "model_fields", {})
     if kind == "extra_forbidden":
         key = str(loc[-1])
         owner = _owner_fields(model, loc[:-1])
@@ -543,10 +553,15 @@ def _from_validation(exc: ValidationError, locate, *, prefix: tuple, model, what
         fix = _did_you_mean(key, owner) + ("valid keys: " + ", ".join(owner) if owner else "remove it")
     elif kind == "missing":
         message = f"required key {loc[-1]!r} is missing"
-        fix = f"add {loc[-1]} = ..."
+        fix = "add " + _field_fix(model, loc, locate.fmt).removeprefix("write ")
+        if loc[-1] == "method":
+            fix = 'add method = "NAME" (`pocketlm methods` lists them)'
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):  # pydantic would name its classes
+        message = f"expected a table, got {error.get('input')!r}"
+        fix = _field_fix(model, loc, locate.fmt)
     else:
         message = f"{error['msg']}, got {error.get('input')!r}"
-        fix = _field_fix(fields, loc)
+        fix = _field_fix(model, loc, locate.fmt)
     return PocketError(message, file=locate.file, line=locate(path), field=field, fix=fix)
 
 
@@ -568,21 +583,102 @@ def _owner_fields(model, loc: tuple) -> list[str]:
     return list(getattr(current, "model_fields", {}))
 
 
-def _field_fix(fields, loc) -> str:
-    field = fields.get(loc[0]) if loc and isinstance(loc[0], str) else None
-    if field is None:
-        return "see `pocketlm methods` for valid values"
-    parts = [f"{loc[0]} expects {_type_name(field.annotation)}"]
-    if field.description:
-        parts.append(field.description)
-    if not field.is_required():
-        parts.append(f"default {field.default!r}")
-    return "; ".join(parts)
+def _leaf_field(model, loc: tuple):
+    """The pydantic field ``loc`` ends at (list indices skipped), or None."""
+    current, field = model, None
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        current = _inner_model(field.annotation)
+    return field
 
 
-def _type_name(annotation) -> str:
-    text = str(annotation).replace("typing.", "")
-    return getattr(annotation, "__name__", text) if isinstance(annotation, type) else text
+def _inner_model(annotation):
+    """The pydantic model an annotation holds (``Section``, ``Section | None``, ``list[Section]``)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((a for a in get_args(annotation) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
+def _without_none(annotation):
+    if get_origin(annotation) in (Union, UnionType):
+        kept = [a for a in get_args(annotation) if a is not type(None)]
+        return kept[0] if len(kept) == 1 else annotation
+    return annotation
+
+
+def _toml(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+def _bounds(field) -> str:
+    words = {"ge": "at least", "gt": "more than", "le": "at most", "lt": "less than"}
+    parts = [f"{words[name]} {getattr(item, name)}" for item in field.metadata for name in words
+             if getattr(item, name, None) is not None]
+    return ", ".join(parts)
+
+
+def _example(annotation, default) -> tuple[str, str]:
+    """(a value to write, what kind of value it is) for a field's annotation."""
+    annotation = _without_none(annotation)
+    origin, args = get_origin(annotation), get_args(annotation)
+    usable = default is not None and default is not PydanticUndefined and not callable(default)
+    if origin is Literal:
+        return _toml(default if usable else args[0]), "one of " + ", ".join(_toml(a) for a in args)
+    if annotation is bool:
+        return _toml(default if usable else True), "true or false"
+    if annotation is int:
+        return _toml(default if usable else 1), "a whole number"
+    if annotation is float:
+        return _toml(default if usable else 0.5), "a number"
+    if annotation is str:
+        return _toml(default if usable else "..."), "a quoted string"
+    if origin in (list, tuple):
+        if usable and default:
+            return _toml(list(default)), "a list"
+        inner, _ = _example(args[0], None) if args else ('"..."', "")
+        return f"[{inner}]", "a list"
+    if origin is dict:
+        return "{ ... }", "a table"
+    return "...", _type_name(annotation)
+
+
+def _section_fix(key: str, model: type[BaseModel], fmt: str) -> str:
+    examples = [f"{name} = {_example(f.annotation, f.get_default(call_default_factory=True))[0]}"
+                for name, f in list(model.model_fields.items())[:2] if name != "method"]
+    if fmt == "yaml":
+        return f"write {key}: as a mapping with keys below it, such as " + ", ".join(e.replace(" =", ":") for e in examples)
+    return f"write [{key}] as a table with keys below it, such as " + ", ".join(examples) + " (see docs/recipes.md)"
+
+
+def _field_fix(model, loc: tuple, fmt: str = "toml") -> str:
+    """What to write instead, in the recipe's own syntax: the key with an example value, the
+    kind of value, its bounds and its meaning."""
+    field = _leaf_field(model, loc)
+    key = next((str(p) for p in reversed(loc) if isinstance(p, str)), None)
+    if field is None or key is None:
+        return "see `pocketlm methods` and docs/recipes.md for valid values"
+    annotation = _without_none(field.annotation)
+    if key == "stages" and get_origin(annotation) is list:
+        return ('write each stage as a [[stages]] table: a line [[stages]], then method = "NAME" and the '
+                "method's options (`pocketlm methods` lists them)") if fmt != "yaml" else \
+            "write stages: as a list of mappings, each with method: NAME and the method's options"
+    section = _inner_model(annotation)
+    if section is not None:
+        return _section_fix(key, section, fmt)
+    if key == "plugins":
+        return 'write [plugins] as a table of distribution = "version range", such as "pocketlm-example" = ">=0.1,<1"'
+    value, kind = _example(annotation, field.get_default(call_default_factory=True) if not field.is_required() else None)
+    assign = f"{key}: {value}" if fmt == "yaml" else f"{key} = {value}"
+    detail = ", ".join(p for p in (kind, _bounds(field)) if p)
+    return f"write {assign} ({detail})" + (f": {field.description}" if field.description else "")
 
 
 def _field_path(path: tuple) -> str:

@@ -44,6 +44,8 @@ CHECKSUMS = "pocketlm-sha256.json"
 RUN_FILES = ("stages", "report.json", "report.md", "eval-before.json", "recipe.resolved.json", "run.log",
              RUN_MARKER, LOCK_FILE)
 # Names that atomic.py gives its temporary files and folders, and the overwrite build folder.
+# ``org/name``: the form of a Hub model id (kept in step with pocketlm.hub.HUB_ID, which needs no torch)
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _LEFTOVER = re.compile(r"^\..+\.(tmp|old-\d+)$")
 
 
@@ -87,7 +89,10 @@ def local_source(source: str, base: Path | None = None) -> Path | None:
     if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", source):
         return None
     path = Path(source).expanduser()
-    return path if path.is_absolute() or base is None else base / path
+    full = path if path.is_absolute() or base is None else base / path
+    if _HUB_ID.match(source) and not source.endswith(".gguf") and not full.exists() and not path.exists():
+        return None  # ``org/name`` that names no local path: a Hub model, resolved by its loader
+    return full
 
 
 def export_target(path: str, run_dir: Path) -> Path:

@@ -1,4 +1,5 @@
-"""Built-in evaluators: perplexity, size, sparsity, parameters and latency."""
+"""Built-in evaluators: perplexity, size, sparsity, parameters, latency, and the distance from
+the original model's next-token distribution (kl-divergence, top1-agreement)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,71 @@ def check_context_length(model, seq_len: int, field: str) -> None:
     if limit is not None and seq_len > limit:
         raise PocketError(f"seq_len {seq_len} is longer than the model's context of {limit} tokens", field=field,
                           fix=f"set seq_len to {limit} or less")
+class DivergenceOptions(Options):
+    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file to compare on (or builtin:NAME)")
+    windows: int = Field(8, ge=1, description="number of windows, taken in order from the start")
+    seq_len: int = Field(512, ge=2, description="tokens per window")
+    batch_size: int = Field(2, ge=1, description="windows per forward pass")
+
+
+def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """KL(P_reference || P) per position, in nats, over the last dimension (llama.cpp's KLD:
+    the original model's distribution is the reference)."""
+    reference = F.log_softmax(reference_logits.float(), dim=-1)
+    log_q = F.log_softmax(logits.float(), dim=-1)
+    return (reference.exp() * (reference - log_q)).sum(-1)
+
+
+def top1_agreement_mask(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Whether the most likely next token is the same, per position."""
+    return reference_logits.argmax(-1) == logits.argmax(-1)
+
+
+def _first_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def divergence_from_original(model, options: DivergenceOptions, context) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position KL from the original model (``context.teacher()``) and top-1 agreement on
+    the first ``windows`` evaluation windows; each model's logits are made on its own device."""
+    # kl-divergence and top1-agreement asked together share one pass over both models: the
+    # context lives for one evaluation of one model, so (model, options) identifies the result
+    cache = context.__dict__.setdefault("_divergence", {})
+    key = (id(model), options.model_dump_json())
+    if key not in cache:
+        cache[key] = _divergence_pass(model, options, context)
+    return cache[key]
+
+
+def _divergence_pass(model, options: DivergenceOptions, context) -> tuple[torch.Tensor, torch.Tensor]:
+    base = Path(context.recipe.get("_base", ".")) if context and context.recipe else None
+    ids = evaluation_windows(context.tokenizer, resolve_text(options.text, base), options.windows, options.seq_len)
+    original = context.teacher()
+    kls, agrees = [], []
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), context.progress.task("divergence from the original", ids.shape[0]) as advance:
+        for start in range(0, ids.shape[0], options.batch_size):
+            batch = ids[start:start + options.batch_size]
+            logits = model(input_ids=batch.to(_first_device(model)), use_cache=False).logits
+            reference = original(input_ids=batch.to(_first_device(original)), use_cache=False).logits.to(logits.device)
+            kls.append(token_kl(reference, logits).flatten().cpu())
+            agrees.append(top1_agreement_mask(reference, logits).flatten().cpu())
+            advance(batch.shape[0])
+    model.train(was_training)
+    return torch.cat(kls), torch.cat(agrees)
+
+
+def kl_divergence(model, options: DivergenceOptions, context) -> dict[str, float]:
+    """Mean and 99th percentile of KL(original || model) per token, in nats."""
+    kl, _ = divergence_from_original(model, options, context)
+    return {"kl_divergence": kl.mean().item(), "kl_divergence_p99": torch.quantile(kl.double(), 0.99).item()}
+
+
+def top1_agreement(model, options: DivergenceOptions, context) -> dict[str, float]:
+    """Share of positions where the model's most likely next token is the original's."""
+    _, agree = divergence_from_original(model, options, context)
+    return {"top1_agreement": agree.float().mean().item()}
 
 
 def _unique_tensors(model) -> list[torch.Tensor]:
@@ -173,4 +239,8 @@ def register_evaluators(register):
     register(Evaluator("size", NoOptions, size, "bytes on disk of the export (or the storage estimate) and bits per weight"))
     register(Evaluator("sparsity", NoOptions, sparsity, "fraction of zero weights in the linear layers"))
     register(Evaluator("parameters", NoOptions, parameters, "dense-equivalent parameter count"))
+    register(Evaluator("kl-divergence", DivergenceOptions, kl_divergence,
+                       "mean KL divergence of the next-token distribution from the original model's"))
+    register(Evaluator("top1-agreement", DivergenceOptions, top1_agreement,
+                       "share of positions where the most likely next token matches the original model's"))
     register(Evaluator("latency", LatencyOptions, latency, "CPU tokens/s of a forward pass and of greedy generation"))

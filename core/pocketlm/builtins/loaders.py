@@ -139,6 +139,21 @@ def load_demo(source: str, options) -> LoadedModel:
     return LoadedModel(loaded.model, loaded.tokenizer, source)
 
 
+def load_hub(source: str, options) -> LoadedModel:
+    from ..hub import resolve
+
+    snapshot = resolve(source, getattr(options, "revision", None),
+                       allow_pickle=bool(getattr(options, "allow_pickle", False)))
+    loaded = load_folder(str(snapshot.folder), options)
+    return LoadedModel(loaded.model, loaded.tokenizer, source, revision=snapshot.commit)
+
+
+def _is_hub_id(source: str) -> bool:
+    from ..hub import is_hub_id
+
+    return is_hub_id(source)
+
+
 @hookimpl
 def register_loaders(register):
     register(Loader("demo", lambda s: s.startswith("demo:"), load_demo,
@@ -147,3 +162,5 @@ def register_loaders(register):
                     "a GGUF file, dequantized through transformers"))
     register(Loader("hf", _is_folder, load_folder,
                     "a transformers model folder or a pocketlm stage checkpoint (safetensors only by default)"))
+    register(Loader("hub", _is_hub_id, load_hub,
+                    "a Hugging Face Hub model (org/name, optional revision), through the local cache"))

@@ -266,3 +266,21 @@ filename = "tiny.gguf"
 
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     assert 0 < relative_logit_error(dense, reload(path)) < 2e-2  # Q8_0 round-to-nearest, F16 embeddings
+
+
+def test_model_card_facts_go_into_general_metadata(tmp_path):
+    model = quantize_linears(model_of("llama"), bits=4, group_size=32, symmetric=True)
+    recipe = {"model": {"source": "HuggingFaceTB/SmolLM2-135M-Instruct"}, "stages": [{"method": "gptq", "bits": 4}],
+              "export": {"format": "gguf"}}
+    path, _ = export(model, tmp_path, recipe=recipe, tokenizer=False)
+    reader = GGUFReader(path)
+    value = lambda key: reader.fields[key].contents()  # noqa: E731
+    assert value("general.base_model.count") == 1
+    assert value("general.base_model.0.name") == "SmolLM2-135M-Instruct"
+    assert value("general.base_model.0.organization") == "HuggingFaceTB"
+    assert value("general.base_model.0.repo_url") == "https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert value("general.tags") == ["pocketlm", "gptq", "gguf"]
+    assert value("general.quantized_by") == "pocketlm"
+    # a local folder names no base model
+    path, _ = export(model, tmp_path / "local", recipe={"model": {"source": "./my-model"}}, tokenizer=False)
+    assert "general.base_model.count" not in GGUFReader(path).fields

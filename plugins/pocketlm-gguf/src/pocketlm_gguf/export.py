@@ -30,6 +30,7 @@ from torch import nn
 
 import pocketlm
 from pocketlm import Exporter, Options, PocketError
+from pocketlm.card import card_metadata
 from pocketlm.modules import matches
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
 
@@ -317,6 +318,20 @@ def _hyperparameters(writer: gguf.GGUFWriter, model) -> None:
         writer.add_value_length(int(head_dim))
 
 
+def _card_metadata(writer: gguf.GGUFWriter, recipe: dict) -> None:
+    """The model card's facts as ``general.*`` keys: base model, tags, who quantized it."""
+    metadata = card_metadata(recipe)
+    base = metadata.get("base_model")
+    if base:
+        organization, base_name = base.split("/", 1)
+        writer.add_base_model_count(1)
+        writer.add_base_model_name(0, base_name)
+        writer.add_base_model_organization(0, organization)
+        writer.add_base_model_repo_url(0, f"https://huggingface.co/{base}")
+    writer.add_tags(metadata["tags"])
+    writer.add_quantized_by("pocketlm")
+
+
 def export_gguf(model, path, options: GGUFOptions, context) -> None:
     problems = check(model, options)
     if problems:
@@ -334,6 +349,7 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     # architecture gguf-py does not have, so the fallback name is never the bare family name)
     name = options.name or getattr(model.config, "_name_or_path", None) or f"pocketlm-{model.config.model_type}"
     writer.add_name(str(name))
+    _card_metadata(writer, getattr(context, "recipe", None) or {})
     _hyperparameters(writer, model)
     matrix_types = Counter(qtype for _, data, qtype in tensors if qtype is not None and data.ndim == 2)
     quantized = [t for t in matrix_types if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]

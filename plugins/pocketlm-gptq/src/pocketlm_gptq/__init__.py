@@ -31,6 +31,19 @@ def register_methods(register):
 
 
 @hookimpl
+def register_loaders(register):
+    from pocketlm import Loader
+
+    from . import import_compressed_tensors, import_gptq
+
+    register(Loader("gptq-checkpoint", import_gptq.is_gptq_folder, import_gptq.load_gptq,
+                    "a GPTQ checkpoint folder (AutoGPTQ, GPTQModel, transformers), its grids kept exactly"))
+    register(Loader("compressed-tensors-checkpoint", import_compressed_tensors.is_compressed_tensors_folder,
+                    import_compressed_tensors.load_compressed_tensors,
+                    "a compressed-tensors pack-quantized folder (llm-compressor), its grids kept exactly"))
+
+
+@hookimpl
 def register_exporters(register):
     from . import export_compressed_tensors, export_gptq
 
