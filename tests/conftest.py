@@ -26,6 +26,8 @@ class ToyRoundOptions(Options):
 class _ToyRoundHandler:
     """Round each linear to a per-row grid once the walker has shown it its inputs."""
 
+    layers_independent = True   # each layer is rounded on its own: a streamed stage may resume mid-walk
+
     def __init__(self, options):
         self.options, self.rows_seen = options, {}
 
@@ -36,6 +38,10 @@ class _ToyRoundHandler:
         self.rows_seen[name] = self.rows_seen.get(name, 0) + args[0].shape[0]
 
     def solve(self, index, layer, names):
+        if os.environ.get("POCKETLM_TEST_SLOW_LAYER") == str(index):
+            import time
+
+            time.sleep(60)  # lets a test kill the run in the middle of a streamed stage
         for name in names:
             module = get_module(layer, name)
             weight = linear_weight(module)

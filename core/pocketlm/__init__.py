@@ -44,7 +44,8 @@ from .progress import Progress  # noqa: E402
 
 # name -> module that defines it, imported on first access
 _LAZY = {"CalibrationSpec": "context", "Context": "context",
-         "run": "api", "compress": "api", "Result": "api"}
+         "run": "api", "compress": "api", "Result": "api",
+         "is_streamed": "streaming", "require_whole_model": "streaming"}
 
 
 def __getattr__(name: str):
@@ -65,5 +66,5 @@ __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
     "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
-    "SizeEffect", "Smooth", "compress", "hookimpl", "run", "__version__",
+    "SizeEffect", "Smooth", "compress", "hookimpl", "is_streamed", "require_whole_model", "run", "__version__",
 ]

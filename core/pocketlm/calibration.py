@@ -16,8 +16,11 @@
    does not (a norm after the MLP, say) silently falls back to running the layer.
 
 Memory holds one layer's calibration activations (inputs and outputs) plus what the method keeps.
-Layers are only touched through ``Architecture.layers``, one at a time, which is the seam for
-streaming layers from disk.
+Layers are only touched through ``Architecture.layers``, one at a time. For a model streamed from
+disk (:mod:`pocketlm.streaming`) that is where each layer is materialized before its turn and
+written to the stage checkpoint and freed after it; a handler that declares
+``layers_independent = True`` (what it solves for one layer needs nothing it saw in another) lets
+a killed stage resume at the layer where it stopped.
 
 A handler is any object with these methods (``LayerHandler`` documents them):
 ``select(index, layer, names) -> names``, ``observe(name, module, args, kwargs, output)`` and
@@ -32,6 +35,7 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import nn
 
+from . import streaming
 from .components import Architecture
 from .modules import decoder_layers, get_module
 
@@ -301,7 +305,12 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
         inputs_only = not getattr(handler, "observes_outputs", True)
         trusted: dict[str, bool] = {}          # scope -> replaying it matched a real run
         shared: dict[tuple, bool] = {}         # (layer class, group) -> its modules read one tensor
-        for index, layer in enumerate(layers):
+        stream = streaming.stream_of(model)
+        start = _start_walk(stream, handler)
+        if start:
+            inputs = LayerInputs(stream.load_inputs(start), inputs.kwargs)
+        for index in range(start, len(layers)):
+            layer = layers[index] if stream is None else stream.open(index)
             replay, substitutes = None, {}
             for number, group in enumerate(groups):
                 names = list(handler.select(index, layer, group))
@@ -336,8 +345,37 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
                 outputs = [_hidden(o) for o in replay.outputs(layer)]
             else:
                 outputs = inputs.run(layer)
+            if stream is not None:
+                outputs = _hand_back(stream, index, outputs, resumable=_resumable(stream, handler))
             inputs = LayerInputs(outputs, inputs.kwargs)
             if progress:
                 progress(index + 1, len(layers))
     finally:
         model.config.use_cache = use_cache
+
+
+def _resumable(stream, handler) -> bool:
+    return stream.sink is not None and stream.walks == 1 and bool(getattr(handler, "layers_independent", False))
+
+
+def _start_walk(stream, handler) -> int:
+    """The layer a walk over a streamed model starts at: after the last layer a killed run of
+    the same stage finished, when the handler allows it; else 0 (stale shards are discarded)."""
+    if stream is None:
+        return 0
+    stream.begin_walk()
+    start = stream.resume_point() if _resumable(stream, handler) else 0
+    if stream.walks == 1:
+        stream.discard_from(start)
+    return start
+
+
+def _hand_back(stream, index: int, outputs: list[torch.Tensor], *, resumable: bool) -> list[torch.Tensor]:
+    """Write the finished layer and free it; keep the next layer's inputs for resuming first,
+    so a layer shard on disk always has its successor's inputs beside it."""
+    if resumable:
+        stream.save_inputs(index + 1, outputs)
+    stream.close(index)
+    if resumable:
+        stream.drop_inputs(index)
+    return stream.park(outputs, index)

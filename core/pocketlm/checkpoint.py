@@ -75,6 +75,10 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)
+    from . import streaming
+
+    if streaming.is_streamed_checkpoint(folder):
+        return streaming.load_streamed_checkpoint(folder)
     try:
         config = AutoConfig.from_pretrained(folder)
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)

@@ -162,6 +162,7 @@ class Exporter:
     packs: frozenset[str] = frozenset()
     check: Callable[[Any, Any], list[str]] | None = None
     summary: str = ""
+    streams: bool = False   # writes a model streamed from disk layer by layer (pocketlm.streaming)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,8 @@ class Context:
     * ``calibration``: a :class:`CalibrationSpec`, or None where the recipe has none.
     * ``calibration_windows()``: the calibration token windows ``[samples, seq_len]``.
     * ``walk(model, handler)``: the layer-wise calibration service (:mod:`pocketlm.calibration`).
+    * ``layers(model)``: each decoder layer in turn, for work that needs no calibration (a model
+      streamed from disk materializes one at a time and keeps the changes made to it).
     * ``architecture(model)``: the registered :class:`Architecture` of ``model``.
     * ``teacher()``: the model as it was before the recipe's first stage (never modify it).
     * ``load_model(source)``: load another model, such as a named teacher.
@@ -84,6 +86,13 @@ class Context:
         with self.progress.task(description, layer_count) as advance:
             calibration.walk_layers(model, architecture, windows, handler, sequential=sequential,
                                     batch_size=batch_size, progress=lambda done, total: advance(1))
+
+    def layers(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
+        """``(index, layer)`` for every decoder layer of ``model``, in order. Change a layer only
+        while it is the one yielded: a streamed model writes it back and frees it afterwards."""
+        from . import streaming
+
+        yield from streaming.each_layer(model, self.architecture(model).layers)
 
     def teacher(self) -> nn.Module:
         """The model before the recipe's first stage, loaded once, frozen, in eval mode."""

@@ -37,7 +37,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, atomic, rundir
+from . import __version__, atomic, rundir, streaming
 from .builtins.evaluators import check_context_length
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
@@ -286,6 +286,9 @@ class Run:
         loaded = self._load_source(self.recipe.file.model.source)
         model, tokenizer = loaded.model, loaded.tokenizer
         self._record_revision(loaded)
+        if streaming.is_streamed(model):
+            self.log(f"offload disk: {len(streaming.stream_of(model))} decoder layers stream from "
+                     f"{self.recipe.file.model.source}, one at a time")
 
         before_path = self.run_dir / "eval-before.json"
         if evaluate.before and evaluate.metrics:
@@ -364,6 +367,12 @@ class Run:
         if method.needs_calibration:
             check_context_length(model, self.recipe.file.calibration.seq_len, "calibration.seq_len")
         context = self._context(tokenizer, stage_dir=work)
+        stream = streaming.stream_of(model)
+        folder = self.run_dir / "stages" / name
+        if stream is not None:  # layers go to the stage folder one shard at a time as they finish
+            stream.begin_stage(folder, work)
+            if self.resume:
+                stream.prepare_resume()
         start = time.perf_counter()
         where = f"stage {index + 1} ({stage.method})"
         with self._guard(where, "methods", stage.method):
@@ -374,10 +383,16 @@ class Run:
         metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
         try:
-            with atomic.folder(self.run_dir / "stages" / name) as tmp:
-                save_checkpoint(model, tokenizer, tmp)
-                atomic.write_json(tmp / "stage.json", record.__dict__)
-                rundir.write_checksums(tmp)  # last: covers every file the checkpoint holds
+            if stream is not None:  # the layer shards are in place already
+                streaming.save_rest(model, tokenizer, folder)
+                atomic.write_json(folder / "stage.json", record.__dict__)  # the stage is finished
+                stream.end_stage(folder)
+                rundir.write_checksums(folder)  # a kill before this leaves a stage --resume recomputes
+            else:
+                with atomic.folder(folder) as tmp:
+                    save_checkpoint(model, tokenizer, tmp)
+                    atomic.write_json(tmp / "stage.json", record.__dict__)
+                    rundir.write_checksums(tmp)  # last: covers every file the checkpoint holds
         except Exception as exc:  # noqa: BLE001 - safetensors reports a full disk as its own error type
             raise PocketError(f"{where}: cannot write its checkpoint in {self._shown(self.run_dir / 'stages')}: "
                               f"{getattr(exc, 'strerror', None) or exc}",
@@ -393,6 +408,8 @@ class Run:
         features = {f for stage in self.recipe.stages
                     for f in self.plugins.methods[stage.method].effect(stage.options).features}
         for exporter in rank_exporters(self.plugins.exporters, features):
+            if streaming.is_streamed(model) and not exporter.streams:
+                continue
             options = exporter.options()
             if exporter.check is None or not exporter.check(model, options):
                 return exporter, options
@@ -408,6 +425,12 @@ class Run:
             exporter, export_options = self.plugins.exporters[section.format], self.recipe.export_options
         target = rundir.check_export_path(section.path, self.run_dir if self.owns_folder else None,
                                           self.recipe.file.model.source, self.recipe.base)
+        if streaming.is_streamed(model) and not exporter.streams:
+            streams = sorted(e.name for e in self.plugins.exporters.values() if e.streams)
+            raise PocketError(f"export format {exporter.name!r} cannot write a model streamed from disk "
+                              "(offload = \"disk\"): it needs the whole model in memory",
+                              field="export.format", fix=f"export with {' or '.join(map(repr, streams))} (written layer "
+                              "by layer), or set offload = \"none\" in [model] if the model fits in memory")
         if exporter.check is not None:
             with self._guard(f"export ({exporter.name}) check", "exporters", exporter.name):
                 problems = exporter.check(model, export_options)

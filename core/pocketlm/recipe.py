@@ -51,6 +51,10 @@ class ModelSection(_Section):
     # Safety switches: true or false only, never "yes", "on" or 1.
     allow_pickle: StrictBool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
     trust_remote_code: StrictBool = Field(False, description="let transformers run the model folder's own code")
+    offload: Literal["auto", "none", "cpu", "disk"] = Field(
+        "none", description="where weights wait while no layer works on them: none = the whole model in memory; "
+        "disk = each decoder layer read from the safetensors files when its turn comes, written to the stage "
+        "checkpoint and freed; auto = disk when the float model exceeds half the available memory")
 
 
 class CalibrationSection(_Section):

@@ -117,6 +117,9 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 # ------------------------------------------------------------------ quantized modules
 
 
+_DEQUANTIZE_CHUNK = 1 << 20   # weights dequantized at once
+
+
 class _PackedGrid(nn.Module):
     """Storage shared by the quantized modules: packed grid, scales, zeros, optional g_idx."""
 
@@ -157,6 +160,14 @@ class _PackedGrid(nn.Module):
         return unpack(packed, self.bits, self.cols)
 
     def dequantize(self, rows: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        if rows is None and self.rows * self.cols > _DEQUANTIZE_CHUNK:
+            # Row blocks: unpacking goes through int64 (8 bytes a weight, twice), so a whole
+            # 2048 x 5632 matrix at once would need 200 MB of temporaries for a 46 MB result.
+            out = torch.empty(self.rows, self.cols, dtype=dtype)
+            step = max(1, _DEQUANTIZE_CHUNK // self.cols)
+            for start in range(0, self.rows, step):
+                out[start:start + step] = self.dequantize(torch.arange(start, min(start + step, self.rows)), dtype)
+            return out
         groups = self.column_groups()
         scales = (self.scales if rows is None else self.scales[rows]).to(dtype)
         zeros = (self.zeros if rows is None else self.zeros[rows]).to(dtype)

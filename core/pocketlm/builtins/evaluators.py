@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from .. import hookimpl
+from .. import hookimpl, streaming
 from ..components import Evaluator, NoOptions, Options
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
@@ -38,6 +38,11 @@ def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
+    if streaming.is_streamed(model):  # layer by layer over all windows; the head in vocabulary chunks
+        with torch.no_grad(), context.progress.task("perplexity", ids.shape[0]) as advance:
+            total, count = streaming.streamed_perplexity(model, context.architecture(model), ids,
+                                                         options.batch_size, advance)
+        return {"perplexity": math.exp(total / count), "eval_tokens": count}
     with torch.no_grad(), context.progress.task("perplexity", ids.shape[0]) as advance:
         for start in range(0, ids.shape[0], options.batch_size):
             batch = ids[start:start + options.batch_size]
@@ -145,6 +150,12 @@ def _unique_tensors(model) -> list[torch.Tensor]:
 def parameter_count(model) -> int:
     """Dense-equivalent parameters: a quantized linear counts its in*out weights; shared
     tensors (tied embeddings) count once."""
+    if streaming.is_streamed(model):
+        return sum(streaming.sum_over_parts(model, _parameter_count))
+    return _parameter_count(model)
+
+
+def _parameter_count(model) -> int:
     count = 0
     quantized_storage = set()
     for module in model.modules():
@@ -163,6 +174,12 @@ def parameter_count(model) -> int:
 
 def storage_bytes(model) -> int:
     """Bytes to store the model: quantized grids as they are, everything else in float16."""
+    if streaming.is_streamed(model):
+        return sum(streaming.sum_over_parts(model, _storage_bytes))
+    return _storage_bytes(model)
+
+
+def _storage_bytes(model) -> int:
     total, counted = 0, set()
     for module in model.modules():
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.storage) not in counted:
@@ -194,13 +211,19 @@ def size(model, options, context) -> dict[str, float]:
 
 def sparsity(model, options, context) -> dict[str, float]:
     """Fraction of exactly-zero weights over all linear layers except the output head."""
+    parts = streaming.sum_over_parts(model, _zero_count) if streaming.is_streamed(model) else [_zero_count(model)]
+    zeros, total = sum(p[0] for p in parts), sum(p[1] for p in parts)
+    return {"sparsity": zeros / max(total, 1)}
+
+
+def _zero_count(model) -> tuple[int, int]:
     zeros = total = 0
     for name, module in model.named_modules():
         if is_linear(module) and not name.endswith("lm_head"):
             weight = linear_weight(module)
             zeros += int((weight == 0).sum())
             total += weight.numel()
-    return {"sparsity": zeros / max(total, 1)}
+    return zeros, total
 
 
 def parameters(model, options, context) -> dict[str, float]:
@@ -215,6 +238,11 @@ class LatencyOptions(Options):
 
 def latency(model, options: LatencyOptions, context) -> dict[str, float]:
     """CPU tokens/s of one forward pass over a prompt, and of greedy generation (batch 1)."""
+    if streaming.is_streamed(model):
+        from ..errors import PocketError
+
+        raise PocketError("latency measures the whole model in memory; this one streams from disk",
+                          field="evaluate.metrics", fix="drop latency from the metrics, or set offload = \"none\"")
     vocab = model.config.vocab_size
     prompt = torch.arange(options.prompt_tokens).remainder(vocab - 10).add(5).unsqueeze(0)
     with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import hookimpl
+from .. import hookimpl, streaming
 from ..components import Exporter, Options
 from ..modules import set_module
 from ..weights import QuantizedEmbedding, QuantizedLinear, dense_linear
@@ -37,6 +37,10 @@ class HfOptions(Options):
 
 
 def export_hf(model, path, options, context) -> None:
+    if streaming.is_streamed(model):  # one shard per decoder layer, with an index
+        dtype = None if options is None or options.dtype == "keep" else getattr(torch, options.dtype)
+        streaming.export_hf_streamed(model, path, dtype, getattr(context, "tokenizer", None))
+        return
     dense = densify(model)
     if options is not None and options.dtype != "keep":
         dense = dense.to(getattr(torch, options.dtype))
@@ -51,4 +55,5 @@ def export_hf(model, path, options, context) -> None:
 def register_exporters(register):
     register(Exporter("hf", HfOptions, export_hf,
                       represents=frozenset({"dense", "masked", "restructured", "quantized"}),
-                      summary="dense float safetensors folder for transformers (quantized layers are dequantized)"))
+                      summary="dense float safetensors folder for transformers (quantized layers are dequantized)",
+                      streams=True))

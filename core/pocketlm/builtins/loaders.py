@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hookimpl
+from .. import hookimpl, streaming
 from ..checkpoint import is_checkpoint, load_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
@@ -39,15 +39,33 @@ def _is_folder(source: str) -> bool:
     return Path(source).expanduser().is_dir()
 
 
+def _offload(options) -> str:
+    return getattr(options, "offload", "none") or "none"
+
+
+def load_streamed_folder(folder: Path, options) -> LoadedModel:
+    """``offload = "disk"``: the model's shell, its decoder layers read from the files on demand."""
+    from transformers import AutoTokenizer
+
+    model = streaming.load_streamed(folder, _dtype(options), streaming.find_layers_path)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
+    return LoadedModel(model, tokenizer, str(folder))
+
+
 def load_folder(source: str, options) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(source).expanduser()
+    if streaming.is_streamed_checkpoint(folder):
+        return streaming.load_streamed_checkpoint(folder, streaming.find_layers_path)
     if is_checkpoint(folder):
         return load_checkpoint(folder)
     if not (folder / "config.json").is_file():
         raise PocketError(f"{folder} is not a transformers model folder: it has no config.json",
                           field="model.source", fix="point model.source at the folder save_pretrained wrote")
+    if _offload(options) in ("disk", "auto") and list(folder.glob("*.safetensors")):
+        if streaming.choose_offload(_offload(options), folder, _dtype(options)) == "disk":
+            return load_streamed_folder(folder, options)
     safetensors = list(folder.glob("*.safetensors"))
     pickles = list(folder.glob("*.bin")) + list(folder.glob("*.pt"))
     allow_pickle = bool(getattr(options, "allow_pickle", False))
@@ -84,6 +102,10 @@ def load_gguf(source: str, options) -> LoadedModel:
     path = Path(source).expanduser()
     if not path.is_file():
         raise PocketError(f"GGUF file {path} does not exist", field="model.source")
+    if _offload(options) == "disk":
+        raise PocketError(f"offload = \"disk\" streams safetensors folders; {path.name} is a GGUF file",
+                          field="model.offload", fix="set offload = \"none\" (or \"auto\"), or convert the "
+                          "GGUF file to a safetensors folder first (pocketlm run with format = \"hf\")")
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype(options))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)

@@ -530,3 +530,17 @@ def test_plain_ce_runs_without_a_teacher(corpus, tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "stage" / "loss.csv")))
     assert all(float(r["kl"]) == 0 for r in rows) and float(rows[-1]["ce"]) < float(rows[0]["ce"])
     assert perplexity(student, corpus["held"]) < before
+
+
+def test_a_model_streamed_from_disk_is_refused_before_any_work(tmp_path):
+    from pocketlm import PocketError, streaming
+    from pocketlm.testing import make_context
+    from pocketlm.testing.models import save_tiny_model, tiny_windows
+    from pocketlm_distill.distill import DistillOptions, distill
+
+    model = streaming.load_streamed(save_tiny_model(tmp_path / "m", "llama"), torch.float32)
+    with pytest.raises(PocketError) as error:
+        distill(model, DistillOptions(steps=1), make_context(tiny_windows(4, 16)))
+    message = str(error.value)
+    assert message.startswith("model.offload: distill") and "needs the whole model in memory" in message
+    assert 'offload = "none"' in message and "accelerate launch" in message

@@ -12,8 +12,8 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import awq, export_awq
 
-__version__ = "0.2.1"
-POCKETLM_API = ">=1.0,<2"
+__version__ = "0.2.2"
+POCKETLM_API = ">=1.3,<2"
 
 
 @hookimpl

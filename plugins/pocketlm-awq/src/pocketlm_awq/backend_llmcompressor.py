@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pocketlm import PocketError
+from pocketlm import PocketError, require_whole_model
 from pocketlm import weights as W
 from pocketlm.builtins.export_hf import export_hf
 from pocketlm.modules import set_module
@@ -128,6 +128,8 @@ def run_worker(model, options, context, names: list[str], work: Path) -> tuple[d
 def compress_with_llmcompressor(model, options, context, targets: dict, work_dir: Path | None = None):
     """AWQ through llm-compressor; ``targets`` are the linears to quantize (name -> module).
     ``work_dir`` keeps the worker's files there (tests); by default a temporary folder."""
+    require_whole_model(model, "backend = \"llmcompressor\" (it hands llm-compressor a whole dense model)",
+                        fix='use backend = "pocketlm", which streams, or set offload = "none" in [model]')
     check_options(options, int(context.calibration_windows().numel()))
     check_model(targets)
     names = list(targets)

@@ -6,8 +6,8 @@ from pocketlm import PHASE_TRAIN, Method, SizeEffect, hookimpl
 
 from .distill import DistillOptions, distill, kd_loss, lr_factor
 
-POCKETLM_API = ">=1.0,<2"
-__version__ = "0.2.1"
+POCKETLM_API = ">=1.3,<2"
+__version__ = "0.2.2"
 __all__ = ["DistillOptions", "distill", "kd_loss", "lr_factor"]
 
 

@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from pydantic import model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, data
+from pocketlm import Options, PocketError, data, require_whole_model
 from pocketlm.modules import matches, set_module
 from pocketlm.weights import (
     QuantizedEmbedding,
@@ -512,6 +512,9 @@ def write_curve(history: list[dict], folder: Path) -> None:
 
 
 def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
+    require_whole_model(model, "distill (training through every layer at once, with a teacher)",
+                        fix='set offload = "none" in [model]; for a model larger than one machine\'s memory, '
+                        "train data-parallel with accelerate launch (see the README, Big models)")
     """Distil ``model`` from its teacher(s); changes ``model`` in place and returns it."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration

@@ -57,7 +57,7 @@ def register_exporters(register):
         export=export_compressed_tensors.export_compressed_tensors,
         represents=frozenset({"dense", "quantized", "masked", "restructured"}), packs=frozenset({"quantized"}),
         check=export_compressed_tensors.check_compressed_tensors,
-        summary="compressed-tensors pack-quantized checkpoint for transformers and vLLM"))
+        summary="compressed-tensors pack-quantized checkpoint for transformers and vLLM", streams=True))
 
 
 __all__ = ["POCKETLM_API", "__version__", "pocketlm"]

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from pocketlm import PocketError
+from pocketlm import PocketError, require_whole_model
 from pocketlm.builtins.export_hf import export_hf
 from pocketlm.modules import get_module
 from pocketlm.weights import get_mask, is_transposed, unpack
@@ -81,6 +81,8 @@ def load_packed(tensors: dict, prefix: str, bits: int, symmetric: bool, in_featu
 
 
 def compress_with_llmcompressor(model, options, context, selection):
+    require_whole_model(model, "backend = \"llmcompressor\" (it hands llm-compressor a whole dense model)",
+                        fix='use backend = "pocketlm", which streams, or set offload = "none" in [model]')
     masked = [n for n, m in selection.linears.items() if get_mask(m) is not None]
     if masked:
         raise PocketError(f"llm-compressor's GPTQ does not keep pruning masks ({masked[0]} has one)",

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pocketlm import Options, PocketError
+from pocketlm import Options, PocketError, is_streamed, streaming
 from pocketlm.builtins.export_hf import densify
 from pocketlm.modules import get_module
 from pocketlm.weights import QuantizedLinear, is_linear, is_transposed
@@ -65,27 +65,14 @@ def _scheme_key(m: QuantizedLinear) -> tuple[int, int, bool]:
     return m.bits, m.group_size, m.symmetric
 
 
-def export_compressed_tensors(model: nn.Module, path: Path, options: CTExportOptions, context) -> None:
-    problems = check_compressed_tensors(model, options)
-    if problems:
-        raise PocketError("cannot export as compressed-tensors: " + "; ".join(problems),
-                          field="export.format", fix="see the problems above")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
-
-    path = Path(path)
-    dtype = DTYPES[options.dtype]
-    linears = _quantized_linears(model)
-    dense = densify(model).to(dtype)
-    if hasattr(dense.config, "quantization_config"):
-        del dense.config.quantization_config
+def _quantization_config(linears: dict[str, QuantizedLinear], dense_linears: list[str], status: str = "frozen"):
+    """The library's description of the schemes: one group per (bits, group size, symmetry).
+    ``status = "compressed"`` describes packed tensors, as the library's compressor leaves it."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     by_scheme: dict[tuple, list[str]] = {}
     for name, module in linears.items():
         by_scheme.setdefault(_scheme_key(module), []).append(name)
-    dense_linears = [n for n, m in dense.named_modules() if is_linear(m) and n not in linears]
     groups = {}
     for index, ((bits, group_size, symmetric), names) in enumerate(sorted(by_scheme.items())):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric,
@@ -93,9 +80,66 @@ def export_compressed_tensors(model: nn.Module, path: Path, options: CTExportOpt
                                 group_size=None if group_size == -1 else group_size,
                                 scale_dtype=torch.float16)
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{re.escape(n)}$" for n in names]
-        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args)
-    config = QuantizationConfig(config_groups=groups, quantization_status="frozen", format="pack-quantized",
-                                ignore=dense_linears)
+        packed = {"format": "pack-quantized"} if status == "compressed" else {}
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, **packed)
+    return QuantizationConfig(config_groups=groups, quantization_status=status, format="pack-quantized",
+                              ignore=dense_linears)
+
+
+def packed_tensors(module: QuantizedLinear, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One quantized linear in the pack-quantized layout, packed by the library's own function."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    storage, offset = module.storage, 2 ** (module.bits - 1)
+    q = (storage.grid().to(torch.int16) - offset).to(torch.int8)
+    out = {prefix + "weight_packed": pack_to_int32(q, module.bits),
+           prefix + "weight_scale": storage.scales.to(torch.float16).contiguous(),
+           prefix + "weight_shape": torch.tensor([module.out_features, module.in_features], dtype=torch.int64)}
+    if not module.symmetric:
+        zero_point = (storage.zeros.to(torch.int16) - offset).to(torch.int8)
+        out[prefix + "weight_zero_point"] = pack_to_int32(zero_point, module.bits, packed_dim=0)
+    if module.bias is not None:
+        out[prefix + "bias"] = module.bias.data.to(dtype)
+    return out
+
+
+def _export_streamed(model: nn.Module, path: Path, dtype: torch.dtype, linears: dict, context) -> None:
+    from compressed_tensors.compressors import ModelCompressor
+
+    def tensors_of(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+        quantized = {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
+        out = streaming.dense_tensors(module, prefix, dtype, skip=frozenset(quantized))
+        for name, linear in quantized.items():
+            out.update(packed_tensors(linear, f"{prefix}{name}.", dtype))
+        return out
+
+    streaming.write_sharded(model, path, tensors_of)
+    streaming.write_config(model, path, dtype)
+    dense_linears = [n for n, m in model.named_modules() if is_linear(m) and n not in linears]
+    ModelCompressor(quantization_config=_quantization_config(linears, dense_linears, "compressed")).update_config(str(path))
+    if context is not None and getattr(context, "tokenizer", None) is not None:
+        context.tokenizer.save_pretrained(path)
+
+
+def export_compressed_tensors(model: nn.Module, path: Path, options: CTExportOptions, context) -> None:
+    problems = check_compressed_tensors(model, options)
+    if problems:
+        raise PocketError("cannot export as compressed-tensors: " + "; ".join(problems),
+                          field="export.format", fix="see the problems above")
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import apply_quantization_config
+
+    path = Path(path)
+    dtype = DTYPES[options.dtype]
+    linears = _quantized_linears(model)
+    if is_streamed(model):  # written layer by layer, never the whole model
+        _export_streamed(model, path, dtype, linears, context)
+        return
+    dense = densify(model).to(dtype)
+    if hasattr(dense.config, "quantization_config"):
+        del dense.config.quantization_config
+    config = _quantization_config(linears, [n for n, m in dense.named_modules() if is_linear(m) and n not in linears])
     apply_quantization_config(dense, config, show_progress=False)
 
     expected = {}

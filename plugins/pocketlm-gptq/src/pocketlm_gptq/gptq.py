@@ -102,13 +102,17 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     ``J`` the reversal, ``J H J = M M^T`` gives ``H = R R^T`` for the upper ``R = J M J``, so
     ``H^-1 = R^-T R^-1`` and ``U = R^-1`` (upper, positive diagonal: the Cholesky factor)."""
     mean_diag = torch.mean(torch.diag(H))
-    identity = torch.eye(H.shape[0])
     for factor in (1, 10, 100, 1000):
-        damped = H.clone()
-        damped.diagonal().add_(damp * factor * mean_diag)
-        M, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+        # Each [cols, cols] temporary is dropped as soon as the next exists: for a 5632-wide
+        # down_proj every copy is 127 MB, and the solve's peak is the layer's peak.
+        flipped = H.flip(0, 1)
+        flipped.diagonal().add_(damp * factor * mean_diag)   # the anti-diagonal of H: flip commutes
+        M, info = torch.linalg.cholesky_ex(flipped)
+        del flipped
         if info == 0:
-            U = torch.linalg.solve_triangular(M.flip(0, 1), identity, upper=True)
+            M = M.flip(0, 1)
+            U = torch.linalg.solve_triangular(M, torch.eye(H.shape[0]), upper=True)
+            del M
             if torch.isfinite(U).all():
                 return U
     raise RuntimeError("the Hessian is not positive definite even with 1000x damping")
@@ -129,7 +133,7 @@ def _one_thread():
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                   damp: float = 0.01, block_size: int = 128, act_order: bool = False,
-                  mask: torch.Tensor | None = None, fit=None):
+                  mask: torch.Tensor | None = None, fit=None, own_hessian: bool = False):
     """Quantize ``W`` (``[rows, cols]``) given the input Hessian ``H`` (``[cols, cols]``).
 
     Returns ``(q, scales, zeros, g_idx)``: integer grid ``q`` ``[rows, cols]`` in the original
@@ -138,9 +142,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     weights to the zero point and keeps the error compensation out of them.
     ``fit`` is a grid rule's ``fit`` (None: min-max): its grids are fitted once, before the sweep,
     from the original weights with the Hessian diagonal (the mean squared input, times 2) as the
-    importance of each column, and so are static like act-order's."""
-    W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    importance of each column, and so are static like act-order's. ``own_hessian`` hands ``H``
+    and ``W`` over (changed in place instead of copied: one ``[cols, cols]`` less)."""
+    W = W.detach().float() if own_hessian and W.dtype == torch.float32 else W.detach().clone().float()
+    H = H.detach().float() if own_hessian else H.detach().clone().float()
     rows, cols = W.shape
     keep = None if mask is None else mask.to(torch.bool).clone()
     if keep is not None:
@@ -167,15 +172,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
         ready = [False] * n_groups
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    keep = None if keep is None else keep[:, perm]
+    if act_order:                          # (the identity permutation would only copy H twice)
+        W, H = W[:, perm], H[perm][:, perm]
+        keep = None if keep is None else keep[:, perm]
     group_of = (perm // size).tolist()     # group of each (permuted) column
     U = _inverse_cholesky(H, damp)        # factorizations use every thread, the sweep only one
     Q = torch.zeros(cols, rows)
     with _one_thread():
         _sweep_blocks(W, U, Q, scales, zeros, ready, group_of, keep, block_size, size, bits, symmetric)
-    inverse = torch.argsort(perm)
-    return Q.t()[:, inverse].to(torch.int32), scales.t().contiguous(), zeros.t().contiguous(), None
+    Q = Q.t()[:, torch.argsort(perm)] if act_order else Q.t()
+    return Q.to(torch.int32), scales.t().contiguous(), zeros.t().contiguous(), None
 
 
 def _sweep_blocks(W, U, Q, scales, zeros, ready, group_of, keep, block_size, size, bits, symmetric):
@@ -233,6 +239,7 @@ class GPTQHandler:
 
     changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
     observes_outputs = False       # a Hessian needs only inputs: the walker may skip running them
+    layers_independent = True      # nothing carries from one layer to the next: a stage may resume mid-walk
 
     def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, fit=None):
         self.options = options
@@ -276,8 +283,9 @@ class GPTQHandler:
             if any(m is not None for m in masks):
                 mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m
                                   for w, m in zip(weights, masks)])
-            q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self.hessians[owner][0], o.bits, o.group_size,
-                                                o.symmetric, o.damp, o.block_size, o.act_order, mask, self.fit)
+            q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self.hessians.pop(owner)[0], o.bits,
+                                                o.group_size, o.symmetric, o.damp, o.block_size, o.act_order, mask,
+                                                self.fit, own_hessian=True)
             start = 0
             for name, module, weight in zip(members, modules, weights):
                 rows = slice(start, start + weight.shape[0])

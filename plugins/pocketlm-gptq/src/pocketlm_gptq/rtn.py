@@ -147,6 +147,13 @@ def linear_importance(model: nn.Module, names, context) -> dict[str, torch.Tenso
 # ----------------------------------------------------------------------------- the stage
 
 
+def _round(root: nn.Module, name: str, options: QuantOptions, fit=None, importance=None) -> None:
+    module = get_module(root, name)
+    q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
+                                    options.symmetric, get_mask(module), fit, importance)
+    replace_linear(root, name, module, q, scales, zeros, options)
+
+
 def compress_rtn(model: nn.Module, options: RTNOptions, context) -> nn.Module:
     selection = select(model, options, context.architecture(model))
     check_group_size(model, selection, options, "rtn")
@@ -154,10 +161,15 @@ def compress_rtn(model: nn.Module, options: RTNOptions, context) -> nn.Module:
     fit = None if rule.name == "minmax" else rule.fit
     importance = linear_importance(model, selection.linears, context) if rule.uses_importance else {}
     quantize_embedding(model, selection, options, context.log, fit)
-    for name, module in selection.linears.items():
-        q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
-                                        options.symmetric, get_mask(module), fit, importance.get(name))
-        replace_linear(model, name, module, q, scales, zeros, options)
+    prefix = context.architecture(model).layers + "."
+    # Decoder layers one at a time through context.layers (a model streamed from disk holds
+    # only the current one), then whatever lies outside them (an untied head).
+    for index, layer in context.layers(model):
+        inside = f"{prefix}{index}."
+        for name in [n for n in selection.linears if n.startswith(inside)]:
+            _round(layer, name[len(inside):], options, fit, importance.get(name))
+    for name in [n for n in selection.linears if not n.startswith(prefix)]:
+        _round(model, name, options, fit, importance.get(name))
     context.log(f"rtn: {len(selection.linears)} linears to {options.bits} bits, group {options.group_size}"
                 + ("" if fit is None else f", grid {rule.name}")
                 + (", weighted by calibration activations" if importance else

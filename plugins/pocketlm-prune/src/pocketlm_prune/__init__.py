@@ -13,8 +13,8 @@ from pocketlm import PHASE_RESTRUCTURE, PHASE_SPARSIFY, Method, hookimpl
 from . import depth, magnitude, sparsegpt, wanda, width
 from .common import prune_effect
 
-__version__ = "0.1.2"
-POCKETLM_API = ">=1.0,<2"
+__version__ = "0.1.3"
+POCKETLM_API = ">=1.3,<2"
 
 _NOT_AFTER = frozenset({"quantize"})
 

@@ -243,6 +243,7 @@ class CalibratedPruner:
 
     changes_only_selected = True   # solve touches only the linears it is given (walker may replay)
     observes_outputs = False       # statistics of the inputs only: the walker may skip running them
+    layers_independent = True      # per-layer statistics, freed in solve: a stage may resume mid-walk
 
     def __init__(self, targeting: Targeting, sparsities: list[float], options: PruneOptions, log):
         self.targeting, self.sparsities, self.options, self.log = targeting, sparsities, options, log

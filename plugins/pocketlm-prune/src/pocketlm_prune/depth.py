@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect
+from pocketlm import Options, PocketError, SizeEffect, require_whole_model
 from pocketlm.modules import decoder_layers, set_module
 
 
@@ -154,4 +154,5 @@ class DepthPruner:
 
 
 def compress(model: nn.Module, options: DepthOptions, context) -> nn.Module:
+    require_whole_model(model, "prune-depth (it removes layers from the model)", fix='set offload = "none" in [model]')
     return DepthPruner(options, context)(model)

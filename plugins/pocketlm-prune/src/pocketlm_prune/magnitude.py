@@ -12,10 +12,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pocketlm import PocketError
+from pocketlm import PocketError, require_whole_model
 
 from .common import (PruneOptions, Targeting, apply_mask, check_prunable, layer_sparsities, nm_mask, old_mask,
                      prune_lowest, protect, select_mask)
+from pocketlm.modules import get_module
 from pocketlm.weights import linear_weight
 
 
@@ -69,6 +70,8 @@ class MagnitudePruner:
         for name, module in modules.items():
             check_prunable(name, module)
         if options.scope == "global":
+            require_whole_model(model, "magnitude with scope = \"global\" (one threshold over every weight)",
+                                fix='use scope = "layer", or set offload = "none" in [model]')
             if options.nm is not None or options.layer_sparsity != "uniform":
                 raise PocketError("magnitude scope='global' takes one unstructured sparsity",
                                   fix="use scope='layer' with a pattern or with layer_sparsity='owl'")
@@ -78,11 +81,12 @@ class MagnitudePruner:
                 apply_mask(module, weights[name], masks[name])
         else:
             sparsities = layer_sparsities(model, options, self.context, targeting)
-            prefix = targeting.arch.layers + "."
-            for name, module in modules.items():
-                index = int(name[len(prefix):].split(".", 1)[0])
-                weight = linear_weight(module)
-                apply_mask(module, weight, magnitude_mask(weight, sparsities[index], options.nm, old_mask(module)))
+            candidates = [n for group in targeting.arch.sequential for n in group]
+            for index, layer in self.context.layers(model):  # one layer in memory when it streams
+                for name in targeting.names(index, candidates):
+                    module = get_module(layer, name)
+                    weight = linear_weight(module)
+                    apply_mask(module, weight, magnitude_mask(weight, sparsities[index], options.nm, old_mask(module)))
         self.context.log(f"magnitude: pruned {len(modules)} linears ({options.scope}, "
                          f"{options.pattern or f'{options.target_sparsity:.0%}'})")
         return model

@@ -23,7 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect
+from pocketlm import Options, PocketError, SizeEffect, require_whole_model
 from pocketlm.modules import decoder_layers, get_module, set_module
 from pocketlm.weights import get_mask, is_quantized, is_transposed, linear_bias, linear_shape, linear_weight, set_mask
 
@@ -305,4 +305,6 @@ class WidthPruner:
 
 
 def compress(model: nn.Module, options: WidthOptions, context) -> nn.Module:
+    require_whole_model(model, "prune-width (it reshapes every layer and the config together)",
+                        fix='set offload = "none" in [model]')
     return WidthPruner(options, context)(model)

@@ -1,0 +1,849 @@
+"""Streaming: models larger than memory, one decoder layer at a time (``[model] offload = "disk"``).
+
+A streamed model is an ordinary transformers model whose decoder layers hold no data: their
+parameters live on the ``meta`` device, with the right shapes, dtypes and module types (a layer a
+stage quantized holds ``QuantizedLinear`` modules with meta buffers). Everything outside the
+layers (embedding, final norm, head, rotary tables) is in memory. A :class:`LayerStream` attached
+to the model knows where the current version of each layer lives:
+
+* the source files (a safetensors folder, one file or shards with an index), read tensor by
+  tensor and converted from their storage dtype to the compute dtype;
+* or a stage checkpoint written by an earlier stage, one safetensors shard per layer.
+
+``open(index)`` loads one layer's tensors into its place; ``close(index)`` writes it (when a stage
+is writing) as its own shard, atomically, and puts it back on the meta device. The layer walker
+(:mod:`pocketlm.calibration`), ``Context.layers``, the evaluators and the ``hf`` exporter go
+through this one seam, so methods never learn the mode.
+
+Memory: about one decoder layer in the compute dtype, plus what the method keeps for it, plus the
+calibration activations (moved to a disk-backed memmap above :data:`ACTIVATIONS_IN_MEMORY`
+bytes), plus the embedding and the head.
+
+Streamed stage checkpoint (a stage folder)::
+
+    layers/layer-00000.safetensors   one per decoder layer: its tensors, masks as "__mask__.NAME",
+                                     and its quantized modules in the metadata ("pocketlm-modules")
+    rest/                            everything else, as a regular checkpoint (config, tokenizer,
+                                     manifest, model.safetensors, masks.safetensors)
+    stage.json                       written last: the stage is finished when it appears
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from . import atomic
+from .errors import PocketError
+from .modules import get_module, set_module
+from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, is_transposed, linear_weight
+
+AUTO_DISK_SHARE = 0.5
+"""``offload = "auto"`` streams from disk when the model's float size (in the compute dtype)
+exceeds this share of the available memory: the rest is left for activations, the method's
+statistics and the operating system's page cache."""
+
+LAYER_WORKING_FACTOR = 3
+"""A layer at work needs about this many times its float size: its weights, the compressed copy
+being built, and the method's per-layer buffers (Hessians, dequantized copies)."""
+
+ACTIVATIONS_IN_MEMORY = 1 << 30
+"""Calibration activations between layers larger than this (bytes) wait in a disk-backed memmap
+in the stage's scratch folder instead of anonymous memory."""
+
+STREAM_ATTRIBUTE = "_pocketlm_stream"
+MODULES_KEY = "pocketlm-modules"
+MASK_PREFIX = "__mask__."
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+# ------------------------------------------------------------------------- memory figures
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (``MemAvailable``)."""
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+    except ImportError:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 1 << 62
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
+# ------------------------------------------------------------------------- source files
+
+
+def read_header(file: Path) -> dict:
+    """The header of a safetensors file, after checking that the file holds every byte it
+    announces (a truncated download or copy is caught here, naming the file)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            length = struct.unpack("<Q", handle.read(8))[0]
+            if length > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(handle.read(length))
+    except FileNotFoundError:
+        raise PocketError(f"the weight file {file} is missing", field="model.source",
+                          fix="copy or download the model folder again; every shard its index names must be there",
+                          exit_code=1) from None
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise PocketError(f"the weight file {file} is not a readable safetensors file ({exc})", field="model.source",
+                          fix="copy or download it again", exit_code=1) from None
+    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + length + end > size:
+        raise PocketError(f"the weight file {file} is truncated: it holds {size:,} bytes of the "
+                          f"{8 + length + end:,} its header announces", field="model.source",
+                          fix="copy or download it again", exit_code=1)
+    return header
+
+
+class SafetensorsFolder:
+    """The tensors of a transformers folder: one ``*.safetensors`` file, or shards named by
+    ``model.safetensors.index.json``. Tensors are read one at a time."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+        if not files:
+            raise PocketError(f"{self.folder} holds no safetensors weights; offload = \"disk\" streams only "
+                              "safetensors", field="model.offload",
+                              fix="convert the weights to safetensors, or set offload = \"none\"")
+        self.where: dict[str, tuple[Path, dict]] = {}
+        self.data_start: dict[Path, int] = {}
+        for name in files:
+            header = read_header(self.folder / name)
+            with open(self.folder / name, "rb") as handle:
+                self.data_start[self.folder / name] = 8 + struct.unpack("<Q", handle.read(8))[0]
+            for key, info in header.items():
+                if key != "__metadata__":
+                    self.where[key] = (self.folder / name, info)
+        self._maps: dict[Path, Any] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def nbytes(self, name: str, dtype: torch.dtype) -> int:
+        return math.prod(self.where[name][1]["shape"]) * torch.finfo(dtype).bits // 8
+
+    def map(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``name`` as a tensor backed by the file itself (copy-on-write pages: file-backed memory,
+        read only where touched) when it is stored in ``dtype``; else a converted copy."""
+        import mmap
+
+        file, info = self.where[name]
+        if _DTYPES.get(info["dtype"]) != dtype:
+            return self.read(name, dtype)
+        if file not in self._maps:
+            with open(file, "rb") as handle:
+                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        start, end = info["data_offsets"]
+        size = torch.finfo(dtype).bits // 8
+        if (self.data_start[file] + start) % size:
+            return self.read(name, dtype)
+        flat = torch.frombuffer(self._maps[file], dtype=dtype, count=(end - start) // size,
+                                offset=self.data_start[file] + start)
+        return flat.view(info["shape"])
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.read_many([name], dtype)[name]
+
+    def read_many(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Copies of ``names``, each file opened once and closed again: an open file stays mapped,
+        and the pages a copy read would stay resident (file-backed) for as long as it is open."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.where[name][0], []).append(name)
+        out = {}
+        for file, members in by_file.items():
+            handle = safe_open(str(file), framework="pt")
+            for name in members:
+                tensor = handle.get_tensor(name)
+                out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+            del handle
+        return out
+
+
+# ------------------------------------------------------------------------- the shell
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory) while their buffers
+    (rotary tables, say) are computed for real, as they would be by a normal build."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, parameter):
+        original(module, name, parameter)
+        if parameter is not None:
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_shell(config, dtype: torch.dtype) -> nn.Module:
+    """A model of ``config`` with every parameter on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def find_layers_path(model: nn.Module) -> str:
+    """Where the decoder layers are: the built-in family's table, else the longest ModuleList."""
+    from .builtins.architectures import GPT2, LLAMA, OPT, PHI3
+    from .modules import find_architecture
+
+    try:
+        return find_architecture(model, (LLAMA, PHI3, GPT2, OPT)).layers
+    except PocketError:
+        lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        return max(lists)[1]
+
+
+@contextlib.contextmanager
+def without_layers(model: nn.Module, layers_path: str) -> Iterator[nn.Module]:
+    """``model`` with its decoder layers taken out for the duration: the rest of the model."""
+    layers = get_module(model, layers_path)
+    set_module(model, layers_path, nn.ModuleList())
+    try:
+        yield model
+    finally:
+        set_module(model, layers_path, layers)
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load ``state`` into ``module`` (whose tensors may be on meta), in each target's dtype."""
+    targets = dict(module.state_dict(keep_vars=True))
+    missing = sorted(set(targets) - set(state))
+    unexpected = sorted(set(state) - set(targets))
+    if missing or unexpected:
+        raise PocketError(f"{where} does not match the model: missing tensors {missing[:4]}, unexpected "
+                          f"tensors {unexpected[:4]}", fix="check that the weight files belong to this config",
+                          exit_code=1)
+    state = {k: v.to(targets[k].dtype) if v.is_floating_point() else v for k, v in state.items()}
+    module.load_state_dict(state, strict=True, assign=True)
+
+
+def _free(module: nn.Module) -> None:
+    """Put every parameter and persistent buffer of ``module`` on the meta device, drop masks."""
+    for sub in module.modules():
+        for name, parameter in list(sub._parameters.items()):
+            if parameter is not None:
+                sub._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if name == MASK_BUFFER:
+                del sub._buffers[name]
+                sub._non_persistent_buffers_set.discard(name)
+            elif buffer is not None and name not in sub._non_persistent_buffers_set:
+                sub._buffers[name] = buffer.to("meta")
+
+
+HEAP_MMAP_THRESHOLD = 1 << 20
+"""In disk mode, allocations of at least this many bytes are served by mmap and go straight back to
+the system when freed. glibc otherwise raises its threshold as large blocks are freed (up to
+32 MB), and the hidden states, weights and statistics a layer frees (4 to 32 MB each on a 1B
+model) would stay in the heap as resident memory."""
+
+
+def cap_heap() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_THRESHOLD)   # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system (glibc keeps freed blocks under 32 MB in
+    its arenas, so a layer's freed tensors would otherwise stay resident)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def is_materialized(layer: nn.Module) -> bool:
+    return not any(t.is_meta for t in layer.state_dict().values())
+
+
+# ------------------------------------------------------------------------- layer shards
+
+
+def layer_file(folder: Path, index: int) -> Path:
+    return Path(folder) / f"layer-{index:05d}.safetensors"
+
+
+def describe_layer(layer: nn.Module) -> dict:
+    from .checkpoint import _describe
+
+    return _describe(layer)
+
+
+def write_layer(layer: nn.Module, file: Path) -> None:
+    """One decoder layer as its own shard, written to a temporary name and renamed into place."""
+    from safetensors.torch import save_file
+
+    tensors = {k: v.contiguous() for k, v in layer.state_dict().items()}
+    for name, sub in layer.named_modules():
+        mask = sub._buffers.get(MASK_BUFFER)
+        if mask is not None:
+            tensors[MASK_PREFIX + name] = mask.contiguous()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = file.parent / f".{file.name}.{os.getpid()}.tmp"
+    save_file(tensors, str(tmp), metadata={MODULES_KEY: json.dumps(describe_layer(layer), sort_keys=True)})
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, file)
+
+
+def _rebuild_layer_modules(layer: nn.Module, manifest: dict) -> None:
+    """Give ``layer`` the module types ``manifest`` records (on meta, no memory)."""
+    from .checkpoint import _rebuild
+
+    for name, spec in manifest.items():
+        current = get_module(layer, name)
+        if isinstance(current, (QuantizedLinear, QuantizedEmbedding)):
+            continue
+        with torch.device("meta"):
+            set_module(layer, name, _rebuild(spec, layer))
+
+
+def read_layer_manifest(file: Path) -> dict:
+    header = read_header(file)
+    return json.loads(header.get("__metadata__", {}).get(MODULES_KEY, "{}"))
+
+
+def load_layer_shard(layer: nn.Module, file: Path) -> None:
+    from safetensors.torch import load_file
+
+    read_header(file)
+    _rebuild_layer_modules(layer, read_layer_manifest(file))
+    tensors = load_file(str(file))
+    masks = {k[len(MASK_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(MASK_PREFIX)}
+    _assign(layer, tensors, f"the layer shard {file}")
+    for name, mask in masks.items():
+        get_module(layer, name).register_buffer(MASK_BUFFER, mask, persistent=False)
+
+
+# ------------------------------------------------------------------------- the stream
+
+
+class LayerStream:
+    """Where each decoder layer of a streamed model lives, and the open/close seam.
+
+    * ``source``: a :class:`SafetensorsFolder` with the original weights (dense, HF names), or None;
+    * ``store``: a folder of layer shards from the last finished stage, or None (then ``source``);
+    * ``sink``: while a stage runs, the folder its layer shards go to; a layer written there is
+      read back from there;
+    * ``scratch``: the stage's scratch folder (activations saved for resuming, memmaps)."""
+
+    def __init__(self, model: nn.Module, layers_path: str, source: SafetensorsFolder | None = None,
+                 store: Path | None = None):
+        self.model, self.layers_path = model, layers_path
+        self.source, self.store = source, store
+        self.sink: Path | None = None
+        self.scratch: Path | None = None
+        self.open_layers: set[int] = set()
+        self._loaded: dict[int, list[nn.Module]] = {}
+        self.most_open = 0                  # the most layers materialized at once (a structural check)
+        self.walks = 0                      # walks started in the current stage
+
+    def __len__(self) -> int:
+        return len(get_module(self.model, self.layers_path))
+
+    def layer(self, index: int) -> nn.Module:
+        return get_module(self.model, self.layers_path)[index]
+
+    def _where(self, index: int) -> Path | None:
+        for folder in (self.sink, self.store):
+            if folder is not None and layer_file(folder, index).is_file():
+                return layer_file(folder, index)
+        return None
+
+    def open(self, index: int) -> nn.Module:
+        """Materialize decoder layer ``index`` from its latest version and return it."""
+        layer = self.layer(index)
+        if index not in self.open_layers:
+            file = self._where(index)
+            if file is not None:
+                load_layer_shard(layer, file)
+            elif self.source is not None:
+                prefix = f"{self.layers_path}.{index}."
+                names = list(layer.state_dict())
+                absent = [n for n in names if prefix + n not in self.source]
+                if absent:
+                    raise PocketError(f"the weights in {self.source.folder} lack {prefix + absent[0]}"
+                                      f"{f' and {len(absent) - 1} more' if len(absent) > 1 else ''}",
+                                      field="model.source", fix="check that the folder is complete", exit_code=1)
+                tensors = self.source.read_many([prefix + n for n in names])
+                _assign(layer, {n: tensors.pop(prefix + n) for n in names}, f"layer {index} of {self.source.folder}")
+            else:
+                raise PocketError(f"no stored copy of decoder layer {index} was found", exit_code=1,
+                                  fix="rerun without --resume")
+            self.open_layers.add(index)
+            self.most_open = max(self.most_open, len(self.open_layers))
+            # Every module that received tensors: a method may replace one (a linear by its
+            # quantized form) and still hold the old one; closing frees them all the same.
+            self._loaded[index] = list(layer.modules())
+        return layer
+
+    def close(self, index: int, *, write: bool = True) -> None:
+        """Write layer ``index`` to the sink (when a stage is writing and ``write``) and free it."""
+        layer = self.layer(index)
+        if write and self.sink is not None:
+            write_layer(layer, layer_file(self.sink, index))
+        for module in [layer, *self._loaded.pop(index, [])]:
+            _free(module)
+        self.open_layers.discard(index)
+        _return_freed_memory()
+
+    def each(self, *, write: bool = False) -> Iterator[tuple[int, nn.Module]]:
+        """Every layer in order, materialized one at a time."""
+        for index in range(len(self)):
+            layer = self.open(index)
+            try:
+                yield index, layer
+            finally:
+                self.close(index, write=write)
+
+    # -------------------------------------------------------------- stages
+
+    def begin_stage(self, folder: Path, scratch: Path) -> None:
+        self.sink, self.scratch, self.walks = Path(folder) / "layers", Path(scratch), 0
+
+    def end_stage(self, folder: Path) -> None:
+        self.store, self.sink, self.scratch = Path(folder) / "layers", None, None
+
+    def begin_walk(self) -> int:
+        """Count a pass over the layers; returns its number in the stage (0 for the first)."""
+        number = self.walks
+        self.walks += 1
+        if self.scratch is not None:
+            atomic.write_json(self.scratch / "stream-progress.json", {"walks_started": self.walks})
+        return number
+
+    def discard_from(self, start: int) -> None:
+        """Forget layer shards the sink holds from ``start`` on (left by a killed attempt)."""
+        if self.sink is None:
+            return
+        for index in range(start, len(self)):
+            with contextlib.suppress(FileNotFoundError):
+                layer_file(self.sink, index).unlink()
+
+    # -------------------------------------------------------------- resuming inside a stage
+
+    def resume_point(self) -> int:
+        """How many leading layers of the first walk are already in the sink, with the inputs
+        of the next one saved (0 when there is nothing to resume)."""
+        if self.sink is None or self.scratch is None:
+            return 0
+        done = 0
+        while layer_file(self.sink, done).is_file():
+            done += 1
+        while done and not (self.scratch / f"inputs-{done:05d}.safetensors").is_file():
+            done -= 1
+        return done
+
+    def save_inputs(self, index: int, hidden: list[torch.Tensor]) -> None:
+        """Keep the inputs of layer ``index`` (before its predecessor's shard is written)."""
+        from safetensors.torch import save_file
+
+        file = self.scratch / f"inputs-{index:05d}.safetensors"
+        tmp = file.parent / f".{file.name}.tmp"
+        save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(tmp))
+        os.replace(tmp, file)
+
+    def drop_inputs(self, index: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.scratch / f"inputs-{index:05d}.safetensors").unlink()
+
+    def load_inputs(self, index: int) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        saved = load_file(str(self.scratch / f"inputs-{index:05d}.safetensors"))
+        return [saved[str(i)] for i in range(len(saved))]
+
+    def prepare_resume(self) -> None:
+        """A stage killed after its first walk cannot continue mid-walk (the method's state from
+        the first walk is gone): its layer shards are discarded and the stage starts over."""
+        progress = self.scratch / "stream-progress.json"
+        started = json.loads(progress.read_text())["walks_started"] if progress.is_file() else 0
+        if started > 1 and self.sink is not None and self.sink.exists():
+            shutil.rmtree(self.sink)
+
+    def park(self, hidden: list[torch.Tensor], index: int) -> list[torch.Tensor]:
+        """Calibration activations wait in memory, or in a disk-backed memmap when large."""
+        total = sum(h.numel() * h.element_size() for h in hidden)
+        if total <= ACTIVATIONS_IN_MEMORY or self.scratch is None or not hidden or hidden[0].device.type != "cpu":
+            return hidden
+        import numpy as np
+
+        file = self.scratch / f"activations-{index % 2}.bin"  # two alternate: inputs and outputs of a layer
+        dtype = {torch.float32: np.float32, torch.float16: np.float16}.get(hidden[0].dtype)
+        if dtype is None:
+            return hidden
+        count = sum(h.numel() for h in hidden)
+        memory = np.memmap(file, dtype=dtype, mode="w+", shape=(count,))
+        parked, start = [], 0
+        for h in hidden:
+            view = torch.from_numpy(memory[start:start + h.numel()]).view(h.shape)
+            view.copy_(h)
+            parked.append(view)
+            start += h.numel()
+        return parked
+
+
+def stream_of(model: nn.Module) -> LayerStream | None:
+    return getattr(model, STREAM_ATTRIBUTE, None)
+
+
+def is_streamed(model: nn.Module) -> bool:
+    """True for a model whose decoder layers stream from disk (``offload = "disk"``)."""
+    return stream_of(model) is not None
+
+
+def require_whole_model(model: nn.Module, what: str, fix: str) -> None:
+    """Refuse, with one clear message, work that needs every layer in memory at once."""
+    if is_streamed(model):
+        raise PocketError(f"{what} needs the whole model in memory at once; this model streams its layers from "
+                          "disk (offload = \"disk\")", field="model.offload", fix=fix)
+
+
+def attach(model: nn.Module, stream: LayerStream) -> nn.Module:
+    object.__setattr__(model, STREAM_ATTRIBUTE, stream)
+    return model
+
+
+def each_layer(model: nn.Module, layers_path: str, *, write: bool = True) -> Iterator[tuple[int, nn.Module]]:
+    """Each decoder layer of ``model``, materialized one at a time when it streams; changes made
+    to a yielded layer are kept (a streamed layer is written back when the next is asked for)."""
+    stream = stream_of(model)
+    if stream is None:
+        yield from enumerate(get_module(model, layers_path))
+        return
+    stream.begin_walk()
+    if stream.walks == 1:
+        stream.discard_from(0)
+    yield from stream.each(write=write)
+
+
+# ------------------------------------------------------------------------- loading
+
+
+def _rest_state(model: nn.Module, layers_path: str) -> dict[str, torch.Tensor]:
+    with without_layers(model, layers_path):
+        return dict(model.state_dict(keep_vars=True))
+
+
+def _layer_nbytes(shell: nn.Module, layers_path: str, dtype: torch.dtype) -> int:
+    layer = get_module(shell, layers_path)[0]
+    return sum(t.numel() for t in layer.state_dict().values()) * torch.finfo(dtype).bits // 8
+
+
+def check_memory(shell: nn.Module, layers_path: str, dtype: torch.dtype) -> None:
+    """Refuse, before any work, a machine that cannot hold one decoder layer at work plus the
+    parts of the model that stay in memory (embedding, head)."""
+    layer = _layer_nbytes(shell, layers_path, dtype)
+    rest = sum(t.numel() for t in _rest_state(shell, layers_path).values()) * torch.finfo(dtype).bits // 8
+    need, have = LAYER_WORKING_FACTOR * layer + rest, available_memory()
+    if need > have:
+        raise PocketError(
+            f"not enough memory for one decoder layer: a layer is {_mb(layer)} in {str(dtype).replace('torch.', '')}, "
+            f"it needs about {_mb(need)} at work (with the embedding and head), and {_mb(have)} is available",
+            field="model.dtype",
+            fix='set dtype = "bfloat16" in [model] to halve it, free memory, or use a machine with more memory')
+
+
+def model_float_bytes(folder: Path, dtype: torch.dtype) -> int:
+    source = SafetensorsFolder(folder)
+    return sum(source.nbytes(n, dtype) for n, (_, info) in source.where.items()
+               if info["dtype"] in ("F64", "F32", "F16", "BF16"))
+
+
+def choose_offload(offload: str, folder: Path, dtype: torch.dtype) -> str:
+    """``auto``: ``disk`` when the float model is more than :data:`AUTO_DISK_SHARE` of the
+    available memory, else ``none``. Other values pass through."""
+    if offload != "auto":
+        return offload
+    return "disk" if model_float_bytes(folder, dtype) > AUTO_DISK_SHARE * available_memory() else "none"
+
+
+def load_streamed(folder: Path, dtype: torch.dtype, layers_path_of=find_layers_path) -> nn.Module:
+    """The shell of the transformers model in ``folder``: every part but the decoder layers
+    loaded (converted to ``dtype``), the layers streaming from the files."""
+    from transformers import AutoConfig
+
+    source = SafetensorsFolder(folder)
+    config = AutoConfig.from_pretrained(folder)
+    cap_heap()
+    shell = build_shell(config, dtype)
+    layers_path = layers_path_of(shell)
+    check_memory(shell, layers_path, dtype)
+    with without_layers(shell, layers_path):
+        names = list(shell.state_dict())
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        # The embedding and the head stay file-backed where the files hold the compute dtype: a
+        # lookup touches only the rows it reads, and calibration never touches the head.
+        present = {n: source.map(n, dtype) for n in names if n in source}
+        absent = [n for n in names if n not in present]
+        head = shell.get_output_embeddings()
+        head_names = [n for n in absent if head is not None and n.endswith("weight")
+                      and get_module(shell, n.rsplit(".", 1)[0]) is head]
+        if tied:
+            absent = [n for n in absent if n not in head_names]
+            for name in head_names:
+                present[name] = present.get(_input_embedding_name(shell) + ".weight")
+        if absent:
+            raise PocketError(f"the weights in {folder} lack {absent[0]}", field="model.source",
+                              fix="check that the folder is complete", exit_code=1)
+        _assign(shell, present, f"the weights in {folder}")
+        if tied:
+            shell.tie_weights()
+    return attach(shell, LayerStream(shell, layers_path, source=source))
+
+
+def _input_embedding_name(model: nn.Module) -> str:
+    embedding = model.get_input_embeddings()
+    return next(n for n, m in model.named_modules() if m is embedding)
+
+
+# ------------------------------------------------------------------------- stage checkpoints
+
+
+def is_streamed_checkpoint(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / "layers").is_dir() and (folder / "rest").is_dir()
+
+
+def save_rest(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write everything but the decoder layers as a regular checkpoint in ``folder/rest``."""
+    from .checkpoint import save_checkpoint
+
+    stream = stream_of(model)
+    with atomic.folder(Path(folder) / "rest") as tmp, without_layers(model, stream.layers_path):
+        save_checkpoint(model, tokenizer, tmp)
+
+
+def load_streamed_checkpoint(folder: Path, layers_path_of=find_layers_path):
+    """Rebuild a streamed model from a streamed stage checkpoint."""
+    from transformers import AutoConfig, AutoTokenizer
+    from safetensors.torch import load_file
+
+    from .checkpoint import MANIFEST, _rebuild, _tied_alias
+    from .components import LoadedModel
+
+    folder = Path(folder)
+    rest = folder / "rest"
+    cap_heap()
+    config = AutoConfig.from_pretrained(rest)
+    config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+    dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    shell = build_shell(config, dtype)
+    layers_path = layers_path_of(shell)
+    for index, layer in enumerate(get_module(shell, layers_path)):
+        _rebuild_layer_modules(layer, read_layer_manifest(layer_file(folder / "layers", index)))
+    with without_layers(shell, layers_path):
+        manifest = json.loads((rest / MANIFEST).read_text())
+        for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
+            set_module(shell, name, _rebuild(manifest[name], shell))
+        state = load_file(str(rest / "model.safetensors"))
+        targets = dict(shell.state_dict(keep_vars=True))
+        missing = [k for k in targets if k not in state and not _tied_alias(shell, k)]
+        if missing:
+            raise PocketError(f"the checkpoint in {rest} lacks {missing[:4]}", exit_code=1,
+                              fix="delete this stage folder and rerun with --resume to recompute it")
+        state = {k: v.to(targets[k].dtype) if v.is_floating_point() else v for k, v in state.items() if k in targets}
+        shell.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings and not manifest:
+            shell.tie_weights()
+        for name, mask in load_file(str(rest / "masks.safetensors")).items():
+            get_module(shell, name).register_buffer(MASK_BUFFER, mask, persistent=False)
+    tokenizer = AutoTokenizer.from_pretrained(rest) if (rest / "tokenizer_config.json").exists() else None
+    attach(shell, LayerStream(shell, layers_path, store=folder / "layers"))
+    return LoadedModel(shell.eval(), tokenizer, str(folder))
+
+
+# ------------------------------------------------------------------------- dense export
+
+
+def dense_tensors(module: nn.Module, prefix: str, dtype: torch.dtype | None,
+                  skip: frozenset[str] = frozenset()) -> dict[str, torch.Tensor]:
+    """The dense state dict of ``module`` (quantized modules dequantized), names prefixed;
+    modules named in ``skip`` (relative names) are left out with everything inside them."""
+    out: dict[str, torch.Tensor] = {}
+    done: set[str] = set(skip)
+    for name, sub in module.named_modules():
+        if name in skip or any(name.startswith(s + ".") for s in done):
+            continue
+        full = f"{prefix}{name}." if name else prefix
+        if isinstance(sub, (QuantizedLinear, QuantizedEmbedding)):
+            done.add(name)
+            weight = sub.dequantize() if isinstance(sub, QuantizedEmbedding) else linear_weight(sub)
+            out[full + "weight"] = weight.t() if is_transposed(sub) else weight
+            if getattr(sub, "bias", None) is not None:
+                out[full + "bias"] = sub.bias.data
+            continue
+        for key, tensor in sub._parameters.items():
+            if tensor is not None:
+                out[full + key] = tensor.data
+        for key, tensor in sub._buffers.items():
+            if tensor is not None and key not in sub._non_persistent_buffers_set:
+                out[full + key] = tensor
+    if dtype is not None:
+        out = {k: v.to(dtype) if v.is_floating_point() else v for k, v in out.items()}
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def write_sharded(model: nn.Module, path: Path, tensors_of) -> None:
+    """Write a streamed model as safetensors shards with ``model.safetensors.index.json``: one
+    shard for everything outside the decoder layers, then one per layer, materialized one at a
+    time. ``tensors_of(module, prefix)`` gives the tensors to store for a part, full names. A
+    tied head is left out (transformers ties it again on load)."""
+    from safetensors.torch import save_file
+
+    stream = stream_of(model)
+    path = Path(path)
+    count = len(stream) + 1
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def write(tensors: dict[str, torch.Tensor], number: int) -> None:
+        nonlocal total
+        name = f"model-{number:05d}-of-{count:05d}.safetensors"
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        for key, tensor in tensors.items():
+            weight_map[key] = name
+            total += tensor.numel() * tensor.element_size()
+
+    with without_layers(model, stream.layers_path):
+        rest = tensors_of(model, "")
+        if getattr(model.config, "tie_word_embeddings", False):
+            head = model.get_output_embeddings()
+            head_name = next(n for n, m in model.named_modules() if m is head)
+            rest = {k: v for k, v in rest.items() if not k.startswith(head_name + ".")}
+        write(rest, 1)
+        del rest
+    for index, layer in stream.each():
+        write(tensors_of(layer, f"{stream.layers_path}.{index}."), index + 2)
+    atomic.write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def write_config(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
+    """``config.json`` for an export written shard by shard (no quantization_config)."""
+    config = model.config.to_dict()
+    for key in ("quantization_config", "torch_dtype", "_name_or_path"):  # the last: where it was loaded from
+        config.pop(key, None)
+    config["dtype"] = str(dtype or torch.float32).replace("torch.", "")
+    atomic.write_json(Path(path) / "config.json", config)
+
+
+def export_hf_streamed(model: nn.Module, path: Path, dtype: torch.dtype | None, tokenizer) -> None:
+    """The ``hf`` export of a streamed model: one shard per decoder layer plus one for the rest,
+    and ``model.safetensors.index.json``, written without ever holding two layers."""
+    write_sharded(model, path, lambda module, prefix: dense_tensors(module, prefix, dtype))
+    write_config(model, path, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def head_logits_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Summed next-token NLL of ``targets`` given final ``hidden`` states ``[tokens, width]``,
+    with the head applied in vocabulary chunks (a running log-sum-exp), never all logits at once."""
+    weight_of = _head_rows(head)
+    rows = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    running_max = torch.full((hidden.shape[0],), float("-inf"))
+    running_sum = torch.zeros(hidden.shape[0])
+    target_logit = torch.zeros(hidden.shape[0])
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        weight, bias = weight_of(start, stop)
+        logits = hidden @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.float()
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+        running_max = new_max
+        inside = (targets >= start) & (targets < stop)
+        picked = logits.gather(1, (targets - start).clamp(0, stop - start - 1)[:, None])[:, 0]
+        target_logit = torch.where(inside, picked, target_logit)
+    return (running_max + running_sum.log() - target_logit).sum()
+
+
+def _head_rows(head: nn.Module):
+    bias = getattr(head, "bias", None)
+    if isinstance(head, QuantizedLinear):
+        return lambda a, b: (head.storage.dequantize(torch.arange(a, b)), None if bias is None else bias[a:b])
+    weight = linear_weight(head)
+    return lambda a, b: (weight[a:b], None if bias is None else bias[a:b])
+
+
+def streamed_perplexity(model: nn.Module, architecture, ids: torch.Tensor, batch_size: int, advance) -> tuple[float, int]:
+    """Summed NLL and token count of ``ids`` through a streamed model, layer by layer over
+    every window: the embedding, then each decoder layer once, then the norm and the head in
+    vocabulary chunks."""
+    from .calibration import LayerInputs, capture_inputs
+
+    stream = stream_of(model)
+    inputs = capture_inputs(model, architecture, ids, batch_size)
+    for index, layer in stream.each():
+        inputs = LayerInputs(stream.park(inputs.run(layer), index), inputs.kwargs)
+    norm = get_module(model, architecture.final_norm) if architecture.final_norm else None
+    head = get_module(model, architecture.lm_head)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.hidden):
+            batch = ids[start:start + batch_size]
+            states = norm(hidden) if norm is not None else hidden
+            flat = states[:, :-1].reshape(-1, states.shape[-1])
+            total += float(head_logits_nll(flat, head, batch[:, 1:].reshape(-1)))
+            count += batch[:, 1:].numel()
+            advance(batch.shape[0])
+    return total, count
+
+
+def sum_over_parts(model: nn.Module, measure) -> list:
+    """``measure`` applied to the rest of a streamed model, then to each layer in turn."""
+    stream = stream_of(model)
+    with without_layers(model, stream.layers_path):
+        results = [measure(model)]
+    for _, layer in stream.each():
+        results.append(measure(layer))
+    return results

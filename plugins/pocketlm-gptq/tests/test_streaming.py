@@ -1,0 +1,107 @@
+"""rtn and gptq on a model streamed from disk (offload = "disk") give the grids of the whole model in
+memory, bit for bit; exporters that need the whole model say so."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pocketlm import PocketError
+from pocketlm.pipeline import Run
+from pocketlm.plugins import Plugins
+from pocketlm.recipe import parse_recipe
+from pocketlm.testing.models import save_tiny_model
+
+RECIPE = """[model]
+source = "{model}"
+offload = "{offload}"
+[calibration]
+samples = 4
+seq_len = 32
+[[stages]]
+method = "{method}"
+bits = 4
+group_size = 32
+[evaluate]
+metrics = ["size"]
+before = false
+[export]
+format = "{format}"
+"""
+
+
+@pytest.fixture(scope="module")
+def plugins():
+    return Plugins()
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("stream") / "llama", "llama", layers=3)
+
+
+def _run(source, offload, method, plugins, run_dir, export="hf"):
+    recipe = parse_recipe(RECIPE.format(model=source, offload=offload, method=method, format=export), plugins,
+                          file="recipe.toml")
+    return Run(recipe, run_dir, plugins, echo=lambda m: None).execute()
+
+
+def _grids(stage) -> dict[str, torch.Tensor]:
+    """Every tensor of a stage checkpoint by full name, whole or sharded by layer."""
+    if (stage / "layers").is_dir():
+        tensors = load_file(str(stage / "rest" / "model.safetensors"))
+        for shard in sorted((stage / "layers").glob("layer-*.safetensors")):
+            index = int(shard.stem.split("-")[1])
+            tensors.update({f"model.layers.{index}.{k}": v for k, v in load_file(str(shard)).items()})
+        return tensors
+    return load_file(str(stage / "model.safetensors"))
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_disk_gives_the_grids_of_none(source, plugins, tmp_path, method):
+    _run(source, "none", method, plugins, tmp_path / "none")
+    _run(source, "disk", method, plugins, tmp_path / "disk")
+    name = f"01-{method}"
+    a, b = _grids(tmp_path / "none" / "stages" / name), _grids(tmp_path / "disk" / "stages" / name)
+    qweights = [k for k in a if k.endswith("storage.qweight")]
+    assert len(qweights) == 3 * 7
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_exporters_that_need_the_whole_model_refuse_disk_mode(source, plugins, tmp_path):
+    with pytest.raises(PocketError) as error:
+        _run(source, "disk", "rtn", plugins, tmp_path / "run", export="gptq")
+    message = str(error.value)
+    assert "export format 'gptq' cannot write a model streamed from disk" in message
+    assert "'hf'" in message and 'offload = "none"' in message
+
+
+def _all_tensors(folder) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        tensors.update(load_file(str(file)))
+    return tensors
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_streams_the_same_tensors_layer_by_layer(source, plugins, tmp_path, symmetric):
+    import json
+
+    recipe = RECIPE.replace("group_size = 32\n", f"group_size = 32\nsymmetric = {str(symmetric).lower()}\n")
+    for offload in ("none", "disk"):
+        parsed = parse_recipe(recipe.format(model=source, offload=offload, method="gptq", format="compressed-tensors"),
+                              plugins, file="recipe.toml")
+        Run(parsed, tmp_path / offload, plugins, echo=lambda m: None).execute()
+    a, b = _all_tensors(tmp_path / "none" / "export"), _all_tensors(tmp_path / "disk" / "export")
+    assert sorted(a) == sorted(b) and any(k.endswith("weight_packed") for k in a)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert (tmp_path / "disk" / "export" / "model.safetensors.index.json").is_file()
+    config = lambda run: json.loads((tmp_path / run / "export" / "config.json").read_text())["quantization_config"]
+    assert config("none") == config("disk")
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    ids = torch.randint(3, 200, (1, 12))
+    # run_compressed=False: decompress on load (the default path mis-sizes asymmetric zero points).
+    outputs = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export", dtype=torch.float32,
+               quantization_config=CompressedTensorsConfig(run_compressed=False))(ids).logits for run in ("none", "disk")]
+    assert torch.equal(outputs[0], outputs[1])
