@@ -6,7 +6,7 @@
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "scale", "plan", "lmeval", "startup"]
+ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "scale", "dynamic", "plan", "lmeval", "startup"]
 HEADER = """# Benchmarks
 
 Every figure here was measured on a machine of the project's kind (2 CPU cores, no GPU,
@@ -29,14 +29,24 @@ names the exact command.
 """
 
 
+def demote_headings(text: str) -> str:
+    """One level down, so each write-up becomes a section; a ``#`` inside a fenced code block is a
+    shell comment, not a heading."""
+    lines, fenced = [], False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        lines.append("#" + line if line.startswith("#") and not fenced else line)
+    return "\n".join(lines)
+
+
 def main() -> None:
     parts = [HEADER]
     for name in ORDER:
         path = ROOT / "docs" / "bench" / f"{name}.md"
         if path.exists():
             text = path.read_text().strip()
-            # demote headings one level so each write-up becomes a section
-            text = "\n".join("#" + line if line.startswith("#") else line for line in text.splitlines())
+            text = demote_headings(text)
             text = text.replace("](plan.png)", "](bench/plan.png)")
             parts.append(text + "\n")
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))

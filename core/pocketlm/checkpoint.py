@@ -4,12 +4,20 @@ A checkpoint folder holds ``config.json`` (updated by structural changes), the t
 ``model.safetensors`` (shared tensors stored once), ``masks.safetensors`` and
 ``pocketlm-modules.json``, which records the modules that replaced dense ones so the loader can
 rebuild them before loading the weights. Nothing is pickled.
+
+A plugin whose method replaces modules with a type of its own registers that type with
+:func:`register_module_type`: the manifest then records the module under the type's name with
+what :func:`describe` returns, and loading asks the registered ``rebuild`` for it, after the
+core has rebuilt whatever quantized module it wraps. A checkpoint that names a type no
+installed plugin registered is refused with the plugin to install, never loaded without it.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
@@ -21,6 +29,28 @@ from .modules import get_module, set_module
 from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks
 
 MANIFEST = "pocketlm-modules.json"
+
+
+@dataclass(frozen=True)
+class ModuleType:
+    """A plugin's module type: ``owns(module)`` recognises one, ``describe(module)`` returns the
+    JSON-able facts needed to rebuild it, ``rebuild(spec, module)`` turns ``module`` (the model's
+    module at that name, already rebuilt by the core when it is quantized) into the plugin's type
+    before the weights load. ``provider`` names the distribution for the error message."""
+
+    name: str
+    owns: Callable[[nn.Module], bool]
+    describe: Callable[[nn.Module], dict]
+    rebuild: Callable[[dict, nn.Module], nn.Module]
+    provider: str
+
+
+MODULE_TYPES: dict[str, ModuleType] = {}
+
+
+def register_module_type(module_type: ModuleType) -> None:
+    """Teach checkpoints a plugin's module type (call once, at the plugin's import)."""
+    MODULE_TYPES[module_type.name] = module_type
 
 
 def _describe(model: nn.Module) -> dict[str, dict]:
@@ -41,6 +71,11 @@ def _describe(model: nn.Module) -> dict[str, dict]:
                                "g_idx": module.storage.g_idx is not None,
                                "transposed": module.transposed,
                                "shares": storages.get(id(module.storage))}
+        for extension in MODULE_TYPES.values():
+            if extension.owns(module):
+                entry = described.setdefault(name, {"type": "dense"})
+                entry["extension"] = {"type": extension.name, "provider": extension.provider,
+                                      **extension.describe(module)}
     return described
 
 
@@ -61,6 +96,8 @@ def is_checkpoint(folder: Path) -> bool:
 
 
 def _rebuild(spec: dict, model: nn.Module) -> nn.Module:
+    if spec["type"] == "dense":
+        return None
     if spec["type"] == "QuantizedEmbedding":
         return QuantizedEmbedding(spec["rows"], spec["cols"], spec["bits"], spec["group_size"],
                                   spec["symmetric"], spec.get("padding_idx"))
@@ -85,7 +122,13 @@ def load_checkpoint(folder: Path) -> LoadedModel:
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         manifest = json.loads((folder / MANIFEST).read_text())
         for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
-            set_module(model, name, _rebuild(manifest[name], model))
+            rebuilt = _rebuild(manifest[name], model)
+            if rebuilt is not None:
+                set_module(model, name, rebuilt)
+        for name, spec in manifest.items():
+            if "extension" in spec:
+                set_module(model, name, _extension(spec["extension"], folder).rebuild(
+                    spec["extension"], get_module(model, name)))
         missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=False)
         missing = [k for k in missing if not _tied_alias(model, k)]
         if missing or unexpected:
@@ -100,6 +143,14 @@ def load_checkpoint(folder: Path) -> LoadedModel:
                           fix="delete this stage folder and rerun with --resume to recompute it",
                           exit_code=1) from None
     return LoadedModel(model.eval(), tokenizer, str(folder))
+
+
+def _extension(spec: dict, folder: Path) -> ModuleType:
+    known = MODULE_TYPES.get(spec["type"])
+    if known is None:
+        raise PocketError(f"the checkpoint in {folder} holds {spec['type']} modules, which no installed plugin "
+                          "provides", fix=f"pip install {spec.get('provider', 'the plugin that wrote it')}")
+    return known
 
 
 def _tied_alias(model: nn.Module, key: str) -> bool:

@@ -32,6 +32,9 @@ class NoOptions(Options):
     """For components that take no options."""
 
 
+#: Every feature a method's size effect may declare (see ``SizeEffect.features``).
+FEATURES = frozenset({"quantized", "quantized-embedding", "masked", "restructured", "thresholds"})
+
 # A feature any exporter that represents its parent can write, though not every one packs it.
 REFINEMENTS = {"quantized-embedding": "quantized"}
 
@@ -56,7 +59,9 @@ class SizeEffect:
       embedding is quantized. That one is a refinement of ``"quantized"``: every exporter that
       represents ``"quantized"`` can write it (dense, if it must), and only an exporter that
       lists it in ``packs`` stores it compactly, which is what the planner's size estimate and
-      ``format = "auto"`` look at.
+      ``format = "auto"`` look at. ``"thresholds"``: the model applies activation thresholds at
+      run time (dynamic sparsity); only an exporter that lists it keeps them, so recipes refuse
+      the others rather than export a model that would run dense.
     * ``modules``: the exact module names the stage acts on, where it names them one by one
       (None: every layer it ``covers``). Two ``exclusive`` stages of one kind may share a model
       only when both name their modules and the names are disjoint (a per-matrix bit

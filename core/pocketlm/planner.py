@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .components import Method, SizeEffect
+from .components import Method, SizeEffect, unrepresented
 from .recipe import combination_problems, rank_exporters
 
 DEFAULT_MODEL = "demo:smollm2-135m"
@@ -94,7 +94,9 @@ def choose_exporter(plugins, candidate: "Candidate") -> str:
 
 def _packs(plugins, effects: list[SizeEffect]) -> frozenset[str] | None:
     """What the format ``format = "auto"`` would choose for these effects stores compactly."""
-    ranked = rank_exporters(plugins.exporters, {f for e in effects for f in e.features})
+    # Run-time thresholds add no weight bytes: the exporter that keeps them writes the weights in
+    # the format that would be chosen without them.
+    ranked = rank_exporters(plugins.exporters, {f for e in effects for f in e.features} - {"thresholds"})
     return frozenset(ranked[0].packs) if ranked else None
 
 
@@ -161,9 +163,9 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
                 pairs = [(m, m.options.model_validate(o)) for m, o in ordered]
             except Exception:  # noqa: BLE001 - a proposal that does not validate is not a candidate
                 continue
-            if combination_problems(pairs, export):
-                continue
             effects = [m.effect(o) for m, o in pairs]
+            if combination_problems(pairs, _fitting(plugins, export, effects)):
+                continue
             size_mb, bits = estimate(stats, effects, _packs(plugins, effects))
             found.append(Candidate(list(ordered), effects, size_mb, bits))
     if budget.target_size_mb is not None:
@@ -175,6 +177,16 @@ def candidates(plugins, stats: ModelStats = DEMO_STATS, budget: PlanBudget = Pla
         # by the effects' prior; then the largest (least compressed), then fewer stages.
         return sorted(found, key=lambda c: (round(damage(stats, c.effects), 3), -c.size_mb, len(c.stages), c.label))
     return sorted(found, key=lambda c: (c.size_mb, len(c.stages), c.label))
+
+
+def _fitting(plugins, export, effects: list[SizeEffect]):
+    """``export``, or where it cannot represent the effects' features (run-time thresholds) the
+    installed format that ``format = "auto"`` would choose; None when none can."""
+    features = {f for e in effects for f in e.features}
+    if export is not None and not unrepresented(features, export.represents):
+        return export
+    ranked = rank_exporters(plugins.exporters, features)
+    return ranked[0] if ranked else export
 
 
 def _one_per_phase(stages: list[tuple[Method, dict]]) -> bool:

@@ -266,7 +266,8 @@ def is_quantized(module: nn.Module) -> bool:
 
 def _is_conv1d(module: nn.Module) -> bool:
     # transformers' GPT-2 Conv1D: y = x @ W + b with W stored [in, out].
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+    # Matched by name (transformers is not imported here), subclasses included.
+    return any(cls.__name__ == "Conv1D" for cls in type(module).__mro__) and hasattr(module, "nf")
 
 
 def is_linear(module: nn.Module) -> bool:

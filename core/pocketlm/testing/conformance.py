@@ -65,7 +65,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from .. import atomic
-from ..components import Evaluator, Exporter, LoadedModel, Method, Options, SizeEffect
+from ..components import FEATURES, Evaluator, Exporter, LoadedModel, Method, Options, SizeEffect, unrepresented
 from ..modules import get_module, matches, select_linears
 from ..weights import (QuantizedLinear, get_mask, is_linear, linear_shape, linear_weight, masks,
                        set_mask)
@@ -262,8 +262,8 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
             effect = method.effect(built)
             if not isinstance(effect, SizeEffect):
                 problems.append(f"effect(options) returned {type(effect).__name__}, expected pocketlm.SizeEffect")
-            elif not effect.features <= {"quantized", "masked", "restructured"}:
-                problems.append(f"effect features {sorted(effect.features)} are not among quantized, masked, restructured")
+            elif not effect.features <= FEATURES:
+                problems.append(f"effect features {sorted(effect.features)} are not among {', '.join(sorted(FEATURES))}")
         except Exception as exc:  # noqa: BLE001
             problems.append(f"effect(options) raised {type(exc).__name__}: {exc}")
     if method.plan is not None:
@@ -353,10 +353,22 @@ def check_runs(name: str, options=None, family: str = "llama", *, expect_change:
     return run
 
 
+def hf_represents(run: MethodRun, plugins=None) -> bool:
+    """Whether the ``hf`` exporter can represent what ``run``'s method declares it produces."""
+    features = run.method.effect(run.options).features
+    return not unrepresented(features, _plugins(plugins).exporters["hf"].represents)
+
+
+class _NotHeld(Exception):
+    """The hf round trip does not apply to this result."""
+
+
 def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.Tensor | None = None,
-                   plugins=None, what: str = "the result") -> None:
-    """``model`` survives the core checkpoint (same tensors, masks and logits) and the ``hf``
-    exporter (transformers reloads it, same logits)."""
+                   plugins=None, what: str = "the result", hf: bool = True) -> None:
+    """``model`` survives the core checkpoint (same tensors, masks and logits) and, with ``hf``,
+    the ``hf`` exporter (transformers reloads it, same logits). A method whose result holds a
+    feature the ``hf`` exporter cannot represent (recipes refuse that export) passes
+    ``hf=False``."""
     from transformers import AutoModelForCausalLM
 
     from ..checkpoint import load_checkpoint, save_checkpoint
@@ -378,6 +390,8 @@ def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.T
         except Exception as exc:  # noqa: BLE001
             problems.append(f"save/load with the core checkpoint failed: {type(exc).__name__}: {exc}")
         try:
+            if not hf:
+                raise _NotHeld
             exporter = plugins.exporters["hf"]
             options = exporter.options()
             context = make_context(ids, plugins=plugins)
@@ -391,6 +405,8 @@ def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.T
             if got.shape != expected.shape or not torch.allclose(got, expected, atol=ATOL, rtol=ATOL):
                 delta = (got - expected).abs().max().item() if got.shape == expected.shape else "shape"
                 problems.append(f"the hf export, reloaded with transformers, gives different logits (max |Δ| {delta})")
+        except _NotHeld:
+            pass
         except Exception as exc:  # noqa: BLE001
             problems.append(f"hf export and transformers reload failed: {type(exc).__name__}: {exc}")
     _raise(what, problems)
@@ -513,7 +529,7 @@ def check_method(name: str, options: Mapping[str, Any] | None = None, *, familie
         def runs_and_loads(family=family):
             run = check_runs(name, options, family, expect_change=expect_change, plugins=plugins)
             check_loadable(run.model, folder / family if folder else None, ids=run.windows, plugins=plugins,
-                           what=f"method {name!r} on {family}")
+                           what=f"method {name!r} on {family}", hf=hf_represents(run, plugins))
 
         attempt(f"runs[{family}]", runs_and_loads)
         if family in detail_families:
@@ -755,7 +771,8 @@ class MethodConformance:
     def test_runs_and_exports(self, family, tmp_path):
         self._supported(family)
         run = check_runs(self.method, self.options, family, expect_change=self.expect_change)
-        check_loadable(run.model, tmp_path, ids=run.windows, what=f"method {self.method!r} on {family}")
+        check_loadable(run.model, tmp_path, ids=run.windows, what=f"method {self.method!r} on {family}",
+                       hf=hf_represents(run))
 
     def test_deterministic(self, family):
         self._supported(family)

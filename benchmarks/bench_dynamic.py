@@ -1,0 +1,334 @@
+"""Activation-sparsity benchmark on the reference model (quick protocol), see docs/bench/dynamic.md.
+
+    # quality (no timing): thresholds calibrated on 32 x 512 WikiText-2 validation windows
+    nice .venv/bin/python benchmarks/bench_dynamic.py quality --configs teal-greedy-40,teal-uniform-40,cats-uniform-40
+    # decode speed (timing: under the lock), for configs whose thresholds the quality run saved
+    flock /tmp/pocketlm-bench.lock .venv/bin/python benchmarks/bench_dynamic.py speed --configs teal-greedy-40
+    nice .venv/bin/python benchmarks/bench_dynamic.py report
+
+A config is ``MODE-ALLOCATION-PERCENT`` with an optional ``gptq-`` prefix (GPTQ W4, group 64,
+first; thresholds calibrated on the quantized model; decode on its dequantized weights).
+
+* quality: perplexity on the first 32 x 512 windows of WikiText-2 test and of a second domain
+  (the Python Language Reference extract bundled in plugins/pocketlm-dynamic/tests/data, which
+  no stage calibrates on); retention = baseline / compressed; the measured fraction of skipped
+  input channels on the WikiText-2 windows (weighted by the weight bytes of each channel's
+  column, the fraction decoding saves; and over the decoder's linears as a whole);
+* speed: tokens per second of greedy generation at batch 1 (64 new tokens after a 32-token
+  prompt), dense model against the same model with thresholds on the decode path, alternating,
+  best of 3, 2 threads; ``--profile`` adds a torch.profiler table of one sparse generation and
+  the bytes of weight read per token against the memory-bandwidth floor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+from pocketlm import data  # noqa: E402
+from pocketlm.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from pocketlm.plugins import get_plugins  # noqa: E402
+from pocketlm.testing import make_context  # noqa: E402
+from pocketlm.weights import is_linear, linear_shape  # noqa: E402
+from pocketlm_dynamic import decode, sparsity  # noqa: E402
+
+RESULTS = common.ROOT / "benchmarks" / "results"
+SECOND_DOMAIN = common.ROOT / "plugins" / "pocketlm-dynamic" / "tests" / "data" / "python-reference.txt"
+GPTQ = {"bits": 4, "group_size": 64}
+
+
+def parse_config(config: str) -> tuple[bool, dict]:
+    gptq = config.startswith("gptq-")
+    mode, allocation, percent = config.removeprefix("gptq-").split("-")
+    return gptq, {"mode": mode, "allocation": allocation, "sparsity": int(percent) / 100}
+
+
+def gptq_model(model, calibration, log):
+    """GPTQ W4 g64 of the reference model, cached as a core checkpoint (RESULTS/dynamic-gptq)."""
+    folder = RESULTS / "dynamic-gptq-w4g64"
+    if (folder / "pocketlm-modules.json").exists():
+        return load_checkpoint(folder).model
+    plugins = get_plugins()
+    method = plugins.methods["gptq"]
+    start = time.perf_counter()
+    plugins.hook.compress(model=model, method=method, options=method.options(**GPTQ),
+                          context=make_context(calibration, plugins=plugins))
+    log({"job": "gptq", "options": GPTQ, "seconds": round(time.perf_counter() - start, 1)})
+    save_checkpoint(model, None, folder)
+    return model
+
+
+def calibrate(model, options: dict, calibration):
+    plugins = get_plugins()
+    method = plugins.methods["activation-sparsity"]
+    plugins.hook.compress(model=model, method=method, options=method.options(**options),
+                          context=make_context(calibration, plugins=plugins))
+    return model
+
+
+class SkipCounter:
+    """Counts, on every thresholded module, the input (or output) entries the rule zeroes."""
+
+    def __init__(self, model):
+        self.zeroed, self.total, self.handles = {}, {}, []
+        for name, (where, _) in sparsity.thresholds(model).items():
+            module = dict(model.named_modules())[name]
+            if where == sparsity.INPUT:
+                self.handles.append(module.register_forward_pre_hook(self._input(name)))
+            else:
+                self.handles.append(module.register_forward_hook(self._output(name)))
+
+    def _count(self, name, x, t):
+        self.zeroed[name] = self.zeroed.get(name, 0) + int((x.abs() <= t).sum())
+        self.total[name] = self.total.get(name, 0) + x.numel()
+
+    def _input(self, name):
+        return lambda module, args: self._count(name, args[0], module._buffers[sparsity.INPUT])
+
+    def _output(self, name):
+        def hook(module, args, output):
+            self._count(name, output, module._buffers[sparsity.OUTPUT])
+        return hook
+
+    def close(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+def skipped(model, counter: SkipCounter) -> dict:
+    """Fraction of thresholded input channels skipped, weighted by the weight bytes of their
+    columns; and the fraction of all decoder-linear weight bytes a decode step skips."""
+    modules = dict(model.named_modules())
+    decoder = sum(o * i for n, m in modules.items() if is_linear(m) and ".layers." in n for o, i in [linear_shape(m)])
+    saved = weight = 0.0
+    for name, zeroed in counter.zeroed.items():
+        target = name
+        if sparsity.thresholds(model)[name][0] == sparsity.OUTPUT:  # CATS: the down projection's columns
+            target = name.rpartition(".")[0] + ".down_proj"
+        out_features, in_features = linear_shape(modules[target])
+        fraction = zeroed / counter.total[name]
+        saved += fraction * out_features * in_features
+        weight += out_features * in_features
+    return {"skipped_thresholded": saved / weight, "skipped_decoder": saved / decoder}
+
+
+def quality(configs, log):
+    model, tokenizer = common.load_reference()
+    evaluation, calibration = common.windows(tokenizer, "quick")
+    second = data.evaluation_windows(tokenizer, SECOND_DOMAIN, 32, common.SEQ_LEN)
+    assert second.shape == (32, common.SEQ_LEN), second.shape
+    def baseline() -> dict:  # read when another run measured it already (runs may share the work)
+        path = RESULTS / "dynamic-baseline.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        found = {"wikitext2": common.perplexity(model, evaluation), "python_reference": common.perplexity(model, second)}
+        log({"job": "quality", "config": "dense", **found})
+        path.write_text(json.dumps(found))
+        return found
+
+    gptq_base = None
+    for config in configs:
+        gptq, options = parse_config(config)
+        if gptq and gptq_base is None:
+            gptq_base = gptq_model(copy.deepcopy(model), calibration, log)
+            log({"job": "quality", "config": "gptq-dense", "wikitext2": common.perplexity(gptq_base, evaluation),
+                 "python_reference": common.perplexity(gptq_base, second)})
+        work = copy.deepcopy(gptq_base if gptq else model)
+        start = time.perf_counter()
+        calibrate(work, options, calibration)
+        seconds = time.perf_counter() - start
+        counter = SkipCounter(work)
+        wiki = common.perplexity(work, evaluation)
+        counter.close()
+        measured = skipped(work, counter)
+        python = common.perplexity(work, second)
+        base = baseline()
+        table = {n: list(v) for n, v in sparsity.thresholds(work).items()}
+        (RESULTS / "dynamic-thresholds").mkdir(parents=True, exist_ok=True)
+        (RESULTS / "dynamic-thresholds" / f"{config}.json").write_text(json.dumps(table))
+        log({"job": "quality", "config": config, **options, "gptq": gptq, "calibration_s": round(seconds, 1),
+             "wikitext2": wiki, "python_reference": python, "retention_wikitext2": base["wikitext2"] / wiki,
+             "retention_python_reference": base["python_reference"] / python, **measured})
+        del work
+
+
+@torch.no_grad()
+def generate_seconds(model, prompt) -> float:
+    start = time.perf_counter()
+    out = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                         min_new_tokens=64, do_sample=False)
+    seconds = time.perf_counter() - start
+    assert out.shape[1] == prompt.shape[1] + 64
+    return seconds
+
+
+def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool = True, calibration_windows: int = 0):
+    model, tokenizer = common.load_reference()
+    evaluation, calibration = common.windows(tokenizer, "quick")
+    prompt = evaluation[:1, :32]
+    for config in configs:
+        gptq, options = parse_config(config)
+        dense = gptq_model(copy.deepcopy(model), calibration, log) if gptq else model
+        if gptq:  # the dense side of a GPTQ row runs the dequantized weights too
+            from pocketlm.builtins.export_hf import densify
+            dense = densify(dense)
+        saved = RESULTS / "dynamic-thresholds" / f"{config}.json"
+        sparse = copy.deepcopy(dense)
+        if calibration_windows:  # speed only: thresholds from the first N calibration windows
+            calibrate(sparse, options, calibration[:calibration_windows])
+        else:
+            table = json.loads(saved.read_text())
+            sparsity.install(sparse, {n: tuple(v) for n, v in table.items()})
+        counter = SkipCounter(sparse)
+        with torch.no_grad():
+            sparse(evaluation[:1])
+        counter.close()
+        measured = skipped(sparse, counter)
+        decode.to_decode(sparse, compiled=compiled)
+        for m in (dense, sparse):
+            generate_seconds(m, prompt)  # warm-up
+        best = {"dense": float("inf"), "sparse": float("inf")}
+        for _ in range(rounds):  # alternating, so a busy moment hits both alike
+            for name, m in (("dense", dense), ("sparse", sparse)):
+                best[name] = min(best[name], generate_seconds(m, prompt))
+        row = {"job": "speed", "config": config, "compiled": compiled, "rounds": rounds,
+               "calibration_windows": calibration_windows or len(calibration), **measured,
+               "dense_tokens_per_s": 64 / best["dense"], "sparse_tokens_per_s": 64 / best["sparse"],
+               "speedup": best["dense"] / best["sparse"]}
+        if profile:
+            row.update(profile_decode(dense, sparse, prompt))
+        log(row)
+
+
+def kernel_job(log, copies: int = 30, repeats: int = 20):
+    """One matrix-vector product per reference-model shape: dense ``F.linear`` against the
+    PyTorch gather (``index_select`` then product) and the compiled kernel, at 0/40/50% of the
+    inputs skipped; 30 distinct matrices per shape so weights come from memory, best of 20."""
+    import torch.nn.functional as F
+
+    from pocketlm_dynamic import kernel
+
+    fn = kernel.load()
+    generator = torch.Generator().manual_seed(0)
+    for in_features, out_features in ((576, 1536), (1536, 576), (576, 576), (576, 192)):
+        weights = [torch.randn(out_features, in_features, generator=generator) for _ in range(copies)]
+        transposed = [w.t().contiguous() for w in weights]
+        x = torch.randn(in_features, generator=generator)
+        for level in (0.0, 0.4, 0.5):
+            t = sparsity.threshold_for(x.abs(), level)
+            runs = {"dense": lambda: [F.linear(x, w) for w in weights],
+                    "torch_gather": lambda: [decode.gather_matvec(x, w, t) for w in transposed]}
+            if fn is not None:
+                runs["compiled"] = lambda: [kernel.gather_matvec(fn, x, w, t) for w in transposed]
+            best = {}
+            for name, run in runs.items():
+                run()
+                times = []
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    run()
+                    times.append(time.perf_counter() - start)
+                best[name + "_us"] = min(times) / copies * 1e6
+            log({"job": "kernel", "shape": [out_features, in_features], "skipped": level, **best})
+
+
+def bandwidth_gbs() -> float:
+    """Measured read bandwidth: summing a 512 MB float32 tensor, best of 5."""
+    big = torch.ones(128 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        big.sum()
+        best = min(best, time.perf_counter() - start)
+    return big.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_token(model) -> float:
+    total = 0.0
+    for name, m in model.named_modules():
+        if isinstance(m, decode.SparseDecodeLinear):
+            total += m.weight_t.numel() * 4  # upper bound; the gather reads (1 - skipped) of it
+        elif is_linear(m):
+            out_features, in_features = linear_shape(m)
+            total += out_features * in_features * 4
+    return total
+
+
+@torch.no_grad()
+def profile_decode(dense, sparse, prompt) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    tables = {}
+    for name, m in (("dense", dense), ("sparse", sparse)):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=64,
+                       min_new_tokens=64, do_sample=False)
+        tables[name] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+    path = RESULTS / "dynamic-profile.txt"
+    path.write_text("\n\n".join(f"== {k}\n{v}" for k, v in tables.items()))
+    return {"bandwidth_gbs": bandwidth_gbs(), "dense_weight_bytes_per_token": weight_bytes_per_token(dense),
+            "profile": "benchmarks/results/" + path.name}
+
+
+def report() -> str:
+    rows = [json.loads(line) for line in (RESULTS / "dynamic.jsonl").read_text().splitlines() if line.strip()]
+    quality_rows = {r["config"]: r for r in rows if r.get("job") == "quality"}
+    speed_rows = {r["config"]: r for r in rows if r.get("job") == "speed" and r.get("compiled", True)}
+    lines = ["| config | WikiText-2 ppl | retention | Python ref. ppl | retention | skipped (thresholded) | "
+             "skipped (decoder bytes) | dense tok/s | sparse tok/s | speed-up |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for config, r in quality_rows.items():
+        s = speed_rows.get(config, {})
+        cells = [config, f"{r['wikitext2']:.2f}", f"{r.get('retention_wikitext2', 1):.3f}", f"{r['python_reference']:.2f}",
+                 f"{r.get('retention_python_reference', 1):.3f}",
+                 f"{r['skipped_thresholded']:.1%}" if "skipped_thresholded" in r else "-",
+                 f"{r['skipped_decoder']:.1%}" if "skipped_decoder" in r else "-",
+                 f"{s['dense_tokens_per_s']:.1f}" if s else "-", f"{s['sparse_tokens_per_s']:.1f}" if s else "-",
+                 f"{s['speedup']:.2f}x" if s else "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("job", choices=["quality", "speed", "kernel", "report"])
+    parser.add_argument("--configs", default="teal-greedy-40,teal-uniform-40,cats-uniform-40")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--torch-gather", action="store_true", help="decode with PyTorch operations, no C kernel")
+    parser.add_argument("--calibration-windows", type=int, default=0,
+                        help="speed: calibrate on the first N calibration windows instead of reading saved thresholds")
+    args = parser.parse_args()
+    if args.job == "report":
+        print(report())
+        return
+    common.setup_torch()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / "dynamic.jsonl"
+
+    def log(row):
+        row = {"time": time.strftime("%H:%M:%S"), **row}
+        print(json.dumps(row), flush=True)
+        common.append_result(out, row)
+
+    configs = args.configs.split(",")
+    if args.job == "kernel":
+        kernel_job(log)
+    elif args.job == "quality":
+        quality(configs, log)
+    else:
+        speed(configs, log, args.rounds, args.profile, compiled=not args.torch_gather,
+              calibration_windows=args.calibration_windows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The batch-1 decode path: read only the weight columns of the input channels that survive.
+
+Decoding one token multiplies a vector by each weight matrix, which is bound by the bytes of
+weight read. With the weight stored transposed (``[in, out]``), the columns of the surviving
+input channels are contiguous rows, so gathering them reads ``(1 - sparsity)`` of the bytes in
+long runs: ``y = x[keep] @ W_t[keep]``. Prompt processing (several tokens at once) is
+compute-bound and stays a dense matmul on the thresholded input.
+
+:func:`to_decode` converts a thresholded model (``pocketlm_dynamic.sparsity``) in place; the
+result computes the same function (the decode path and the thresholded forward agree to
+float rounding, which a test checks), so it is what generation should run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pocketlm.modules import set_module
+from pocketlm.weights import is_linear, linear_bias, linear_weight
+
+from . import kernel
+from .sparsity import INPUT, OUTPUT, Thresholded, clear_threshold, sparsify
+
+
+def gather_matvec(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
+    """``sparsify(x) @ weight_t`` for one ``[in]`` vector, reading only the rows of
+    ``weight_t`` (``[in, out]``) whose input survives the threshold."""
+    keep = torch.nonzero(x.abs() > threshold).squeeze(1)
+    return x.index_select(0, keep) @ weight_t.index_select(0, keep)
+
+
+class SparseDecodeLinear(nn.Module):
+    """A thresholded linear for generation: weight stored ``[in, out]``; one token at a time
+    gathers the surviving rows, several tokens run densely on the thresholded input."""
+
+    def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
+                 compiled: bool = True):
+        super().__init__()
+        self.compiled = compiled and kernel.load() is not None
+        self.in_features, self.out_features = weight_t.shape
+        self.register_buffer("weight_t", weight_t.contiguous())
+        self.register_buffer("bias", None if bias is None else bias.clone())
+        self.register_buffer("threshold", torch.tensor(float(threshold)))
+
+    @classmethod
+    def from_linear(cls, module: nn.Module, threshold: float, compiled: bool = True) -> "SparseDecodeLinear":
+        return cls(linear_weight(module).float().t().contiguous(), linear_bias(module), threshold, compiled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and self.compiled and x.dtype == torch.float32 \
+                and x.device.type == "cpu":  # batch 1, one token: the compiled gather
+            y = kernel.gather_matvec(kernel.load(), x.reshape(-1), self.weight_t, float(self.threshold))
+        elif x.numel() == self.in_features:  # the same with PyTorch operations
+            y = gather_matvec(x.reshape(-1), self.weight_t, self.threshold)
+        else:
+            y = sparsify(x, self.threshold) @ self.weight_t
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={float(self.threshold):.4g}"
+
+
+def to_decode(model: nn.Module, compiled: bool = True) -> nn.Module:
+    """Replace every thresholded linear of ``model`` with a :class:`SparseDecodeLinear` (a
+    quantized one is dequantized). A down projection fed by a thresholded activation (CATS)
+    gathers on the activation's zeros (threshold 0). ``compiled=False`` keeps to PyTorch
+    operations (no C kernel). Returns ``model``."""
+    modules = dict(model.named_modules())
+    gated = {name.rpartition(".")[0] for name, m in modules.items()
+             if isinstance(m, Thresholded) and OUTPUT in m._buffers}
+    for name, module in list(modules.items()):
+        if isinstance(module, Thresholded) and INPUT in module._buffers and is_linear(module):
+            set_module(model, name, SparseDecodeLinear.from_linear(module, float(module._buffers[INPUT]), compiled))
+        elif is_linear(module) and name.rpartition(".")[0] in gated and name.endswith("down_proj"):
+            set_module(model, name, SparseDecodeLinear.from_linear(module, 0.0, compiled))
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """Remove every threshold (the same model, dense): the baseline of a speed comparison."""
+    for module in model.modules():
+        clear_threshold(module)
+    return model

@@ -1,0 +1,203 @@
+"""activation-sparsity on tiny models: dense at zero, the requested sparsity on calibration text,
+the decode path equal to the thresholded forward, bad input refused, composition with GPTQ."""
+
+import copy
+
+import pytest
+import torch
+
+from pocketlm import PocketError
+from pocketlm.plugins import get_plugins
+from pocketlm.testing import make_context
+from pocketlm.testing.models import tiny_model, tiny_windows
+from pocketlm.weights import QuantizedLinear, is_linear, linear_shape
+from pocketlm_dynamic import decode, sparsity
+from pocketlm_dynamic.sparsity import INPUT, OUTPUT, Thresholded, set_threshold, thresholds
+
+WINDOWS = tiny_windows(8, 32)
+
+
+def run(model, **options):
+    plugins = get_plugins()
+    method = plugins.methods["activation-sparsity"]
+    result = plugins.hook.compress(model=model, method=method, options=method.options(**options),
+                                   context=make_context(WINDOWS, plugins=plugins))
+    return result if result is not None else model
+
+
+@torch.no_grad()
+def logits(model, ids=WINDOWS):
+    return model(input_ids=ids, use_cache=False).logits
+
+
+def measured(model, ids=WINDOWS) -> dict[str, float]:
+    """Fraction of each thresholded input (or activation output) the rule zeroes on ``ids``."""
+    counts, handles = {}, []
+    for name, (where, _) in thresholds(model).items():
+        module = model.get_submodule(name)
+
+        def count(x, t, name=name):
+            zeroed, total = counts.get(name, (0, 0))
+            counts[name] = (zeroed + int((x.abs() <= t).sum()), total + x.numel())
+
+        if where == INPUT:
+            handles.append(module.register_forward_pre_hook(lambda m, a, count=count: count(a[0], m.input_threshold)))
+        else:
+            handles.append(module.register_forward_hook(lambda m, a, y, count=count: count(y, m.output_threshold)))
+    logits(model, ids)
+    for handle in handles:
+        handle.remove()
+    return {name: zeroed / total for name, (zeroed, total) in counts.items()}
+
+
+def test_threshold_zero_is_exactly_the_dense_model(tiny_family):
+    model = tiny_model(tiny_family)
+    dense = logits(model)
+    assert torch.equal(logits(run(model, sparsity=0.0)), dense) and not thresholds(model)
+    for name, module in list(model.named_modules()):
+        if is_linear(module) and "lm_head" not in name:
+            set_threshold(module, INPUT, 0.0)
+    assert thresholds(model) and torch.equal(logits(model), dense)
+
+
+@pytest.mark.parametrize("target", [0.25, 0.4, 0.5])
+def test_uniform_reaches_the_target_on_calibration_text(tiny_family, target):
+    model = run(tiny_model(tiny_family), sparsity=target)
+    fractions = measured(model)
+    assert len(fractions) == sum(1 for n, m in model.named_modules() if is_linear(m) and "lm_head" not in n)
+    table = thresholds(model)
+    # An input already sparser than the target (OPT's fc2 reads a ReLU: about half zeros) keeps
+    # threshold 0 and skips just its zeros; every other input lands on the target.
+    assert all(abs(f - target) <= 0.02 or (table[n][1] == 0 and f > target) for n, f in fractions.items()), fractions
+
+
+def _weighted(model, fractions):
+    sizes = {n: linear_shape(model.get_submodule(n)) for n in fractions}
+    return sum(fractions[n] * o * i for n, (o, i) in sizes.items()) / sum(o * i for o, i in sizes.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_reaches_the_target_weighted_by_weight_bytes(family):
+    model = run(tiny_model(family), sparsity=0.4, allocation="greedy")
+    fractions = measured(model)
+    assert abs(_weighted(model, fractions) - 0.4) <= 0.02, fractions
+    assert max(fractions.values()) - min(fractions.values()) > 0.05  # it did allocate unevenly
+
+
+def test_greedy_loses_less_than_uniform_at_the_same_sparsity():
+    model = tiny_model("llama", outliers=True)
+    dense = logits(model)
+    errors = {}
+    for allocation in ("uniform", "greedy"):
+        sparse = logits(run(copy.deepcopy(model), sparsity=0.5, allocation=allocation))
+        errors[allocation] = float((sparse - dense).pow(2).mean())
+    assert errors["greedy"] < errors["uniform"], errors
+
+
+def test_cats_thresholds_the_gate_activation_only():
+    model = run(tiny_model("llama"), sparsity=0.5, mode="cats")
+    table = thresholds(model)
+    assert set(table) == {f"model.layers.{i}.mlp.act_fn" for i in range(2)}
+    assert all(where == OUTPUT for where, _ in table.values())
+    assert all(abs(f - 0.5) <= 0.02 for f in measured(model).values())
+
+
+@pytest.mark.parametrize("family,options", [("llama", {}), ("llama", {"allocation": "greedy"}),
+                                            ("llama", {"mode": "cats"}), ("gpt2", {}), ("qwen2", {}), ("opt", {})])
+@pytest.mark.parametrize("compiled", [True, False])
+def test_decode_path_gives_the_thresholded_logits(family, options, compiled):
+    model = run(tiny_model(family), sparsity=0.5, **options)
+    ids = WINDOWS[:1, :12]
+    expected = logits(model, ids)
+    fast = decode.to_decode(copy.deepcopy(model), compiled=compiled)
+    assert any(isinstance(m, decode.SparseDecodeLinear) for m in fast.modules())
+    with torch.no_grad():
+        out = fast(input_ids=ids[:, :4], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for i in range(4, ids.shape[1]):  # one token at a time: the gather path
+            out = fast(input_ids=ids[:, i:i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+            cache = out.past_key_values
+    assert torch.allclose(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(expected, logits(decode.to_dense(copy.deepcopy(model)), ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("value", [-0.1, 0.96, 1.0])
+def test_sparsity_outside_the_range_is_refused(value):
+    method = get_plugins().methods["activation-sparsity"]
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 0.95\]"):
+        method.options(sparsity=value)
+
+
+def test_cats_on_an_unknown_mlp_names_the_family():
+    for family in ("gpt2", "opt"):
+        with pytest.raises(PocketError, match=f"the '{family}' family's MLP is not one that it knows") as info:
+            run(tiny_model(family), sparsity=0.4, mode="cats")
+        assert "mode = \"teal\"" in info.value.fix
+
+
+def test_cats_with_greedy_is_refused():
+    with pytest.raises(ValueError, match="use allocation='uniform'"):
+        get_plugins().methods["activation-sparsity"].options(mode="cats", allocation="greedy")
+
+
+def test_thresholds_that_do_not_fit_the_model_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(PocketError, match="do not match the model: model.layers.9.mlp.down_proj: no such module"):
+        sparsity.install(model, {"model.layers.9.mlp.down_proj": (INPUT, 0.1)})
+    with pytest.raises(PocketError, match="not a linear"):
+        sparsity.install(model, {"model.layers.0.mlp": (INPUT, 0.1)})
+    assert not thresholds(model)  # nothing half-applied
+
+
+def test_checkpoint_without_the_plugin_is_refused(tmp_path, monkeypatch):
+    from pocketlm import checkpoint
+
+    model = run(tiny_model("llama"), sparsity=0.4)
+    checkpoint.save_checkpoint(model, None, tmp_path / "ckpt")
+    reloaded = checkpoint.load_checkpoint(tmp_path / "ckpt").model
+    assert thresholds(reloaded) == thresholds(model) and torch.equal(logits(reloaded), logits(model))
+    monkeypatch.delitem(checkpoint.MODULE_TYPES, "thresholded")
+    with pytest.raises(PocketError, match="holds thresholded modules, which no installed plugin provides") as info:
+        checkpoint.load_checkpoint(tmp_path / "ckpt")
+    assert info.value.fix == "pip install pocketlm-dynamic"
+
+
+needs_gptq = pytest.mark.skipif("gptq" not in get_plugins().methods, reason="pocketlm-gptq is not installed")
+
+
+@needs_gptq
+def test_gptq_then_activation_sparsity_calibrates_on_the_quantized_model():
+    plugins = get_plugins()
+    gptq = plugins.methods["gptq"]
+    model = tiny_model("llama")
+    plugins.hook.compress(model=model, method=gptq, options=gptq.options(bits=4, group_size=32),
+                          context=make_context(WINDOWS, plugins=plugins))
+    run(model, sparsity=0.4)
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    assert quantized and all(isinstance(m, Thresholded) for m in quantized if m.in_features != 256)
+    assert all(abs(f - 0.4) <= 0.02 for f in measured(model).values())
+
+
+@needs_gptq
+def test_activation_sparsity_then_gptq_keeps_the_thresholds():
+    plugins = get_plugins()
+    gptq = plugins.methods["gptq"]
+    model = run(tiny_model("llama"), sparsity=0.4)
+    before = thresholds(model)
+    plugins.hook.compress(model=model, method=gptq, options=gptq.options(bits=4, group_size=32),
+                          context=make_context(WINDOWS, plugins=plugins))
+    assert thresholds(model) == before
+    assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in before)
+
+
+@needs_gptq
+@pytest.mark.parametrize("order", [("gptq", "activation-sparsity"), ("activation-sparsity", "gptq")])
+def test_both_orders_validate_with_gptq(order):
+    from pocketlm.recipe import combination_problems
+
+    plugins = get_plugins()
+    stages = [(plugins.methods[name], plugins.methods[name].options()) for name in order]
+    assert combination_problems(stages, plugins.exporters["dynamic"]) == []
+    problems = combination_problems(stages, plugins.exporters["hf"])
+    assert problems and "cannot represent thresholds" in problems[0][1]

@@ -1,0 +1,63 @@
+"""The pure tensor functions, each checked on a random 64x64 matrix."""
+
+import torch
+
+from pocketlm_dynamic.decode import gather_matvec
+from pocketlm_dynamic.kernel import gather_matvec as compiled_gather, load
+from pocketlm_dynamic.sparsity import (greedy_allocation, relative_error, skipped_fraction, sparsify, threshold_for,
+                                       thresholds_at)
+
+
+def _x(seed=0):
+    return torch.randn(64, 64, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sparsify_at_zero_is_identity_and_zeroes_below_threshold():
+    x = _x()
+    x[0, :5] = 0
+    assert torch.equal(sparsify(x, 0.0), x)
+    y = sparsify(x, 0.5)
+    assert torch.equal(y[x.abs() > 0.5], x[x.abs() > 0.5]) and not y[x.abs() <= 0.5].any()
+
+
+def test_threshold_for_reaches_the_requested_fraction():
+    x = _x()
+    for s in (0.25, 0.4, 0.5, 0.95):
+        t = threshold_for(x.abs(), s)
+        assert abs(skipped_fraction(x, t) - s) < 1 / x.numel() + 1e-9
+    assert threshold_for(x.abs(), 0.0) == 0.0
+    sampled = thresholds_at(x.abs(), [0.0, 0.4, 0.5], sample=1 << 20)
+    assert sampled[0] == 0.0 and sampled[1] == threshold_for(x.abs(), 0.4)
+
+
+def test_relative_error_is_zero_dense_and_grows_with_sparsity():
+    w, x = _x(1), _x(2)
+    errors = [relative_error(w, x, threshold_for(x.abs(), s)) for s in (0.0, 0.25, 0.5, 0.75)]
+    assert errors[0] == 0.0 and errors == sorted(errors) and errors[-1] < 1
+
+
+def test_greedy_allocation_spends_sparsity_where_it_costs_least():
+    levels = [i * 0.05 for i in range(20)]
+    cheap = [0.1 * s for s in levels]
+    dear = [10.0 * s for s in levels]
+    sizes = {"cheap": 64 * 64, "dear": 64 * 64}
+    got = greedy_allocation({"cheap": cheap, "dear": dear}, sizes, 0.4)
+    assert abs(sum(got[n] * sizes[n] for n in got) / sum(sizes.values()) - 0.4) < 1e-9
+    assert got["cheap"] > got["dear"] and got["cheap"] == 0.8
+    # Equal costs, unequal sizes: the weighted mean still lands on the target.
+    got = greedy_allocation({"a": cheap, "b": cheap}, {"a": 100, "b": 300}, 0.33)
+    assert abs((got["a"] * 100 + got["b"] * 300) / 400 - 0.33) < 1e-9
+
+
+def test_gather_matvec_reads_only_surviving_rows_and_matches_the_rule():
+    w_t, x = _x(3).contiguous(), _x(4)[0]
+    t = threshold_for(x.abs(), 0.5)
+    expected = sparsify(x, t) @ w_t
+    assert torch.allclose(gather_matvec(x, w_t, t), expected, atol=1e-5)
+    poisoned = w_t.clone()
+    poisoned[x.abs() <= t] = float("nan")  # rows of skipped inputs must never be read
+    assert torch.allclose(gather_matvec(x, poisoned, t), expected, atol=1e-5)
+    fn = load()
+    if fn is not None:  # the compiled kernel, where a C compiler is present
+        assert torch.allclose(compiled_gather(fn, x, poisoned, t), expected, atol=1e-5)
+        assert torch.allclose(compiled_gather(fn, x, w_t, 0.0), x @ w_t, atol=1e-5)
