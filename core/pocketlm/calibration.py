@@ -37,6 +37,7 @@ from torch import nn
 
 from . import streaming
 from .components import Architecture
+from .devices import module_device, to_device
 from .modules import decoder_layers, get_module
 
 
@@ -66,15 +67,29 @@ class LayerHandler(Protocol):
 
 @dataclass
 class LayerInputs:
-    """What a decoder layer receives, one entry per calibration batch."""
+    """What a decoder layer receives, one entry per calibration batch. The tensors wait where
+    they are (the CPU when the walker was given a device) and go to ``device`` one batch at a
+    time."""
 
     hidden: list[torch.Tensor]
     kwargs: list[dict]
+    device: torch.device | None = None     # where the layer runs; None: where the tensors are
+
+    def batch(self, number: int) -> tuple[torch.Tensor, dict]:
+        """Batch ``number``'s hidden states and keyword arguments, on the layer's device."""
+        return to_device(self.hidden[number], self.device), to_device(self.kwargs[number], self.device)
+
+    def batches(self):
+        return (self.batch(number) for number in range(len(self.hidden)))
+
+    def home(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` moved back to where the inputs wait between layers."""
+        return hidden if self.device is None else hidden.to(self.hidden[0].device)
 
     def run(self, layer: nn.Module) -> list[torch.Tensor]:
-        """The layer's output hidden states for every batch."""
+        """The layer's output hidden states for every batch (where the inputs wait)."""
         with torch.no_grad():
-            return [_hidden(layer(h, **kw)) for h, kw in zip(self.hidden, self.kwargs)]
+            return [self.home(_hidden(layer(h, **kw))) for h, kw in self.batches()]
 
 
 class _Stop(Exception):
@@ -86,23 +101,25 @@ def _hidden(output: Any) -> torch.Tensor:
 
 
 def capture_inputs(model: nn.Module, architecture: Architecture, windows: torch.Tensor,
-                   batch_size: int = 8) -> LayerInputs:
+                   batch_size: int = 8, device: torch.device | None = None) -> LayerInputs:
     """Run the model up to its first decoder layer for every batch of ``windows`` and keep what
-    that layer receives."""
+    that layer receives. With ``device``, what is kept waits on the CPU and the layers will run
+    on ``device``."""
     first = decoder_layers(model, architecture)[0]
-    captured = LayerInputs([], [])
+    captured = LayerInputs([], [], device)
+    keep = None if device is None else torch.device("cpu")
 
     def grab(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden.append(hidden.detach())
-        captured.kwargs.append(kwargs)
+        captured.hidden.append(to_device(hidden.detach(), keep))
+        captured.kwargs.append(to_device(kwargs, keep))
         raise _Stop
 
     handle = first.register_forward_pre_hook(grab, with_kwargs=True)
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device
+            device = module_device(model)
             for start in range(0, windows.shape[0], batch_size):
                 try:
                     model(input_ids=windows[start:start + batch_size].to(device), use_cache=False)
@@ -237,7 +254,7 @@ def observe_pass(layer: nn.Module, inputs: LayerInputs, names: list[str],
         patched.append(module)
     try:
         with torch.no_grad():
-            for number, (hidden, kwargs) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            for number, (hidden, kwargs) in enumerate(inputs.batches()):
                 fired.clear()
                 batch[0] = number
                 try:
@@ -289,16 +306,21 @@ def _scope_of(name: str, later: list[str]) -> str | None:
 
 def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Tensor,
                 handler: LayerHandler, *, sequential: bool = True, batch_size: int = 8,
-                progress: Callable[[int, int], None] | None = None) -> None:
+                progress: Callable[[int, int], None] | None = None,
+                device: torch.device | None = None) -> None:
     """Calibrate ``model`` layer by layer with ``handler`` on token ``windows`` (``[n, seq]``).
 
     With ``sequential`` each group of ``architecture.sequential`` is observed and solved before
     the next group runs (true-sequential: o_proj sees the outputs of the already-quantized
-    q/k/v). Without it, the handler sees all the layer's linears in one pass."""
+    q/k/v). Without it, the handler sees all the layer's linears in one pass.
+
+    With ``device``, each layer runs there: a layer that waits elsewhere (``offload = "cpu"``)
+    is moved to ``device`` for its turn and back afterwards, and the activations between layers
+    wait on the CPU, going to ``device`` one batch at a time."""
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = False
     try:
-        inputs = capture_inputs(model, architecture, windows, batch_size)
+        inputs = capture_inputs(model, architecture, windows, batch_size, device)
         layers = decoder_layers(model, architecture)
         groups = architecture.sequential if sequential else (tuple(n for g in architecture.sequential for n in g),)
         may_replay = bool(getattr(handler, "changes_only_selected", False))
@@ -308,9 +330,12 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
         stream = streaming.stream_of(model)
         start = _start_walk(stream, handler)
         if start:
-            inputs = LayerInputs(stream.load_inputs(start), inputs.kwargs)
+            inputs = LayerInputs(stream.load_inputs(start), inputs.kwargs, device)
         for index in range(start, len(layers)):
             layer = layers[index] if stream is None else stream.open(index)
+            home = module_device(layer)
+            if device is not None:
+                layer.to(device)
             replay, substitutes = None, {}
             for number, group in enumerate(groups):
                 names = list(handler.select(index, layer, group))
@@ -340,14 +365,17 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
                     substitutes[scope] = replay.outputs(layer)
                 replay = None
             if replay is not None and "" not in trusted:
-                trusted[""] = replay.matches(layer, _hidden(layer(inputs.hidden[0], **inputs.kwargs[0])))
+                hidden, kwargs = inputs.batch(0)
+                trusted[""] = replay.matches(layer, _hidden(layer(hidden, **kwargs)))
             if replay is not None and trusted.get(""):
-                outputs = [_hidden(o) for o in replay.outputs(layer)]
+                outputs = [inputs.home(_hidden(o)) for o in replay.outputs(layer)]
             else:
                 outputs = inputs.run(layer)
+            del replay, substitutes
+            layer.to(home)                      # offload = "cpu": the layer waits on the CPU again
             if stream is not None:
                 outputs = _hand_back(stream, index, outputs, resumable=_resumable(stream, handler))
-            inputs = LayerInputs(outputs, inputs.kwargs)
+            inputs = LayerInputs(outputs, inputs.kwargs, device)
             if progress:
                 progress(index + 1, len(layers))
     finally:

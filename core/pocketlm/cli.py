@@ -150,6 +150,8 @@ def run(recipe, run_dir, resume, overwrite):
         run_dir = run_dir or Path("runs") / Path(recipe).stem
     report = Run(loaded, run_dir, plugins, resume=resume, overwrite=overwrite, progress=RichProgress(),
                  echo=lambda m: console.print(m, highlight=False, soft_wrap=True)).execute()
+    if not report:          # another process than rank 0 of a data-parallel run: rank 0 reports
+        return
     table = Table(title=f"{report['model']}: before and after")
     rows = report_rows(report)
     for column in rows[0]:

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import calibration, data
+from . import calibration, data, distributed
 from .components import Architecture, LoadedModel
 from .modules import find_architecture
 from .progress import Progress
@@ -43,6 +43,11 @@ class Context:
     * ``stage_dir``: a folder this stage may write scratch files and resumable state into.
     * ``run_dir``: the run folder; ``log(message)`` writes to the run log; ``progress``.
     * ``seed``: the recipe's seed; ``recipe``: the resolved recipe as a dict.
+    * ``device``: where layer computation runs (the recipe's ``[model] device``; None: where the
+      model is); ``offload``: where weights wait (``"none"``: on ``device``; ``"cpu"``).
+    * ``all_reduce(tensor)``: sum a statistic over the processes of a data-parallel run, in place
+      (the identity in one process); ``all_reduce_count(n, device)`` the same for a number.
+      In such a run ``walk`` gives each process its shard of the windows.
     """
 
     tokenizer: Any = None
@@ -58,6 +63,8 @@ class Context:
     teacher_factory: Callable[[], nn.Module] | None = None
     model_loader: Callable[[str], LoadedModel] | None = None
     export_path: Path | None = None
+    device: torch.device | None = None
+    offload: str = "none"
     _windows: torch.Tensor | None = field(default=None, repr=False)
     _teacher: nn.Module | None = field(default=None, repr=False)
 
@@ -76,16 +83,32 @@ class Context:
             self._windows = data.calibration_windows(self.tokenizer, spec.text, spec.samples, spec.seq_len, spec.seed)
         return self._windows
 
+    @property
+    def processes(self) -> int:
+        """How many processes share the calibration windows (1 unless launched data-parallel)."""
+        return distributed.world_size()
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` summed over the processes of a data-parallel run, in place."""
+        return distributed.all_reduce(tensor)
+
+    def all_reduce_count(self, count: float, device: torch.device | None = None) -> float:
+        """A number (tokens seen, say) summed over the processes; ``device``: where the
+        statistic it goes with lives (NCCL reduces on CUDA)."""
+        return distributed.all_reduce_count(count, device)
+
     def walk(self, model: nn.Module, handler: calibration.LayerHandler, *, sequential: bool = True,
              windows: torch.Tensor | None = None, description: str = "calibrating") -> None:
-        """Run ``handler`` over ``model``'s decoder layers on the calibration windows."""
-        windows = self.calibration_windows() if windows is None else windows
+        """Run ``handler`` over ``model``'s decoder layers on the calibration windows (this
+        process's shard of them in a data-parallel run)."""
+        windows = distributed.shard(self.calibration_windows() if windows is None else windows)
         architecture = self.architecture(model)
         batch_size = self.calibration.batch_size if self.calibration else 8
         layer_count = len(calibration.decoder_layers(model, architecture))
         with self.progress.task(description, layer_count) as advance:
             calibration.walk_layers(model, architecture, windows, handler, sequential=sequential,
-                                    batch_size=batch_size, progress=lambda done, total: advance(1))
+                                    batch_size=batch_size, progress=lambda done, total: advance(1),
+                                    device=self.device)
 
     def layers(self, model: nn.Module) -> Iterator[tuple[int, nn.Module]]:
         """``(index, layer)`` for every decoder layer of ``model``, in order. Change a layer only

@@ -78,3 +78,51 @@ def weighted_group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: 
         scales.append(best_scale)
         zeros.append(best_zero)
     return torch.cat(scales, 1), torch.cat(zeros, 1)
+
+
+# ------------------------------------------------------------------ importance from calibration
+
+
+class InputImportanceHandler:
+    """Layer-walker handler that only observes: each selected linear's mean squared input per
+    channel (summed over the processes of a data-parallel run), the importance an
+    importance-weighted grid rule or a sensitivity measure weighs errors by."""
+
+    changes_only_selected = True
+    observes_outputs = False
+
+    def __init__(self, layers_path: str, selected, context=None):
+        self.layers_path, self.selected, self.context = layers_path, set(selected), context
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.importance: dict[str, torch.Tensor] = {}
+
+    def select(self, index, layer, names):
+        return [n for n in names if f"{self.layers_path}.{index}.{n}" in self.selected]
+
+    def observe(self, name, module, args, kwargs, output):
+        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
+        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
+
+    def solve(self, index, layer, names):
+        for name in names:
+            if name not in self.sums:
+                continue
+            total, count = self.sums.pop(name), self.counts.pop(name)
+            if self.context is not None and self.context.processes > 1:
+                total = self.context.all_reduce(total)
+                count = self.context.all_reduce_count(count, total.device)
+            self.importance[f"{self.layers_path}.{index}.{name}"] = total / count
+
+
+def input_importance(model, names, context, description: str = "importance") -> dict[str, torch.Tensor]:
+    """Mean squared input per channel of the linears ``names`` that sit in the decoder layers, on
+    the calibration windows (one walk, observing only); empty where the context has no
+    calibration data. Linears outside the decoder layers (an untied head) are not walked."""
+    if context.calibration is None and getattr(context, "_windows", None) is None:
+        return {}
+    handler = InputImportanceHandler(context.architecture(model).layers, names, context)
+    context.walk(model, handler, sequential=False, description=description)
+    return handler.importance

@@ -25,6 +25,7 @@ same export as an uninterrupted one (stages are seeded from the recipe's seed an
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import platform
@@ -37,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import __version__, atomic, rundir, streaming
+from . import __version__, atomic, calibration, devices, distributed, rundir, streaming
 from .builtins.evaluators import check_context_length
 from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
@@ -107,10 +108,14 @@ class Run:
         self.echo = echo
         self.resolved = recipe.resolved()
         self.resolved["_base"] = str(recipe.base)
+        self.device: torch.device | None = None      # resolved when the run starts
+        self.writer = True                           # rank 0 (or the only process) writes
 
     # ---------------------------------------------------------------- helpers
 
     def log(self, message: str) -> None:
+        if not self.writer:                # another process than rank 0 of a data-parallel run
+            return
         if self.owns_folder:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             with open(self.run_dir / "run.log", "a", encoding="utf-8") as handle:
@@ -211,13 +216,39 @@ class Run:
                                         calibration.seq_len, calibration.seed, calibration.batch_size),
             run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
             progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
-            model_loader=self._load_source, export_path=export_path)
+            model_loader=self._load_source, export_path=export_path, device=self.device,
+            offload=self.recipe.file.model.offload)
 
     def _load_source(self, source: str):
         with self._guard(f"loading {source}", "loaders", self._loader_name(source)):
             loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
                                                   context=self._context(None))
+        if loaded is not None and self.device is not None:
+            loaded = dataclasses.replace(loaded, model=self._place(loaded.model))
         return loaded
+
+    def _place(self, model):
+        """Check that the model's largest layer (or, without offload, the model) fits the device,
+        then put it where ``[model] device`` and ``offload`` say."""
+        section = self.recipe.file.model
+        if streaming.is_streamed(model):  # layers are read from disk one at a time (streaming checks memory)
+            return model
+        offload = "none" if section.offload == "auto" else section.offload  # auto chose to keep it in memory
+        try:
+            layers = calibration.decoder_layers(model, self._context(None).architecture(model))
+        except PocketError:
+            layers = torch.nn.ModuleList()         # no registered architecture: nothing to walk
+        devices.check_fits(model, layers, self.device, offload)
+        return devices.place(model, self.device, offload)
+
+    def _start(self) -> None:
+        """Resolve the device (a missing CUDA device fails here, before any work) and join the
+        process group when a launcher started several processes."""
+        self.device = devices.resolve_device(self.recipe.file.model.device)
+        if distributed.launched() and self.recipe.file.model.device == "auto" and self.device.type == "cuda":
+            self.device = torch.device("cuda", distributed.local_rank())
+        distributed.init_from_environment(self.device)
+        self.writer = distributed.is_writer()
 
     def _load_teacher(self):
         return self._load_source(self.recipe.file.model.source).model
@@ -254,6 +285,9 @@ class Run:
 
     def execute(self) -> dict:
         """Run the recipe under the folder's lock; see :mod:`pocketlm.rundir` for the rules."""
+        self._start()  # a missing CUDA device fails here, before any work
+        if not self.writer:  # rank > 0 of a data-parallel run: its share of the work, no files
+            return self._execute()
         rundir.check_run_folder(self.final_dir)
         self.export_target()  # refuse a dangerous export path before loading anything
         with rundir.locked(self.final_dir) as (lock,):
@@ -282,6 +316,7 @@ class Run:
             return report
 
     def _execute(self) -> dict:
+        distributed.barrier()  # every process starts once rank 0 has prepared the folder
         evaluate = self.recipe.file.evaluate
         loaded = self._load_source(self.recipe.file.model.source)
         model, tokenizer = loaded.model, loaded.tokenizer
@@ -291,7 +326,7 @@ class Run:
                      f"{self.recipe.file.model.source}, one at a time")
 
         before_path = self.run_dir / "eval-before.json"
-        if evaluate.before and evaluate.metrics:
+        if evaluate.before and evaluate.metrics and self.writer:
             if before_path.exists():
                 before = json.loads(before_path.read_text())
             else:
@@ -307,7 +342,7 @@ class Run:
             last = self.recipe.stages[finished - 1]
             folder = self.run_dir / "stages" / stage_name(finished - 1, last.method)
             self.log(f"resuming after stage {finished} ({last.method}) from {folder}")
-            model = load_checkpoint(folder).model
+            model = self._place(load_checkpoint(folder).model)
             for index in range(finished):
                 stage = self.recipe.stages[index]
                 saved = json.loads((self.run_dir / "stages" / stage_name(index, stage.method) / "stage.json").read_text())
@@ -316,6 +351,11 @@ class Run:
         for index in range(finished, len(self.recipe.stages)):
             model = self._run_stage(index, model, tokenizer, records)
 
+        # The stages were the data-parallel part. From here rank 0 alone exports and evaluates,
+        # as a single process: libraries it calls (transformers' loading) must not wait on peers.
+        distributed.finish()
+        if not self.writer:                  # rank 0 reports; the others return nothing
+            return {}
         export_path = None
         if self.recipe.file.export is not None:
             export_path = self._export(model, tokenizer)
@@ -361,7 +401,7 @@ class Run:
         method = self.plugins.methods[stage.method]
         name = stage_name(index, stage.method)
         work = self.run_dir / "stages" / (name + ".work")
-        work.mkdir(parents=True, exist_ok=True)
+        work.mkdir(parents=True, exist_ok=True)     # every process may keep scratch state
         self.log(f"stage {index + 1}/{len(self.recipe.stages)}: {stage.method}")
         torch.manual_seed(self.recipe.file.calibration.seed + index)
         if method.needs_calibration:
@@ -380,6 +420,8 @@ class Run:
         seconds = time.perf_counter() - start
         model = result if result is not None else model
         model.eval()
+        if not self.writer:
+            return model
         metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
         try:

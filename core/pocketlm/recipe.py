@@ -43,6 +43,12 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+# Where weights wait while no layer works on them (see pocketlm.devices); a Literal that only grows.
+Offload = Literal["auto", "none", "cpu", "disk"]
+# Where layer computation runs (pocketlm.devices resolves it; kept here so validation needs no torch).
+DEVICE_PATTERN = r"^(auto|cpu|cuda|cuda:[0-9]+)$"
+
+
 class ModelSection(_Section):
     source: str = Field("demo:smollm2-135m", description="a transformers folder, a .gguf file, a Hugging Face Hub "
                         "id (org/name), or demo:NAME")
@@ -51,10 +57,14 @@ class ModelSection(_Section):
     # Safety switches: true or false only, never "yes", "on" or 1.
     allow_pickle: StrictBool = Field(False, description="allow pickle (.bin) weights; pickle can run code")
     trust_remote_code: StrictBool = Field(False, description="let transformers run the model folder's own code")
-    offload: Literal["auto", "none", "cpu", "disk"] = Field(
-        "none", description="where weights wait while no layer works on them: none = the whole model in memory; "
-        "disk = each decoder layer read from the safetensors files when its turn comes, written to the stage "
-        "checkpoint and freed; auto = disk when the float model exceeds half the available memory")
+    device: str = Field("auto", pattern=DEVICE_PATTERN,
+                        description='where layer computation runs: "auto" (the first CUDA device, else the CPU), '
+                        '"cpu", "cuda" or "cuda:N"')
+    offload: Offload = Field(
+        "none", description='where weights wait while no layer works on them: "none" (the whole model on the '
+        'device), "cpu" (one decoder layer at a time on the device), "disk" (each decoder layer read from the '
+        'safetensors files when its turn comes, written to the stage checkpoint and freed) or "auto" ("disk" '
+        'when the float model exceeds half the available memory)')
 
 
 class CalibrationSection(_Section):

@@ -36,7 +36,7 @@ def pack(q: torch.Tensor, bits: int) -> torch.Tensor:
     values over 3 words (the layout common checkpoint formats use)."""
     rows, n = q.shape
     q = F.pad(q.to(torch.int64), (0, (-n) % 32)).view(rows, -1, 32)
-    words = torch.zeros(rows, q.shape[1], bits, dtype=torch.int64)
+    words = torch.zeros(rows, q.shape[1], bits, dtype=torch.int64, device=q.device)
     for i in range(32):
         word, shift = divmod(i * bits, 32)
         words[..., word] |= (q[..., i] << shift) & 0xFFFFFFFF
@@ -52,10 +52,10 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     words = (packed.to(torch.int64) & 0xFFFFFFFF).view(rows, -1, bits)
     mask = (1 << bits) - 1
     if 32 % bits == 0:  # fast path: no value straddles a word
-        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64, device=packed.device)
         out = (words.unsqueeze(-1) >> shifts) & mask
         return out.reshape(rows, -1)[:, :n].to(torch.uint8)
-    out = torch.empty(rows, words.shape[1], 32, dtype=torch.int64)
+    out = torch.empty(rows, words.shape[1], 32, dtype=torch.int64, device=packed.device)
     for i in range(32):
         word, shift = divmod(i * bits, 32)
         value = words[..., word] >> shift
@@ -73,10 +73,10 @@ def n_groups(in_features: int, group_size: int) -> int:
     return 1 if group_size == -1 else math.ceil(in_features / group_size)
 
 
-def group_index(in_features: int, group_size: int) -> torch.Tensor:
+def group_index(in_features: int, group_size: int, device: torch.device | None = None) -> torch.Tensor:
     """The group of each input column for a plain (not reordered) grid."""
     size = in_features if group_size == -1 else group_size
-    return torch.arange(in_features) // size
+    return torch.arange(in_features, device=device) // size
 
 
 def minmax_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,7 +123,8 @@ _DEQUANTIZE_CHUNK = 1 << 20   # weights dequantized at once
 class _PackedGrid(nn.Module):
     """Storage shared by the quantized modules: packed grid, scales, zeros, optional g_idx."""
 
-    def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool):
+    def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool,
+                 device: torch.device | None = None):
         super().__init__()
         if bits not in (2, 3, 4, 5, 6, 8):
             raise ValueError(f"bits must be 2, 3, 4, 5, 6 or 8, not {bits}")
@@ -132,10 +133,10 @@ class _PackedGrid(nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.rows, self.cols = rows, cols
         groups = n_groups(cols, group_size)
-        self.register_buffer("qweight", torch.zeros(rows, math.ceil(cols / 32) * bits, dtype=torch.int32))
-        self.register_buffer("scales", torch.ones(rows, groups, dtype=torch.float16))
-        self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8))
-        self.register_buffer("g_idx", torch.zeros(cols, dtype=torch.int32) if has_g_idx else None)
+        self.register_buffer("qweight", torch.zeros(rows, math.ceil(cols / 32) * bits, dtype=torch.int32, device=device))
+        self.register_buffer("scales", torch.ones(rows, groups, dtype=torch.float16, device=device))
+        self.register_buffer("zeros", torch.zeros(rows, groups, dtype=torch.uint8, device=device))
+        self.register_buffer("g_idx", torch.zeros(cols, dtype=torch.int32, device=device) if has_g_idx else None)
 
     def set_grid(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None = None) -> None:
         if q.shape != (self.rows, self.cols):
@@ -153,7 +154,7 @@ class _PackedGrid(nn.Module):
     def column_groups(self) -> torch.Tensor:
         if self.g_idx is not None:
             return self.g_idx.long()
-        return group_index(self.cols, self.group_size)
+        return group_index(self.cols, self.group_size, self.qweight.device)
 
     def grid(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         packed = self.qweight if rows is None else self.qweight[rows]
@@ -186,11 +187,11 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
                  symmetric: bool = True, bias: bool = False, has_g_idx: bool = False,
-                 transposed: bool = False, storage: _PackedGrid | None = None):
+                 transposed: bool = False, storage: _PackedGrid | None = None, device: torch.device | None = None):
         super().__init__()
         self.in_features, self.out_features, self.transposed = in_features, out_features, transposed
-        self.storage = storage or _PackedGrid(out_features, in_features, bits, group_size, symmetric, has_g_idx)
-        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.storage = storage or _PackedGrid(out_features, in_features, bits, group_size, symmetric, has_g_idx, device)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     bits = property(lambda self: self.storage.bits)
     group_size = property(lambda self: self.storage.group_size)
@@ -200,10 +201,11 @@ class QuantizedLinear(nn.Module):
     def from_grid(cls, q, scales, zeros, *, bits: int, group_size: int, symmetric: bool,
                   bias: torch.Tensor | None = None, g_idx: torch.Tensor | None = None,
                   transposed: bool = False) -> "QuantizedLinear":
-        """Build from an integer grid ``q`` ``[out, in]``, ``scales``/``zeros`` ``[out, groups]``."""
+        """Build from an integer grid ``q`` ``[out, in]``, ``scales``/``zeros`` ``[out, groups]``,
+        on ``q``'s device."""
         out_features, in_features = q.shape
         module = cls(in_features, out_features, bits, group_size, symmetric, bias is not None,
-                     g_idx is not None, transposed)
+                     g_idx is not None, transposed, device=q.device)
         module.storage.set_grid(q, scales, zeros, g_idx)
         if bias is not None:
             module.bias.data.copy_(bias.detach().float())
@@ -226,10 +228,10 @@ class QuantizedEmbedding(nn.Module):
     dequantized. ``tied_head()`` gives the output projection that shares its storage."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int, group_size: int = -1,
-                 symmetric: bool = True, padding_idx: int | None = None):
+                 symmetric: bool = True, padding_idx: int | None = None, device: torch.device | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.storage = _PackedGrid(num_embeddings, embedding_dim, bits, group_size, symmetric, False)
+        self.storage = _PackedGrid(num_embeddings, embedding_dim, bits, group_size, symmetric, False, device)
 
     bits = property(lambda self: self.storage.bits)
     group_size = property(lambda self: self.storage.group_size)
@@ -238,7 +240,7 @@ class QuantizedEmbedding(nn.Module):
     @classmethod
     def from_grid(cls, q, scales, zeros, *, bits: int, group_size: int, symmetric: bool,
                   padding_idx: int | None = None) -> "QuantizedEmbedding":
-        module = cls(q.shape[0], q.shape[1], bits, group_size, symmetric, padding_idx)
+        module = cls(q.shape[0], q.shape[1], bits, group_size, symmetric, padding_idx, device=q.device)
         module.storage.set_grid(q, scales, zeros)
         return module
 
@@ -321,11 +323,12 @@ def dense_linear(module: nn.Module) -> nn.Module:
     if is_transposed(module):
         from transformers.pytorch_utils import Conv1D
 
-        dense = Conv1D(out_features, in_features)
+        with torch.device(weight.device):   # Conv1D takes no device argument
+            dense = Conv1D(out_features, in_features)
         dense.weight.data.copy_(weight.t())
-        dense.bias.data.copy_(bias if bias is not None else torch.zeros(out_features))
+        dense.bias.data.copy_(bias if bias is not None else torch.zeros(out_features, device=weight.device))
         return dense
-    dense = nn.Linear(in_features, out_features, bias=bias is not None)
+    dense = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device)
     dense.weight.data.copy_(weight)
     if bias is not None:
         dense.bias.data.copy_(bias)

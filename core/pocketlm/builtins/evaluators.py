@@ -13,6 +13,7 @@ from pydantic import Field
 
 from .. import hookimpl, streaming
 from ..components import Evaluator, NoOptions, Options
+from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
 from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
@@ -43,9 +44,10 @@ def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
             total, count = streaming.streamed_perplexity(model, context.architecture(model), ids,
                                                          options.batch_size, advance)
         return {"perplexity": math.exp(total / count), "eval_tokens": count}
+    device = module_device(model)    # the model's device (with offload = "cpu", the CPU)
     with torch.no_grad(), context.progress.task("perplexity", ids.shape[0]) as advance:
         for start in range(0, ids.shape[0], options.batch_size):
-            batch = ids[start:start + options.batch_size]
+            batch = ids[start:start + options.batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits.float()
             nll = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum")
             total += nll.item()
@@ -244,7 +246,7 @@ def latency(model, options: LatencyOptions, context) -> dict[str, float]:
         raise PocketError("latency measures the whole model in memory; this one streams from disk",
                           field="evaluate.metrics", fix="drop latency from the metrics, or set offload = \"none\"")
     vocab = model.config.vocab_size
-    prompt = torch.arange(options.prompt_tokens).remainder(vocab - 10).add(5).unsqueeze(0)
+    prompt = torch.arange(options.prompt_tokens, device=module_device(model)).remainder(vocab - 10).add(5).unsqueeze(0)
     with torch.no_grad():
         model(input_ids=prompt[:, :8])  # warm-up
         best_forward = min(_timed(lambda: model(input_ids=prompt, use_cache=False)) for _ in range(options.repeats))

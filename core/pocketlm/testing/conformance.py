@@ -36,7 +36,12 @@ What a **method** must do (``check_method``, ``MethodConformance``):
 * is deterministic: two runs on the same model with the same seed give identical tensors;
 * respects masks: weights an earlier stage pruned (``weights.set_mask``) are still exactly
   zero afterwards and the masks are kept;
-* respects ``ignore`` (when its options have one): ignored linears are left untouched.
+* respects ``ignore`` (when its options have one): ignored linears are left untouched;
+* allocates on the device of the layer it works on (``check_allocations``): run again with
+  PyTorch's default device set to ``meta``, a tensor made without ``device=`` breaks the run or
+  the result, so both runs must give identical tensors (this needs no GPU);
+* gives on a CUDA device what it gives on the CPU, within ``CUDA_TOLERANCE``
+  (``check_cuda_matches_cpu``; skipped with its reason where there is no CUDA device).
 
 An architecture a method does not support is skipped only when the test declares it in
 ``unsupported`` with the reason; otherwise a failure there is a failure.
@@ -412,6 +417,77 @@ def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.T
     _raise(what, problems)
 
 
+def check_allocations(name: str, options=None, family: str = "llama", *, plugins=None, **kwargs) -> None:
+    """Every tensor the method makes lives on the device of what it works on.
+
+    The run is repeated with PyTorch's default device set to ``meta`` (the model and the
+    windows are built before, on the CPU). A factory call without ``device=``
+    (``torch.zeros(n)``, ``torch.eye(n)``, ``nn.Linear(...)``) then makes a meta tensor, which
+    fails as soon as it meets a CPU tensor or leaves meta tensors in the result; on a GPU it would
+    have been a CPU tensor meeting a CUDA one. Both runs must give identical tensors."""
+    expected = run_method(name, options, family, plugins=plugins, check_inputs=False, **kwargs).model
+    model, ids = tiny(family, seed=kwargs.pop("seed", 0)), kwargs.pop("ids", None)
+    ids = windows() if ids is None else ids
+    plugins = _plugins(plugins)
+    try:
+        with torch.device("meta"):
+            got = run_method(name, options, family, model=model, ids=ids, plugins=plugins, check_inputs=False,
+                             **kwargs).model
+    except Exception as exc:  # noqa: BLE001
+        _raise(f"method {name!r} on {family} makes a tensor without device= (with the default device set to "
+               "meta, the run failed)", [f"{type(exc).__name__}: {str(exc)[:300]}"])
+    on_meta = [n for n, t in tensors(got).items() if t.is_meta]
+    if on_meta:
+        _raise(f"method {name!r} on {family} makes tensors without device=",
+               [f"{', '.join(on_meta[:6])} ended on the default device instead of the layer's"])
+    _raise(f"method {name!r} on {family}: the run with the default device set to meta differs",
+           _differences(tensors(expected), tensors(got)))
+
+
+#: CPU against CUDA: the largest difference of a float tensor, relative to its largest value,
+#: and the share of integer grid entries that may differ (a rounding decision flipped by a
+#: different summation order moves one step, and error feedback may carry it on).
+CUDA_TOLERANCE = {"relative": 2e-2, "grid_flips": 0.02}
+
+
+def compare_devices(cpu: Mapping[str, torch.Tensor], cuda: Mapping[str, torch.Tensor]) -> list[str]:
+    """Differences between the tensors of a CPU run and a CUDA run beyond ``CUDA_TOLERANCE``."""
+    problems = []
+    for name, expected in cpu.items():
+        got = cuda.get(name)
+        if got is None or got.shape != expected.shape:
+            problems.append(f"{name}: missing or a different shape on CUDA")
+            continue
+        got = got.cpu()
+        if expected.is_floating_point():
+            scale = expected.float().abs().max().clamp(min=1e-6)
+            relative = ((got.float() - expected.float()).abs().max() / scale).item()
+            if relative > CUDA_TOLERANCE["relative"]:
+                problems.append(f"{name}: max |CPU - CUDA| is {relative:.3g} of its largest value")
+        elif expected.numel():
+            flips = (got != expected).float().mean().item()
+            if flips > CUDA_TOLERANCE["grid_flips"]:
+                problems.append(f"{name}: {flips:.1%} of the entries differ")
+    return problems
+
+
+def check_cuda_matches_cpu(name: str, options=None, family: str = "llama", *, plugins=None,
+                           device: str = "cuda") -> None:
+    """The method run on a model on ``device`` gives the CPU's result within ``CUDA_TOLERANCE``,
+    and every tensor of the result stays on ``device``. Raises ``RuntimeError`` where there is
+    no CUDA device (``MethodConformance`` skips instead)."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    plugins = _plugins(plugins)
+    on_cpu = run_method(name, options, family, plugins=plugins, check_inputs=False).model
+    on_cuda = run_method(name, options, family, model=tiny(family, seed=0).to(device), plugins=plugins,
+                         check_inputs=False).model
+    elsewhere = [n for n, t in tensors(on_cuda).items() if t.device.type != "cuda"]
+    problems = [f"{', '.join(elsewhere[:6])} left the CUDA device"] if elsewhere else []
+    problems += compare_devices(tensors(on_cpu), tensors(on_cuda))
+    _raise(f"method {name!r} on {family}: CUDA differs from the CPU", problems)
+
+
 def check_deterministic(name: str, options=None, family: str = "llama", *, plugins=None, **kwargs) -> None:
     """Two runs on identical models with the same seed give bitwise identical tensors."""
     first = run_method(name, options, family, plugins=plugins, check_inputs=False, **kwargs).model
@@ -752,6 +828,9 @@ class MethodConformance:
     unsupported: dict[str, str] = {}
     defaults_build: bool = True
     expect_change: bool = True
+    #: Why the allocation check cannot run for this method (a library it calls makes CPU tensors
+    #: without ``device=`` on purpose); empty: it runs.
+    allocations_unchecked: str = ""
 
     def pytest_generate_tests(self, metafunc):
         if "family" in metafunc.fixturenames:
@@ -786,6 +865,19 @@ class MethodConformance:
         self._supported(family)
         if not check_ignore(self.method, self.options, family):
             _pytest().skip(f"{self.method}'s options have no 'ignore'")
+
+    def test_allocates_on_the_layer_device(self, family):
+        self._supported(family)
+        if self.allocations_unchecked:
+            _pytest().skip(self.allocations_unchecked)
+        check_allocations(self.method, self.options, family)
+
+    def test_cuda_matches_cpu(self, family):
+        self._supported(family)
+        if not torch.cuda.is_available():
+            _pytest().skip("no CUDA device here: the CPU/CUDA comparison runs where there is one "
+                           "(benchmarks/gpu_smoke.sh runs it)")
+        check_cuda_matches_cpu(self.method, self.options, family)
 
 
 class ExporterConformance:

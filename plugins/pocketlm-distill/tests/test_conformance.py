@@ -8,3 +8,7 @@ class TestDistillConformance(MethodConformance):
     # The teacher of the kit is a copy of the model (KL = 0), so a little CE makes it train.
     options = {"steps": 2, "batch_size": 2, "ce_weight": 1.0, "lr": 1e-3, "checkpoint_every": 0}
     defaults_build = False  # the user must choose a budget: steps or tokens
+    # torch's DataLoader (through accelerate) draws its base seed with a device-less
+    # torch.empty(()).random_(), a CPU tensor by design, so the meta-device run cannot pass;
+    # distill's own tensors follow accelerator.device and gpu_smoke.sh runs it on CUDA.
+    allocations_unchecked = "torch's DataLoader draws its seed on the default device by design"

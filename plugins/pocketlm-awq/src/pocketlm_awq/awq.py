@@ -201,12 +201,14 @@ def linear_scale_loss(x: torch.Tensor, weights: list[torch.Tensor], bits: int, g
 
 
 def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, symmetric: bool,
-                n_grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 1024) -> torch.Tensor:
+                n_grid: int = 20, max_shrink: float = 0.5, rows_per_chunk: int = 1024,
+                summed: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
     """Per group clipping bound of ``w`` ``[out, in]`` on inputs ``x`` ``[tokens, in]``.
 
     For each group the bound ``max|w| * (1 - i / n_grid)``, ``i < max_shrink * n_grid``, whose
     clamped, rounded weights give the lowest mean squared error of the group's partial outputs
-    ``x_g @ w_g^T`` is kept. Returns ``[out, groups]``."""
+    ``x_g @ w_g^T`` is kept. Returns ``[out, groups]``. ``summed`` adds the errors other
+    processes of a data-parallel run measured on their tokens."""
     out_features, in_features = w.shape
     size = in_features if group_size == -1 else group_size
     groups = in_features // size
@@ -226,7 +228,7 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, bits: int, group_size: int, sy
             clipped = torch.maximum(torch.minimum(grouped, bound[..., None]), -bound[..., None])
             quantized = fake_quantize_groups(clipped.reshape(chunk.shape), bits, group_size, symmetric)
             output = torch.bmm(xg, _grouped(quantized, group_size).permute(1, 2, 0))
-            error = (output - reference).pow(2).mean(dim=1).t()  # [rows, groups]
+            error = summed((output - reference).pow(2).mean(dim=1).t())  # [rows, groups]
             better = error < best_error
             best_error = torch.where(better, error, best_error)
             best = torch.where(better, bound, best)
@@ -435,7 +437,7 @@ class AWQHandler:
                                      "them are ignored; the targeted ones are quantized without a scale")
                 continue
             stats = self.stats[smooth.linears[0]]
-            x_mean = stats.abs_sum / stats.count
+            x_mean = self._summed(stats.abs_sum) / self._summed_count(stats.count, stats.abs_sum.device)
             targeted = [get_module(layer, n) for n in pair.targeted]
             w_mean = weight_mean([W.linear_weight(m) for m in targeted], options.group_size) if options.duo_scaling else None
             if smooth.block is None:
@@ -444,7 +446,7 @@ class AWQHandler:
                                          options.group_size, options.symmetric)
             else:
                 loss = self._block_loss(get_module(layer, smooth.block), self.stats[smooth.block].block, targeted)
-            choice = search_scale(x_mean, w_mean, loss, options.n_grid)
+            choice = search_scale(x_mean, w_mean, self._shared_loss(loss, x_mean.device), options.n_grid)
             layer_report["alphas"][smooth.prev] = choice.alpha
             if choice.alpha is not None:
                 fold_scales(prev, linears, choice.scales, smooth.prev_rows)
@@ -460,7 +462,7 @@ class AWQHandler:
                 if name in input_scale:
                     x = x / input_scale[name]
                 bounds = search_clip(weight, x, options.bits, options.group_size, options.symmetric,
-                                     options.clip_grid, options.max_shrink)
+                                     options.clip_grid, options.max_shrink, summed=self._summed)
                 weight = apply_clip(weight, bounds, options.group_size)
             q, scales, zeros = quantize_groups(weight, options.bits, options.group_size, options.symmetric)
             bias = W.linear_bias(module)
@@ -474,6 +476,30 @@ class AWQHandler:
         alphas = ", ".join(f"{k}={'identity' if a is None else format(a, 'g')}"
                            for k, a in layer_report["alphas"].items())
         self.context.log(f"awq: layer {index}: alpha {alphas} ({time.perf_counter() - started:.1f} s)")
+
+    # -- data-parallel runs: every process must choose the same scales and clipping bounds
+
+    def _processes(self) -> int:
+        return getattr(self.context, "processes", 1)
+
+    def _summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A statistic summed over the processes of a data-parallel run (itself in one)."""
+        return tensor if self._processes() == 1 else self.context.all_reduce(tensor.clone())
+
+    def _summed_count(self, count: int, device) -> float:
+        return count if self._processes() == 1 else self.context.all_reduce_count(count, device)
+
+    def _shared_loss(self, loss: Callable[[torch.Tensor], float], device) -> Callable[[torch.Tensor], float]:
+        """``loss`` averaged over the processes (each measures it on its own shard of the
+        windows, the same number of tokens each up to one window)."""
+        if self._processes() == 1:
+            return loss
+        processes = self._processes()
+
+        def shared(scales: torch.Tensor) -> float:
+            value = torch.tensor([loss(scales)], dtype=torch.float64, device=device)
+            return self.context.all_reduce(value).item() / processes
+        return shared
 
     def _block_loss(self, block: nn.Module, calls: list, targeted: list[nn.Module]) -> Callable[[torch.Tensor], float]:
         options = self.options

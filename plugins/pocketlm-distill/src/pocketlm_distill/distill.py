@@ -195,7 +195,7 @@ def batch_order(n_windows: int, batch_size: int, count: int, seed: int) -> list[
     generator = torch.Generator().manual_seed(seed)
     flat: list[int] = []
     while len(flat) < count * batch_size:
-        flat.extend(torch.randperm(n_windows, generator=generator).tolist())
+        flat.extend(torch.randperm(n_windows, generator=generator, device="cpu").tolist())  # host-side indices
     return [flat[i * batch_size:(i + 1) * batch_size] for i in range(count)]
 
 

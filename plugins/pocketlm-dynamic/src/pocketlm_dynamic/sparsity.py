@@ -109,7 +109,8 @@ def thresholds_at(magnitudes: torch.Tensor, levels: list[float], generator: torc
     at most ``sample`` magnitudes (a quantile of 2^20 samples is within about 0.1% of exact)."""
     flat = magnitudes.detach().flatten().float()
     if flat.numel() > sample:
-        flat = flat[torch.randint(flat.numel(), (sample,), generator=generator).to(flat.device)]
+        # drawn on the CPU, where the seeded generator lives, so the sample is the same on any device
+        flat = flat[torch.randint(flat.numel(), (sample,), generator=generator, device="cpu").to(flat.device)]
     ordered = flat.sort().values
     return [0.0 if s <= 0 else float(ordered[min(int(round(ordered.numel() * s)), ordered.numel()) - 1])
             for s in levels]
@@ -309,7 +310,7 @@ class ThresholdCalibrator:
         levels = [i * GREEDY_STEP for i in range(int(round(0.95 / GREEDY_STEP)) + 1)]
         for name, values in self.pending.items():
             module = get_module(layer, name)
-            rows = torch.randperm(values.shape[0], generator=self.generator)[:GREEDY_TOKENS]
+            rows = torch.randperm(values.shape[0], generator=self.generator, device="cpu")[:GREEDY_TOKENS]
             sample = values[rows.to(values.device)].float()
             weight = linear_weight(module).float()
             samples[name] = values.abs()

@@ -71,7 +71,7 @@ def hessian_update(H: torch.Tensor | None, count: int, x: torch.Tensor) -> tuple
     x = x.reshape(-1, x.shape[-1]).float()
     m = x.shape[0]
     if H is None:
-        H = torch.zeros(x.shape[1], x.shape[1])
+        H = torch.zeros(x.shape[1], x.shape[1], device=x.device)
     H.mul_(count / (count + m))
     add_gram(H, x * math.sqrt(2 / (count + m)))
     return H, count + m
@@ -111,7 +111,7 @@ def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
         del flipped
         if info == 0:
             M = M.flip(0, 1)
-            U = torch.linalg.solve_triangular(M, torch.eye(H.shape[0]), upper=True)
+            U = torch.linalg.solve_triangular(M, torch.eye(H.shape[0], device=H.device), upper=True)
             del M
             if torch.isfinite(U).all():
                 return U
@@ -158,8 +158,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     n_groups = math.ceil(cols / size)
     # grids and the result are held transposed ([groups, rows], [cols, rows]) so that what the
     # column loop reads and writes is contiguous
-    scales = torch.zeros(n_groups, rows)
-    zeros = torch.zeros(n_groups, rows)
+    scales = torch.zeros(n_groups, rows, device=W.device)
+    zeros = torch.zeros(n_groups, rows, device=W.device)
     if fit is not None:                    # a grid rule's grids are fitted once, on the whole matrix
         static_scales, static_zeros = fit(W, bits, group_size, symmetric, torch.diag(H))
         scales, zeros = static_scales.t().contiguous(), static_zeros.t().contiguous()
@@ -171,13 +171,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     else:                                  # groups fixed when quantization reaches them
         ready = [False] * n_groups
 
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     if act_order:                          # (the identity permutation would only copy H twice)
         W, H = W[:, perm], H[perm][:, perm]
         keep = None if keep is None else keep[:, perm]
     group_of = (perm // size).tolist()     # group of each (permuted) column
     U = _inverse_cholesky(H, damp)        # factorizations use every thread, the sweep only one
-    Q = torch.zeros(cols, rows)
+    Q = torch.zeros(cols, rows, device=W.device)
     with _one_thread():
         _sweep_blocks(W, U, Q, scales, zeros, ready, group_of, keep, block_size, size, bits, symmetric)
     Q = Q.t()[:, torch.argsort(perm)] if act_order else Q.t()
@@ -241,9 +241,11 @@ class GPTQHandler:
     observes_outputs = False       # a Hessian needs only inputs: the walker may skip running them
     layers_independent = True      # nothing carries from one layer to the next: a stage may resume mid-walk
 
-    def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, fit=None):
+    def __init__(self, layers_path: str, selected: dict[str, nn.Module], options: GPTQOptions, fit=None,
+                 context=None):
         self.options = options
         self.fit = fit
+        self.context = context                    # sums the Hessians of a data-parallel run
         self.layers_path = layers_path
         self.selected = selected
         self.hessians: dict[str, list] = {}       # owner name -> [H, n]
@@ -283,7 +285,7 @@ class GPTQHandler:
             if any(m is not None for m in masks):
                 mask = torch.cat([torch.ones_like(w, dtype=torch.bool) if m is None else m
                                   for w, m in zip(weights, masks)])
-            q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self.hessians.pop(owner)[0], o.bits,
+            q, scales, zeros, _ = gptq_quantize(torch.cat(weights), self._summed(*self.hessians.pop(owner)), o.bits,
                                                 o.group_size, o.symmetric, o.damp, o.block_size, o.act_order, mask,
                                                 self.fit, own_hessian=True)
             start = 0
@@ -293,6 +295,14 @@ class GPTQHandler:
                 start += weight.shape[0]
         self.hessians.clear()
         self.owner.clear()
+
+    def _summed(self, H: torch.Tensor, n: int) -> torch.Tensor:
+        """The Hessian over every process's tokens in a data-parallel run: each process holds
+        ``2/n_p sum x x^T`` over its own ``n_p`` tokens. In one process, ``H`` itself."""
+        if getattr(self.context, "processes", 1) == 1:
+            return H
+        total = self.context.all_reduce_count(n, H.device)
+        return self.context.all_reduce(H * n).div_(total)
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -311,7 +321,7 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
     quantize_embedding(model, selection, options, context.log, fit)
     prefix = architecture.layers + "."
     in_layers = {n: m for n, m in selection.linears.items() if n.startswith(prefix)}
-    handler = GPTQHandler(architecture.layers, in_layers, options, fit)
+    handler = GPTQHandler(architecture.layers, in_layers, options, fit, context)
     context.walk(model, handler, sequential=options.true_sequential, description="gptq")
     # Linears outside the decoder layers (an untied head) see no walked inputs: round them.
     for name, module in selection.linears.items():

@@ -25,17 +25,12 @@ import torch
 from pocketlm import LoadedModel, PocketError
 from pocketlm.weights import QuantizedLinear, group_index
 
-from .import_gptq import load_quantized_folder
+from .import_gptq import config_quantization, load_quantized_folder
 
 
 def quantization_config(folder: Path) -> dict | None:
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return None
-    try:
-        quant = json.loads(config_path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return None
+    """The folder's compressed-tensors quantization config, or None when it is not one."""
+    quant = config_quantization(folder)
     return quant if str(quant.get("quant_method", "")).lower() == "compressed-tensors" else None
 
 

@@ -25,15 +25,20 @@ from pocketlm.modules import get_module, set_module
 from pocketlm.weights import QuantizedLinear, group_index, is_transposed, linear_shape, unpack
 
 
-def quantization_config(folder: Path) -> dict | None:
-    """The folder's GPTQ quantization config, or None when it is not a GPTQ checkpoint."""
+def config_quantization(folder: Path) -> dict:
+    """``quantization_config`` of the folder's config.json ({} where there is none or it is unreadable)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
-        return None
+        return {}
     try:
-        quant = json.loads(config_path.read_text()).get("quantization_config") or {}
+        return json.loads(config_path.read_text()).get("quantization_config") or {}
     except (json.JSONDecodeError, AttributeError):
-        return None
+        return {}
+
+
+def quantization_config(folder: Path) -> dict | None:
+    """The folder's GPTQ quantization config, or None when it is not a GPTQ checkpoint."""
+    quant = config_quantization(folder)
     if not quant and (folder / "quantize_config.json").is_file():  # AutoGPTQ kept it beside
         quant = {"quant_method": "gptq", **json.loads((folder / "quantize_config.json").read_text())}
     return quant if str(quant.get("quant_method", "")).lower() == "gptq" else None

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pocketlm.grids import input_importance
 from pocketlm.modules import get_module, set_module
 from pocketlm.weights import (QuantizedEmbedding, QuantizedLinear, get_mask, is_transposed, linear_bias,
                               linear_weight, minmax_grid, n_groups, quantize, transfer_mask)
@@ -106,42 +107,10 @@ def quantize_embedding(model: nn.Module, selection: Selection, options: QuantOpt
 # ---------------------------------------------------------------- importance for grid rules
 
 
-class ImportanceHandler:
-    """Layer-walker handler that only observes: each selected linear's mean squared input per
-    channel, the importance a grid rule such as ``weighted-mse`` weighs its error by."""
-
-    changes_only_selected = True
-    observes_outputs = False
-
-    def __init__(self, layers_path: str, selected):
-        self.layers_path, self.selected = layers_path, set(selected)
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.importance: dict[str, torch.Tensor] = {}
-
-    def select(self, index, layer, names):
-        return [n for n in names if f"{self.layers_path}.{index}.{n}" in self.selected]
-
-    def observe(self, name, module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
-        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
-
-    def solve(self, index, layer, names):
-        for name in names:
-            if name in self.sums:
-                self.importance[f"{self.layers_path}.{index}.{name}"] = self.sums.pop(name) / self.counts.pop(name)
-
-
 def linear_importance(model: nn.Module, names, context) -> dict[str, torch.Tensor]:
     """Mean squared input per channel of the linears ``names`` on the calibration windows (empty
-    where the context has none)."""
-    if context.calibration is None and getattr(context, "_windows", None) is None:
-        return {}
-    handler = ImportanceHandler(context.architecture(model).layers, names)
-    context.walk(model, handler, sequential=False, description="rtn: importance")
-    return handler.importance
+    where the context has none): the core's one walk for importance-weighted grid rules."""
+    return input_importance(model, names, context, description="rtn: importance")
 
 
 # ----------------------------------------------------------------------------- the stage

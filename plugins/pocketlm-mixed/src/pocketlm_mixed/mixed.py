@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect
+from pocketlm.grids import input_importance
 from pocketlm.modules import get_module, select_linears
 from pocketlm.weights import QuantizedEmbedding, get_mask, linear_shape, linear_weight, minmax_grid, quantize
 
@@ -129,40 +130,11 @@ def allocate(costs: list[list[int]], errors: list[list[float]], budget: int, res
 # ----------------------------------------------------------------------- measuring
 
 
-class ImportanceHandler:
-    """Layer-walker handler that only observes: the mean squared input of each selected linear."""
-
-    changes_only_selected = True
-    observes_outputs = False
-
-    def __init__(self, layers_path: str, selected: set[str]):
-        self.layers_path, self.selected = layers_path, selected
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.result: dict[str, torch.Tensor] = {}
-
-    def select(self, index, layer, names):
-        return [n for n in names if f"{self.layers_path}.{index}.{n}" in self.selected]
-
-    def observe(self, name, module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
-        self.counts[name] = self.counts.get(name, 0) + x.shape[0]
-
-    def solve(self, index, layer, names):
-        for name in names:
-            if name in self.sums:
-                self.result[f"{self.layers_path}.{index}.{name}"] = self.sums.pop(name) / self.counts.pop(name)
-
-
 def measure_importance(model: nn.Module, names: list[str], context) -> dict[str, torch.Tensor]:
     """Mean squared input per channel of each linear in ``names``, from the calibration windows
     (linears outside the decoder layers, never walked, weigh every channel 1)."""
-    architecture = context.architecture(model)
-    handler = ImportanceHandler(architecture.layers, set(names))
-    context.walk(model, handler, sequential=False, description="mixed: importance")
-    return {n: handler.result.get(n, torch.ones(linear_shape(get_module(model, n))[1])) for n in names}
+    measured = input_importance(model, names, context, description="mixed: importance")
+    return {n: measured.get(n, torch.ones(linear_shape(get_module(model, n))[1])) for n in names}
 
 
 @dataclass

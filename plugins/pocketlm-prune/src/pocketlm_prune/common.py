@@ -128,7 +128,7 @@ def owl_sparsities(outlier_ratios: list[float], sparsity: float, lam: float) -> 
     """Outlier-weighted layer-wise sparsity (Yin et al., 2024): map each layer's outlier ratio
     linearly onto densities spanning ``2 * lam``, shift so the mean density is ``1 - sparsity``;
     layers with more outliers get more density (less sparsity)."""
-    ratios = torch.tensor(outlier_ratios, dtype=torch.float64)
+    ratios = torch.tensor(outlier_ratios, dtype=torch.float64, device="cpu")  # a few numbers, one per layer
     spread = ratios.max() - ratios.min()
     density = (ratios - ratios.min()) / spread * 2 * lam if spread > 0 else torch.zeros_like(ratios)
     density = density - density.mean() + (1 - sparsity)
@@ -153,8 +153,9 @@ class InputNorms:
         total = (x * x).sum(dim=0)
         self.sq[name] = self.sq[name] + total if name in self.sq else total
 
-    def norm(self, name: str) -> torch.Tensor:
-        return self.sq[name].sqrt()
+    def norm(self, name: str, summed=lambda t: t) -> torch.Tensor:
+        """``‖X_j‖₂`` over every token; ``summed`` adds the sums of squares of other processes."""
+        return summed(self.sq[name]).sqrt()
 
 
 class _OwlPass:
@@ -172,7 +173,8 @@ class _OwlPass:
         self.norms.add(name, args[0] if args else kwargs["input"])
 
     def solve(self, index, layer, names):
-        scores = [linear_weight(get_module(layer, n)).abs().float() * self.norms.norm(n) for n in names]
+        scores = [linear_weight(get_module(layer, n)).abs().float() * self.norms.norm(n, self.targeting.summed)
+                  for n in names]
         self.ratios.append(outlier_ratio(scores, self.threshold))
         self.norms = InputNorms()
 
@@ -199,6 +201,18 @@ class Targeting:
     def __init__(self, model: nn.Module, options: PruneOptions, context):
         self.arch = context.architecture(model)
         self.targets, self.ignore = list(options.targets), list(options.ignore)
+        self.context = context
+
+    def summed(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A statistic summed over the processes of a data-parallel run (itself in one process)."""
+        if getattr(self.context, "processes", 1) == 1:
+            return tensor
+        return self.context.all_reduce(tensor.clone())
+
+    def summed_count(self, count: int, device: torch.device) -> float:
+        if getattr(self.context, "processes", 1) == 1:
+            return count
+        return self.context.all_reduce_count(count, device)
 
     def full_name(self, index: int, name: str) -> str:
         return f"{self.arch.layers}.{index}.{name}"

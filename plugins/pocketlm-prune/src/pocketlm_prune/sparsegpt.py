@@ -137,7 +137,8 @@ class SparseGPTPruner(CalibratedPruner):
 
     def prune(self, name, module, sparsity):
         weight = linear_weight(module)
-        h = self.h.pop(name) / self.n.pop(name)
+        h = self.h.pop(name)
+        h = self.targeting.summed(h) / self.targeting.summed_count(self.n.pop(name), h.device)
         new, mask = sparsegpt_prune(weight, h, sparsity, self.options.nm, self.options.block_size,
                                     self.options.damp, old_mask(module))
         return new, mask

@@ -47,7 +47,8 @@ class WandaPruner(CalibratedPruner):
 
     def prune(self, name, module, sparsity):
         weight = linear_weight(module)
-        return weight, wanda_mask(weight, self.norms.norm(name), sparsity, self.options.nm, old_mask(module))
+        norm = self.norms.norm(name, self.targeting.summed)
+        return weight, wanda_mask(weight, norm, sparsity, self.options.nm, old_mask(module))
 
     def free(self):
         self.norms = InputNorms()

@@ -86,9 +86,10 @@ def keep_top(importance: torch.Tensor, keep: int) -> torch.Tensor:
 
 def head_rows(groups: torch.Tensor, heads_per_group: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(query rows, key/value rows) of the kept ``groups``."""
-    heads = (groups.view(-1, 1) * heads_per_group + torch.arange(heads_per_group)).flatten()
-    q = (heads.view(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
-    kv = (groups.view(-1, 1) * head_dim + torch.arange(head_dim)).flatten()
+    device = groups.device
+    heads = (groups.view(-1, 1) * heads_per_group + torch.arange(heads_per_group, device=device)).flatten()
+    q = (heads.view(-1, 1) * head_dim + torch.arange(head_dim, device=device)).flatten()
+    kv = (groups.view(-1, 1) * head_dim + torch.arange(head_dim, device=device)).flatten()
     return q, kv
 
 
@@ -109,7 +110,8 @@ def slice_linear(module: nn.Module, rows: torch.Tensor | None = None, cols: torc
     out_features, in_features = weight.shape
     factory = dict(dtype=weight.dtype, device=weight.device)
     if is_transposed(module):
-        new = type(module)(out_features, in_features)  # Conv1D(nf=out, nx=in), weight [in, out]
+        with torch.device(weight.device):              # Conv1D takes no device argument
+            new = type(module)(out_features, in_features)  # Conv1D(nf=out, nx=in), weight [in, out]
         new.to(**factory)
         new.weight.data.copy_(weight.t())
         new.bias.data.copy_(bias if bias is not None else torch.zeros(out_features, **factory))

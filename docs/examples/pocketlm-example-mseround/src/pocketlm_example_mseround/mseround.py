@@ -61,7 +61,7 @@ def mse_grid(weight: torch.Tensor, bits: int, group_size: int, grid: int = 20, m
     groups = _groups(weight, group_size)                                  # [out, g, size]
     base = 2 * groups.abs().amax(dim=-1, keepdim=True) / maxq             # min-max scale
     base = torch.where(base == 0, torch.ones_like(base), base)
-    best_err = torch.full(base.shape, float("inf"))
+    best_err = torch.full(base.shape, float("inf"), device=base.device)
     best_scale = base.clone()
     for factor in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
         scale = to_scale_dtype(base * factor)                             # scales are stored in float16
