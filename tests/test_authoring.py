@@ -100,7 +100,7 @@ def test_scaffold_names_and_templates_are_complete(tmp_path):
                 compile(text, str(path), "exec")
     pyproject = (folder / "pyproject.toml").read_text()
     assert '[project.entry-points.pocketlm]\nmy-quant = "pocketlm_my_quant"' in pyproject
-    assert '"pocketlm>=0.1,<0.2"' in pyproject
+    assert '"pocketlm>=0.2,<0.3"' in pyproject
     assert 'POCKETLM_API = ">=1.0,<2"' in (folder / "src/pocketlm_my_quant/__init__.py").read_text()
 
 

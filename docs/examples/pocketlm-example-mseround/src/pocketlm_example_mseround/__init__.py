@@ -13,7 +13,7 @@ from pocketlm import PHASE_QUANTIZE, Method, hookimpl
 
 from . import mseround
 
-__version__ = "0.1.0"
+__version__ = "0.1.1"
 POCKETLM_API = ">=1.0,<2"
 
 
