@@ -122,7 +122,8 @@ def test_a_run_that_finished_nothing_can_be_rerun_without_flags(tiny_folder, toy
     """A model that fails to load leaves only the resolved recipe; fixing it and rerunning just works."""
     from pocketlm.errors import PocketError
 
-    (tmp_path / "broken-model").mkdir()  # exists (validation passes) but holds no config.json
+    (tmp_path / "broken-model").mkdir()  # a config validation accepts, but no weights to load
+    (tmp_path / "broken-model" / "config.json").write_text('{"model_type": "llama"}')
     broken = parse_recipe(RECIPE.format(model=tmp_path / "broken-model"), toy_plugins, file="recipe.toml")
     with pytest.raises(PocketError):
         Run(broken, tmp_path / "run", toy_plugins, echo=lambda m: None).execute()

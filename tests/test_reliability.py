@@ -736,3 +736,21 @@ if __name__ == "__main__":  # python -m tests.test_reliability: print the table 
         clear = sum(1 for _, code, _, intact in rows if code not in (0, -signal.SIGKILL) and intact)
         print(f"\n{clear} of {sum(1 for r in rows if r[1] not in (0, -signal.SIGKILL))} refusals and failures end "
               f"in a clear error with nothing lost; {sum(1 for r in rows if r[3])} of {len(rows)} cases lose nothing.")
+
+
+def test_validate_refuses_a_model_folder_without_or_with_a_damaged_config(tmp_path):
+    """A broken model folder is found by `validate`, before any run loads it."""
+    from click.testing import CliRunner
+
+    from pocketlm.cli import main
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{bad json")
+    for folder, message in (("empty", "is not a transformers model folder: it has no config.json"),
+                            ("broken", "config.json is damaged")):
+        (tmp_path / "recipe.toml").write_text(f'[model]\nsource = "{folder}"\n')
+        result = CliRunner().invoke(main, ["validate", str(tmp_path / "recipe.toml")])
+        assert result.exit_code == 2, result.output
+        assert "recipe.toml:2: model.source:" in result.output and message in " ".join(result.output.split())
+        assert "Traceback" not in result.output

@@ -402,18 +402,29 @@ def _check_required_plugins(recipe_file: RecipeFile, plugins, locate) -> None:
                               line=line, field=f"plugins.{name}", fix=f"pip install '{name}{spec}'")
 
 
-def _model_config(recipe: Recipe) -> dict | None:
-    """The local source's config.json (read as data; no weights are loaded), or None."""
+def _model_config(recipe: Recipe, locate) -> dict | None:
+    """The local source folder's config.json (read as data; no weights are loaded), or None for
+    a source that is not a folder. A folder without one, or with a damaged one, is refused."""
     from .rundir import local_source
 
     local = local_source(recipe.file.model.source)
-    config = local / "config.json" if local is not None and local.is_dir() else None
-    if config is None or not config.is_file():
+    if local is None or not local.is_dir():
         return None
+    # a stage checkpoint streamed from disk keeps everything but its layers in rest/
+    config = local / "config.json" if not (local / "rest" / "config.json").is_file() else local / "rest" / "config.json"
+    where = dict(file=locate.file, line=locate(("model", "source")), field="model.source")
+    if not config.is_file():
+        raise PocketError(f"{local} is not a transformers model folder: it has no config.json", **where,
+                          fix="point model.source at the folder save_pretrained wrote")
     try:
-        return json.loads(config.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError):
-        return None
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise PocketError(f"{config} is damaged: {exc}", **where,
+                          fix="restore the model folder (its config.json is not valid JSON)") from None
+    if not isinstance(data, dict):
+        raise PocketError(f"{config} is damaged: it holds no JSON object", **where,
+                          fix="restore the model folder (its config.json is not a model configuration)")
+    return data
 
 
 def _context_length(config: dict | None) -> int | None:
@@ -437,7 +448,7 @@ def _check_source(recipe: Recipe, plugins, locate) -> None:
         raise PocketError(f"model source {local} does not exist", file=locate.file, line=line, field="model.source",
                           fix="give an existing transformers folder or .gguf file (a relative path is taken "
                           "from the recipe's folder), or demo:smollm2-135m")
-    config = _model_config(recipe)
+    config = _model_config(recipe, locate)
     if config is None:
         return
     model_type = config.get("model_type")
