@@ -38,7 +38,7 @@ def _front_matter(text: str) -> dict:
 def test_metadata_names_the_base_model_methods_and_format():
     recipe = {"model": {"source": "HuggingFaceTB/SmolLM2-135M"}, "stages": [{"method": "a"}, {"method": "b"}, {"method": "a"}],
               "export": {"format": "gguf"}}
-    assert card_metadata(recipe) == {"base_model": "HuggingFaceTB/SmolLM2-135M", "tags": ["pocketlm", "a", "b", "gguf"],
+    assert card_metadata(recipe, library="gguf") == {"base_model": "HuggingFaceTB/SmolLM2-135M", "tags": ["pocketlm", "a", "b", "gguf"],
                                      "pipeline_tag": "text-generation", "library_name": "gguf"}
     assert base_model("demo:smollm2-135m") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert base_model("./models/tiny") is None and base_model("/abs/path") is None and base_model("x.gguf") is None

@@ -31,10 +31,12 @@ def base_model(source: str) -> str | None:
     return source if HUB_ID.match(source or "") and not source.startswith((".", "/", "~")) else None
 
 
-def card_metadata(recipe: dict) -> dict:
-    """Hugging Face card metadata for a resolved recipe (the dict ``context.recipe`` holds)."""
+def card_metadata(recipe: dict, library: str = "transformers", export_format: str | None = None) -> dict:
+    """Hugging Face card metadata for a resolved recipe (the dict ``context.recipe`` holds).
+    ``library`` and ``export_format`` come from the exporter that wrote the files
+    (``Exporter.library`` and its name, which ``format = "auto"`` leaves to the run to choose)."""
     methods = list(dict.fromkeys(stage["method"] for stage in recipe.get("stages", [])))
-    export_format = (recipe.get("export") or {}).get("format")
+    export_format = export_format or (recipe.get("export") or {}).get("format")
     tags = ["pocketlm", *methods]
     if export_format and export_format not in tags:
         tags.append(export_format)
@@ -44,7 +46,7 @@ def card_metadata(recipe: dict) -> dict:
         metadata["base_model"] = base
     metadata["tags"] = tags
     metadata["pipeline_tag"] = "text-generation"
-    metadata["library_name"] = "gguf" if export_format == "gguf" else "transformers"
+    metadata["library_name"] = library
     return metadata
 
 
@@ -97,13 +99,14 @@ def to_toml(recipe: dict) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def render_card(report: dict, recipe: dict, provenance: dict, rows: list[tuple[str, ...]]) -> str:
+def render_card(report: dict, recipe: dict, provenance: dict, rows: list[tuple[str, ...]],
+                library: str = "transformers", export_format: str | None = None) -> str:
     """The README.md of an export: metadata, what was done, the measured table, the recipe and
     the versions. ``rows`` is the before/after table (header first)."""
-    metadata = card_metadata(recipe)
+    metadata = card_metadata(recipe, library, export_format)
     source = (recipe.get("model") or {}).get("source", "")
     methods = ", ".join(stage["method"] for stage in recipe.get("stages", [])) or "no stages"
-    export_format = (recipe.get("export") or {}).get("format", "")
+    export_format = export_format or (recipe.get("export") or {}).get("format", "")
     lines = [_front_matter(metadata), "", f"# {source}, compressed with pocketlm", ""]
     commit = (provenance.get("source") or {}).get("commit")
     lines.append(f"`{source}`" + (f" (commit `{commit}`)" if commit else "")

@@ -168,6 +168,7 @@ class Exporter:
     check: Callable[[Any, Any], list[str]] | None = None
     summary: str = ""
     streams: bool = False   # writes a model streamed from disk layer by layer (pocketlm.streaming)
+    library: str = "transformers"   # what reads the export: the model card's Hub library_name
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,7 @@ class Run:
         self.resolved["_base"] = str(recipe.base)
         self.device: torch.device | None = None      # resolved when the run starts
         self.writer = True                           # rank 0 (or the only process) writes
+        self.exporter = None                         # the exporter that wrote the export, once it has
 
     # ---------------------------------------------------------------- helpers
 
@@ -393,7 +394,8 @@ class Run:
         from .card import render_card
 
         resolved = json.loads((self.run_dir / RESOLVED).read_text())
-        card = render_card(report, resolved["recipe"], resolved.get("provenance", {}), report_rows(report))
+        card = render_card(report, resolved["recipe"], resolved.get("provenance", {}), report_rows(report),
+                           self.exporter.library, self.exporter.name)
         atomic.write_text(export_path / "README.md", card)
 
     def _run_stage(self, index: int, model, tokenizer, records: list[StageRecord]):
@@ -486,6 +488,7 @@ class Run:
             with self._guard(f"export ({exporter.name})", "exporters", exporter.name):
                 self.plugins.hook.export(model=model, exporter=exporter, options=export_options, path=tmp,
                                          context=self._context(tokenizer, export_path=target))
+        self.exporter = exporter  # the card names what wrote the files (format "auto" chose it here)
         return target
 
 

@@ -320,7 +320,7 @@ def _hyperparameters(writer: gguf.GGUFWriter, model) -> None:
 
 def _card_metadata(writer: gguf.GGUFWriter, recipe: dict) -> None:
     """The model card's facts as ``general.*`` keys: base model, tags, who quantized it."""
-    metadata = card_metadata(recipe)
+    metadata = card_metadata(recipe, EXPORTER.library, EXPORTER.name)
     base = metadata.get("base_model")
     if base:
         organization, base_name = base.split("/", 1)
@@ -399,6 +399,7 @@ EXPORTER = Exporter(
     represents=frozenset({"dense", "masked", "quantized", "quantized-embedding", "restructured"}),
     packs=frozenset({"quantized", "quantized-embedding"}),  # token_embd is stored as Q8_0/Q4_0/Q4_1
     check=check,
+    library="gguf",
     summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q2_K-Q6_K, Q4_0/Q4_1/Q5_0/Q8_0 from pocketlm "
             "grids, F16/F32 or round-to-nearest for dense layers, tokenizer and provenance metadata",
 )
