@@ -25,7 +25,7 @@ from torch import nn
 
 from .components import LoadedModel
 from .errors import PocketError
-from .modules import get_module, set_module
+from .modules import auto_class, get_module, set_module
 from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks
 
 MANIFEST = "pocketlm-modules.json"
@@ -109,7 +109,7 @@ def _rebuild(spec: dict, model: nn.Module) -> nn.Module:
 
 def load_checkpoint(folder: Path) -> LoadedModel:
     """Rebuild the model saved by :func:`save_checkpoint`."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
     from . import streaming
@@ -119,7 +119,7 @@ def load_checkpoint(folder: Path) -> LoadedModel:
     try:
         config = AutoConfig.from_pretrained(folder)
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = auto_class(config).from_config(config, dtype=torch.float32)
         manifest = json.loads((folder / MANIFEST).read_text())
         for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
             rebuilt = _rebuild(manifest[name], model)

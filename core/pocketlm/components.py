@@ -187,8 +187,8 @@ class Smooth:
 
 @dataclass(frozen=True)
 class Architecture:
-    """Where things are in a decoder-only model family, as names relative to the model (or to
-    a decoder layer for the per-layer fields).
+    """Where things are in a model family, as names relative to the model (or to a layer for
+    the per-layer fields).
 
     * ``sequential``: the linears of a decoder layer, grouped in execution order; a group's
       members read the same input.
@@ -196,7 +196,16 @@ class Architecture:
     * ``mlp_in``/``mlp_out``: the linears that read the hidden state into the MLP's
       intermediate width and the one that writes it back (for width pruning).
     * ``attention``: names for q, k, v and o projections (fused: ``qkv``) and the config keys
-      that hold head counts."""
+      that hold head counts.
+    * ``encoder``: the layers attend in both directions (the BERT family). The model makes
+      sentence embeddings rather than next-token predictions, so it is evaluated by embeddings
+      (``embedding-fidelity``, ``retrieval``), not perplexity. ``lm_head`` names the masked-LM
+      head's output linear, or is ``""`` when the model has none; ``final_norm`` is ``""`` for
+      post-norm families.
+
+    Several architectures may share a model type when their modules sit at different paths (a
+    bare ``BertModel`` and a ``BertForMaskedLM``): the first whose ``layers`` exists in the model
+    is used."""
 
     name: str
     model_types: tuple[str, ...]
@@ -213,6 +222,7 @@ class Architecture:
     extra_embeddings: tuple[str, ...] = ()
     layer_count_key: str = "num_hidden_layers"
     intermediate_size_key: str = "intermediate_size"
+    encoder: bool = False
 
 
 @dataclass(frozen=True)

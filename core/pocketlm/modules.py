@@ -24,11 +24,19 @@ def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def find_architecture(model: nn.Module, architectures: Iterable[Architecture]) -> Architecture:
-    """The registered architecture whose ``model_types`` holds ``model.config.model_type``."""
+    """The registered architecture whose ``model_types`` holds ``model.config.model_type``; of
+    several, the first whose ``layers`` exists in ``model`` (a bare encoder and its masked-LM
+    wrapper keep their layers at different paths)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for architecture in architectures:
-        if model_type in architecture.model_types:
-            return architecture
+    candidates = [a for a in architectures if model_type in a.model_types]
+    for architecture in candidates:
+        try:
+            get_module(model, architecture.layers)
+        except AttributeError:
+            continue
+        return architecture
+    if candidates:
+        return candidates[0]
     known = sorted({t for a in architectures for t in a.model_types})
     raise PocketError(
         f"no architecture is registered for model type {model_type!r}",
@@ -61,3 +69,17 @@ def select_linears(model: nn.Module, targets: Iterable[str], ignore: Iterable[st
         for name, module in model.named_modules()
         if name and is_linear(module) and matches(name, targets) and not matches(name, ignore)
     }
+
+
+def auto_class(config):
+    """The transformers auto class that builds a model of ``config``: the masked-LM class when
+    its ``architectures`` name one (``BertForMaskedLM``), the bare model class when they name
+    one (``BertModel``: a sentence encoder has no head), else the causal-LM class."""
+    import transformers
+
+    names = list(getattr(config, "architectures", None) or [])
+    if any(n.endswith("ForMaskedLM") for n in names):
+        return transformers.AutoModelForMaskedLM
+    if any(n.endswith("Model") and not n.endswith("LMHeadModel") for n in names):
+        return transformers.AutoModel
+    return transformers.AutoModelForCausalLM

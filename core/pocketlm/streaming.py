@@ -212,20 +212,21 @@ def parameters_on_meta() -> Iterator[None]:
 
 def build_shell(config, dtype: torch.dtype) -> nn.Module:
     """A model of ``config`` with every parameter on the meta device."""
-    from transformers import AutoModelForCausalLM
+    from .modules import auto_class
 
     with parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class(config).from_config(config, dtype=dtype)
     return model.eval()
 
 
 def find_layers_path(model: nn.Module) -> str:
     """Where the decoder layers are: the built-in family's table, else the longest ModuleList."""
-    from .builtins.architectures import GPT2, LLAMA, OPT, PHI3
+    from .builtins import architectures
     from .modules import find_architecture
 
+    families = [v for v in vars(architectures).values() if isinstance(v, Architecture)]
     try:
-        return find_architecture(model, (LLAMA, PHI3, GPT2, OPT)).layers
+        return find_architecture(model, families).layers
     except PocketError:
         lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
         return max(lists)[1]

@@ -95,7 +95,61 @@ OPT = Architecture(
 )
 
 
+_BQ, _BK, _BV = "attention.self.query", "attention.self.key", "attention.self.value"
+_BO, _BIN, _BOUT = "attention.output.dense", "intermediate.dense", "output.dense"
+
+
+def _bert(name: str, model_types: tuple[str, ...], prefix: str = "", head: str = "") -> Architecture:
+    """The BERT layout (BERT, MiniLM, BGE, RoBERTa), under ``prefix`` ("" for the bare model,
+    "bert." inside a masked-LM wrapper). Post-norm: each LayerNorm also normalizes the residual,
+    so no scale folds through one; only v -> o folds exactly (attention is linear in v)."""
+    return Architecture(
+        name=name,
+        model_types=model_types,
+        layers=prefix + "encoder.layer",
+        embed=prefix + "embeddings.word_embeddings",
+        extra_embeddings=(prefix + "embeddings.position_embeddings", prefix + "embeddings.token_type_embeddings"),
+        lm_head=head,
+        final_norm="",
+        sequential=((_BQ, _BK, _BV), (_BO,), (_BIN,), (_BOUT,)),
+        smooth=(Smooth(_BV, (_BO,)),),
+        mlp_in=(_BIN,),
+        mlp_out=_BOUT,
+        attention={"q": _BQ, "k": _BK, "v": _BV, "o": _BO, "heads_key": "num_attention_heads"},
+        encoder=True,
+    )
+
+
+def _distilbert(name: str, prefix: str = "", head: str = "") -> Architecture:
+    q, k, v, o = "attention.q_lin", "attention.k_lin", "attention.v_lin", "attention.out_lin"
+    return Architecture(
+        name=name,
+        model_types=("distilbert",),
+        layers=prefix + "transformer.layer",
+        embed=prefix + "embeddings.word_embeddings",
+        extra_embeddings=(prefix + "embeddings.position_embeddings",),
+        lm_head=head,
+        final_norm="",
+        sequential=((q, k, v), (o,), ("ffn.lin1",), ("ffn.lin2",)),
+        smooth=(Smooth(v, (o,)),),
+        mlp_in=("ffn.lin1",),
+        mlp_out="ffn.lin2",
+        attention={"q": q, "k": k, "v": v, "o": o, "heads_key": "n_heads"},
+        layer_count_key="n_layers",
+        intermediate_size_key="hidden_dim",
+        encoder=True,
+    )
+
+
+BERT = _bert("bert", ("bert",))
+BERT_MLM = _bert("bert-mlm", ("bert",), "bert.", "cls.predictions.decoder")
+ROBERTA = _bert("roberta", ("roberta", "xlm-roberta"))
+ROBERTA_MLM = _bert("roberta-mlm", ("roberta", "xlm-roberta"), "roberta.", "lm_head.decoder")
+DISTILBERT = _distilbert("distilbert")
+DISTILBERT_MLM = _distilbert("distilbert-mlm", "distilbert.", "vocab_projector")
+
+
 @hookimpl
 def register_architectures(register):
-    for architecture in (LLAMA, PHI3, GPT2, OPT):
+    for architecture in (LLAMA, PHI3, GPT2, OPT, BERT, BERT_MLM, ROBERTA, ROBERTA_MLM, DISTILBERT, DISTILBERT_MLM):
         register(architecture)

@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from .. import hookimpl, streaming
+from .. import hookimpl, sentence, streaming
 from ..components import Exporter, Options
 from ..modules import set_module
 from ..weights import QuantizedEmbedding, QuantizedLinear, dense_linear
@@ -49,6 +49,8 @@ def export_hf(model, path, options, context) -> None:
     dense.save_pretrained(path, safe_serialization=True)
     if context is not None and context.tokenizer is not None:
         context.tokenizer.save_pretrained(path)
+    if getattr(dense.config, sentence.CONFIG_KEY, None):
+        sentence.write_sentence_transformers(dense, path)   # sentence-transformers loads it too
 
 
 @hookimpl

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hookimpl, streaming
+from .. import hookimpl, sentence, streaming
 from ..checkpoint import is_checkpoint, load_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
@@ -119,7 +119,9 @@ def load_streamed_folder(folder: Path, options) -> LoadedModel:
 
 
 def load_folder(source: str, options) -> LoadedModel:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..modules import auto_class
 
     folder = Path(source).expanduser()
     if streaming.is_streamed_checkpoint(folder):
@@ -141,9 +143,12 @@ def load_folder(source: str, options) -> LoadedModel:
                           fix="convert the weights to safetensors, or set allow_pickle = true in [model] "
                           "if you trust the folder")
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        trust = bool(getattr(options, "trust_remote_code", False))
+        model_class = auto_class(AutoConfig.from_pretrained(folder, trust_remote_code=trust))
+        model = model_class.from_pretrained(
             folder, dtype=_dtype(options), use_safetensors=not allow_pickle or bool(safetensors),
-            trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
+            trust_remote_code=trust)
+        sentence.read_pooling(model, folder)
         tokenizer = AutoTokenizer.from_pretrained(
             folder, trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
     except PocketError:

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "phi3", "gpt2", "opt")
+#: Encoder families: a bare model (sentence embeddings) and masked-LM wrappers.
+ENCODERS = ("bert", "bert-mlm", "roberta", "distilbert", "distilbert-mlm")
 VOCAB = 256
 
 
@@ -38,19 +40,31 @@ def tiny_config(family: str, *, vocab_size: int = VOCAB, hidden: int = 64, layer
                             num_attention_heads=heads, max_position_embeddings=1024,
                             word_embed_proj_dim=hidden, pad_token_id=0, bos_token_id=1,
                             eos_token_id=2, **common)
-    raise ValueError(f"unknown family {family!r}; choose from {ARCHITECTURES}")
+    if family in ("bert", "bert-mlm", "roberta"):
+        cls = tf.RobertaConfig if family == "roberta" else tf.BertConfig
+        return cls(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                   num_attention_heads=heads, max_position_embeddings=514, pad_token_id=0,
+                   architectures=["BertForMaskedLM" if family == "bert-mlm" else cls.__name__.replace("Config", "Model")],
+                   **common)
+    if family in ("distilbert", "distilbert-mlm"):
+        return tf.DistilBertConfig(dim=hidden, hidden_dim=intermediate, n_layers=layers, n_heads=heads,
+                                   max_position_embeddings=512, pad_token_id=0,
+                                   architectures=["DistilBertForMaskedLM" if family.endswith("mlm") else "DistilBertModel"],
+                                   **common)
+    raise ValueError(f"unknown family {family!r}; choose from {ARCHITECTURES + ENCODERS}")
 
 
 def tiny_model(family: str = "llama", *, seed: int = 0, outliers: bool = False, **sizes):
-    """A tiny randomly initialised causal LM of ``family`` in float32 eval mode.
+    """A tiny randomly initialised model of ``family`` in float32 eval mode: a causal LM, or an
+    encoder (``ENCODERS``: the bare model, or its masked-LM wrapper for ``*-mlm``).
 
     ``outliers`` scales a few hidden channels of every norm (or embedding) up, giving the
     heavy-tailed activations real LLMs have, which activation-aware methods exploit."""
-    from transformers import AutoModelForCausalLM
+    from ..modules import auto_class
 
     torch.manual_seed(seed)
     config = tiny_config(family, **sizes)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = auto_class(config).from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for parameter in model.parameters():  # a wider init than HF's 0.02 gives livelier outputs
             if parameter.dim() == 2:
@@ -72,11 +86,12 @@ def tiny_windows(n: int = 8, seq_len: int = 32, *, vocab_size: int = VOCAB, seed
     return torch.randint(3, vocab_size, (n, seq_len), generator=generator)
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
+@functools.lru_cache(maxsize=2)
+def tiny_tokenizer(encoder: bool = False):
     """A byte-level BPE tokenizer with a vocabulary of 256, trained on the bundled calibration
-    text in about a second (no download)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    text in about a second (no download). ``encoder``: BERT's special tokens (``[PAD]`` is id 0)
+    and ``[CLS] ... [SEP]`` around every sentence."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     from ..data import DEFAULT_CALIBRATION_TEXT, read_text, resolve_text
@@ -85,9 +100,15 @@ def tiny_tokenizer():
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+    special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] if encoder else ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator([text[i:i + 2000] for i in range(0, len(text), 2000)], trainer)
+    if encoder:
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>",
                                    eos_token="</s>")
 
@@ -95,7 +116,8 @@ def tiny_tokenizer():
 def save_tiny_model(folder: Path, family: str = "llama", **kwargs) -> Path:
     """Save a tiny model and the tiny tokenizer as a transformers folder (safetensors)."""
     folder = Path(folder)
-    model = tiny_model(family, vocab_size=len(tiny_tokenizer()), **kwargs)
+    tokenizer = tiny_tokenizer(encoder=family in ENCODERS)
+    model = tiny_model(family, vocab_size=len(tokenizer), **kwargs)
     model.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
