@@ -44,6 +44,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
 from .errors import PocketError
+from .modules import find_architecture
 from .recipe import Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
@@ -261,8 +262,9 @@ class Run:
         for metric in metrics:
             evaluator = self.plugins.evaluators[metric]
             with self._guard(f"{when} ({metric})", "evaluators", metric):
+                options = self.recipe.evaluators.get(metric) or evaluator.options()  # a default metric
                 results.update(self.plugins.hook.evaluate(model=model, evaluator=evaluator,
-                                                          options=self.recipe.evaluators[metric], context=context))
+                                                          options=options, context=context))
         return results
 
     def _finished_stages(self) -> int:
@@ -316,6 +318,14 @@ class Run:
                     self.run_dir = self.final_dir
             return report
 
+    def _default_metrics(self, model) -> list[str]:
+        """The recipe's metrics; when it names none and the model is an encoder, the encoder
+        defaults (an encoder has no next-token distribution, so no perplexity)."""
+        evaluate = self.recipe.file.evaluate
+        if "metrics" in evaluate.model_fields_set or not _is_encoder(model, self.plugins):
+            return evaluate.metrics
+        return list(ENCODER_METRICS)
+
     def _execute(self) -> dict:
         distributed.barrier()  # every process starts once rank 0 has prepared the folder
         evaluate = self.recipe.file.evaluate
@@ -326,13 +336,14 @@ class Run:
             self.log(f"offload disk: {len(streaming.stream_of(model))} decoder layers stream from "
                      f"{self.recipe.file.model.source}, one at a time")
 
+        metrics = self._default_metrics(model)
         before_path = self.run_dir / "eval-before.json"
-        if evaluate.before and evaluate.metrics and self.writer:
+        if evaluate.before and metrics and self.writer:
             if before_path.exists():
                 before = json.loads(before_path.read_text())
             else:
                 self.log("evaluating the model before compression")
-                before = self._evaluate(model, tokenizer, evaluate.metrics, when="evaluation before the stages")
+                before = self._evaluate(model, tokenizer, metrics, when="evaluation before the stages")
                 atomic.write_json(before_path, before)
         else:
             before = {}
@@ -362,8 +373,8 @@ class Run:
             export_path = self._export(model, tokenizer)
 
         self.log("evaluating the compressed model")
-        after = self._evaluate(model, tokenizer, evaluate.metrics, export_path,
-                               when="evaluation after the stages") if evaluate.metrics else {}
+        after = self._evaluate(model, tokenizer, metrics, export_path,
+                               when="evaluation after the stages") if metrics else {}
         self.model, self.tokenizer = model, tokenizer  # for the Python API (pocketlm.run)
         report = {
             "recipe": str(self.recipe.path) if self.recipe.path else None,
@@ -490,6 +501,17 @@ class Run:
                                          context=self._context(tokenizer, export_path=target))
         self.exporter = exporter  # the card names what wrote the files (format "auto" chose it here)
         return target
+
+
+#: What an encoder is measured by when the recipe names no metrics.
+ENCODER_METRICS = ("embedding-fidelity", "retrieval", "size")
+
+
+def _is_encoder(model, plugins) -> bool:
+    try:
+        return find_architecture(model, plugins.architectures).encoder
+    except PocketError:
+        return False
 
 
 # --------------------------------------------------------------------------- report

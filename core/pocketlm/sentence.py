@@ -75,15 +75,18 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    # Batches of similar lengths waste little on padding (sentence-transformers sorts too).
+    order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
     out = []
     with torch.no_grad():
-        for start in range(0, len(sentences), batch_size):
-            batch = tokenizer(sentences[start:start + batch_size], padding=True, truncation=True,
+        for start in range(0, len(order), batch_size):
+            batch = tokenizer([sentences[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt").to(device)
             vectors = pool(last_hidden(model, **batch).float(), batch["attention_mask"], settings["mode"])
             out.append((F.normalize(vectors, dim=-1) if settings["normalize"] else vectors).cpu())
     model.train(was_training)
-    return torch.cat(out)
+    vectors = torch.cat(out) if out else torch.zeros(0, 0)
+    return vectors[torch.argsort(torch.tensor(order))] if order else vectors
 
 
 def write_sentence_transformers(model, folder: Path) -> None:

@@ -222,6 +222,7 @@ def build_shell(config, dtype: torch.dtype) -> nn.Module:
 def find_layers_path(model: nn.Module) -> str:
     """Where the decoder layers are: the built-in family's table, else the longest ModuleList."""
     from .builtins import architectures
+    from .components import Architecture
     from .modules import find_architecture
 
     families = [v for v in vars(architectures).values() if isinstance(v, Architecture)]

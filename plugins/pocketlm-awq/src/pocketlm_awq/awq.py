@@ -527,8 +527,12 @@ class AWQHandler:
 # ---------------------------------------------------------------------------- compress
 
 
-def check_model(model: nn.Module, architecture, options: AWQOptions) -> dict[str, nn.Module]:
-    """The linears AWQ will quantize, after refusing what it cannot do with a clear message."""
+def check_model(model: nn.Module, architecture, options: AWQOptions, log=None) -> dict[str, nn.Module]:
+    """The linears AWQ will quantize, after refusing what it cannot do with a clear message.
+
+    With the default ``targets = ["*"]``, linears outside the layers (an encoder's pooler or
+    masked-LM transform) are left in float and logged: the user asked for "everything AWQ can
+    do", not for those. Named any other way, they are an error."""
     if not architecture.smooth:
         raise PocketError(
             f"architecture {architecture.name!r} has no scale-folding pairs (Architecture.smooth is empty), "
@@ -539,7 +543,11 @@ def check_model(model: nn.Module, architecture, options: AWQOptions) -> dict[str
     if not targets:
         raise PocketError("awq: no linear layer matches targets/ignore", field="targets")
     outside = [n for n in targets if not n.startswith(architecture.layers + ".")]
-    if outside:
+    if outside and options.targets == ["*"]:
+        if log is not None:
+            log(f"awq: {', '.join(outside[:5])} {'is' if len(outside) == 1 else 'are'} outside the layers; left in float")
+        targets = {n: m for n, m in targets.items() if n not in outside}
+    elif outside:
         raise PocketError(f"awq quantizes the linears of the decoder layers only; these are outside them: "
                           f"{', '.join(outside[:5])}", field="ignore", fix=f"add {outside[0]!r} to ignore")
     if options.group_size != -1:
@@ -559,7 +567,7 @@ def check_model(model: nn.Module, architecture, options: AWQOptions) -> dict[str
 
 def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
     architecture = context.architecture(model)  # raises a PocketError naming register_architectures
-    targets = check_model(model, architecture, options)
+    targets = check_model(model, architecture, options, context.log)
     if options.backend == "llmcompressor":
         from .backend_llmcompressor import compress_with_llmcompressor
 

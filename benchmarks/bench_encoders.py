@@ -1,0 +1,210 @@
+"""Encoders: all-MiniLM-L6-v2 quantized, pruned, distilled and exported to ONNX, beside its peers.
+
+Every pocketlm row is a recipe run by the CLI (`pocketlm run`), as a user would; the recipes are
+written to OUT/recipes. Each is measured by the built-in encoder evaluators against the original
+model: `retrieval` (recall@1 and MRR@10, first sentence of a WikiText-2 test paragraph against
+the rest of it, among all passages; 500 pairs) and `embedding-fidelity` (mean cosine to the
+original's sentence embeddings, 256 held-out sentences). Calibration: WikiText-2 valid, 64
+windows of 128 tokens, seed 0.
+
+Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); depth 6 -> 3
+(every other layer kept) then encoder distillation; the hybrid (depth, distillation, int8 of
+every linear and of the token embedding) exported to ONNX: the recipe committed as
+docs/examples/recipes/minilm-hybrid.toml.
+
+ONNX Runtime rows: the original in float32 and the hybrid (pocketlm's `onnx` exporter), and the
+peers in their own environment (benchmarks/peers/encoder_peers.py): Optimum's export with ONNX
+Runtime dynamic int8 quantization, and sentence-transformers' ONNX int8 export, all scored on the
+same pairs with the same scoring code, timed at batch 1 on the same 200 sentences.
+
+    bash benchmarks/peers/setup_encoder_peers.sh
+    flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_encoders.py [--only NAME,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER_PYTHON = ROOT / "benchmarks" / ".venvs" / "encoder-peers" / "bin" / "python"
+HYBRID_RECIPE = ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml"
+METRICS = '["embedding-fidelity", "retrieval", "size"]'
+HEADER = f"""[model]
+source = "demo:all-minilm-l6-v2"
+
+[calibration]
+samples = 64
+seq_len = 128
+seed = 0
+
+[evaluate]
+metrics = {METRICS}
+before = false
+"""
+
+
+def stage(method: str, **options) -> str:
+    lines = ["[[stages]]", f'method = "{method}"']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    return "\n".join(lines) + "\n"
+
+
+INT8_ALL = dict(bits=8, group_size=-1, symmetric=True, targets=["*", "embed"], ignore=[])
+ROWS = {
+    "original": "",
+    "rtn-int8": stage("rtn", bits=8, group_size=-1, symmetric=True),
+    "gptq-int8": stage("gptq", bits=8, group_size=-1, symmetric=True),
+    "rtn-int4-g32": stage("rtn", bits=4, group_size=32),
+    "gptq-int4-g32": stage("gptq", bits=4, group_size=32),
+    "magnitude-50": stage("magnitude", sparsity=0.5),
+    "wanda-50": stage("wanda", sparsity=0.5),
+    "sparsegpt-50": stage("sparsegpt", sparsity=0.5),
+}
+
+
+def run_recipe(name: str, text: str, out: Path, export: str | None = None) -> dict:
+    """Run one recipe through the CLI; its report.json."""
+    recipes = out / "recipes"
+    recipes.mkdir(parents=True, exist_ok=True)
+    recipe = recipes / f"{name}.toml"
+    body = HEADER + text + (f'\n[export]\nformat = "{export}"\npath = "export"\n' if export else "")
+    recipe.write_text(body)
+    return _run(recipe, out / name)
+
+
+def _run(recipe: Path, run_dir: Path) -> dict:
+    started = time.perf_counter()
+    result = subprocess.run([str(ROOT / ".venv" / "bin" / "pocketlm"), "run", str(recipe), "--run-dir", str(run_dir),
+                             "--overwrite"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"{recipe.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    report = json.loads((run_dir / "report.json").read_text())
+    report["wall_s"] = time.perf_counter() - started
+    return report
+
+
+def texts(pairs: int = 500, timing: int = 200) -> dict:
+    from pocketlm.builtins.encoder_evaluators import evaluation_sentences, retrieval_pairs
+    from pocketlm.data import DEFAULT_EVALUATION_TEXT, read_text, resolve_text
+
+    text = read_text(resolve_text(DEFAULT_EVALUATION_TEXT))
+    found = retrieval_pairs(text, pairs)
+    return {"queries": [q for q, _ in found], "passages": [p for _, p in found],
+            "timing": evaluation_sentences(text, timing)}
+
+
+def scores(queries: np.ndarray, passages: np.ndarray) -> dict:
+    from pocketlm.builtins.encoder_evaluators import mrr_at, recall_at, retrieval_ranks
+
+    ranks = retrieval_ranks(torch.from_numpy(np.asarray(queries, dtype=np.float32)),
+                            torch.from_numpy(np.asarray(passages, dtype=np.float32)))
+    return {"recall_at_1": recall_at(ranks, 1), "mrr_at_10": mrr_at(ranks, 10)}
+
+
+def onnx_row(name: str, export: Path, sentences: dict) -> dict:
+    """Score and time a pocketlm ONNX export in ONNX Runtime."""
+    from transformers import AutoTokenizer
+
+    from pocketlm_onnx import runtime
+
+    tokenizer = AutoTokenizer.from_pretrained(export)
+    row = {"name": name, "onnx_bytes": sum(p.stat().st_size for p in export.glob("*.onnx*"))}
+    for threads, key in ((None, "threads_all"), (1, "threads_1")):
+        session = runtime.session(export, threads=threads)
+        if threads is None:
+            row.update(scores(runtime.embed(session, tokenizer, sentences["queries"]),
+                              runtime.embed(session, tokenizer, sentences["passages"])))
+        row[f"sentences_per_s_batch1_{key}"] = best_rate(
+            lambda batch: runtime.embed(session, tokenizer, batch, batch_size=1), sentences["timing"])
+    return row
+
+
+def best_rate(encode, sentences: list[str], repeats: int = 3) -> float:
+    encode(sentences[:4])
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for sentence in sentences:
+            encode([sentence])
+        best = min(best, time.perf_counter() - started)
+    return len(sentences) / best
+
+
+def peer_rows(model_folder: Path, sentences: dict, out: Path) -> list[dict]:
+    if not PEER_PYTHON.exists():
+        return [{"name": "peers", "error": f"peer environment missing: bash benchmarks/peers/setup_encoder_peers.sh"}]
+    peers = out / "peers"
+    peers.mkdir(parents=True, exist_ok=True)
+    (peers / "texts.json").write_text(json.dumps(sentences))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    subprocess.run([str(PEER_PYTHON), str(ROOT / "benchmarks" / "peers" / "encoder_peers.py"), "--model", str(model_folder),
+                    "--texts", str(peers / "texts.json"), "--out", str(peers)], check=False, env=env)
+    rows = []
+    for peer in ("optimum-int8", "st-onnx-int8"):
+        found = peers / f"{peer}.json"
+        row = json.loads(found.read_text()) if found.exists() else {"error": "no result"}
+        row["name"] = peer
+        if "error" not in row:
+            row.update(scores(np.load(peers / f"{peer}-queries.npy"), np.load(peers / f"{peer}-passages.npy")))
+        rows.append(row)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-encoders")
+    parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    from pocketlm.builtins.loaders import demo_folder
+
+    folder = demo_folder("all-minilm-l6-v2")
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    wanted = set(args.only.split(",")) if args.only else None
+
+    def want(name: str) -> bool:
+        return wanted is None or name in wanted
+
+    for name, text in ROWS.items():
+        if want(name):
+            report = run_recipe(name, text, args.out)
+            results[name] = {"after": report["after"], "stages": [s["metrics"] for s in report["stages"]],
+                             "wall_s": report["wall_s"]}
+            _save(results_file, results)
+    sentences = texts()
+    if want("original-onnx"):
+        run_recipe("original-onnx", "", args.out, export="onnx")
+        results["original-onnx"] = onnx_row("original-onnx", args.out / "original-onnx" / "export", sentences)
+        _save(results_file, results)
+    if want("hybrid"):
+        report = _run(HYBRID_RECIPE, args.out / "hybrid")
+        results["hybrid"] = {"stages": [{"method": s["method"], "seconds": s["seconds"], **s["metrics"]}
+                                        for s in report["stages"]],
+                             "after": report["after"], "wall_s": report["wall_s"],
+                             "onnx": onnx_row("hybrid-onnx", args.out / "hybrid" / "export", sentences)}
+        _save(results_file, results)
+    if want("peers"):
+        results["peers"] = peer_rows(folder, sentences, args.out)
+        _save(results_file, results)
+    print(json.dumps(results, indent=2))
+
+
+def _save(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(path)
+
+
+if __name__ == "__main__":
+    main()
