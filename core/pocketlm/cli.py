@@ -264,14 +264,15 @@ def methods(as_json):
 
 @main.command(name="eval")
 @click.argument("model")
-@click.option("--metrics", default="perplexity,size,parameters,sparsity", show_default=True)
+@click.option("--metrics", default=None, help="comma-separated metrics (default: perplexity,size,parameters,sparsity; "
+              "for an encoder: embedding-fidelity,retrieval,size,parameters,sparsity)")
 @click.option("--windows", type=click.IntRange(min=1), help="perplexity windows (default 32)")
 @_handle_errors
 def eval_(model, metrics, windows):
     """Evaluate MODEL (a folder, a .gguf file, a run's stage folder or demo:NAME)."""
     from .recipe import parse_recipe
 
-    names = [m.strip() for m in metrics.split(",") if m.strip()]
+    names = [m.strip() for m in (metrics or "").split(",") if m.strip()]
     text = f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = {json.dumps(names)}\nper_stage = []\n'
     if windows is not None and "perplexity" in names:
         text += f"[evaluate.perplexity]\nwindows = {windows}\n"
@@ -282,6 +283,11 @@ def eval_(model, metrics, windows):
 
     run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress(), owns_folder=False)
     loaded = run_._load_source(model)
+    if not names:
+        from .pipeline import ENCODER_METRICS, _is_encoder
+
+        encoder = _is_encoder(loaded.model, loaded_plugins)
+        names = [*(ENCODER_METRICS if encoder else ("perplexity", "size")), "parameters", "sparsity"]
     results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
     table = Table(title=model)
     table.add_column("metric")

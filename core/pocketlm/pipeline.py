@@ -519,7 +519,10 @@ def _is_encoder(model, plugins) -> bool:
 _COLUMNS = [("perplexity", "perplexity", "{:.2f}"), ("size_mb", "size (MB)", "{:.1f}"),
             ("bits_per_weight", "bits/weight", "{:.2f}"), ("parameters", "parameters", "{:,.0f}"),
             ("sparsity", "sparsity", "{:.1%}"), ("kl_divergence", "KL divergence", "{:.4f}"),
-            ("top1_agreement", "top-1 agreement", "{:.1%}")]
+            ("top1_agreement", "top-1 agreement", "{:.1%}"), ("embedding_fidelity", "embedding cosine", "{:.4f}"),
+            ("recall_at_1", "recall@1", "{:.1%}"), ("mrr_at_10", "MRR@10", "{:.3f}"),
+            ("sentences_per_s_batch1", "sentences/s (batch 1)", "{:.1f}"),
+            ("sentences_per_s_batch32", "sentences/s (batch 32)", "{:.1f}")]
 
 
 def _columns(report: dict) -> list[tuple[str, str, str]]:

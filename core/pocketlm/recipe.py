@@ -458,6 +458,7 @@ def _check_source(recipe: Recipe, plugins, locate) -> None:
                           file=locate.file, line=line, field="model.source",
                           fix="install a plugin that registers it (register_architectures hook); "
                           f"known model types: {', '.join(known)}")
+    _check_encoder_metrics(recipe, plugins, model_type, locate)
     context = _context_length(config)
     calibration = recipe.file.calibration
     if context and recipe.stages and calibration.seq_len > context:
@@ -469,6 +470,27 @@ def _check_source(recipe: Recipe, plugins, locate) -> None:
         raise PocketError(f"seq_len {perplexity.seq_len} is longer than the model's context of {context} tokens",
                           file=locate.file, line=locate(("evaluate", "perplexity", "seq_len")),
                           field="evaluate.perplexity.seq_len", fix=f"set seq_len to {context} or less")
+
+
+NEXT_TOKEN_METRICS = ("perplexity", "kl-divergence", "top1-agreement")
+
+
+def _check_encoder_metrics(recipe: Recipe, plugins, model_type, locate) -> None:
+    """An encoder predicts no next token: refuse the metrics that need one, where the recipe names
+    them (with no metrics named, the run picks the encoder defaults)."""
+    candidates = [a for a in plugins.architectures if model_type in a.model_types]
+    if not candidates or not all(a.encoder for a in candidates):
+        return
+    evaluate = recipe.file.evaluate
+    named = {"metrics": evaluate.metrics if "metrics" in evaluate.model_fields_set else [],
+             "per_stage": evaluate.per_stage}
+    for key, metrics in named.items():
+        for metric in NEXT_TOKEN_METRICS:
+            if metric in metrics:
+                raise PocketError(f"{metric} measures next-token predictions, but {model_type!r} is an encoder",
+                                  file=locate.file, line=locate(("evaluate", key)), field=f"evaluate.{key}",
+                                  fix='measure an encoder by its embeddings: metrics = ["embedding-fidelity", '
+                                  '"retrieval", "size"]')
 
 
 def _check_texts(recipe: Recipe, base: Path, locate, plugins=None) -> None:

@@ -17,17 +17,19 @@ from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
 from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
+from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder
 
 
 class PerplexityOptions(Options):
     text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file to evaluate on (or builtin:NAME)")
     windows: int = Field(32, ge=1, description="number of windows, taken in order from the start")
     seq_len: int = Field(512, ge=2, description="tokens per window")
-    batch_size: int = Field(4, ge=1)
+    batch_size: int = Field(4, ge=1, description="windows per forward pass")
 
 
 def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
     """exp(mean next-token NLL) over the first ``windows`` non-overlapping windows."""
+    refuse_encoder(model, context, "perplexity")
     base = Path(context.recipe.get("_base", ".")) if context and context.recipe else None
     check_context_length(model, options.seq_len, "evaluate.perplexity.seq_len")
     text = resolve_text(options.text, base)
@@ -129,12 +131,14 @@ def _divergence_pass(model, options: DivergenceOptions, context) -> tuple[torch.
 
 def kl_divergence(model, options: DivergenceOptions, context) -> dict[str, float]:
     """Mean and 99th percentile of KL(original || model) per token, in nats."""
+    refuse_encoder(model, context, "kl-divergence")
     kl, _ = divergence_from_original(model, options, context)
     return {"kl_divergence": kl.mean().item(), "kl_divergence_p99": torch.quantile(kl.double(), 0.99).item()}
 
 
 def top1_agreement(model, options: DivergenceOptions, context) -> dict[str, float]:
     """Share of positions where the model's most likely next token is the original's."""
+    refuse_encoder(model, context, "top1-agreement")
     _, agree = divergence_from_original(model, options, context)
     return {"top1_agreement": agree.float().mean().item()}
 
@@ -233,18 +237,23 @@ def parameters(model, options, context) -> dict[str, float]:
 
 
 class LatencyOptions(Options):
-    prompt_tokens: int = Field(128, ge=1)
-    new_tokens: int = Field(32, ge=1)
-    repeats: int = Field(3, ge=1)
+    prompt_tokens: int = Field(128, ge=1, description="causal LMs: tokens of the prompt")
+    new_tokens: int = Field(32, ge=1, description="causal LMs: tokens generated greedily")
+    repeats: int = Field(3, ge=1, description="timed runs after the warm-up; the best one counts")
+    max_length: int = Field(128, ge=2, description="encoders: tokens per sentence at most (the prompt and "
+                            "new tokens are for causal LMs)")
 
 
 def latency(model, options: LatencyOptions, context) -> dict[str, float]:
-    """CPU tokens/s of one forward pass over a prompt, and of greedy generation (batch 1)."""
+    """CPU tokens/s of one forward pass over a prompt, and of greedy generation (batch 1); for an
+    encoder, sentences/s one at a time and in a batch of 32 (:func:`encoder_latency`)."""
     if streaming.is_streamed(model):
         from ..errors import PocketError
 
         raise PocketError("latency measures the whole model in memory; this one streams from disk",
                           field="evaluate.metrics", fix="drop latency from the metrics, or set offload = \"none\"")
+    if is_encoder(model, context):
+        return encoder_latency(model, context.tokenizer, options.max_length, options.repeats)
     vocab = model.config.vocab_size
     prompt = torch.arange(options.prompt_tokens, device=module_device(model)).remainder(vocab - 10).add(5).unsqueeze(0)
     with torch.no_grad():

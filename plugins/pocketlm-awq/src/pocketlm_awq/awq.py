@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect, Smooth
@@ -58,20 +58,23 @@ class AWQOptions(Options):
       and ``search_tokens`` covering every calibration token).
     """
 
-    bits: Literal[3, 4, 8] = 4
-    group_size: int = 128
-    symmetric: bool = False
-    targets: list[str] = ["*"]
-    ignore: list[str] = ["lm_head"]
-    n_grid: int = 20
-    duo_scaling: bool = True
-    clip: bool = True
-    clip_qk: bool = False
-    clip_grid: int = 20
-    max_shrink: float = 0.5
-    max_clip_tokens: int = 512
-    search_tokens: int | None = 2048
-    backend: Literal["pocketlm", "llmcompressor"] = "pocketlm"
+    bits: Literal[3, 4, 8] = Field(4, description="bits per weight")
+    group_size: int = Field(128, description="input columns sharing one scale (-1, 32, 64 or 128); must divide "
+                            "every target's input width")
+    symmetric: bool = Field(False, description="zero point 2**(bits-1) instead of a fitted one")
+    targets: list[str] = Field(["*"], description="module-name patterns to quantize (linears inside the layers)")
+    ignore: list[str] = Field(["lm_head"], description="module-name patterns left in float")
+    n_grid: int = Field(20, description="points of the scale exponent grid in [0, 1)")
+    duo_scaling: bool = Field(True, description="divide the activation scale by mean|w|^(1-alpha)")
+    clip: bool = Field(True, description="search per-group clipping bounds after the scales")
+    clip_qk: bool = Field(False, description="also clip the q and k projections")
+    clip_grid: int = Field(20, description="clipping steps from max|w| down to (1 - max_shrink) max|w|")
+    max_shrink: float = Field(0.5, description="the largest fraction of max|w| the clip search may cut")
+    max_clip_tokens: int = Field(512, description="calibration tokens the clip search measures on")
+    search_tokens: int | None = Field(2048, description="calibration tokens the scale search measures its "
+                                      "loss on (whole sequences, first first); null: all")
+    backend: Literal["pocketlm", "llmcompressor"] = Field(
+        "pocketlm", description="this implementation, or llm-compressor's AWQModifier in its own environment")
 
     @field_validator("group_size")
     @classmethod

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
@@ -36,7 +37,7 @@ PACK = 8  # 4-bit values per int32 word
 
 
 class AWQExportOptions(Options):
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from typing import Literal
 import gguf
 import numpy as np
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 import pocketlm
@@ -82,15 +82,18 @@ class GGUFOptions(Options):
       the tokenizer when unset.
     """
 
-    filename: str = "model.gguf"
-    dtype: Literal["f16", "f32"] = "f16"
-    quantize: Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = "none"
-    fallback: Literal["auto", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "f16", "f32"] = "auto"
-    targets: list[str] = ["*"]
-    ignore: list[str] = ["lm_head"]
-    name: str | None = None
-    tokenizer: bool = True
-    tokenizer_pre: str | None = None
+    filename: str = Field("model.gguf", description="the file written inside the export folder")
+    dtype: Literal["f16", "f32"] = Field("f16", description="storage of dense matrices (norms and biases: F32)")
+    quantize: Literal["none", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"] = Field(
+        "none", description="llama.cpp block type for the dense linears that targets/ignore select")
+    fallback: Literal["auto", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1", "f16", "f32"] = Field(
+        "auto", description="block type for a quantized grid with no exact block form (auto: same size class)")
+    targets: list[str] = Field(["*"], description="module-name patterns that quantize applies to")
+    ignore: list[str] = Field(["lm_head"], description="module-name patterns kept in dtype")
+    name: str | None = Field(None, description="general.name (default: the model's name or path)")
+    tokenizer: bool = Field(True, description="write the tokenizer into the metadata")
+    tokenizer_pre: str | None = Field(None, description="llama.cpp pre-tokenizer name (tokenizer.ggml.pre); "
+                                      "guessed from the tokenizer when unset")
 
     @field_validator("filename")
     @classmethod

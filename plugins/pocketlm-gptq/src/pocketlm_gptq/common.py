@@ -44,12 +44,15 @@ class QuantOptions(Options):
       cannot, so it is off by default and such a layer is refused up front.
     """
 
-    bits: Literal[2, 3, 4, 5, 6, 8] = 4
-    group_size: Literal[-1, 16, 32, 64, 128] = 64
-    symmetric: bool = True
-    targets: list[str] = ["*"]
-    ignore: list[str] = ["lm_head", EMBED_ALIAS]
-    allow_partial_group: bool = False
+    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="bits per weight (5 and 6: gguf export only)")
+    group_size: Literal[-1, 16, 32, 64, 128] = Field(
+        64, description="input columns sharing one scale; -1: one scale per output channel")
+    symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)); false: asymmetric")
+    targets: list[str] = Field(["*"], description="module-name patterns to quantize; \"embed\" and \"lm_head\" "
+                               "name the token embedding and the head")
+    ignore: list[str] = Field(["lm_head", EMBED_ALIAS], description="module-name patterns left in float")
+    allow_partial_group: bool = Field(False, description="accept a group size that does not divide a layer's "
+                                      "input width (the gptq format holds it; compressed-tensors and vLLM do not)")
     grid: str = Field("minmax", description="grid rule choosing each group's scale and zero point "
                       "(minmax, weighted-mse, or one a plugin registers, such as q4_k)")
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pocketlm import Options, PocketError, is_streamed, streaming
@@ -35,7 +36,7 @@ class CTExportOptions(Options):
     """``dtype``: dtype of the dense tensors (norms, embeddings, unquantized layers); scales are
     always stored in float16, the dtype pocketlm's grids hold them in."""
 
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
 
 
 def check_compressed_tensors(model: nn.Module, options: CTExportOptions) -> list[str]:

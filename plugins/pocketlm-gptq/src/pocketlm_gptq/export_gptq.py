@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
@@ -45,8 +46,9 @@ class GPTQExportOptions(Options):
     (zero as is; holds any asymmetric grid). ``dtype``: dtype of the tensors that are not
     quantized (norms, embeddings, biases)."""
 
-    checkpoint_format: Literal["gptq", "gptq_v2"] = "gptq"
-    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    checkpoint_format: Literal["gptq", "gptq_v2"] = Field(
+        "gptq", description="gptq (v1: zero points stored minus one, what vLLM assumes) or gptq_v2")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
 
 
 def _quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:

@@ -24,6 +24,7 @@ import math
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pocketlm.modules import get_module
@@ -46,11 +47,12 @@ class GPTQOptions(QuantOptions):
       GPTQModifier run in its own environment on the same windows, loaded back as grids).
     """
 
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = True
-    true_sequential: bool = True
-    backend: Literal["pocketlm", "llmcompressor"] = "pocketlm"
+    damp: float = Field(0.01, description="fraction of the mean Hessian diagonal added to the diagonal")
+    block_size: int = Field(128, description="columns quantized before a lazy batch update of the rest")
+    act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal (static groups)")
+    true_sequential: bool = Field(True, description="observe each group of linears after quantizing the previous one")
+    backend: Literal["pocketlm", "llmcompressor"] = Field(
+        "pocketlm", description="this implementation, or llm-compressor's GPTQModifier in its own environment")
 
     def model_post_init(self, __context) -> None:  # pydantic hook: cross-field checks
         if not 0 < self.damp < 1:

@@ -3,7 +3,10 @@
 * ``magnitude``, ``wanda``, ``sparsegpt``: unstructured or N:M (2:4, 4:8) sparsity, recorded as
   masks (:func:`pocketlm.weights.set_mask`) that later stages keep;
 * ``prune-width``: removes MLP channels and attention heads (GQA groups) physically;
-* ``prune-depth``: removes whole decoder layers.
+* ``prune-depth``: removes whole layers, scored or chosen by hand.
+
+Every method works on decoders (causal LMs) and encoders (the BERT family) alike, through the
+architecture tables; nothing is named per family.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from pocketlm import PHASE_RESTRUCTURE, PHASE_SPARSIFY, Method, hookimpl
 from . import depth, magnitude, sparsegpt, wanda, width
 from .common import prune_effect
 
-__version__ = "0.1.3"
+__version__ = "0.2.0"
 POCKETLM_API = ">=1.3,<2"
 
 _NOT_AFTER = frozenset({"quantize"})
@@ -38,7 +41,7 @@ def methods() -> list[Method]:
                needs_calibration=True, effect=width.effect, phase=PHASE_RESTRUCTURE, not_after=_NOT_AFTER,
                plan=width.plan),
         Method(name="prune-depth", kind="prune", options=depth.DepthOptions, compress=depth.compress,
-               summary="remove whole decoder layers by block influence or perplexity change",
+               summary="remove whole layers: by block influence, loss or sentence-embedding change, or by index",
                needs_calibration=True, effect=depth.effect, phase=PHASE_RESTRUCTURE, not_after=_NOT_AFTER,
                plan=depth.plan),
     ]

@@ -37,13 +37,20 @@ class PruneOptions(Options):
       weights, the mean over layers stays ``sparsity``); ``owl_threshold`` (M) and
       ``owl_lambda`` (largest deviation from the mean) are the OWL paper's defaults."""
 
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0)
-    pattern: Literal["2:4", "4:8"] | None = None
-    targets: list[str] = ["*"]
-    ignore: list[str] = ["lm_head"]
-    layer_sparsity: Literal["uniform", "owl"] = "uniform"
-    owl_threshold: float = Field(5.0, gt=0)
-    owl_lambda: float = Field(0.08, ge=0, lt=0.5)
+    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of each targeted weight matrix set to zero")
+    pattern: Literal["2:4", "4:8"] | None = Field(
+        None, description='"2:4" or "4:8": keep N of every M consecutive weights along the input dimension '
+        "(replaces sparsity, which is then N/M); None: unstructured")
+    targets: list[str] = Field(["*"], description="module-name patterns of the layer linears to prune")
+    ignore: list[str] = Field(["lm_head"], description="module-name patterns left dense (the head: with tied "
+                              "embeddings, pruning it would prune the input embedding)")
+    layer_sparsity: Literal["uniform", "owl"] = Field(
+        "uniform", description='"uniform": every layer gets sparsity; "owl": layers with more activation '
+        "outliers keep more weights, the mean stays sparsity")
+    owl_threshold: float = Field(5.0, gt=0, description="OWL: a score above this many times the layer's mean "
+                                 "counts as an outlier")
+    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL: largest deviation of a layer's sparsity "
+                              "from the mean")
 
     @model_validator(mode="after")
     def _check(self):

@@ -1,11 +1,16 @@
-"""Depth pruning: remove whole decoder layers.
+"""Depth pruning: remove whole layers (of a decoder or of an encoder).
 
-Layers are ranked on calibration data by
+The layers to remove are either chosen by hand (``drop = [1, 3, 5]``, or ``keep = "every-other"``
+for a DistilBERT-style student) or ranked on calibration data by
 
 * ``metric="block-influence"`` (ShortGPT, Men et al., 2024): ``1 − cos(x_in, x_out)`` of the
   layer's input and output hidden state, averaged over calibration tokens; a layer that barely
-  turns the residual stream does little;
-* ``metric="perplexity"``: the increase of the calibration loss when the layer alone is left out.
+  turns the residual stream does little. The calibration windows are full (no padding), so every
+  token counts, in a decoder and in an encoder alike;
+* ``metric="perplexity"`` (causal LMs): the increase of the calibration loss when the layer alone
+  is left out;
+* ``metric="embedding"`` (encoders): ``1 − cos`` of the final sentence embedding (the model's own
+  pooling) with and without the layer, averaged over calibration windows framed as sentences.
 
 The ``layers`` lowest-ranked layers are removed at once. The config's layer count (and
 ``layer_types`` where present) is updated and every ``layer_idx`` attribute is renumbered, so
@@ -15,28 +20,67 @@ key/value caching keeps working and the result loads with plain transformers.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect, require_whole_model
-from pocketlm.modules import decoder_layers, set_module
+from pocketlm.modules import decoder_layers, get_module, set_module
+from pocketlm.sentence import last_hidden, pool, pooling
+
+SCORED_FIELDS = ("layers", "metric", "samples")
 
 
 class DepthOptions(Options):
-    layers: int = Field(1, ge=1)
-    metric: Literal["block-influence", "perplexity"] = "block-influence"
-    samples: int = Field(8, ge=1)  # calibration windows per evaluation for metric="perplexity"
+    """Remove the ``layers`` lowest-scoring layers by ``metric``, or the layers named by ``drop`` /
+    ``keep`` (then nothing is scored and ``layers``, ``metric`` and ``samples`` stay unset)."""
+
+    layers: int = Field(1, ge=1, description="how many layers to remove, the lowest-scoring ones by metric")
+    metric: Literal["block-influence", "perplexity", "embedding"] = Field(
+        "block-influence", description='how layers are scored: "block-influence" (1 - cos of a layer\'s input and '
+        'output hidden state), "perplexity" (calibration-loss increase without the layer; causal LMs) or '
+        '"embedding" (1 - cos of the sentence embedding with and without the layer; encoders)')
+    samples: int = Field(8, ge=1, description="calibration windows per evaluation for metric = perplexity or "
+                         "embedding")
+    drop: list[int] | None = Field(None, description="zero-based indices of the layers to remove, chosen by hand "
+                                   "(no scoring), e.g. [1, 3, 5]")
+    keep: Literal["every-other"] | None = Field(
+        None, description='"every-other": keep layers 0, 2, 4, ... and remove the odd ones, chosen by hand (a '
+        "DistilBERT-style student)")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.drop is not None and self.keep is not None:
+            raise ValueError("give drop or keep, not both")
+        scored = sorted(set(SCORED_FIELDS) & self.model_fields_set)
+        if self.chosen_by_hand and scored:
+            raise ValueError(f"{', '.join(scored)} score layers, drop/keep choose them by hand: give one or the other")
+        if self.drop is not None:
+            if not self.drop:
+                raise ValueError("drop names no layer")
+            if min(self.drop) < 0:
+                raise ValueError("drop takes zero-based layer indices (0 is the first layer)")
+            if len(set(self.drop)) != len(self.drop):
+                raise ValueError("drop names a layer twice")
+        return self
+
+    @property
+    def chosen_by_hand(self) -> bool:
+        return self.drop is not None or self.keep is not None
 
 
 REFERENCE_DEPTH = 30  # used only to estimate the size effect before a model is known
 
 
 def effect(options: DepthOptions) -> SizeEffect:
-    return SizeEffect(params_removed=min(1.0, options.layers / REFERENCE_DEPTH), features=frozenset({"restructured"}))
+    if options.keep == "every-other":
+        removed = 0.5
+    else:
+        removed = min(1.0, (len(options.drop) if options.drop is not None else options.layers) / REFERENCE_DEPTH)
+    return SizeEffect(params_removed=removed, features=frozenset({"restructured"}))
 
 
 def plan(budget=None) -> list[dict]:
@@ -56,6 +100,36 @@ def block_influence(x_in: torch.Tensor, x_out: torch.Tensor) -> torch.Tensor:
 def lowest(scores: list[float], count: int) -> list[int]:
     """Indices of the ``count`` lowest scores, ascending by index."""
     return sorted(sorted(range(len(scores)), key=lambda i: scores[i])[:count])
+
+
+def every_other(count: int) -> list[int]:
+    """The layers ``keep = "every-other"`` removes: the odd ones (1, 3, 5, ...)."""
+    return list(range(1, count, 2))
+
+
+def hand_chosen(options: DepthOptions, count: int) -> list[int]:
+    """The layers ``drop`` / ``keep`` name, checked against the model's ``count`` layers."""
+    if options.keep == "every-other":
+        return every_other(count)
+    outside = [i for i in options.drop if i >= count]
+    if outside:
+        raise PocketError(f"drop names layers {outside}, but the model has {count} layers (0 to {count - 1})",
+                          field="drop", fix=f"name layers between 0 and {count - 1}")
+    if len(options.drop) >= count:
+        raise PocketError(f"drop names all {count} layers of the model; at least one must stay", field="drop")
+    return sorted(options.drop)
+
+
+def frame_as_sentences(windows: torch.Tensor, tokenizer) -> torch.Tensor:
+    """``windows`` with their first and last token replaced by the tokenizer's ``[CLS]`` and
+    ``[SEP]``, so an encoder sees each window as it sees a sentence (CLS pooling reads the first
+    token). Unchanged when the tokenizer has no such tokens."""
+    cls, sep = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+    if cls is None or sep is None or windows.shape[1] < 3:
+        return windows
+    framed = windows.clone()
+    framed[:, 0], framed[:, -1] = cls, sep
+    return framed
 
 
 # ---------------------------------------------------------------------------- the model
@@ -80,9 +154,14 @@ class _Influence:
         self._sum, self._tokens = 0.0, 0
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 @torch.no_grad()
 def _loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float:
     total, count = 0.0, 0
+    windows = windows.to(_device(model))
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start:start + batch_size]
         logits = model(input_ids=batch, use_cache=False).logits.float()
@@ -92,22 +171,50 @@ def _loss(model: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> float
     return total / count
 
 
-def perplexity_scores(model: nn.Module, arch, windows: torch.Tensor) -> list[float]:
-    """Calibration loss increase when each layer alone is left out."""
+@torch.no_grad()
+def _embeddings(model: nn.Module, windows: torch.Tensor, mode: str, batch_size: int = 8) -> torch.Tensor:
+    """Pooled final hidden states ``[windows, width]`` of an encoder (no padding: every token counts)."""
+    windows = windows.to(_device(model))
+    out = []
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start:start + batch_size]
+        mask = torch.ones_like(batch)
+        out.append(pool(last_hidden(model, input_ids=batch, attention_mask=mask).float(), mask, mode))
+    return torch.cat(out)
+
+
+def _without_each_layer(model: nn.Module, arch, measure: Callable[[], float]) -> list[float]:
+    """``measure()`` with each layer alone left out, in order; the model is whole again afterwards."""
     layers = decoder_layers(model, arch)
-    base = _loss(model, windows)
     scores = []
     try:
         for index in range(len(layers)):
             set_module(model, arch.layers, nn.ModuleList([l for i, l in enumerate(layers) if i != index]))
-            scores.append(_loss(model, windows) - base)
+            scores.append(measure())
     finally:
         set_module(model, arch.layers, layers)
     return scores
 
 
+def perplexity_scores(model: nn.Module, arch, windows: torch.Tensor) -> list[float]:
+    """Calibration loss increase when each layer alone is left out."""
+    base = _loss(model, windows)
+    return [loss - base for loss in _without_each_layer(model, arch, lambda: _loss(model, windows))]
+
+
+def embedding_scores(model: nn.Module, arch, windows: torch.Tensor) -> list[float]:
+    """``1 − cos`` of each window's sentence embedding with and without each layer, averaged."""
+    mode = pooling(model)["mode"]
+    base = _embeddings(model, windows, mode)
+
+    def change() -> float:
+        return float(1 - F.cosine_similarity(_embeddings(model, windows, mode), base, dim=-1).mean())
+
+    return _without_each_layer(model, arch, change)
+
+
 def remove_layers(model: nn.Module, arch, remove: list[int]) -> None:
-    """Drop decoder layers ``remove`` and renumber what is left (config and ``layer_idx``)."""
+    """Drop layers ``remove`` and renumber what is left (config and ``layer_idx``)."""
     layers = decoder_layers(model, arch)
     count = len(layers)
     kept = nn.ModuleList([layer for i, layer in enumerate(layers) if i not in set(remove)])
@@ -116,6 +223,9 @@ def remove_layers(model: nn.Module, arch, remove: list[int]) -> None:
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = new_index
+    container = get_module(model, arch.layers.rpartition(".")[0])
+    if isinstance(getattr(container, arch.layer_count_key, None), int):  # DistilBERT's Transformer.n_layers
+        setattr(container, arch.layer_count_key, len(kept))
     config = model.config
     setattr(config, arch.layer_count_key, len(kept))
     layer_types = getattr(config, "layer_types", None)
@@ -123,34 +233,69 @@ def remove_layers(model: nn.Module, arch, remove: list[int]) -> None:
         config.layer_types = [t for i, t in enumerate(layer_types) if i not in set(remove)]
 
 
+def check_metric(metric: str, arch) -> None:
+    """Refuse a metric the model cannot be scored by: perplexity needs next-token logits, the
+    sentence embedding needs an encoder."""
+    if metric == "perplexity" and arch.encoder:
+        raise PocketError(f'metric = "perplexity" needs next-token predictions, but the model is an encoder '
+                          f"(architecture {arch.name!r})", field="metric",
+                          fix='use metric = "embedding" (the sentence embedding\'s change without the layer) '
+                          'or "block-influence" for an encoder')
+    if metric == "embedding" and not arch.encoder:
+        raise PocketError(f'metric = "embedding" scores the sentence embedding of an encoder, but the model is '
+                          f"architecture {arch.name!r}", field="metric",
+                          fix='use metric = "perplexity" or "block-influence" for a causal LM')
+
+
 class DepthPruner:
     def __init__(self, options: DepthOptions, context):
         self.options, self.context = options, context
+        self.removed: list[int] = []
+        self.scores: list[float] | None = None
+
+    def score(self, model: nn.Module, arch) -> list[float]:
+        """One score per layer by ``metric``: the lowest are removed."""
+        metric = self.options.metric
+        check_metric(metric, arch)
+        if metric == "block-influence":
+            handler = _Influence()
+            self.context.walk(model, handler, sequential=False, description="block influence")
+            return handler.scores
+        windows = self.context.calibration_windows()[: self.options.samples]
+        if metric == "embedding":
+            return embedding_scores(model, arch, frame_as_sentences(windows, self.context.tokenizer))
+        use_cache = getattr(model.config, "use_cache", None)
+        try:
+            return perplexity_scores(model, arch, windows)
+        finally:
+            model.config.use_cache = use_cache
+
+    def choose(self, model: nn.Module, arch, count: int) -> list[int]:
+        if self.options.chosen_by_hand:
+            return hand_chosen(self.options, count)
+        if self.options.layers >= count:
+            raise PocketError(f"cannot remove {self.options.layers} of {count} layers", field="layers",
+                              fix=f"remove at most {count - 1}")
+        self.scores = self.score(model, arch)
+        return lowest(self.scores, self.options.layers)
 
     def __call__(self, model: nn.Module) -> nn.Module:
         arch = self.context.architecture(model)
         count = len(decoder_layers(model, arch))
-        if self.options.layers >= count:
-            raise PocketError(f"cannot remove {self.options.layers} of {count} layers", field="layers")
         if getattr(model.config, "scale_attn_by_inverse_layer_idx", False):
             raise PocketError("this model scales attention by its layer index; removing layers would change "
                               "the scaling of every later layer")
-        if self.options.metric == "block-influence":
-            handler = _Influence()
-            self.context.walk(model, handler, sequential=False, description="block influence")
-            scores = handler.scores
-        else:
-            windows = self.context.calibration_windows()[: self.options.samples]
-            use_cache = getattr(model.config, "use_cache", None)
-            scores = perplexity_scores(model, arch, windows)
-            model.config.use_cache = use_cache
-        remove = lowest(scores, self.options.layers)
-        remove_layers(model, arch, remove)
-        self.context.log(f"prune-depth ({self.options.metric}): scores "
-                         + ", ".join(f"{s:.4f}" if math.isfinite(s) else str(s) for s in scores)
-                         + f"; removed layers {remove}")
-        self.removed, self.scores = remove, scores
+        self.removed = self.choose(model, arch, count)
+        remove_layers(model, arch, self.removed)
+        self.context.log(f"prune-depth ({self.describe()}): removed layers {self.removed}; "
+                         f"{count} -> {count - len(self.removed)} layers")
         return model
+
+    def describe(self) -> str:
+        if self.scores is None:
+            return f"keep = {self.options.keep}" if self.options.keep else "drop chosen by hand"
+        return f"{self.options.metric} scores " + ", ".join(
+            f"{s:.4f}" if math.isfinite(s) else str(s) for s in self.scores)
 
 
 def compress(model: nn.Module, options: DepthOptions, context) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 
 from pocketlm import PocketError, require_whole_model
@@ -21,7 +22,9 @@ from pocketlm.weights import linear_weight
 
 
 class MagnitudeOptions(PruneOptions):
-    scope: Literal["layer", "global"] = "layer"
+    scope: Literal["layer", "global"] = Field(
+        "layer", description='"layer": rank each weight matrix on its own; "global": one threshold over every '
+        "targeted weight of the model (layers with small weights lose more)")
 
 
 # ------------------------------------------------------------------------- pure tensors

@@ -21,8 +21,10 @@ from .common import CalibratedPruner, PruneOptions, Targeting, layer_sparsities,
 
 
 class SparseGPTOptions(PruneOptions):
-    block_size: int = Field(128, gt=0)
-    damp: float = Field(0.01, gt=0)
+    block_size: int = Field(128, gt=0, description="columns whose mask is chosen together before their error "
+                            "is spread over the columns to their right")
+    damp: float = Field(0.01, gt=0, description="added to the Hessian's diagonal, as a fraction of its mean, so "
+                        "it inverts stably")
 
 
 # ------------------------------------------------------------------------- pure tensors

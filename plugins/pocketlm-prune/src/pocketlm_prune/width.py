@@ -33,10 +33,14 @@ class WidthOptions(Options):
     kept), and/or ``head_ratio`` (fraction of key/value groups removed, each with its query
     heads) or ``kv_heads`` (groups kept)."""
 
-    mlp_ratio: float | None = Field(None, ge=0, lt=1)
-    intermediate_size: int | None = Field(None, gt=0)
-    head_ratio: float | None = Field(None, ge=0, lt=1)
-    kv_heads: int | None = Field(None, gt=0)
+    mlp_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of MLP intermediate channels removed "
+                                    "from every layer")
+    intermediate_size: int | None = Field(None, gt=0, description="MLP intermediate channels kept in every layer "
+                                          "(instead of mlp_ratio)")
+    head_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of key/value head groups removed "
+                                     "from every layer, each with its query heads")
+    kv_heads: int | None = Field(None, gt=0, description="key/value head groups kept in every layer (instead "
+                                 "of head_ratio)")
 
     @model_validator(mode="after")
     def _check(self):
@@ -156,41 +160,67 @@ class Shapes:
             self.head_dim = o_in // self.heads
 
 
+def _common_parent(names: list[str]) -> str:
+    """The deepest module that holds every one of ``names`` (``attention`` for BERT's
+    ``attention.self.query`` and ``attention.output.dense``)."""
+    parts = [name.split(".")[:-1] for name in names]
+    common = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _build_empty(cls, config) -> nn.Module:
+    """A module of ``cls`` made from ``config`` on the meta device (shapes only, no memory), the
+    way transformers builds it when it loads a model."""
+    with torch.device("meta"):
+        try:
+            return cls(config, layer_idx=0)
+        except TypeError:  # encoders (DistilBERT) take no layer index
+            return cls(config)
+
+
 def _check_heads_loadable(model: nn.Module, arch, shapes: Shapes, heads: int, kv: int) -> None:
     """Build a fresh attention module from the updated config and make sure transformers would
-    give it the sliced shapes; families whose config cannot state ``head_dim`` fail here."""
+    give it the sliced shapes; families whose attention derives the head width from
+    ``hidden_size / heads`` (GPT-2, OPT, BERT, DistilBERT) fail here."""
     att = arch.attention
     layer = decoder_layers(model, arch)[0]
-    attention_name = _parent(att["o"])
-    attention = get_module(layer, attention_name)
+    projections = {key: att[key] for key in ("q", "k", "v", "o", "qkv") if key in att}
+    attention_name = _common_parent(list(projections.values()))
+    attention = get_module(layer, attention_name) if attention_name else layer
     config = copy.deepcopy(model.config)
     setattr(config, att["heads_key"], heads)
     if att.get("kv_heads_key"):
         setattr(config, att["kv_heads_key"], kv)
     config.head_dim = shapes.head_dim
+    hidden = shapes.config.hidden_size
+    expect = {att["o"]: (hidden, heads * shapes.head_dim)}
+    if "qkv" in att:
+        expect[att["qkv"]] = ((heads + 2 * kv) * shapes.head_dim, hidden)
+    else:
+        expect.update({att["q"]: (heads * shapes.head_dim, hidden), att["k"]: (kv * shapes.head_dim, hidden),
+                       att["v"]: (kv * shapes.head_dim, hidden)})
     problem = None
     try:
-        probe = type(attention)(config, layer_idx=0)
-        expect = {att["o"]: (shapes.config.hidden_size, heads * shapes.head_dim)}
-        if "qkv" in att:
-            expect[att["qkv"]] = ((heads + 2 * kv) * shapes.head_dim, shapes.config.hidden_size)
-        else:
-            expect.update({att["q"]: (heads * shapes.head_dim, shapes.config.hidden_size),
-                           att["k"]: (kv * shapes.head_dim, shapes.config.hidden_size),
-                           att["v"]: (kv * shapes.head_dim, shapes.config.hidden_size)})
-        prefix = attention_name + "."
+        probe = _build_empty(type(attention), config)
+        prefix = attention_name + "." if attention_name else ""
         for name, shape in expect.items():
-            got = linear_shape(get_module(probe, name[len(prefix):]))
-            if tuple(got) != shape:
-                problem = f"{name} would load as {tuple(got)} instead of {shape}"
+            got = tuple(linear_shape(get_module(probe, name[len(prefix):])))
+            if got != shape:
+                problem = f"{name} would load as {got} instead of {shape}"
+                break
     except Exception as exc:  # noqa: BLE001 - any failure means transformers cannot load the result
         problem = f"{type(exc).__name__}: {exc}"
     if problem:
         raise PocketError(
-            f"head pruning is not possible for model type {model.config.model_type!r}: its config derives "
-            f"the head width from hidden_size / heads, so transformers could not load a head-pruned model "
-            f"({problem})", field="head_ratio",
-            fix="prune MLP channels only (mlp_ratio / intermediate_size) for this family")
+            f"head pruning is not possible for model type {model.config.model_type!r}: its attention derives "
+            f"the head width from hidden_size / heads and its config cannot state another, so transformers "
+            f"could not load a head-pruned model ({problem})", field="head_ratio",
+            fix="prune MLP channels only (mlp_ratio / intermediate_size) for this family, or whole layers "
+            "with prune-depth")
 
 
 class _Importance:
