@@ -7,10 +7,10 @@ the rest of it, among all passages; 500 pairs) and `embedding-fidelity` (mean co
 original's sentence embeddings, 256 held-out sentences). Calibration: WikiText-2 valid, 64
 windows of 128 tokens, seed 0.
 
-Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); depth 6 -> 3
-(every other layer kept) then encoder distillation; the hybrid (depth, distillation, int8 of
-every linear and of the token embedding) exported to ONNX: the recipe committed as
-docs/examples/recipes/minilm-hybrid.toml.
+Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); the hybrid
+(depth 6 -> 3, distillation, int8 of every linear and of the token embedding) exported to ONNX,
+docs/examples/recipes/minilm-hybrid.toml, whose per-stage rows give depth alone and depth then
+distillation; and its 4-layer variant, docs/examples/recipes/minilm-hybrid-4layers.toml.
 
 ONNX Runtime rows: the original in float32 and the hybrid (pocketlm's `onnx` exporter), and the
 peers in their own environment (benchmarks/peers/encoder_peers.py): Optimum's export with ONNX
@@ -36,7 +36,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / "benchmarks" / ".venvs" / "encoder-peers" / "bin" / "python"
-HYBRID_RECIPE = ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml"
+HYBRIDS = {"hybrid": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml",
+           "hybrid-4layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-4layers.toml"}
 METRICS = '["embedding-fidelity", "retrieval", "size"]'
 HEADER = f"""[model]
 source = "demo:all-minilm-l6-v2"
@@ -58,7 +59,6 @@ def stage(method: str, **options) -> str:
     return "\n".join(lines) + "\n"
 
 
-INT8_ALL = dict(bits=8, group_size=-1, symmetric=True, targets=["*", "embed"], ignore=[])
 ROWS = {
     "original": "",
     "rtn-int8": stage("rtn", bits=8, group_size=-1, symmetric=True),
@@ -163,7 +163,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-encoders")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
+    parser.add_argument("--report", action="store_true", help="print the tables of results.json and stop")
     args = parser.parse_args()
+    if args.report:
+        print(tables(json.loads((args.out / "results.json").read_text())))
+        return
     torch.set_num_threads(os.cpu_count() or 1)
     from pocketlm.builtins.loaders import demo_folder
 
@@ -186,17 +190,58 @@ def main() -> None:
         run_recipe("original-onnx", "", args.out, export="onnx")
         results["original-onnx"] = onnx_row("original-onnx", args.out / "original-onnx" / "export", sentences)
         _save(results_file, results)
-    if want("hybrid"):
-        report = _run(HYBRID_RECIPE, args.out / "hybrid")
-        results["hybrid"] = {"stages": [{"method": s["method"], "seconds": s["seconds"], **s["metrics"]}
+    for name, recipe in HYBRIDS.items():
+        if want(name):
+            report = _run(recipe, args.out / name)
+            results[name] = {"stages": [{"method": s["method"], "seconds": s["seconds"], **s["metrics"]}
                                         for s in report["stages"]],
                              "after": report["after"], "wall_s": report["wall_s"],
-                             "onnx": onnx_row("hybrid-onnx", args.out / "hybrid" / "export", sentences)}
-        _save(results_file, results)
+                             "onnx": onnx_row(f"{name}-onnx", args.out / name / "export", sentences)}
+            _save(results_file, results)
     if want("peers"):
         results["peers"] = peer_rows(folder, sentences, args.out)
         _save(results_file, results)
     print(json.dumps(results, indent=2))
+
+
+def tables(results: dict) -> str:
+    """docs/bench/encoders.md from results.json (ratios against the original's scores)."""
+    base = results["original"]["after"]
+
+    def share(row: dict, key: str) -> str:
+        return f"{row[key]:.3f} ({row[key] / base[key]:.1%})"
+
+    lines = ["| row | embedding cosine | recall@1 (share) | MRR@10 (share) | size estimate (MB) | wall (s) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name in ROWS:
+        if name in results:
+            row = results[name]["after"]
+            lines.append(f"| {name} | {row['embedding_fidelity']:.4f} | {share(row, 'recall_at_1')} | "
+                         f"{share(row, 'mrr_at_10')} | {row['size_mb']:.1f} | {results[name]['wall_s']:.0f} |")
+    for name in HYBRIDS:
+        if name in results:
+            for number, stage in enumerate(results[name]["stages"], 1):
+                lines.append(f"| {name}, after {number}: {stage['method']} | {stage['embedding_fidelity']:.4f} | "
+                             f"{share(stage, 'recall_at_1')} | {share(stage, 'mrr_at_10')} | {stage['size_mb']:.1f} | "
+                             f"{stage['seconds']:.0f} (stage) |")
+    onnx = [results[n] for n in ("original-onnx",) if n in results]
+    onnx += [results[n]["onnx"] for n in HYBRIDS if n in results]
+    onnx += [r for r in results.get("peers", []) if "error" not in r]
+    reference = results.get("original-onnx")
+    lines += ["", "| ONNX Runtime | model bytes (MB) | smaller | recall@1 (share) | MRR@10 (share) | "
+              "sentences/s, batch 1 (speed-up) | 1 thread (speed-up) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for row in onnx:
+        size = row["onnx_bytes"] / 1e6
+        smaller = reference["onnx_bytes"] / row["onnx_bytes"] if reference else float("nan")
+        fast = row["sentences_per_s_batch1_threads_all"]
+        one = row["sentences_per_s_batch1_threads_1"]
+        lines.append(f"| {row['name']} | {size:.1f} | {smaller:.2f}x | {share(row, 'recall_at_1')} | "
+                     f"{share(row, 'mrr_at_10')} | {fast:.1f} ({fast / reference['sentences_per_s_batch1_threads_all']:.2f}x) | "
+                     f"{one:.1f} ({one / reference['sentences_per_s_batch1_threads_1']:.2f}x) |")
+    for row in results.get("peers", []):
+        if "error" in row:
+            lines.append(f"| {row['name']} | failed: {row['error']} | | | | | |")
+    return "\n".join(lines) + "\n"
 
 
 def _save(path: Path, results: dict) -> None:

@@ -67,3 +67,16 @@ def test_registry_lists_what_installed_plugins_register():
         assert sorted(info.provides.get("methods", [])) == sorted(entry.get("methods", [])), name
         assert sorted(info.provides.get("exporters", [])) == sorted(entry.get("exporters", [])), name
         assert sorted(info.provides.get("grid_rules", [])) == sorted(entry.get("grid_rules", [])), name
+
+
+def test_every_option_of_every_installed_component_is_described():
+    """`pocketlm methods` and `pocketlm schema` print each option's description."""
+    from pocketlm.plugins import get_plugins
+
+    plugins = get_plugins()
+    missing = []
+    for table in ("methods", "evaluators", "exporters"):
+        for component in getattr(plugins, table).values():
+            missing += [f"{table}:{component.name}.{n}" for n, f in component.options.model_fields.items()
+                        if not f.description]
+    assert not missing, missing

@@ -154,8 +154,9 @@ class Exporter:
     ``export(model, path, options, context)`` writes into ``path``, a fresh temporary folder the
     core renames into place when it returns, so an export is never seen half-written.
     ``represents`` is the set of model features it can write (``"dense"``, ``"quantized"``,
-    ``"masked"``, ``"restructured"``). ``check(model, options)`` optionally returns a list of
-    problems that stop the export before anything is written. ``packs`` is the subset of
+    ``"masked"``, ``"restructured"``). ``check(model, options)`` or ``check(model, options, context)``
+    optionally returns a list of problems that stop the export before anything is written; the
+    three-argument form receives the run's context (``context.architecture(model)``). ``packs`` is the subset of
     ``represents`` it stores compactly (a quantized grid as integers, not dequantized floats);
     the planner exports quantized candidates with an exporter that packs them (see
     ``SizeEffect.features`` for ``"quantized-embedding"``)."""
@@ -169,6 +170,16 @@ class Exporter:
     summary: str = ""
     streams: bool = False   # writes a model streamed from disk layer by layer (pocketlm.streaming)
     library: str = "transformers"   # what reads the export: the model card's Hub library_name
+
+    def problems(self, model, options, context=None) -> list[str]:
+        """What ``check`` finds wrong (empty: the export can go ahead), passing ``context`` to a
+        check that takes one."""
+        if self.check is None:
+            return []
+        import inspect
+
+        takes_context = len(inspect.signature(self.check).parameters) >= 3
+        return self.check(model, options, context) if takes_context else self.check(model, options)
 
 
 @dataclass(frozen=True)

@@ -466,7 +466,7 @@ class Run:
             if streaming.is_streamed(model) and not exporter.streams:
                 continue
             options = exporter.options()
-            if exporter.check is None or not exporter.check(model, options):
+            if not exporter.problems(model, options, self._context(None)):
                 return exporter, options
         raise PocketError("no installed export format can write this model", field="export.format",
                           fix="install an exporter plugin, or change the stages")
@@ -488,7 +488,7 @@ class Run:
                               "by layer), or set offload = \"none\" in [model] if the model fits in memory")
         if exporter.check is not None:
             with self._guard(f"export ({exporter.name}) check", "exporters", exporter.name):
-                problems = exporter.check(model, export_options)
+                problems = exporter.problems(model, export_options, self._context(tokenizer))
             if problems:
                 raise PocketError(f"export format {exporter.name!r} cannot write this model: " + "; ".join(problems),
                                   field="export.format", fix="choose another format, or change the stages")

@@ -214,8 +214,9 @@ def build_options(method: Method, options: Mapping[str, Any] | Options | None = 
 
 def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaults_build: bool = True,
                   plugins=None) -> None:
-    """The options model is closed, frozen, has buildable defaults and survives the JSON
-    round trip; ``effect`` and ``plan`` are well-formed."""
+    """The options model is closed, frozen, describes every option (``pocketlm methods`` prints
+    the descriptions), has buildable defaults and survives the JSON round trip; ``effect`` and
+    ``plan`` are well-formed."""
     plugins = _plugins(plugins)
     method: Method = _component(plugins, "methods", name)
     problems: list[str] = []
@@ -226,6 +227,10 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
                         "subclass pocketlm.Options and do not change model_config['extra']")
     if not config.get("frozen"):
         problems.append(f"{cls.__name__} is not frozen; subclass pocketlm.Options and keep frozen=True")
+    undescribed = [n for n, f in cls.model_fields.items() if not f.description]
+    if undescribed:
+        problems.append(f"{cls.__name__} has options without a description: {', '.join(undescribed)}; declare each "
+                        "as Field(default, description=\"...\") (pocketlm methods prints it)")
     if defaults_build:
         try:
             cls()
@@ -666,7 +671,7 @@ def check_exporter(name: str, options: Mapping[str, Any] | None = None, *, model
     model = prepared_model(family, method, method_options, plugins=plugins) if model is None else model
     problems: list[str] = []
     if exporter.check is not None:
-        found = exporter.check(model, built)
+        found = exporter.problems(model, built, make_context(plugins=plugins))
         if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
             problems.append(f"check(model, options) returned {found!r}; expected a list of strings")
         elif found:

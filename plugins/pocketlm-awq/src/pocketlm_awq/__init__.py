@@ -12,7 +12,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import awq, export_awq
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 POCKETLM_API = ">=1.3,<2"
 
 

@@ -12,6 +12,13 @@ independent of T (Hinton et al., 2015). ``P_i`` is a learned linear projection w
 student's width differs from the teacher's (trained with the student, never exported), and the
 identity otherwise.
 
+Encoders (the BERT family, ``Architecture.encoder``) train on sentence and passage chunks with
+their special tokens and an attention mask instead of causal windows, and their loss is chosen for
+what the model is for: pooled sentence embeddings (cosine or MSE) for a bare encoder, KL and MLM
+cross-entropy on BERT-style masked positions for a masked-LM encoder, hidden states compared per
+real token (cosine, as DistilBERT); ``student_layers`` first cuts the student to some of the
+teacher's layers (DistilBERT: half of them, spread from first to last). See :mod:`.encoder`.
+
 Defaults follow Minitron ("LLM Pruning and Distillation in Practice", Sreenivas et al., 2024),
 which recovers pruned LLMs by logit-only KD: temperature 1, KL on logits only, AdamW with a
 peak learning rate of 1e-4, linear warm-up and cosine decay to a tenth of the peak. 1e-4 is
@@ -62,20 +69,22 @@ import contextlib
 import copy
 import csv
 import hashlib
+import itertools
 import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import model_validator
+from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, data, require_whole_model
-from pocketlm.modules import matches, set_module
+from pocketlm import Options, PocketError, data, require_whole_model, sentence
+from pocketlm.modules import decoder_layers, matches, set_module
 from pocketlm.weights import (
     QuantizedEmbedding,
     QuantizedLinear,
@@ -85,6 +94,21 @@ from pocketlm.weights import (
     quantize,
 )
 
+from .encoder import (
+    IGNORE,
+    Collate,
+    Examples,
+    Masking,
+    chosen_layers,
+    embedding_loss,
+    keep_layers,
+    masking_for,
+    sentence_embedding,
+    text_chunks,
+    token_loss,
+    tokenize_chunks,
+)
+
 STATE_FILE = "distill-state.pt"
 TEACHER_FILE = "distill-teacher-{}.safetensors"  # a corrected teacher, by its index
 
@@ -92,31 +116,55 @@ TEACHER_FILE = "distill-teacher-{}.safetensors"  # a corrected teacher, by its i
 class DistillOptions(Options):
     """Options of ``distill``."""
 
-    teacher: str | None = None          # a model source; None: the model before the first stage
-    teachers: list[str] | None = None   # several sources: their probabilities are averaged
-    text: str | None = None             # training text; None: the recipe's calibration text
-    seq_len: int | None = None          # None: the calibration seq_len, else 512
-    steps: int | None = None            # optimizer steps ...
-    tokens: int | None = None           # ... or a token budget (exactly one of the two)
-    batch_size: int = 8                 # global micro-batch (windows), split over processes
-    grad_accum: int = 1                 # micro-batches per optimizer step
-    lr: float = 1e-4                    # Minitron's peak rate for KD recovery
-    min_lr_ratio: float = 0.1           # cosine decays to lr * min_lr_ratio
-    warmup_steps: int | None = None     # None: 5% of the steps, at most 100
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float = 1.0          # 0 disables clipping
-    temperature: float = 1.0
-    kl_weight: float = 1.0
-    ce_weight: float = 0.0
-    hidden_weight: float = 0.0
-    layer_map: dict[str, int] | None = None  # student layer -> teacher layer, e.g. {"0": 0, "1": 2}
-    quantized: Literal["ste", "freeze"] = "ste"
-    freeze: list[str] = []              # parameter name patterns kept fixed (e.g. "model.embed_tokens")
-    teacher_correction_steps: int = 0   # CE steps on a copy of the teacher first (Minitron); 0: off
-    teacher_correction_lr: float | None = None  # peak rate of the correction; None: lr
-    checkpoint_every: int = 50          # optimizer steps between resumable checkpoints; 0: never
-    seed: int | None = None             # None: the recipe's seed
+    teacher: str | None = Field(None, description="a model source; null: the model before the first stage")
+    teachers: list[str] | None = Field(None, description="several model sources; their targets are averaged")
+    text: str | None = Field(None, description="training text file; null: the recipe's calibration text")
+    seq_len: int | None = Field(None, description="tokens per example; null: the calibration seq_len "
+                                   "(encoders: the pooling's max_seq_length, else 256)")
+    steps: int | None = Field(None, description="optimizer steps (give steps or tokens)")
+    tokens: int | None = Field(None, description="a training token budget instead of steps")
+    batch_size: int = Field(8, description="global micro-batch (examples), split over processes")
+    grad_accum: int = Field(1, description="micro-batches per optimizer step")
+    lr: float = Field(1e-4, description="peak learning rate (Minitron's rate for KD recovery)")
+    min_lr_ratio: float = Field(0.1, description="the cosine schedule decays to lr * min_lr_ratio")
+    warmup_steps: int | None = Field(None, description="linear warm-up steps; null: 5% of the steps, at most 100")
+    weight_decay: float = Field(0.0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
+    max_grad_norm: float = Field(1.0, description="gradient clipping norm; 0 disables clipping")
+    temperature: float = Field(1.0, description="softmax temperature of the logit KL")
+    kl_weight: float | None = Field(
+        None, description="Weight of the KL divergence between the teacher's and the student's logits at "
+        "the temperature (a masked-LM encoder: on the masked positions). None: 1 for a model with a head "
+        "(causal LM, masked LM), 0 for a bare sentence encoder, which has no logits.")
+    ce_weight: float = Field(0.0, description="weight of the cross-entropy on the true tokens (masked-LM: on the masked ones)")
+    hidden_weight: float = Field(0.0, description="weight of the hidden-state loss over layer_map")
+    layer_map: dict[str, int] | None = Field(None, description="student layer -> teacher layer for the hidden-state "
+                                              "loss, e.g. {\"0\": 1, \"1\": 3}")
+    embedding_weight: float | None = Field(
+        None, description="Weight of the loss between the student's and the teacher's pooled sentence "
+        "embeddings (encoders only). None: 1 for a bare sentence encoder, 0 otherwise.")
+    embedding_loss: Literal["cosine", "mse"] = Field(
+        "cosine", description="How sentence embeddings are compared: cosine (1 - cos, the direction "
+        "retrieval uses) or mse (per coordinate, after the model's own normalization if it has one).")
+    hidden_loss: Literal["mse", "cosine"] | None = Field(
+        None, description="How the hidden states of layer_map are compared: mse, or cosine per token "
+        "(DistilBERT). None: mse for a causal LM, cosine for an encoder. Encoders compare real tokens only.")
+    mlm_probability: float = Field(
+        0.15, description="Masked-LM encoders: share of each example's real tokens that are predicted "
+        "(BERT: 15%, of which 80% become the mask token, 10% a random token, 10% stay).")
+    student_layers: Literal["spread"] | list[int] | None = Field(
+        None, description="Make the student from the model by keeping only these of its layers (teacher "
+        "layer indices, in order) before training, DistilBERT's initialisation: 'spread' keeps half, "
+        "spread from the first layer to the last. Needs a model as deep as its teacher; the hidden-state "
+        "layer_map then defaults to student layer i -> kept teacher layer. None: the model keeps its layers.")
+    quantized: Literal["ste", "freeze"] = Field("ste", description="quantized linears: train through a straight-"
+                                                "through estimator on their own grid, or keep them fixed")
+    freeze: list[str] = Field([], description="parameter name patterns kept fixed (e.g. model.embed_tokens)")
+    teacher_correction_steps: int = Field(0, description="cross-entropy steps on a copy of the teacher first "
+                                          "(Minitron's teacher correction); 0: off")
+    teacher_correction_lr: float | None = Field(None, description="peak rate of the correction; null: lr")
+    checkpoint_every: int = Field(50, description="optimizer steps between resumable checkpoints; 0: never")
+    seed: int | None = Field(None, description="data order and training seed; null: the recipe's seed")
 
     @model_validator(mode="after")
     def _check(self):
@@ -132,18 +180,28 @@ class DistillOptions(Options):
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
-        if min(self.kl_weight, self.ce_weight, self.hidden_weight) < 0:
+        weights = [w for w in (self.kl_weight, self.ce_weight, self.hidden_weight, self.embedding_weight)
+                   if w is not None]
+        if min(weights) < 0:
             raise ValueError("loss weights must be non-negative")
-        if self.kl_weight + self.ce_weight + self.hidden_weight == 0:
-            raise ValueError("at least one of kl_weight, ce_weight and hidden_weight must be positive")
-        if self.hidden_weight > 0 and not self.layer_map:
-            raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2}")
+        if self.kl_weight is not None and sum(weights) == 0:  # (a default kl_weight is 1 where it applies)
+            raise ValueError("at least one of kl_weight, ce_weight, hidden_weight and embedding_weight "
+                             "must be positive")
+        if self.hidden_weight > 0 and not self.layer_map and self.student_layers is None:
+            raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2} (or student_layers)")
         if self.hidden_weight > 0 and self.teachers is not None and len(self.teachers) > 1:
             raise ValueError("the hidden-state loss needs a single teacher")
         if self.layer_map:
             for key, value in self.layer_map.items():
                 if not key.isdigit() or value < 0:
                     raise ValueError(f"layer_map entries pair layer indices: {key!r}: {value!r}")
+        if isinstance(self.student_layers, list) and (
+                not self.student_layers or min(self.student_layers) < 0
+                or len(set(self.student_layers)) != len(self.student_layers)):
+            raise ValueError("student_layers lists distinct layer indices (at least one), e.g. [0, 2, 5], "
+                             "or is 'spread'")
+        if not 0 < self.mlm_probability < 1:
+            raise ValueError("mlm_probability must lie strictly between 0 and 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError("min_lr_ratio must lie in [0, 1]")
         if self.teacher_correction_steps < 0:
@@ -233,25 +291,37 @@ class STELinear(nn.Module):
 
 
 class Student(nn.Module):
-    """The student and the hidden-state projections, as one module for ``accelerator.prepare``."""
+    """The student and the hidden-state projections, as one module for ``accelerator.prepare``.
 
-    def __init__(self, model: nn.Module, layer_map: dict[int, int], projections: nn.ModuleDict):
+    ``hidden_loss`` compares the mapped layers' outputs (``"mse"`` or ``"cosine"`` per token);
+    ``states``: always return every layer's output (a masked-LM encoder pools its last one)."""
+
+    def __init__(self, model: nn.Module, layer_map: dict[int, int], projections: nn.ModuleDict,
+                 hidden_loss: str = "mse", states: bool = False):
         super().__init__()
         self.model = model
         self.projections = projections
         self.layer_map = layer_map
+        self.hidden_loss = hidden_loss
+        self.states = states
 
-    def forward(self, input_ids: torch.Tensor, teacher_hidden: tuple[torch.Tensor, ...] | None = None):
-        output = self.model(input_ids=input_ids, use_cache=False, output_hidden_states=teacher_hidden is not None)
+    def forward(self, inputs: dict, teacher_hidden: tuple[torch.Tensor, ...] | None = None,
+                keep: torch.Tensor | None = None):
+        """The model's output and the hidden-state loss against ``teacher_hidden`` over the
+        tokens ``keep`` marks (None: every token; no teacher states: no loss)."""
+        output = self.model(**inputs, output_hidden_states=teacher_hidden is not None or self.states)
         if teacher_hidden is None:
-            return output.logits, None
+            return output, None
         losses = []
         for i, j in self.layer_map.items():
             hidden = output.hidden_states[i + 1]  # [0] is the embedding output
             if str(i) in self.projections:
                 hidden = self.projections[str(i)](hidden)
-            losses.append(F.mse_loss(hidden.float(), teacher_hidden[j + 1].float()))
-        return output.logits, torch.stack(losses).mean()
+            if self.hidden_loss == "mse" and keep is None:
+                losses.append(F.mse_loss(hidden.float(), teacher_hidden[j + 1].float()))
+            else:
+                losses.append(token_loss(hidden, teacher_hidden[j + 1], keep, self.hidden_loss))
+        return output, torch.stack(losses).mean()
 
 
 class _Windows(torch.utils.data.Dataset):
@@ -281,25 +351,74 @@ class _FixedBatches:
 # --------------------------------------------------------------------------- pieces of the handler
 
 
-def training_windows(options: DistillOptions, context) -> torch.Tensor:
-    """The token windows to train on, ``[n, seq_len]``."""
+def training_text(options: DistillOptions, context) -> Path | None:
+    """The file of the training text: the ``text`` option, else the recipe's calibration text;
+    None where the context only holds calibration windows."""
     spec = context.calibration
-    seq_len = options.seq_len or (spec.seq_len if spec is not None else 512)
     path = None
     if options.text is not None:
         path = data.resolve_text(options.text)
     elif spec is not None and spec.text is not None:
         path = data.resolve_text(str(spec.text)) if str(spec.text).startswith(data.BUILTIN_PREFIX) else Path(spec.text)
+    if path is None:
+        return None
+    if context.tokenizer is None:
+        raise PocketError("distill needs a tokenizer to read its training text")
+    if not Path(path).is_file():
+        raise PocketError(f"the training text {path} does not exist")
+    return Path(path)
+
+
+def training_windows(options: DistillOptions, context) -> torch.Tensor:
+    """The token windows to train on, ``[n, seq_len]``."""
+    spec = context.calibration
+    seq_len = options.seq_len or (spec.seq_len if spec is not None else 512)
+    path = training_text(options, context)
     if path is not None:
-        if context.tokenizer is None:
-            raise PocketError("distill needs a tokenizer to read its training text")
-        if not Path(path).is_file():
-            raise PocketError(f"the training text {path} does not exist")
-        return data.windows(data.tokenize(context.tokenizer, Path(path)), seq_len)
+        return data.windows(data.tokenize(context.tokenizer, path), seq_len)
     windows = context.calibration_windows()  # a context without text: its calibration windows
     if options.seq_len is not None and options.seq_len != windows.shape[1]:
         windows = data.windows(windows.reshape(-1), options.seq_len)
     return windows
+
+
+def encoder_max_length(options: DistillOptions, model: nn.Module, tokenizer) -> int:
+    """``seq_len``, else the sentence pipeline's ``max_seq_length``, else 256; never more than the
+    model has positions for (RoBERTa's first two are taken by its padding offset)."""
+    wanted = options.seq_len or sentence.pooling(model)["max_seq_length"] or 256
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if positions and getattr(model.config, "model_type", "") in ("roberta", "xlm-roberta"):
+        positions -= 2
+    limits = [wanted, positions or wanted, getattr(tokenizer, "model_max_length", None) or wanted]
+    return int(min(limit for limit in limits if limit < 1_000_000))
+
+
+def encoder_chunks(options: DistillOptions, context, model: nn.Module, seed: int) -> list[list[int]]:
+    """The tokenized training examples of an encoder (see :mod:`.encoder`): chunks of the
+    training text, or of the calibration windows decoded back to text."""
+    if context.tokenizer is None:
+        raise PocketError("distill needs the model's tokenizer to train an encoder on text")
+    path = training_text(options, context)
+    if path is not None:
+        text = data.read_text(path)
+    else:
+        text = "\n".join(context.tokenizer.decode(w, skip_special_tokens=True) for w in context.calibration_windows())
+    max_length = encoder_max_length(options, model, context.tokenizer)
+    chunks = tokenize_chunks(context.tokenizer, text_chunks(text, seed), max_length)
+    if len(chunks) < options.batch_size:
+        raise PocketError(f"the training text holds {len(chunks)} sentences or passages, fewer than "
+                          f"batch_size {options.batch_size}", fix="use a longer text or a smaller batch_size")
+    return chunks
+
+
+def encoder_loader(chunks: list[list[int]], order: list[list[int]], start: int, options: DistillOptions,
+                   seed: int, masking: Masking | None, pad_id: int):
+    """Batches of padded examples in ``order`` from micro-batch ``start`` on."""
+    flat = [index for batch in order for index in batch]
+    size = options.batch_size
+    batches = [list(range(p, p + size)) for p in range(start * size, len(flat), size)]
+    return torch.utils.data.DataLoader(Examples(chunks, flat, seed, masking),
+                                       batch_sampler=_FixedBatches(batches, size), collate_fn=Collate(pad_id))
 
 
 def load_teachers(options: DistillOptions, context) -> list[nn.Module]:
@@ -496,7 +615,7 @@ def write_curve(history: list[dict], folder: Path) -> None:
     axes = figure.add_subplot()
     steps = [row["step"] for row in history]
     axes.plot(steps, [row["loss"] for row in history], label="loss (weighted sum)")
-    parts = [key for key in ("kl", "ce", "hidden") if any(row[key] != 0 for row in history)]
+    parts = [key for key in ("kl", "ce", "hidden", "embedding") if any(row[key] != 0 for row in history)]
     if len(parts) > 1:  # with a single term the total is that term
         for key in parts:
             axes.plot(steps, [row[key] for row in history], label=key, linewidth=0.8)
@@ -511,48 +630,218 @@ def write_curve(history: list[dict], folder: Path) -> None:
 # --------------------------------------------------------------------------- the handler
 
 
+@dataclass(frozen=True)
+class Losses:
+    """The loss terms a run uses, resolved from the options for the model in hand.
+
+    ``kind``: ``"causal"`` (next-token LM), ``"masked-lm"`` (an encoder with an MLM head) or
+    ``"sentence"`` (a bare encoder: sentence embeddings, no head)."""
+
+    kind: str
+    kl: float
+    ce: float
+    hidden: float
+    embedding: float
+    hidden_loss: str
+
+    @property
+    def needs_teacher(self) -> bool:
+        return self.kl > 0 or self.hidden > 0 or self.embedding > 0
+
+
+def resolve_losses(options: DistillOptions, architecture) -> Losses:
+    """The weights of each term for this model, with the encoder defaults; a term that cannot
+    apply to the model is refused with the option that asked for it."""
+    if not architecture.encoder:
+        if options.embedding_weight:
+            raise PocketError("embedding_weight compares sentence embeddings, and this causal LM makes none",
+                              field="embedding_weight", fix="remove embedding_weight (it applies to encoders)")
+        kind, kl, embedding = "causal", 1.0 if options.kl_weight is None else options.kl_weight, 0.0
+    elif architecture.lm_head:
+        kind, kl = "masked-lm", 1.0 if options.kl_weight is None else options.kl_weight
+        embedding = options.embedding_weight or 0.0
+    else:
+        for name in ("kl_weight", "ce_weight"):
+            if getattr(options, name):
+                raise PocketError(f"{name} is a loss on the logits of a head, and this bare encoder has none "
+                                  "(it makes sentence embeddings)", field=name,
+                                  fix=f"remove {name}: a sentence encoder is distilled through embedding_weight "
+                                  "(default 1) and hidden_weight")
+        kind, kl = "sentence", 0.0
+        embedding = 1.0 if options.embedding_weight is None else options.embedding_weight
+    losses = Losses(kind, kl, options.ce_weight, options.hidden_weight, embedding,
+                    options.hidden_loss or ("cosine" if architecture.encoder else "mse"))
+    if losses.kl + losses.ce + losses.hidden + losses.embedding == 0:
+        raise PocketError("every loss weight is 0 for this model, so there is nothing to train",
+                          field="embedding_weight" if kind == "sentence" else "kl_weight",
+                          fix="give a positive embedding_weight or hidden_weight" if kind == "sentence"
+                          else "give a positive kl_weight, ce_weight or hidden_weight")
+    if architecture.encoder and options.teacher_correction_steps:
+        raise PocketError("teacher correction fine-tunes the teacher with next-token cross-entropy, which an "
+                          "encoder does not predict", field="teacher_correction_steps",
+                          fix="remove teacher_correction_steps for an encoder")
+    return losses
+
+
+def make_student_layers(model: nn.Module, teacher: nn.Module, options: DistillOptions, context) -> list[int]:
+    """DistilBERT's initialisation: keep only the ``student_layers`` of a model as deep as its
+    teacher (its layers are the teacher's when the teacher is the model before the recipe).
+    Returns the kept indices."""
+    architecture = context.architecture(model)
+    depth = len(decoder_layers(model, architecture))
+    teacher_depth = len(decoder_layers(teacher, context.architecture(teacher)))
+    if depth != teacher_depth:
+        raise PocketError(f"student_layers makes the student from a model as deep as its teacher, but this model "
+                          f"has {depth} layers and the teacher {teacher_depth} (an earlier stage removed layers)",
+                          field="student_layers",
+                          fix="remove student_layers and pair the layers with layer_map, e.g. {'0': 0, '1': 2}")
+    keep = chosen_layers(options.student_layers, depth)
+    keep_layers(model, architecture, keep)
+    context.log(f"distill: student made of layers {keep} of {depth}")
+    return keep
+
+
+def build_layer_map(options: DistillOptions, losses: Losses, kept: list[int] | None) -> dict[int, int]:
+    """Student layer -> teacher layer of the hidden-state loss: the ``layer_map`` option, else the
+    kept layers of ``student_layers``; empty without a hidden loss."""
+    if losses.hidden == 0:
+        return {}
+    if options.layer_map:
+        return {int(k): v for k, v in options.layer_map.items()}
+    return dict(enumerate(kept or []))
+
+
+def build_projections(model: nn.Module, teacher: nn.Module, layer_map: dict[int, int], context) -> nn.ModuleDict:
+    """A learned linear per mapped layer where the student's width differs from the teacher's."""
+    projections = nn.ModuleDict()
+    if not layer_map:
+        return projections
+    student_width, teacher_width = model.config.hidden_size, teacher.config.hidden_size
+    student_layers = len(decoder_layers(model, context.architecture(model)))
+    teacher_layers = len(decoder_layers(teacher, context.architecture(teacher)))
+    for i, j in layer_map.items():
+        if i >= student_layers or j >= teacher_layers:
+            raise PocketError(f"layer_map pairs student layer {i} with teacher layer {j}, but they have "
+                              f"{student_layers} and {teacher_layers} layers")
+        if student_width != teacher_width:
+            projections[str(i)] = nn.Linear(student_width, teacher_width, bias=False)
+    return projections
+
+
+def check_embedding_widths(model: nn.Module, teachers: list[nn.Module], losses: Losses) -> None:
+    if losses.embedding == 0:
+        return
+    for teacher in teachers:
+        if teacher.config.hidden_size != model.config.hidden_size:
+            raise PocketError(f"the embedding loss compares sentence embeddings, but the teacher's are "
+                              f"{teacher.config.hidden_size} wide and the student's {model.config.hidden_size}",
+                              field="embedding_weight",
+                              fix="use a teacher of the student's width, or distil through hidden_weight and layer_map")
+
+
+def causal_losses(prepared, teachers, ids, losses: Losses, layer_map, options: DistillOptions, vocab):
+    """``[total, kl, ce, hidden, embedding]`` of one micro-batch of token windows."""
+    teacher_logits, teacher_hidden = [], None
+    if losses.needs_teacher:
+        with torch.no_grad():
+            for teacher in teachers:
+                out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(layer_map))
+                teacher_logits.append(out.logits)
+                if layer_map:
+                    teacher_hidden = tuple(h.detach() for h in out.hidden_states)
+    output, hidden = prepared({"input_ids": ids, "use_cache": False}, teacher_hidden)
+    logits = output.logits
+    if vocab is not None and teacher_logits and teacher_logits[0].shape[-1] != logits.shape[-1]:
+        raise PocketError("the teacher's vocabulary differs from the student's")
+    zero = logits.new_zeros((), dtype=torch.float32)
+    kl = kd_loss(logits, teacher_logits, options.temperature) if losses.kl > 0 else zero
+    ce = ce_loss(logits, ids) if losses.ce > 0 else zero
+    hidden = hidden if hidden is not None else zero
+    total = losses.kl * kl + losses.ce * ce + losses.hidden * hidden
+    return torch.stack([total, kl, ce, hidden, zero])
+
+
+def encoder_losses(prepared, teachers, batch: dict, losses: Losses, layer_map, options: DistillOptions,
+                   poolings: list[dict]):
+    """``[total, kl, ce, hidden, embedding]`` of one micro-batch of padded examples: logits on the
+    masked positions (masked-LM), hidden states over real tokens, pooled sentence embeddings.
+    ``poolings``: the student's pooling, then each teacher's."""
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    keep = batch["attention_mask"]
+    states = bool(layer_map) or (losses.embedding > 0 and losses.kind == "masked-lm")
+    with torch.no_grad():
+        outs = [teacher(**inputs, output_hidden_states=states) for teacher in teachers]
+    teacher_hidden = tuple(h.detach() for h in outs[0].hidden_states) if layer_map else None
+    output, hidden = prepared(inputs, teacher_hidden, keep)
+    zero = keep.new_zeros((), dtype=torch.float32)
+    kl = ce = embedding = zero
+    if losses.kl > 0 or losses.ce > 0:
+        predicted = batch["labels"] != IGNORE
+        logits = output.logits[predicted]
+        if losses.kl > 0:
+            if any(getattr(out, "logits", None) is None for out in outs):
+                raise PocketError("the teacher has no masked-LM head, so its logits cannot be distilled",
+                                  field="kl_weight", fix="use a masked-LM teacher, or set kl_weight = 0")
+            kl = kd_loss(logits, [out.logits[predicted] for out in outs], options.temperature)
+        if losses.ce > 0:
+            ce = F.cross_entropy(logits.float(), batch["labels"][predicted])
+    if losses.embedding > 0:
+        mask = batch["attention_mask"]
+        targets = [sentence_embedding(out, mask, pooling) for out, pooling in zip(outs, poolings[1:])]
+        embedding = embedding_loss(sentence_embedding(output, mask, poolings[0]), targets, options.embedding_loss)
+    hidden = hidden if hidden is not None else zero
+    total = losses.kl * kl + losses.ce * ce + losses.hidden * hidden + losses.embedding * embedding
+    return torch.stack([total, kl, ce, hidden, embedding])
+
+
 def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
+    """Distil ``model`` from its teacher(s); changes ``model`` in place and returns it."""
     require_whole_model(model, "distill (training through every layer at once, with a teacher)",
                         fix='set offload = "none" in [model]; for a model larger than one machine\'s memory, '
                         "train data-parallel with accelerate launch (see the README, Big models)")
-    """Distil ``model`` from its teacher(s); changes ``model`` in place and returns it."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
     seed = context.seed if options.seed is None else options.seed
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True))
+    architecture = context.architecture(model)
+    losses = resolve_losses(options, architecture)
+    encoder = architecture.encoder
+    # a bare encoder's pooler (and a head left out of the loss) gets no gradient, which DDP must expect
+    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=encoder)])
     if options.batch_size % accelerator.num_processes:
         raise PocketError(f"batch_size {options.batch_size} does not split over {accelerator.num_processes} processes",
                           fix="make batch_size a multiple of the process count")
 
-    windows = training_windows(options, context)
-    seq_len = windows.shape[1]
-    tokens_per_step = options.batch_size * options.grad_accum * seq_len
+    teachers = load_teachers(options, context) if losses.needs_teacher else []  # plain CE runs no teacher
+    if options.student_layers is not None and not teachers:
+        raise PocketError("student_layers makes the student from its teacher's layers, but this run uses no teacher",
+                          field="student_layers", fix="give a teacher loss (kl_weight, hidden_weight or embedding_weight)")
+    kept = make_student_layers(model, teachers[0], options, context) if options.student_layers is not None else None
+
+    if encoder:
+        chunks = encoder_chunks(options, context, model, seed)
+        n_examples, mean_length = len(chunks), sum(map(len, chunks)) / len(chunks)
+        tokens_per_step = round(options.batch_size * options.grad_accum * mean_length)
+    else:
+        windows = training_windows(options, context)
+        n_examples = windows.shape[0]
+        tokens_per_step = options.batch_size * options.grad_accum * windows.shape[1]
     total = options.steps if options.steps is not None else math.ceil(options.tokens / tokens_per_step)
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, total // 20)
 
-    need_teacher = options.kl_weight > 0 or options.hidden_weight > 0
-    teachers = load_teachers(options, context) if need_teacher else []  # plain CE runs no teacher
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
     original_device = next(model.parameters()).device
     original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    check_embedding_widths(model, teachers, losses)
 
     # --- the student: quantized layers opened, masks collected, projections built
     opened = open_quantized(model, options.quantized)
     torch.manual_seed(seed)
-    layer_map = {int(k): v for k, v in (options.layer_map or {}).items()} if options.hidden_weight > 0 else {}
-    projections = nn.ModuleDict()
-    if layer_map:
-        student_width, teacher_width = model.config.hidden_size, teachers[0].config.hidden_size
-        student_layers = model.config.num_hidden_layers
-        teacher_layers = teachers[0].config.num_hidden_layers
-        for i, j in layer_map.items():
-            if i >= student_layers or j >= teacher_layers:
-                raise PocketError(f"layer_map pairs student layer {i} with teacher layer {j}, but they have "
-                                  f"{student_layers} and {teacher_layers} layers")
-            if student_width != teacher_width:
-                projections[str(i)] = nn.Linear(student_width, teacher_width, bias=False)
-    student = Student(model, layer_map, projections)
+    layer_map = build_layer_map(options, losses, kept)
+    projections = build_projections(model, teachers[0], layer_map, context) if layer_map else nn.ModuleDict()
+    student = Student(model, layer_map, projections, losses.hidden_loss,
+                      states=losses.kind == "masked-lm" and losses.embedding > 0)
     for name, parameter in student.named_parameters():
         frozen = options.freeze and matches(name.removeprefix("model."), options.freeze)
         parameter.requires_grad_(not frozen)
@@ -569,7 +858,7 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
 
     # --- resume?
     state_path = Path(context.stage_dir) / STATE_FILE if context.stage_dir is not None else None
-    fingerprint = _fingerprint(options, student, windows.shape[0], seed)
+    fingerprint = _fingerprint(options, student, n_examples, seed)
     state, start, history = None, 0, []
     if state_path is not None and state_path.is_file():
         state = torch.load(state_path, map_location="cpu", weights_only=True)
@@ -585,14 +874,24 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
         teachers = corrected_teachers(teachers, windows, options, seed, accelerator, context, fingerprint)
         accelerator.free_memory()  # drop the corrections' prepared copies, optimizers and loaders
 
-    order = batch_order(windows.shape[0], options.batch_size, total * options.grad_accum, seed)
-    remaining = order[start * options.grad_accum:]
-    loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(remaining, options.batch_size))
+    order = batch_order(n_examples, options.batch_size, total * options.grad_accum, seed)
+    if encoder:
+        masking = masking_for(context.tokenizer, model, options.mlm_probability) if losses.kind == "masked-lm" else None
+        pad_id = context.tokenizer.pad_token_id if context.tokenizer.pad_token_id is not None else 0
+        loader = encoder_loader(chunks, order, start * options.grad_accum, options, seed, masking, pad_id)
+        poolings = [sentence.pooling(model)] + [sentence.pooling(t) for t in teachers]
+    else:
+        remaining = order[start * options.grad_accum:]
+        loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(remaining, options.batch_size))
 
     prepared, optimizer, loader = accelerator.prepare(student, optimizer, loader)
     device = accelerator.device
     teachers = [t.to(device) for t in teachers]  # a no-op on CPU; the originals are moved back at the end
     masked = [(p, m.to(device)) for p, m in masked]
+    # the first batch is drawn before the RNG is set: starting the loader draws from that RNG,
+    # and a resumed run must continue the dropout stream where the checkpoint left it
+    batches = iter(loader)
+    batches = itertools.chain([next(batches)], batches)
     if state is not None:
         accelerator.unwrap_model(prepared).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -605,36 +904,32 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     prepared.train()
     context.log(f"distill: {total} steps of {tokens_per_step} tokens ({len(teachers)} teacher(s), "
                 f"{sum(p.numel() for p in trainable)} trainable parameters, {len(opened)} quantized layers "
-                f"trained through STE, {len(masked)} masks kept) on {accelerator.num_processes} process(es)")
+                f"trained through STE, {len(masked)} masks kept) on {accelerator.num_processes} process(es)"
+                + (f"; {losses.kind} encoder on {n_examples} text chunks, losses: "
+                   + ", ".join(f"{name} {weight:g}" for name, weight in
+                               (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden),
+                                ("embedding", losses.embedding)) if weight > 0) if encoder else ""))
 
-    batches = iter(loader)
+    tokens_seen = history[-1]["tokens"] if history else 0
     with context.progress.task("distill", total) as advance:
         if start:
             advance(start)
         for step in range(start, total):
             began = time.perf_counter()
-            sums = torch.zeros(4, device=device)  # loss, kl, ce, hidden
+            sums = torch.zeros(6, device=device)  # loss, kl, ce, hidden, embedding; real tokens
             for micro in range(options.grad_accum):
-                ids = next(batches)
+                batch = next(batches)
                 sync = micro == options.grad_accum - 1
                 with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
-                    teacher_logits, teacher_hidden = [], None
-                    if need_teacher:
-                        with torch.no_grad():
-                            for teacher in teachers:
-                                out = teacher(input_ids=ids, use_cache=False, output_hidden_states=bool(layer_map))
-                                teacher_logits.append(out.logits)
-                                if layer_map:
-                                    teacher_hidden = tuple(h.detach() for h in out.hidden_states)
-                    logits, hidden = prepared(ids, teacher_hidden)
-                    if vocab is not None and teacher_logits and teacher_logits[0].shape[-1] != logits.shape[-1]:
-                        raise PocketError("the teacher's vocabulary differs from the student's")
-                    kl = kd_loss(logits, teacher_logits, options.temperature) if options.kl_weight > 0 else logits.new_zeros(())
-                    ce = ce_loss(logits, ids) if options.ce_weight > 0 else logits.new_zeros(())
-                    hidden = hidden if hidden is not None else logits.new_zeros(())
-                    loss = options.kl_weight * kl + options.ce_weight * ce + options.hidden_weight * hidden
-                    accelerator.backward(loss / options.grad_accum)
-                sums += torch.stack([loss.detach(), kl.detach(), ce.detach(), hidden.detach()]).float() / options.grad_accum
+                    if encoder:
+                        terms = encoder_losses(prepared, teachers, batch, losses, layer_map, options, poolings)
+                        count = batch["attention_mask"].sum()
+                    else:
+                        terms = causal_losses(prepared, teachers, batch, losses, layer_map, options, vocab)
+                        count = torch.tensor(batch.numel(), device=device)
+                    accelerator.backward(terms[0] / options.grad_accum)
+                sums[:5] += terms.detach().float() / options.grad_accum
+                sums[5] += count.float()
             for parameter, mask in masked:
                 if parameter.grad is not None:
                     parameter.grad.mul_(mask.to(parameter.grad.dtype))
@@ -647,11 +942,14 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
             with torch.no_grad():
                 for parameter, mask in masked:
                     parameter.mul_(mask.to(parameter.dtype))
-            sums = accelerator.reduce(sums, reduction="mean") if accelerator.num_processes > 1 else sums
+            if accelerator.num_processes > 1:
+                sums = accelerator.reduce(sums, reduction="mean")
+                sums[5] *= accelerator.num_processes  # a count: the sum over processes
             seconds = time.perf_counter() - began
-            loss_value, kl_value, ce_value, hidden_value = sums.tolist()
+            loss_value, kl_value, ce_value, hidden_value, embedding_value, step_tokens = sums.tolist()
+            tokens_seen += int(round(step_tokens))
             history.append({"step": step + 1, "loss": loss_value, "kl": kl_value, "ce": ce_value,
-                            "hidden": hidden_value, "lr": lr, "tokens": (step + 1) * tokens_per_step,
+                            "hidden": hidden_value, "embedding": embedding_value, "lr": lr, "tokens": tokens_seen,
                             "seconds": seconds})
             if state_path is not None and options.checkpoint_every and (step + 1) % options.checkpoint_every == 0 \
                     and step + 1 < total:
@@ -666,7 +964,7 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
                                   "rng": rng, "history": history}
                     _replace_atomically(state_path, lambda temporary: torch.save(checkpoint, temporary))
                 accelerator.wait_for_everyone()
-            advance(1, loss=round(loss_value, 4), tokens_per_s=round(tokens_per_step / max(seconds, 1e-9)))
+            advance(1, loss=round(loss_value, 4), tokens_per_s=round(step_tokens / max(seconds, 1e-9)))
 
     # --- close: re-round quantized layers, restore flags, write the curve, drop the resume state
     prepared.eval()

@@ -12,7 +12,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import common, gptq, rtn
 
-__version__ = "0.3.0"
+__version__ = "0.3.1"
 POCKETLM_API = ">=1.3,<2"
 
 

@@ -17,7 +17,7 @@ from . import depth, magnitude, sparsegpt, wanda, width
 from .common import prune_effect
 
 __version__ = "0.2.0"
-POCKETLM_API = ">=1.3,<2"
+POCKETLM_API = ">=1.4,<2"
 
 _NOT_AFTER = frozenset({"quantize"})
 

@@ -1,0 +1,324 @@
+"""``distill`` on encoders (BERT family): sentence-embedding and masked-LM distillation on tiny
+random BERT, BERT-MLM and DistilBERT models, and a student made of half the teacher's layers."""
+
+from __future__ import annotations
+
+import copy
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from pydantic import ValidationError
+
+from pocketlm import LoadedModel, PocketError, data
+from pocketlm.modules import decoder_layers, select_linears
+from pocketlm.plugins import get_plugins
+from pocketlm.sentence import embed
+from pocketlm.testing import make_context
+from pocketlm.testing.models import save_tiny_model, tiny_model, tiny_tokenizer
+from pocketlm.weights import linear_weight, masks, set_mask
+from pocketlm_distill import DistillOptions, distill
+from pocketlm_distill.distill import STATE_FILE, make_student_layers
+from pocketlm_distill.encoder import (
+    IGNORE,
+    Collate,
+    Examples,
+    Masking,
+    embedding_loss,
+    spread_half,
+    text_chunks,
+    token_loss,
+)
+
+SEQ_LEN = 48
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """A training text file and held-out sentences (other text) with the encoder tokenizer."""
+    text = data.read_text(data.resolve_text("builtin:wikitext-2-valid"))
+    train = tmp_path_factory.mktemp("corpus") / "train.txt"
+    train.write_text(text[:40_000], encoding="utf-8")
+    held = text_chunks(text[300_000:330_000], seed=5)[:48]
+    return {"tokenizer": tiny_tokenizer(encoder=True), "train": train, "held": held}
+
+
+def teacher_of(family: str, corpus, seed: int = 0):
+    model = tiny_model(family, layers=4, vocab_size=len(corpus["tokenizer"]), seed=seed)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model
+
+
+def options(corpus, **kwargs) -> DistillOptions:
+    defaults = dict(text=str(corpus["train"]), seq_len=SEQ_LEN, batch_size=8, lr=2e-3, checkpoint_every=0)
+    return DistillOptions(**{**defaults, **kwargs})
+
+
+def context(corpus, teacher, tmp_path):
+    return make_context(None, tokenizer=corpus["tokenizer"], teacher=teacher, stage_dir=tmp_path / "stage")
+
+
+def mean_cosine(student, teacher, corpus) -> float:
+    a = embed(student, corpus["tokenizer"], corpus["held"], max_length=SEQ_LEN)
+    b = embed(teacher, corpus["tokenizer"], corpus["held"], max_length=SEQ_LEN)
+    return F.cosine_similarity(a, b, dim=-1).mean().item()
+
+
+def curve(tmp_path) -> list[dict]:
+    return list(csv.DictReader(open(tmp_path / "stage" / "loss.csv")))
+
+
+# ------------------------------------------------------------------------------ pieces
+
+
+def test_chunks_are_sentences_and_passages_reproducibly():
+    text = "= Title =\n\nOne two three. Four five six! Seven eight nine? Ten eleven twelve.\n\n Alpha beta gamma delta.\n"
+    chunks = text_chunks(text, seed=1)
+    assert chunks == text_chunks(text, seed=1)
+    assert all("Title" not in c for c in chunks)
+    assert " ".join(chunks) == "One two three. Four five six! Seven eight nine? Ten eleven twelve. Alpha beta gamma delta."
+    long_text = "\n".join("First one here. Second one here. Third one here. Fourth one here." for _ in range(30))
+    counts = {len(c.split(". ")) for c in text_chunks(long_text, seed=0)}
+    assert len(counts) > 1  # single sentences and passages of several
+
+
+def test_bert_masking_and_padding():
+    masking = Masking(0.15, mask_id=4, vocab=256, special_ids=frozenset({0, 2, 3}))
+    chunks = [[2] + list(range(10, 210)) + [3], [2, 50, 51, 3]]
+    examples = Examples(chunks, order=[0, 1, 0], seed=0, masking=masking)
+    ids, labels = examples[0]
+    predicted = [i for i, label in enumerate(labels) if label != IGNORE]
+    assert 15 <= len(predicted) <= 50 and 0 not in predicted and len(ids) - 1 not in predicted  # ~15% of 200
+    assert all(labels[i] == chunks[0][i] for i in predicted)
+    assert sum(ids[i] == 4 for i in predicted) > 0.6 * len(predicted)  # 80% become [MASK]
+    assert all(ids[i] == chunks[0][i] for i in range(len(ids)) if i not in predicted)
+    assert examples[0] == examples[0] and examples[0] != examples[2]  # drawn from (seed, position)
+    assert any(label != IGNORE for label in examples[1][1])  # at least one predicted token
+    batch = Collate(pad_id=0)([examples[0], examples[1]])
+    assert batch["input_ids"].shape == (2, 202) and batch["attention_mask"][1].sum() == 4
+    assert (batch["labels"][1, 4:] == IGNORE).all() and (batch["input_ids"][1, 4:] == 0).all()
+
+
+def test_losses_match_definitions():
+    torch.manual_seed(0)
+    s, t, u = torch.randn(5, 16), torch.randn(5, 16), torch.randn(5, 16)
+    assert torch.isclose(embedding_loss(s, [t], "cosine"), 1 - F.cosine_similarity(s, t).mean())
+    assert torch.isclose(embedding_loss(s, [t, u], "mse"), F.mse_loss(s, (t + u) / 2))  # averaged teacher
+    assert embedding_loss(t, [t], "cosine").abs() < 1e-6
+    hs, ht = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    keep = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    per_token = 1 - F.cosine_similarity(hs, ht, dim=-1)
+    expected = (per_token[0, 0] + per_token[0, 1] + per_token[1, 0]) / 3  # padding ignored
+    assert torch.isclose(token_loss(hs, ht, keep, "cosine"), expected)
+    assert torch.isclose(token_loss(hs, ht, None, "mse"), F.mse_loss(hs, ht))
+
+
+def test_spread_half_is_distilberts_choice():
+    assert spread_half(12) == [0, 2, 4, 7, 9, 11]  # the layers DistilBERT kept of BERT-base
+    assert spread_half(6) == [0, 2, 5] and spread_half(4) == [0, 3] and spread_half(3) == [0, 2]
+
+
+# ------------------------------------------------------------------------------ student from the teacher
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_student_layers_copy_the_chosen_teacher_layers_exactly(family, corpus, tmp_path):
+    teacher = teacher_of(family, corpus)
+    student = copy.deepcopy(teacher)
+    ctx = context(corpus, teacher, tmp_path)
+    arch = ctx.architecture(student)
+    kept = make_student_layers(student, teacher, options(corpus, steps=1, student_layers="spread"), ctx)
+    assert kept == [0, 3]
+    student_layers, teacher_layers = decoder_layers(student, arch), decoder_layers(teacher, arch)
+    assert len(student_layers) == 2 and getattr(student.config, arch.layer_count_key) == 2
+    for index, chosen in enumerate(kept):
+        ours, theirs = student_layers[index].state_dict(), teacher_layers[chosen].state_dict()
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[name], theirs[name]) for name in ours)
+    assert len(decoder_layers(teacher, arch)) == 4  # the teacher keeps its layers
+
+
+def test_size_effect_declares_restructured():
+    method = get_plugins().methods["distill"]
+    plain = method.effect(DistillOptions(steps=1))
+    assert plain.params_removed == 0.0 and "restructured" not in plain.features
+    halved = method.effect(DistillOptions(steps=1, student_layers="spread"))
+    assert halved.params_removed == 0.5 and "restructured" in halved.features
+    listed = method.effect(DistillOptions(steps=1, student_layers=[0, 2, 5]))
+    assert listed.params_removed == 0.5 and "restructured" in listed.features
+
+
+# ------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_sentence_embeddings_move_toward_the_teacher(family, corpus, tmp_path):
+    teacher = teacher_of(family, corpus)
+    student = copy.deepcopy(teacher)
+    make_student_layers(student, teacher, options(corpus, steps=1, student_layers="spread"),
+                        context(corpus, teacher, tmp_path))
+    before = mean_cosine(student, teacher, corpus)
+    student = copy.deepcopy(teacher)  # distill makes the same student itself
+    messages = []
+    ctx = context(corpus, teacher, tmp_path)
+    ctx.logger = messages.append
+    distill(student, options(corpus, steps=25, student_layers="spread", hidden_weight=0.5), ctx)
+    after = mean_cosine(student, teacher, corpus)
+    assert any("sentence encoder" in m and "losses: hidden 0.5, embedding 1" in m for m in messages), messages
+    rows = curve(tmp_path)
+    first, last = rows[:3], rows[-3:]
+    mean = lambda rows, key: sum(float(r[key]) for r in rows) / len(rows)  # noqa: E731
+    assert mean(last, "embedding") < 0.5 * mean(first, "embedding"), (first, last)
+    assert mean(last, "hidden") < mean(first, "hidden")
+    assert all(float(r["kl"]) == 0 and float(r["ce"]) == 0 for r in rows)
+    # on sentences it never saw, the gap to the teacher (1 - cos) at least halves
+    assert 1 - after < 0.5 * (1 - before), (before, after)
+    assert len(decoder_layers(student, ctx.architecture(student))) == 2
+
+
+@pytest.mark.parametrize("family", ["bert-mlm", "distilbert-mlm"])
+def test_masked_lm_distillation_lowers_the_masked_kl(family, corpus, tmp_path):
+    teacher = teacher_of(family, corpus)
+    student = teacher_of(family, corpus, seed=1)  # another random model: far from the teacher
+    tokenizer = corpus["tokenizer"]
+    masking = Masking(0.15, tokenizer.mask_token_id, len(tokenizer), frozenset(tokenizer.all_special_ids))
+    held_ids = tokenizer(corpus["held"], truncation=True, max_length=SEQ_LEN)["input_ids"]
+    held = Collate(0)([Examples(held_ids, list(range(len(held_ids))), 9, masking)[i] for i in range(len(held_ids))])
+
+    @torch.no_grad()
+    def masked_kl(model) -> float:
+        inputs = {"input_ids": held["input_ids"], "attention_mask": held["attention_mask"]}
+        where = held["labels"] != IGNORE
+        p = F.log_softmax(teacher(**inputs).logits[where], -1)
+        q = F.log_softmax(model(**inputs).logits[where], -1)
+        return F.kl_div(q, p, log_target=True, reduction="batchmean").item()
+
+    before = masked_kl(student)
+    distill(student, options(corpus, steps=25, hidden_weight=0.5, layer_map={"0": 1, "3": 3}),
+            context(corpus, teacher, tmp_path))
+    after = masked_kl(student)
+    assert after < 0.6 * before, (before, after)
+    rows = curve(tmp_path)
+    for key in ("kl", "hidden"):
+        assert float(rows[-1][key]) < float(rows[0][key]), key
+    assert all(float(r["embedding"]) == 0 and float(r["ce"]) == 0 for r in rows)
+
+
+def test_multi_teacher_embeddings_are_averaged(corpus, tmp_path):
+    first, second = teacher_of("bert", corpus, seed=0), teacher_of("bert", corpus, seed=2)
+    loaded = {"a": first, "b": second}
+    student = teacher_of("bert", corpus, seed=3)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    ctx = context(corpus, None, tmp_path)
+    ctx.model_loader = lambda source: LoadedModel(loaded[source], corpus["tokenizer"], source)
+    tokenizer, held = corpus["tokenizer"], corpus["held"]
+    target = (embed(first, tokenizer, held, max_length=SEQ_LEN) + embed(second, tokenizer, held, max_length=SEQ_LEN)) / 2
+
+    def to_target() -> float:
+        return F.cosine_similarity(embed(student, tokenizer, held, max_length=SEQ_LEN), target, dim=-1).mean().item()
+
+    before = to_target()
+    distill(student, options(corpus, steps=20, teachers=["a", "b"]), ctx)
+    after = to_target()
+    assert 1 - after < 0.5 * (1 - before), (before, after)
+
+
+def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
+    teacher = teacher_of("bert-mlm", corpus)
+    base = copy.deepcopy(teacher)
+    for name, module in select_linears(base, ["*"], ["cls.*"]).items():
+        weight = linear_weight(module)
+        set_mask(module, weight.abs() > weight.abs().median())
+    kept = {name: mask.clone() for name, mask in masks(base).items()}
+    opts = options(corpus, steps=6, checkpoint_every=2, batch_size=4, hidden_weight=1.0, layer_map={"0": 0, "1": 2},
+                   embedding_weight=1.0, ce_weight=0.5)  # all four terms of a masked-LM encoder
+    straight = copy.deepcopy(base)
+    distill(straight, opts, context(corpus, teacher, tmp_path / "a"))
+
+    from test_distill import _Killed, _KillAfter
+
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.progress = _KillAfter(3)  # the last checkpoint holds step 2
+    with pytest.raises(_Killed):
+        distill(copy.deepcopy(base), opts, ctx)
+    assert torch.load(tmp_path / "b" / "stage" / STATE_FILE, weights_only=True)["step"] == 2
+    resumed = copy.deepcopy(base)
+    distill(resumed, opts, context(corpus, teacher, tmp_path / "b"))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
+    for name, mask in kept.items():
+        weight = linear_weight(straight.get_submodule(name))
+        assert torch.equal(masks(straight)[name], mask) and torch.count_nonzero(weight[~mask]) == 0
+    moved = (linear_weight(straight.get_submodule(next(iter(kept)))) - linear_weight(base.get_submodule(next(iter(kept)))))
+    assert moved.abs().max() > 1e-4  # the kept weights trained
+
+
+# ------------------------------------------------------------------------------ refused
+
+
+def test_options_that_cannot_apply_are_refused(corpus, tmp_path):
+    teacher = teacher_of("bert", corpus)
+    with pytest.raises(PocketError) as error:
+        distill(copy.deepcopy(teacher), options(corpus, steps=2, kl_weight=1.0), context(corpus, teacher, tmp_path))
+    assert error.value.field == "kl_weight" and "bare encoder has none" in str(error.value)
+    assert "embedding_weight" in error.value.fix
+    with pytest.raises(PocketError, match="ce_weight"):
+        distill(copy.deepcopy(teacher), options(corpus, steps=2, ce_weight=1.0), context(corpus, teacher, tmp_path))
+    shallow = copy.deepcopy(teacher)
+    make_student_layers(shallow, teacher, options(corpus, steps=1, student_layers=[0, 2]), context(corpus, teacher, tmp_path))
+    with pytest.raises(PocketError, match="an earlier stage removed layers") as error:
+        distill(shallow, options(corpus, steps=2, student_layers="spread"), context(corpus, teacher, tmp_path))
+    assert error.value.field == "student_layers" and "layer_map" in error.value.fix
+    with pytest.raises(PocketError, match="teacher correction") as error:
+        distill(copy.deepcopy(teacher), options(corpus, steps=2, teacher_correction_steps=2, hidden_weight=1.0,
+                                                layer_map={"0": 0}), context(corpus, teacher, tmp_path))
+    causal = tiny_model("llama", vocab_size=len(corpus["tokenizer"]))
+    with pytest.raises(PocketError, match="causal LM makes none"):
+        distill(causal, options(corpus, steps=2, embedding_weight=1.0), context(corpus, causal, tmp_path))
+    with pytest.raises(ValidationError, match="mlm_probability"):
+        DistillOptions(steps=1, mlm_probability=1.5)
+    with pytest.raises(ValidationError, match="student_layers"):
+        DistillOptions(steps=1, student_layers=[0, 0])
+    with pytest.raises(ValidationError):
+        DistillOptions(steps=1, embedding_loss="l1")
+
+
+# ------------------------------------------------------------------------------ the command line
+
+
+RECIPE = """[model]
+source = "tiny"
+[calibration]
+samples = 2
+seq_len = 48
+[[stages]]
+method = "distill"
+steps = 6
+batch_size = 8
+lr = 2e-3
+student_layers = "spread"
+[export]
+format = "hf"
+"""
+
+
+def test_recipe_on_a_saved_bert_through_the_cli(tmp_path, monkeypatch):
+    from pocketlm.cli import main
+
+    save_tiny_model(tmp_path / "tiny", "bert", layers=4)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.toml").write_text(RECIPE)
+    result = CliRunner().invoke(main, ["run", "recipe.toml"])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "distill: student made of layers [0, 3] of 4" in output
+    assert "sentence encoder on" in output and "losses: embedding 1" in output
+    first, last = map(float, output.split("distill: loss ")[1].split(" over")[0].split(" -> "))
+    assert last < first
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(tmp_path / "runs" / "recipe" / "export").num_hidden_layers == 2
