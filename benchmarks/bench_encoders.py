@@ -68,6 +68,8 @@ ROWS = {
     "magnitude-50": stage("magnitude", sparsity=0.5),
     "wanda-50": stage("wanda", sparsity=0.5),
     "sparsegpt-50": stage("sparsegpt", sparsity=0.5),
+    # one layer removed, no training: how much retrieval depth alone costs
+    **{f"drop-layer-{i}": stage("prune-depth", drop=[i]) for i in range(6)},
 }
 
 
