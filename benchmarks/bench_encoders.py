@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -121,12 +120,12 @@ def onnx_row(name: str, export: Path, sentences: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(export)
     row = {"name": name, "onnx_bytes": sum(p.stat().st_size for p in export.glob("*.onnx*"))}
     for threads, key in ((None, "threads_all"), (1, "threads_1")):
-        session = runtime.session(export, threads=threads)
+        ort_session = runtime.inference_session(export, threads=threads)
         if threads is None:
-            row.update(scores(runtime.embed(session, tokenizer, sentences["queries"]),
-                              runtime.embed(session, tokenizer, sentences["passages"])))
+            row.update(scores(runtime.embed(ort_session, tokenizer, sentences["queries"]),
+                              runtime.embed(ort_session, tokenizer, sentences["passages"])))
         row[f"sentences_per_s_batch1_{key}"] = best_rate(
-            lambda batch: runtime.embed(session, tokenizer, batch, batch_size=1), sentences["timing"])
+            lambda batch: runtime.embed(ort_session, tokenizer, batch, batch_size=1), sentences["timing"])
     return row
 
 
@@ -143,7 +142,7 @@ def best_rate(encode, sentences: list[str], repeats: int = 3) -> float:
 
 def peer_rows(model_folder: Path, sentences: dict, out: Path) -> list[dict]:
     if not PEER_PYTHON.exists():
-        return [{"name": "peers", "error": f"peer environment missing: bash benchmarks/peers/setup_encoder_peers.sh"}]
+        return [{"name": "peers", "error": "peer environment missing: bash benchmarks/peers/setup_encoder_peers.sh"}]
     peers = out / "peers"
     peers.mkdir(parents=True, exist_ok=True)
     (peers / "texts.json").write_text(json.dumps(sentences))

@@ -78,12 +78,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
 
 def sentences_per_second(folder: Path, tokenizer, texts: list[str], threads: int | None, batch_size: int,
                          clock=time.perf_counter) -> float:
-    session = runtime.session(folder, threads=threads)
-    runtime.embed(session, tokenizer, texts, batch_size=batch_size, max_length=MAX_LENGTH)   # warm-up
+    ort_session = runtime.inference_session(folder, threads=threads)
+    runtime.embed(ort_session, tokenizer, texts, batch_size=batch_size, max_length=MAX_LENGTH)   # warm-up
     best = float("inf")
     for _ in range(3):
         start = clock()
-        runtime.embed(session, tokenizer, texts, batch_size=batch_size, max_length=MAX_LENGTH)
+        runtime.embed(ort_session, tokenizer, texts, batch_size=batch_size, max_length=MAX_LENGTH)
         best = min(best, clock() - start)
     return round(len(texts) / best, 1)
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .components import Architecture
 from .errors import PocketError
-from .weights import is_linear
+from .weights import QuantizedEmbedding, QuantizedLinear, dense_linear, is_linear
 
 
 def get_module(root: nn.Module, name: str) -> nn.Module:
@@ -83,3 +83,19 @@ def auto_class(config):
     if any(n.endswith("Model") and not n.endswith("LMHeadModel") for n in names):
         return transformers.AutoModel
     return transformers.AutoModelForCausalLM
+
+
+def dense_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every quantized module replaced by its dense equivalent (pruned
+    weights are zeros already): what an exporter writing float weights starts from."""
+    import copy
+
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, QuantizedEmbedding):
+            table = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
+            table.weight.data.copy_(module.dequantize())
+            set_module(dense, name, table)
+        elif isinstance(module, QuantizedLinear):
+            set_module(dense, name, dense_linear(module))
+    return dense

@@ -694,7 +694,7 @@ def _example(annotation, default) -> tuple[str, str]:
         return f"[{inner}]", "a list"
     if origin is dict:
         return "{ ... }", "a table"
-    return "...", _type_name(annotation)
+    return "...", "a value of type " + getattr(annotation, "__name__", str(annotation))
 
 
 def _section_fix(key: str, model: type[BaseModel], fmt: str) -> str:

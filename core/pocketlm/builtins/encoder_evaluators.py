@@ -246,14 +246,15 @@ def encoder_latency(model, tokenizer, max_length: int, repeats: int) -> dict[str
     with torch.no_grad():
         run(singles[0])  # warm-up: the first calls allocate and pick kernels
         run(batch)
-        best_single = min(_timed(one_by_one) for _ in range(repeats))
-        best_batch = min(_timed(lambda: run(batch)) for _ in range(repeats))
+        best_single = min(timed(one_by_one) for _ in range(repeats))
+        best_batch = min(timed(lambda: run(batch)) for _ in range(repeats))
     model.train(was_training)
     return {"sentences_per_s_batch1": len(sentences) / best_single,
             "sentences_per_s_batch32": len(sentences) / best_batch}
 
 
-def _timed(fn) -> float:
+def timed(fn) -> float:
+    """Seconds ``fn()`` takes."""
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start

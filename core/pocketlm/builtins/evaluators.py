@@ -4,7 +4,6 @@ the original model's next-token distribution (kl-divergence, top1-agreement)."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
 from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
-from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder
+from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder, timed
 
 
 class PerplexityOptions(Options):
@@ -258,18 +257,12 @@ def latency(model, options: LatencyOptions, context) -> dict[str, float]:
     prompt = torch.arange(options.prompt_tokens, device=module_device(model)).remainder(vocab - 10).add(5).unsqueeze(0)
     with torch.no_grad():
         model(input_ids=prompt[:, :8])  # warm-up
-        best_forward = min(_timed(lambda: model(input_ids=prompt, use_cache=False)) for _ in range(options.repeats))
+        best_forward = min(timed(lambda: model(input_ids=prompt, use_cache=False)) for _ in range(options.repeats))
         generate = lambda: model.generate(prompt, max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
                                           do_sample=False, pad_token_id=0)
-        best_generate = min(_timed(generate) for _ in range(options.repeats))
+        best_generate = min(timed(generate) for _ in range(options.repeats))
     return {"forward_tokens_per_s": options.prompt_tokens / best_forward,
             "generate_tokens_per_s": options.new_tokens / best_generate}
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @hookimpl

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 from typing import Literal
 
 import torch
@@ -12,20 +10,13 @@ from torch import nn
 
 from .. import hookimpl, sentence, streaming
 from ..components import Exporter, Options
-from ..modules import set_module
-from ..weights import QuantizedEmbedding, QuantizedLinear, dense_linear
+from ..modules import dense_copy
 
 
 def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every quantized module replaced by its dense equivalent."""
-    dense = copy.deepcopy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, QuantizedEmbedding):
-            embedding = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
-            embedding.weight.data.copy_(module.dequantize())
-            set_module(dense, name, embedding)
-        elif isinstance(module, QuantizedLinear):
-            set_module(dense, name, dense_linear(module))
+    """A copy of ``model`` with every quantized module replaced by its dense equivalent (a tied
+    head tied again)."""
+    dense = dense_copy(model)
     if getattr(dense.config, "tie_word_embeddings", False):
         dense.tie_weights()
     return dense

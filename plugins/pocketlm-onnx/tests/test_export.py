@@ -39,17 +39,17 @@ def test_dense_export_matches_the_model(tmp_path, tokenizer, family):
     described = json.loads((folder / "pocketlm-onnx.json").read_text())
     takes_types = family != "distilbert"
     assert described["inputs"] == ["input_ids", "attention_mask"] + (["token_type_ids"] if takes_types else [])
-    assert [i.name for i in runtime.session(folder).get_inputs()] == described["inputs"]
+    assert [i.name for i in runtime.inference_session(folder).get_inputs()] == described["inputs"]
     assert {"config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in folder.iterdir()}
 
 
 def test_dynamic_axes_and_last_hidden_state(tmp_path, tokenizer):
     model = encoder("bert")
     folder, _ = export(model, tmp_path, tokenizer)
-    session = runtime.session(folder, threads=1)
+    ort_session = runtime.inference_session(folder, threads=1)
     for batch_size in (1, 5):
         batch = tokenizer(SENTENCES[:batch_size], padding=True, return_tensors="np")
-        hidden, vectors = session.run(None, runtime.feed(session, batch))
+        hidden, vectors = ort_session.run(None, runtime.feed(ort_session, batch))
         assert hidden.shape == (batch_size, batch["input_ids"].shape[1], 64) and vectors.shape == (batch_size, 64)
         import torch
 

@@ -30,8 +30,8 @@ from pydantic import Field
 from torch import nn
 
 from pocketlm import Exporter, Options, PocketError, sentence
-from pocketlm.modules import set_module
-from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, dense_linear, is_linear, linear_weight
+from pocketlm.modules import dense_copy as dense_model
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
 
 from . import rewrite
 
@@ -108,15 +108,7 @@ def input_names(encoder: nn.Module) -> list[str]:
 def dense_copy(encoder: nn.Module) -> nn.Module:
     """A float32 copy of ``encoder`` with every quantized module dequantized (masked weights
     are zeros already)."""
-    dense = copy.deepcopy(encoder).float().eval()
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, QuantizedEmbedding):
-            table = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx)
-            table.weight.data.copy_(module.dequantize())
-            set_module(dense, name, table)
-        elif isinstance(module, QuantizedLinear):
-            set_module(dense, name, dense_linear(module))
-    return dense
+    return dense_model(encoder).float().eval()
 
 
 def example_inputs(encoder: nn.Module, names: list[str]) -> tuple[torch.Tensor, ...]:

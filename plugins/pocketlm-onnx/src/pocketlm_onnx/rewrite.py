@@ -237,8 +237,8 @@ def runtime_runs_nbits(bits: int) -> bool:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(CONTRIB, 1)])
     x = generator.standard_normal((1, 32)).astype(np.float32)
     try:
-        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        y = session.run(None, {"x": x})[0]
+        ort_session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        y = ort_session.run(None, {"x": x})[0]
     except Exception:  # an unknown op or width: ONNX Runtime raises its own error types
         return False
     return bool(np.allclose(y, x @ ((codes.astype(np.float32) - 2 ** (bits - 1)) * 0.5).T, atol=1e-4))

@@ -1,9 +1,9 @@
-"""Running an ``onnx`` export with ONNX Runtime: a session, and sentence embeddings from it.
+"""Running an ``onnx`` export with ONNX Runtime: an InferenceSession, and sentence embeddings from it.
 
 >>> from pocketlm_onnx import runtime
 >>> from transformers import AutoTokenizer
->>> session = runtime.session("out/onnx", threads=1)
->>> vectors = runtime.embed(session, AutoTokenizer.from_pretrained("out/onnx"), ["a sentence"])
+>>> ort_session = runtime.inference_session("out/onnx", threads=1)
+>>> vectors = runtime.embed(ort_session, AutoTokenizer.from_pretrained("out/onnx"), ["a sentence"])
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import onnxruntime
 MODEL_FILE = "model.onnx"
 
 
-def session(folder: str | Path, threads: int | None = None) -> onnxruntime.InferenceSession:
-    """An ONNX Runtime CPU session on ``folder``'s ``model.onnx``; ``threads`` caps the threads
+def inference_session(folder: str | Path, threads: int | None = None) -> onnxruntime.InferenceSession:
+    """An ONNX Runtime CPU InferenceSession on ``folder``'s ``model.onnx``; ``threads`` caps the threads
     one run uses (None: ONNX Runtime's default, one per physical core)."""
     options = onnxruntime.SessionOptions()
     if threads is not None:
@@ -26,13 +26,13 @@ def session(folder: str | Path, threads: int | None = None) -> onnxruntime.Infer
     return onnxruntime.InferenceSession(str(Path(folder) / MODEL_FILE), options, providers=["CPUExecutionProvider"])
 
 
-def feed(session: onnxruntime.InferenceSession, batch) -> dict[str, np.ndarray]:
-    """The inputs ``session`` takes, as int64, from a tokenizer's numpy ``batch`` (token types
+def feed(ort_session: onnxruntime.InferenceSession, batch) -> dict[str, np.ndarray]:
+    """The inputs ``ort_session`` takes, as int64, from a tokenizer's numpy ``batch`` (token types
     are zeros where the tokenizer gives none)."""
     ids = np.asarray(batch["input_ids"], dtype=np.int64)
     found = {"input_ids": ids, "attention_mask": np.asarray(batch["attention_mask"], dtype=np.int64),
              "token_type_ids": np.asarray(batch.get("token_type_ids", np.zeros_like(ids)), dtype=np.int64)}
-    return {i.name: found[i.name] for i in session.get_inputs()}
+    return {i.name: found[i.name] for i in ort_session.get_inputs()}
 
 
 def embed(session_or_folder, tokenizer, sentences: list[str], batch_size: int = 32,
@@ -40,7 +40,7 @@ def embed(session_or_folder, tokenizer, sentences: list[str], batch_size: int = 
     """The ``sentence_embedding`` output for ``sentences``: float32 ``[len(sentences), width]``."""
     run = session_or_folder
     if not isinstance(run, onnxruntime.InferenceSession):
-        run = session(run)
+        run = inference_session(run)
     out = []
     for start in range(0, len(sentences), batch_size):
         batch = tokenizer(list(sentences[start:start + batch_size]), padding=True, truncation=True,
