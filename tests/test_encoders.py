@@ -154,3 +154,27 @@ def test_eval_picks_the_encoder_metrics_for_an_encoder(tmp_path):
     for key in ("embedding_fidelity", "recall_at_1", "mrr_at_10", "parameters", "sparsity"):
         assert key in result.output
     assert "perplexity" not in result.output
+
+
+def test_mobilebert_quantizes_and_prunes_through_its_bottleneck_layout(tmp_path):
+    """The published MobileBERT layout (4 feed-forward networks, shared q/k bottleneck): gptq
+    int8 and wanda 50% run through the walker on every layer linear."""
+    save_tiny_model(tmp_path / "tiny-mobilebert", "mobilebert")
+    model = tiny_model("mobilebert")
+    architecture = find_architecture(model, get_plugins().architectures)
+    assert architecture.name == "mobilebert" and architecture.encoder and not architecture.smooth
+    for group in architecture.sequential:
+        for name in group:
+            model.get_submodule(f"{architecture.layers}.0.{name}")
+    (tmp_path / "recipe.toml").write_text(
+        '[model]\nsource = "tiny-mobilebert"\n[calibration]\nsamples = 8\nseq_len = 32\n'
+        '[[stages]]\nmethod = "wanda"\nsparsity = 0.5\n[[stages]]\nmethod = "gptq"\nbits = 8\ngroup_size = -1\n'
+        '[evaluate]\nmetrics = ["embedding-fidelity", "sparsity"]\nbefore = false\n'
+        '[evaluate.embedding-fidelity]\nsentences = 16\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.toml"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "wanda: pruned to 50%" in result.output and "gptq: 30 linears to 8 bits" in result.output
+    assert "embeddings.embedding_transformation is outside the decoder layers; rounded to nearest" in result.output
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert 0.4 < report["after"]["sparsity"] < 0.5   # half of each layer linear; the 2 outside stay dense
+    assert report["after"]["embedding_fidelity"] > 0.9

@@ -70,6 +70,12 @@ def last_hidden(model, **inputs) -> torch.Tensor:
 def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
     """Float32 sentence embeddings ``[len(sentences), width]`` on the CPU, computed on the
     model's device, normalized when the model's pipeline normalizes."""
+    if tokenizer.pad_token is None:
+        from .errors import PocketError
+
+        raise PocketError("the tokenizer has no padding token, so sentences of different lengths cannot share "
+                          "a batch", field="model.source", fix="give the model folder's tokenizer a pad token "
+                          "(an encoder's tokenizer normally has [PAD] or <pad>)")
     settings = pooling(model)
     max_length = max_length or settings["max_seq_length"] or 256
     device = next(model.parameters()).device

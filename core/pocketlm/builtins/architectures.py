@@ -141,15 +141,40 @@ def _distilbert(name: str, prefix: str = "", head: str = "") -> Architecture:
     )
 
 
+def _mobilebert(name: str, prefix: str = "", head: str = "") -> Architecture:
+    """MobileBERT with its published layout (4 feed-forward networks per layer, shared q/k
+    bottleneck): q and k read the bottleneck's output, v reads the layer input with the two
+    bottleneck projections. NoNorm and the bottlenecks leave no exact scale fold (``smooth`` is
+    empty) and no plain MLP to narrow (``mlp_in``/``mlp_out`` are empty); methods that need
+    either say so."""
+    ffn = tuple((f"ffn.{i}.intermediate.dense",) for i in range(3)), tuple((f"ffn.{i}.output.dense",) for i in range(3))
+    return Architecture(
+        name=name,
+        model_types=("mobilebert",),
+        layers=prefix + "encoder.layer",
+        embed=prefix + "embeddings.word_embeddings",
+        extra_embeddings=(prefix + "embeddings.position_embeddings", prefix + "embeddings.token_type_embeddings"),
+        lm_head=head,
+        final_norm="",
+        sequential=(("bottleneck.input.dense", "bottleneck.attention.dense", _BV), (_BQ, _BK), (_BO,),
+                    *[group for pair in zip(*ffn) for group in pair],
+                    (_BIN,), (_BOUT,), ("output.bottleneck.dense",)),
+        encoder=True,
+    )
+
+
 BERT = _bert("bert", ("bert",))
 BERT_MLM = _bert("bert-mlm", ("bert",), "bert.", "cls.predictions.decoder")
 ROBERTA = _bert("roberta", ("roberta", "xlm-roberta"))
 ROBERTA_MLM = _bert("roberta-mlm", ("roberta", "xlm-roberta"), "roberta.", "lm_head.decoder")
 DISTILBERT = _distilbert("distilbert")
 DISTILBERT_MLM = _distilbert("distilbert-mlm", "distilbert.", "vocab_projector")
+MOBILEBERT = _mobilebert("mobilebert")
+MOBILEBERT_MLM = _mobilebert("mobilebert-mlm", "mobilebert.", "cls.predictions.decoder")
 
 
 @hookimpl
 def register_architectures(register):
-    for architecture in (LLAMA, PHI3, GPT2, OPT, BERT, BERT_MLM, ROBERTA, ROBERTA_MLM, DISTILBERT, DISTILBERT_MLM):
+    for architecture in (LLAMA, PHI3, GPT2, OPT, BERT, BERT_MLM, ROBERTA, ROBERTA_MLM, DISTILBERT, DISTILBERT_MLM,
+                         MOBILEBERT, MOBILEBERT_MLM):
         register(architecture)

@@ -51,7 +51,13 @@ def tiny_config(family: str, *, vocab_size: int = VOCAB, hidden: int = 64, layer
                                    max_position_embeddings=512, pad_token_id=0,
                                    architectures=["DistilBertForMaskedLM" if family.endswith("mlm") else "DistilBertModel"],
                                    **common)
-    raise ValueError(f"unknown family {family!r}; choose from {ARCHITECTURES + ENCODERS}")
+    if family == "mobilebert":   # the published layout, narrowed: 4 feed-forward networks, shared q/k bottleneck
+        return tf.MobileBertConfig(hidden_size=hidden, embedding_size=hidden // 2, intra_bottleneck_size=hidden // 2,
+                                   true_hidden_size=hidden // 2, num_hidden_layers=layers, num_attention_heads=heads,
+                                   intermediate_size=intermediate // 2, num_feedforward_networks=4,
+                                   max_position_embeddings=512, pad_token_id=0, architectures=["MobileBertModel"],
+                                   **common)
+    raise ValueError(f"unknown family {family!r}; choose from {ARCHITECTURES + ENCODERS + ('mobilebert',)}")
 
 
 def tiny_model(family: str = "llama", *, seed: int = 0, outliers: bool = False, **sizes):
@@ -116,7 +122,7 @@ def tiny_tokenizer(encoder: bool = False):
 def save_tiny_model(folder: Path, family: str = "llama", **kwargs) -> Path:
     """Save a tiny model and the tiny tokenizer as a transformers folder (safetensors)."""
     folder = Path(folder)
-    tokenizer = tiny_tokenizer(encoder=family in ENCODERS)
+    tokenizer = tiny_tokenizer(encoder=family in ENCODERS or family == "mobilebert")
     model = tiny_model(family, vocab_size=len(tokenizer), **kwargs)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

@@ -324,3 +324,12 @@ def test_recipe_every_other_layer_then_wanda_through_the_cli(tmp_path, monkeypat
     assert model.config.num_hidden_layers == 2 and len(model.encoder.layer) == 2
     for name, module in targeted(model).items():
         assert (module.weight == 0).float().mean().item() == 0.5, name
+
+
+def test_prune_width_refuses_an_architecture_without_a_plain_mlp():
+    """MobileBERT's table names no mlp_in/mlp_out (bottlenecks, stacked feed-forward networks)."""
+    from pocketlm_prune.width import WidthOptions, compress as width_compress
+
+    with pytest.raises(PocketError, match="names no MLP input and output linears") as error:
+        width_compress(tiny_model("mobilebert"), WidthOptions(mlp_ratio=0.25), make_context(tiny_windows(4, 16)))
+    assert "prune-depth" in error.value.fix

@@ -306,6 +306,11 @@ class WidthPruner:
 
     def __call__(self, model: nn.Module) -> nn.Module:
         arch = self.context.architecture(model)
+        if not arch.mlp_in or not arch.mlp_out:
+            # MobileBERT: bottlenecks and stacked feed-forward networks, no single MLP to narrow
+            raise PocketError(f"architecture {arch.name!r} names no MLP input and output linears "
+                              "(Architecture.mlp_in / mlp_out), so prune-width has no channels to remove",
+                              fix="prune whole layers (prune-depth) or prune unstructured (wanda, sparsegpt)")
         shapes = Shapes(model, arch)
         inter, kv = self.targets(shapes)
         if inter is None and kv is None:
