@@ -284,9 +284,10 @@ def eval_(model, metrics, windows):
     run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress(), owns_folder=False)
     loaded = run_._load_source(model)
     if not names:
-        from .pipeline import ENCODER_METRICS, _is_encoder
+        from .modules import is_encoder
+        from .pipeline import ENCODER_METRICS
 
-        encoder = _is_encoder(loaded.model, loaded_plugins)
+        encoder = is_encoder(loaded.model, loaded_plugins.architectures)
         names = [*(ENCODER_METRICS if encoder else ("perplexity", "size")), "parameters", "sparsity"]
     results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
     table = Table(title=model)

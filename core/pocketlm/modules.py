@@ -45,6 +45,14 @@ def find_architecture(model: nn.Module, architectures: Iterable[Architecture]) -
     )
 
 
+def is_encoder(model: nn.Module, architectures: Iterable[Architecture]) -> bool:
+    """Whether ``model``'s registered architecture is an encoder (False when none is registered)."""
+    try:
+        return find_architecture(model, architectures).encoder
+    except PocketError:
+        return False
+
+
 def decoder_layers(model: nn.Module, architecture: Architecture) -> nn.ModuleList:
     return get_module(model, architecture.layers)
 

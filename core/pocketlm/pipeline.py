@@ -44,7 +44,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
 from .errors import PocketError
-from .modules import find_architecture
+from .modules import is_encoder
 from .recipe import Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
@@ -322,7 +322,7 @@ class Run:
         """The recipe's metrics; when it names none and the model is an encoder, the encoder
         defaults (an encoder has no next-token distribution, so no perplexity)."""
         evaluate = self.recipe.file.evaluate
-        if "metrics" in evaluate.model_fields_set or not _is_encoder(model, self.plugins):
+        if "metrics" in evaluate.model_fields_set or not is_encoder(model, self.plugins.architectures):
             return evaluate.metrics
         return list(ENCODER_METRICS)
 
@@ -505,13 +505,6 @@ class Run:
 
 #: What an encoder is measured by when the recipe names no metrics.
 ENCODER_METRICS = ("embedding-fidelity", "retrieval", "size")
-
-
-def _is_encoder(model, plugins) -> bool:
-    try:
-        return find_architecture(model, plugins.architectures).encoder
-    except PocketError:
-        return False
 
 
 # --------------------------------------------------------------------------- report

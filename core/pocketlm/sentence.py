@@ -60,6 +60,13 @@ def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch
     return (hidden * keep).sum(1) / keep.sum(1).clamp(min=1e-9)
 
 
+def sentence_vectors(hidden: torch.Tensor, attention_mask: torch.Tensor, settings: dict) -> torch.Tensor:
+    """The sentence embeddings of ``hidden`` as the pipeline ``settings`` (:func:`pooling`) makes
+    them: pooled, then L2-normalized when the pipeline normalizes."""
+    vectors = pool(hidden, attention_mask, settings["mode"])
+    return F.normalize(vectors, dim=-1) if settings["normalize"] else vectors
+
+
 def last_hidden(model, **inputs) -> torch.Tensor:
     """The encoder's last hidden states, from a bare model or one inside a masked-LM wrapper."""
     output = model(**inputs, output_hidden_states=True)
@@ -67,9 +74,11 @@ def last_hidden(model, **inputs) -> torch.Tensor:
     return hidden if hidden is not None else output.hidden_states[-1]
 
 
-def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int | None = None) -> torch.Tensor:
+def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_length: int | None = None,
+          advance=None) -> torch.Tensor:
     """Float32 sentence embeddings ``[len(sentences), width]`` on the CPU, computed on the
-    model's device, normalized when the model's pipeline normalizes."""
+    model's device, normalized when the model's pipeline normalizes. ``advance(n)``, when given,
+    is called after each batch of ``n`` sentences (a progress bar)."""
     if tokenizer.pad_token is None:
         from .errors import PocketError
 
@@ -88,8 +97,9 @@ def embed(model, tokenizer, sentences: list[str], batch_size: int = 32, max_leng
         for start in range(0, len(order), batch_size):
             batch = tokenizer([sentences[i] for i in order[start:start + batch_size]], padding=True, truncation=True,
                               max_length=max_length, return_tensors="pt").to(device)
-            vectors = pool(last_hidden(model, **batch).float(), batch["attention_mask"], settings["mode"])
-            out.append((F.normalize(vectors, dim=-1) if settings["normalize"] else vectors).cpu())
+            out.append(sentence_vectors(last_hidden(model, **batch).float(), batch["attention_mask"], settings).cpu())
+            if advance is not None:
+                advance(len(batch["attention_mask"]))
     model.train(was_training)
     vectors = torch.cat(out) if out else torch.zeros(0, 0)
     return vectors[torch.argsort(torch.tensor(order))] if order else vectors

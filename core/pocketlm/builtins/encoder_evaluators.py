@@ -138,17 +138,9 @@ def require_encoder(model, context, metric: str) -> None:
 # --------------------------------------------------------------------------- embeddings
 
 def _embed(model, sentences: list[str], options, context, description: str) -> torch.Tensor:
-    """:func:`pocketlm.sentence.embed` batch by batch, so the progress bar moves. Texts of like
-    length share a batch (a batch pads to its longest), and come back in the order given."""
-    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
-    chunks = []
+    """:func:`pocketlm.sentence.embed` (texts of like length batched together) under a progress bar."""
     with context.progress.task(description, len(sentences)) as advance:
-        for start in range(0, len(order), options.batch_size):
-            batch = [sentences[i] for i in order[start:start + options.batch_size]]
-            chunks.append(embed(model, context.tokenizer, batch, options.batch_size, options.max_length))
-            advance(len(batch))
-    embeddings = torch.cat(chunks)
-    return embeddings[torch.tensor(order, device=embeddings.device).argsort()]
+        return embed(model, context.tokenizer, sentences, options.batch_size, options.max_length, advance)
 
 
 class FidelityOptions(Options):

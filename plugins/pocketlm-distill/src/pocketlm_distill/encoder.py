@@ -33,7 +33,7 @@ from torch import nn
 
 from pocketlm import PocketError
 from pocketlm.modules import decoder_layers, set_module
-from pocketlm.sentence import pool
+from pocketlm.sentence import sentence_vectors
 
 MAX_SENTENCES = 4      # an example holds 1..MAX_SENTENCES consecutive sentences of one paragraph
 MIN_CHARACTERS = 16    # shorter fragments (stray headings, numbers) teach nothing
@@ -193,8 +193,7 @@ def sentence_embedding(output, attention_mask: torch.Tensor, settings: dict) -> 
     forward pass made with ``output_hidden_states`` or from a bare encoder."""
     hidden = getattr(output, "last_hidden_state", None)
     hidden = hidden if hidden is not None else output.hidden_states[-1]
-    vectors = pool(hidden.float(), attention_mask, settings["mode"])
-    return F.normalize(vectors, dim=-1) if settings["normalize"] else vectors
+    return sentence_vectors(hidden.float(), attention_mask, settings)
 
 
 # --------------------------------------------------------------------------- student from the teacher

@@ -25,7 +25,6 @@ from typing import Literal
 
 import onnx
 import torch
-import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
@@ -93,8 +92,7 @@ class SentenceEncoder(nn.Module):
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
         hidden = self.encoder(**inputs).last_hidden_state
-        vectors = sentence.pool(hidden, attention_mask, self.mode)
-        return hidden, F.normalize(vectors, dim=-1) if self.normalize else vectors
+        return hidden, sentence.sentence_vectors(hidden, attention_mask, {"mode": self.mode, "normalize": self.normalize})
 
 
 def takes_token_types(encoder: nn.Module) -> bool:
