@@ -9,8 +9,14 @@ quick protocol of benchmarks/PROTOCOL.md: the first 32 x 512 WikiText-2 test win
 windows (not the protocol's 32: the 1.5B model on 2 CPU cores), with the time of every
 decoder layer, then perplexity after. Peak RSS is the process's (``ru_maxrss``).
 
+With ``--peer``, llm-compressor's GPTQ runs next in the same invocation on the same model folder
+and the same calibration windows (W4 g128 symmetric, act-order static, damp 0.01, block 128; its
+own venv, ``benchmarks/peers/setup_llmcompressor.sh``), and its compressed-tensors export is
+evaluated here on the same evaluation windows (decompressed on load). Its peak RSS is its own
+process's.
+
     flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_large_model.py \\
-        [--calibration 8] [--results docs/bench/large-model-results.jsonl]
+        [--calibration 8] [--peer] [--results docs/bench/large-model-results.jsonl]
 
 ``POCKETLM_DEMO_WHEELS=DIR`` points the demo loader at wheels already downloaded.
 """
@@ -51,6 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--calibration", type=int, default=8, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=32)
+    parser.add_argument("--peer", action="store_true", help="then llm-compressor on the same model and windows")
     parser.add_argument("--results", default=str(common.ROOT / "docs" / "bench" / "large-model-results.jsonl"))
     args = parser.parse_args()
     results = Path(args.results)
@@ -102,6 +109,40 @@ def main() -> None:
     with common.Timer() as timer:
         after = common.perplexity(model, evaluation)
     record("perplexity-after", perplexity=after, seconds=round(timer.seconds, 1), retention=before / after)
+    if args.peer:
+        del model
+        run_peer(folder, calibration, evaluation, before, record)
+
+
+def run_peer(folder: Path, calibration, evaluation, before: float, record) -> None:
+    """llm-compressor's GPTQ on ``folder`` with the same windows, then its export's perplexity."""
+    import json
+    import subprocess
+    import tempfile
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    venv = subprocess.run(["bash", str(common.ROOT / "benchmarks" / "peers" / "setup_llmcompressor.sh")], check=True,
+                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    with tempfile.TemporaryDirectory(prefix="bench-large-peer-") as work:
+        work = Path(work)
+        save_file({"input_ids": calibration.contiguous()}, str(work / "calibration.safetensors"))
+        command = [f"{venv}/bin/python", str(common.ROOT / "benchmarks" / "peers" / "llmc_gptq.py"),
+                   "--model", str(folder), "--windows", str(work / "calibration.safetensors"), "--out", str(work / "out"),
+                   "--result", str(work / "result.json"), "--bits", "4", "--group-size", "128", "--actorder", "static"]
+        with common.Timer() as wall:
+            subprocess.run(command, check=True, stdout=sys.stderr)
+        result = json.loads((work / "result.json").read_text())
+        record("peer-gptq", peer=f"llmcompressor {result['llmcompressor']}", seconds=round(result["seconds"], 1),
+               wall_seconds=round(wall.seconds, 1), peer_peak_rss_mb=round(result["peak_rss_mb"]), bits=4,
+               group_size=128, actorder="static", calibration=list(calibration.shape))
+        model = AutoModelForCausalLM.from_pretrained(work / "out", dtype=torch.float32,
+                                                     quantization_config=CompressedTensorsConfig(run_compressed=False))
+        with common.Timer() as timer:
+            after = common.perplexity(model.eval(), evaluation)
+        record("peer-perplexity-after", perplexity=after, seconds=round(timer.seconds, 1), retention=before / after)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,14 @@
   sampled every 50 ms from ``/proc/PID/status`` (RssAnon and RssFile apart) and whose peak is
   read from ``wait4`` (ru_maxrss). ``compare`` checks that two memory runs exported the same
   grids, tensor by tensor.
+  After the run, the GPTQ stage is exported again as GGUF (``pocketlm export STAGE --format
+  gguf``) in a second sampled child.
+* ``peer --offload disk|none``: llm-compressor 0.14's GPTQ (W4 g128, act-order static, damp 0.01,
+  block 128) on the same model and the same 8 x 512 windows (pocketlm's own calibration windows
+  handed over as token ids), in its own venv (``benchmarks/peers/setup_llmcompressor.sh``):
+  its default path (the whole model in CPU memory) or its disk offload
+  (``load_offloaded_model``, ``device_map = "auto_offload"`` with 1 GB of weights allowed in
+  CPU memory), sampled the same way.
 * ``profile --layers N``: the same GPTQ walk over the first N layers in this process, with the
   peak memory of each phase (load, each group's solve, the passes between, writing the layer).
 * ``cost``: SmolLM2-135M (``demo:smollm2-135m``), GPTQ W4 g64, the quick protocol's 32 x 512
@@ -134,27 +142,77 @@ class Sampler(threading.Thread):
             time.sleep(0.05)
 
 
+def sampled(command: list[str], name: str) -> dict:
+    """Run ``command`` in a child process; its wall time and peak memory (ru_maxrss from wait4,
+    VmRSS/RssAnon/RssFile sampled every 50 ms)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    sampler = Sampler(process.pid)
+    sampler.start()
+    stderr = process.stderr.read()   # read until the child exits, so a chatty child never blocks on the pipe
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = status      # reaped here (wait4 gives its rusage), not by Popen
+    wall = time.perf_counter() - start
+    sampler.stop = True
+    if status != 0:
+        raise SystemExit(f"{name} failed: {stderr.decode()[-3000:]}")
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            **{f"peak_{k}_mb": round(v / 2**20, 1) for k, v in sampler.peaks.items()}}
+
+
+POCKETLM = [sys.executable, "-c", "from pocketlm.cli import main; main()"]
+
+
 def run_recipe(recipe: str, run_dir: Path, name: str) -> dict:
     """Run ``recipe`` with the pocketlm CLI in a child process; its wall time and memory."""
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir.parent / f"{name}.toml"
     path.write_text(recipe)
-    command = [sys.executable, "-c", "from pocketlm.cli import main; main()", "run", str(path),
-               "--run-dir", str(run_dir), "--overwrite"]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    sampler = Sampler(process.pid)
-    sampler.start()
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    sampler.stop = True
-    if status != 0:
-        raise SystemExit(f"{name} failed: {process.stderr.read().decode()[-3000:]}")
+    result = sampled([*POCKETLM, "run", str(path), "--run-dir", str(run_dir), "--overwrite"], name)
     report = json.loads((run_dir / "report.json").read_text())
-    return {"wall_s": round(wall, 1), "stage_s": round(report["stages"][0]["seconds"], 1),
-            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            **{f"peak_{k}_mb": round(v / 2**20, 1) for k, v in sampler.peaks.items()},
-            "size_mb": report["after"].get("size_mb")}
+    return {**result, "stage_s": round(report["stages"][0]["seconds"], 1), "size_mb": report["after"].get("size_mb")}
+
+
+def export_gguf(stage: Path, out: Path) -> dict:
+    """``pocketlm export STAGE --format gguf`` in a sampled child (a streamed stage checkpoint is
+    loaded as a streamed model and written one layer at a time)."""
+    import shutil
+
+    shutil.rmtree(out, ignore_errors=True)
+    result = sampled([*POCKETLM, "export", str(stage), "--format", "gguf", "-o", str(out)], "gguf export")
+    return {**result, "gguf_mb": round((out / "model.gguf").stat().st_size / 1e6, 1)}
+
+
+def peer_windows(model: Path, out: Path) -> Path:
+    """pocketlm's own calibration windows of the memory recipe (8 x 512, seed 0, the bundled
+    WikiText-2 validation text through the model's tokenizer), as token ids for the peer."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+
+    from pocketlm import data
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = data.calibration_windows(tokenizer, data.resolve_text(data.DEFAULT_CALIBRATION_TEXT), 8, 512, 0)
+    save_file({"input_ids": ids.contiguous()}, str(out))
+    return out
+
+
+def run_peer(model: Path, offload: str, cache: Path) -> dict:
+    import shutil
+
+    venv = subprocess.run(["bash", str(ROOT / "benchmarks" / "peers" / "setup_llmcompressor.sh")], check=True,
+                          capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    work = cache / f"peer-{offload}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    windows = peer_windows(model, work / "windows.safetensors")
+    command = [f"{venv}/bin/python", str(ROOT / "benchmarks" / "peers" / "llmc_scale.py"), "--model", str(model),
+               "--windows", str(windows), "--out", str(work / "export"), "--result", str(work / "result.json"),
+               "--offload", offload, "--offload-folder", str(work / "offload"), "--group-size", "128"]
+    result = sampled(command, f"llm-compressor ({offload})")
+    inner = json.loads((work / "result.json").read_text())
+    shutil.rmtree(work / "offload", ignore_errors=True)
+    return {**result, **{k: v for k, v in inner.items() if k != "peak_rss_mb"}}
 
 
 def compare_exports(a: Path, b: Path) -> dict:
@@ -256,7 +314,7 @@ def _commit() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["synthetic", "memory", "compare", "cost", "profile"])
+    parser.add_argument("what", choices=["synthetic", "memory", "compare", "cost", "profile", "peer"])
     parser.add_argument("--layers", type=int, default=2, help="profile: decoder layers to walk")
     parser.add_argument("--offload", choices=["disk", "none"], default="disk")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "scale")
@@ -269,8 +327,19 @@ def main() -> None:
         result = run_recipe(MEMORY_RECIPE.format(model=model, offload=args.offload), args.cache / f"run-{args.offload}",
                             f"memory-{args.offload}")
         float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        gguf = export_gguf(args.cache / f"run-{args.offload}" / "stages" / "01-gptq", args.cache / f"gguf-{args.offload}")
         record({"benchmark": "memory", "offload": args.offload, "model": "synthetic TinyLlama-1.1B shape, float32",
                 "model_mb": round(float_bytes / 2**20, 1), "recipe": "gptq W4 g128, 8 x 512 windows, compressed-tensors",
+                "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result,
+                "gguf_export": {**gguf, "peak_over_model": round(gguf["peak_rss_mb"] * 2**20 / float_bytes, 3)}})
+    elif args.what == "peer":
+        write_synthetic(model)
+        float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+        result = run_peer(model, args.offload, args.cache)
+        record({"benchmark": "memory-peer", "peer": "llm-compressor", "offload": args.offload,
+                "model": "synthetic TinyLlama-1.1B shape, float32", "model_mb": round(float_bytes / 2**20, 1),
+                "recipe": "GPTQModifier W4 g128 sym, actorder static, damp 0.01, block 128, 8 x 512 windows (pocketlm's), "
+                          "batch 1, save_compressed",
                 "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result})
     elif args.what == "profile":
         write_synthetic(model)

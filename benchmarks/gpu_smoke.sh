@@ -8,8 +8,9 @@
 #   1. a CUDA device is visible to torch (else it fails loudly: this script proves nothing on a CPU);
 #   2. the conformance kit's CPU-against-CUDA check and allocation check for rtn, gptq, awq,
 #      magnitude, wanda, sparsegpt, prune-width and prune-depth on tiny models (distill in step 3);
-#   3. a pipeline run of every method with `device = "cuda"`, offload "none" and "cpu", on a tiny
-#      llama model, exported (`compressed-tensors`, `gguf`);
+#   3. a pipeline run of every method with `device = "cuda"`, offload "none" and "cpu" (and "disk"
+#      for the methods that stream), on a tiny llama model, exported (`compressed-tensors`, `gptq`,
+#      `awq`, `gguf`);
 #   4. the README's default recipe (`pocketlm run`, demo:smollm2-135m) with `device = "cuda"`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,7 @@ for name, options in METHODS.items():
         print(f"ok {name} on {family}", flush=True)
 EOF
 
-echo "== 3. pipeline runs on cuda, offload none and cpu"
+echo "== 3. pipeline runs on cuda, offload none, cpu and disk"
 "$PY" -c "from pocketlm.testing.models import save_tiny_model; save_tiny_model('$WORK/tiny', 'llama')"
 run_stage() {  # name, offload, stage lines, export format
     cat > "$WORK/$1-$2.toml" <<EOF
@@ -64,12 +65,14 @@ format = "$4"
 EOF
     "$POCKETLM" run "$WORK/$1-$2.toml" --run-dir "$WORK/runs/$1-$2"
 }
-for offload in none cpu; do
+for offload in none cpu disk; do
     run_stage gptq "$offload" $'[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32' compressed-tensors
+    run_stage gptq-gptq "$offload" $'[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32' gptq
     run_stage rtn "$offload" $'[[stages]]\nmethod = "rtn"\nbits = 4\ngroup_size = 32' gguf
     run_stage awq "$offload" $'[[stages]]\nmethod = "awq"\nbits = 4\ngroup_size = 32' awq
     run_stage sparsegpt-gptq "$offload" $'[[stages]]\nmethod = "sparsegpt"\nsparsity = 0.5\n[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32' compressed-tensors
     run_stage wanda "$offload" $'[[stages]]\nmethod = "wanda"\nsparsity = 0.5' hf
+    [ "$offload" = disk ] && continue   # below: methods that need the whole model (they refuse disk)
     run_stage magnitude "$offload" $'[[stages]]\nmethod = "magnitude"\nsparsity = 0.5' hf
     run_stage width-depth "$offload" $'[[stages]]\nmethod = "prune-width"\nmlp_ratio = 0.25\n[[stages]]\nmethod = "prune-depth"\nlayers = 1' hf
 done

@@ -498,16 +498,16 @@ def case_full_disk_injected(env: Env, monkeypatch=None):
     from pocketlm import checkpoint
 
     run = env.tmp / "run"
-    original = checkpoint.save_model
+    original = checkpoint.save_tensors
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(args[1]))
 
-    checkpoint.save_model = full
+    checkpoint.save_tensors = full
     try:
         code, output = cli("run", env.recipe(), "--run-dir", run)
     finally:
-        checkpoint.save_model = original
+        checkpoint.save_tensors = original
     nothing_partial = not (run / "stages").exists() or not any((run / "stages").glob("*/stage.json"))
     code_resume, _ = cli("run", env.recipe(), "--run-dir", run, "--resume")
     return code, output, nothing_partial and code_resume == 0 and export_bytes(run) == export_bytes(env.finished)

@@ -216,13 +216,3 @@ def test_large_activations_wait_in_a_memmap(sources, toy_plugins, tmp_path, monk
     a, b = _state(tmp_path / "none" / "export"), _state(tmp_path / "disk" / "export")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert none["after"]["perplexity"] > 1
-
-
-def test_gguf_sources_are_refused_in_disk_mode(tmp_path):
-    from pocketlm.builtins.loaders import load_gguf
-    from pocketlm.recipe import ModelSection
-
-    path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF")
-    with pytest.raises(PocketError, match='offload = "disk" streams safetensors folders'):
-        load_gguf(str(path), ModelSection(source=str(path), offload="disk"))

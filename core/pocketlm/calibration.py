@@ -354,6 +354,8 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
                 else:
                     replay = observe_pass(layer, inputs, names, handler.observe, record=scope, substitutes=substitutes,
                                           inputs_only=inputs_only)
+                if stream is not None:
+                    streaming.return_freed_memory()   # the solve is a streamed layer's peak
                 handler.solve(index, layer, names)
                 if replay is None or not replay.scope:
                     continue

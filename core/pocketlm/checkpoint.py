@@ -20,12 +20,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 from torch import nn
 
 from .components import LoadedModel
 from .errors import PocketError
 from .modules import auto_class, get_module, set_module
+from .streaming import save_tensors
 from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks
 
 MANIFEST = "pocketlm-modules.json"
@@ -87,8 +88,8 @@ def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / MANIFEST).write_text(json.dumps(_describe(model), indent=1, sort_keys=True))
-    save_model(model, str(folder / "model.safetensors"))
-    save_file({k: v.contiguous() for k, v in masks(model).items()}, str(folder / "masks.safetensors"))
+    save_tensors(model.state_dict(), folder / "model.safetensors")   # one tensor in memory at a time
+    save_tensors(masks(model), folder / "masks.safetensors")
 
 
 def is_checkpoint(folder: Path) -> bool:

@@ -63,7 +63,7 @@ class ModelSection(_Section):
     offload: Offload = Field(
         "none", description='where weights wait while no layer works on them: "none" (the whole model on the '
         'device), "cpu" (one decoder layer at a time on the device), "disk" (each decoder layer read from the '
-        'safetensors files when its turn comes, written to the stage checkpoint and freed) or "auto" ("disk" '
+        'safetensors or GGUF files when its turn comes, written to the stage checkpoint and freed) or "auto" ("disk" '
         'when the float model exceeds half the available memory)')
 
 

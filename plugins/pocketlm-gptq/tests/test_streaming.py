@@ -1,11 +1,10 @@
 """rtn and gptq on a model streamed from disk (offload = "disk") give the grids of the whole model in
-memory, bit for bit; exporters that need the whole model say so."""
+memory, bit for bit; the gptq and compressed-tensors exports stream layer by layer."""
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from pocketlm import PocketError
 from pocketlm.pipeline import Run
 from pocketlm.plugins import Plugins
 from pocketlm.recipe import parse_recipe
@@ -68,12 +67,23 @@ def test_disk_gives_the_grids_of_none(source, plugins, tmp_path, method):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_exporters_that_need_the_whole_model_refuse_disk_mode(source, plugins, tmp_path):
-    with pytest.raises(PocketError) as error:
-        _run(source, "disk", "rtn", plugins, tmp_path / "run", export="gptq")
-    message = str(error.value)
-    assert "export format 'gptq' cannot write a model streamed from disk" in message
-    assert "'hf'" in message and 'offload = "none"' in message
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_gptq_export_streams_the_same_tensors_layer_by_layer(source, plugins, tmp_path, checkpoint_format):
+    import json
+
+    recipe = RECIPE.replace('format = "{format}"', f'format = "gptq"\ncheckpoint_format = "{checkpoint_format}"')
+    for offload in ("none", "disk"):
+        Run(parse_recipe(recipe.format(model=source, offload=offload, method="gptq"), plugins, file="recipe.toml"),
+            tmp_path / offload, plugins, echo=lambda m: None).execute()
+    none, disk = tmp_path / "none" / "export", tmp_path / "disk" / "export"
+    assert [p.name for p in none.glob("*.safetensors")] == ["model.safetensors"]
+    index = json.loads((disk / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 1 + 3          # the rest, then one shard per decoder layer
+    a, b = _all_tensors(none), _all_tensors(disk)
+    assert sorted(a) == sorted(b) and sum(k.endswith(".qweight") for k in a) == 3 * 7
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    config = lambda folder: json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert config(none) == config(disk) and config(disk)["checkpoint_format"] == checkpoint_format
 
 
 def _all_tensors(folder) -> dict[str, torch.Tensor]:

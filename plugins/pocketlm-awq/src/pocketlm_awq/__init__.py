@@ -12,7 +12,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import awq, export_awq
 
-__version__ = "0.2.3"
+__version__ = "0.2.4"
 POCKETLM_API = ">=1.3,<2"
 
 
@@ -29,5 +29,5 @@ def register_exporters(register):
     register(Exporter(
         name="awq", options=export_awq.AWQExportOptions, export=export_awq.export_awq,
         represents=frozenset({"quantized", "dense", "masked", "restructured"}), packs=frozenset({"quantized"}),
-        check=export_awq.check,
+        check=export_awq.check, streams=True,
         summary="AutoAWQ GEMM checkpoint (4-bit, grouped) for transformers, vLLM and GPTQModel"))

@@ -29,7 +29,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
-from pocketlm import Options
+from pocketlm import Options, is_streamed, streaming
 from pocketlm import weights as W
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -97,25 +97,35 @@ def check(model: nn.Module, options: AWQExportOptions) -> list[str]:
     return problems
 
 
+def awq_part(module: nn.Module, prefix: str, dtype: torch.dtype, tied: bool) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module`` (the whole model, or one decoder layer of a streamed
+    one), names prefixed: AWQ tensors for each quantized linear, the rest in ``dtype``."""
+    tensors: dict[str, torch.Tensor] = {}
+    quantized = {n: m for n, m in module.named_modules() if isinstance(m, W.QuantizedLinear)}
+    for name, linear in quantized.items():
+        for key, value in awq_tensors(linear).items():
+            tensors[f"{prefix}{name}.{key}"] = value
+    skip_prefixes = tuple(n + "." for n in quantized)
+    seen: set[int] = set()
+    for key, value in module.state_dict().items():
+        if key.startswith(skip_prefixes):
+            continue
+        if tied and value.data_ptr() in seen:
+            continue  # the tied head: transformers re-ties it from the embedding
+        seen.add(value.data_ptr())
+        tensors[prefix + key] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
+    return tensors
+
+
 def export_awq(model: nn.Module, path: Path, options: AWQExportOptions, context) -> None:
     path = Path(path)
     dtype = getattr(torch, options.dtype)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, W.QuantizedLinear)}
-    for name, module in quantized.items():
-        for key, value in awq_tensors(module).items():
-            tensors[f"{name}.{key}"] = value
-    skip_prefixes = tuple(n + "." for n in quantized)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    seen: dict[int, str] = {}
-    for key, value in model.state_dict().items():
-        if key.startswith(skip_prefixes):
-            continue
-        pointer = value.data_ptr()
-        if pointer in seen and tied:
-            continue  # the tied head: transformers re-ties it from the embedding
-        seen[pointer] = key
-        tensors[key] = (value.to(dtype) if value.is_floating_point() else value).contiguous().clone()
+    if is_streamed(model):  # one shard per decoder layer, with an index; never two layers at once
+        streaming.write_sharded(model, path, lambda module, prefix: awq_part(module, prefix, dtype, tied))
+    else:
+        save_file(awq_part(model, "", dtype, tied), str(path / "model.safetensors"), metadata={"format": "pt"})
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, W.QuantizedLinear)}
     dense = sorted(n for n, m in model.named_modules() if W.is_linear(m) and n not in quantized)
     bits, group_size = next((m.bits, m.group_size) for m in quantized.values())
     config = copy.deepcopy(model.config)
@@ -124,7 +134,6 @@ def export_awq(model: nn.Module, path: Path, options: AWQExportOptions, context)
                                   "modules_to_not_convert": dense or None}
     config.dtype = options.dtype
     config.save_pretrained(path)
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "quantize_config.json").write_text(json.dumps(
         {"zero_point": True, "q_group_size": group_size, "w_bit": bits, "version": "GEMM"}, indent=1))
     if context is not None and getattr(context, "tokenizer", None) is not None:

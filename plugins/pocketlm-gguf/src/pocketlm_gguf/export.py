@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Literal
@@ -29,7 +30,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 import pocketlm
-from pocketlm import Exporter, Options, PocketError
+from pocketlm import Exporter, Options, PocketError, streaming
 from pocketlm.card import card_metadata
 from pocketlm.modules import matches
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
@@ -54,6 +55,7 @@ _FILE_TYPES = {
     gguf.GGMLQuantizationType.Q5_K: gguf.LlamaFileType.MOSTLY_Q5_K_M,
     gguf.GGMLQuantizationType.Q6_K: gguf.LlamaFileType.MOSTLY_Q6_K,
 }
+SCRATCH_IN_MEMORY = 64 << 20  # packed tensors up to this many bytes wait in memory, the rest on disk
 # What llama.cpp's quantizer (llama-quant.cpp) writes for a row length that 256 does not divide.
 # IQ4_NL (a non-uniform 4-bit codebook) has no quantizer in gguf-py: pocketlm writes Q4_0, the
 # same 4.5 bits per weight, instead.
@@ -159,15 +161,32 @@ def _is_tied(model) -> bool:
     return head_weight is not None and embed_weight is not None and head_weight is embed_weight
 
 
-def _leaf_modules(model):
+def _owners(named_modules):
     """``(name, module)`` for every module that owns tensors to write, storage-holders excluded."""
-    for name, module in model.named_modules():
+    for name, module in named_modules:
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or is_linear(module) or isinstance(module, nn.Embedding):
             yield name, module
         elif type(module).__name__ == "_PackedGrid":
             continue
         elif any(True for _ in module.parameters(recurse=False)):
             yield name, module
+
+
+def _leaf_modules(model):
+    """:func:`_owners` of the whole model in module order. A model streamed from disk has its
+    decoder layers materialized one at a time, each freed before the next is read."""
+    stream = streaming.stream_of(model)
+    if stream is None:
+        yield from _owners(model.named_modules())
+        return
+    with streaming.without_layers(model, stream.layers_path):
+        rest = list(model.named_modules())  # the layers' place holds an empty list meanwhile
+    for name, module in rest:
+        if name != stream.layers_path:
+            yield from _owners([(name, module)])
+            continue
+        for index, layer in stream.each():
+            yield from _owners(layer.named_modules(prefix=f"{name}.{index}"))
 
 
 class _Report:
@@ -344,17 +363,24 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     report = _Report()
+    writer = gguf.GGUFWriter(path / options.filename, architecture, use_temp_file=True)
+    # The header lists every tensor before the first byte of data, so each packed tensor waits in
+    # a scratch file beside the export (not in memory) until the header is written: a model
+    # streamed from disk is packed one decoder layer at a time.
+    writer.temp_file = tempfile.SpooledTemporaryFile(max_size=SCRATCH_IN_MEMORY, dir=path)
+    matrix_types: Counter = Counter()
     with torch.no_grad():
-        tensors = list(_tensors(model, options, report, architecture, permute))
+        for tensor_name, data, qtype in _tensors(model, options, report, architecture, permute):
+            writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+            if qtype is not None and data.ndim == 2:
+                matrix_types[qtype] += 1
 
-    writer = gguf.GGUFWriter(path / options.filename, architecture)
     # (a general.name of exactly "mistral" would make transformers' loader look for a GGUF
     # architecture gguf-py does not have, so the fallback name is never the bare family name)
     name = options.name or getattr(model.config, "_name_or_path", None) or f"pocketlm-{model.config.model_type}"
     writer.add_name(str(name))
     _card_metadata(writer, getattr(context, "recipe", None) or {})
     _hyperparameters(writer, model)
-    matrix_types = Counter(qtype for _, data, qtype in tensors if qtype is not None and data.ndim == 2)
     quantized = [t for t in matrix_types if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
     dominant = max(quantized or matrix_types, key=lambda t: matrix_types[t])
     writer.add_file_type(_FILE_TYPES[dominant])
@@ -383,8 +409,6 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     writer.add_string("pocketlm.versions", json.dumps(_versions(context), sort_keys=True))
     writer.add_string("pocketlm.tensors", json.dumps(dict(sorted(report.kinds.items()))))
 
-    for tensor_name, data, qtype in tensors:
-        writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -394,7 +418,6 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     log(f"gguf: wrote {options.filename} ({(path / options.filename).stat().st_size / 1e6:.1f} MB; "
         + ", ".join(f"{count} {kind}" for kind, count in sorted(report.kinds.items())) + ")")
 
-
 EXPORTER = Exporter(
     name="gguf",
     options=GGUFOptions,
@@ -402,6 +425,7 @@ EXPORTER = Exporter(
     represents=frozenset({"dense", "masked", "quantized", "quantized-embedding", "restructured"}),
     packs=frozenset({"quantized", "quantized-embedding"}),  # token_embd is stored as Q8_0/Q4_0/Q4_1
     check=check,
+    streams=True,
     library="gguf",
     summary="one llama.cpp .gguf file (Llama/Mistral/Qwen2): exact Q2_K-Q6_K, Q4_0/Q4_1/Q5_0/Q8_0 from pocketlm "
             "grids, F16/F32 or round-to-nearest for dense layers, tokenizer and provenance metadata",

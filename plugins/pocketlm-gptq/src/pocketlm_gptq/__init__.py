@@ -12,7 +12,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import common, gptq, rtn
 
-__version__ = "0.3.1"
+__version__ = "0.3.2"
 POCKETLM_API = ">=1.3,<2"
 
 
@@ -50,7 +50,7 @@ def register_exporters(register):
     register(Exporter(
         name="gptq", options=export_gptq.GPTQExportOptions, export=export_gptq.export_gptq,
         represents=frozenset({"dense", "quantized", "masked", "restructured"}), packs=frozenset({"quantized"}),
-        check=export_gptq.check_gptq,
+        check=export_gptq.check_gptq, streams=True,
         summary="GPTQ checkpoint (qweight/qzeros/scales/g_idx) for transformers+gptqmodel, GPTQModel, vLLM"))
     register(Exporter(
         name="compressed-tensors", options=export_compressed_tensors.CTExportOptions,

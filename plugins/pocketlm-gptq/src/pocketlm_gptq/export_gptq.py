@@ -33,7 +33,7 @@ from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
-from pocketlm import Options
+from pocketlm import Options, is_streamed, streaming
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, group_index, is_linear, pack
 
 from . import __version__
@@ -103,17 +103,58 @@ def check_gptq(model: nn.Module, options: GPTQExportOptions) -> list[str]:
               if m.in_features % 32 or m.out_features % 32]
     if narrow:
         problems.append(f"gptq packing needs widths that are multiples of 32: {', '.join(narrow[:4])}")
-    if options.checkpoint_format == "gptq":
-        zero_zero = [n for n, m in linears.items() if not m.symmetric and bool((m.storage.zeros == 0).any())]
-        if zero_zero:
-            problems.append(f"{len(zero_zero)} layer(s) have a zero point of 0 (e.g. {zero_zero[0]}), which "
-                            "gptq v1 (zero - 1) cannot store; export with checkpoint_format = \"gptq_v2\"")
+    zero_zero = _zero_point_zero(linears) if options.checkpoint_format == "gptq" else []
+    if zero_zero:
+        problems.append(_zero_problem(zero_zero))
     dense = [n for n, m in model.named_modules()
              if is_linear(m) and not isinstance(m, QuantizedLinear) and n.rpartition(".")[2] != "lm_head"]
     if dense:
         problems.append(f"gptq loaders quantize every decoder linear, but {len(dense)} are dense "
                         f"(e.g. {dense[0]}); quantize them too or export with compressed-tensors")
     return problems
+
+
+def _zero_point_zero(linears: dict[str, QuantizedLinear]) -> list[str]:
+    """Asymmetric layers with a zero point of 0, which gptq v1 (zero - 1) cannot store."""
+    return [n for n, m in linears.items()
+            if not m.symmetric and not m.storage.zeros.is_meta and bool((m.storage.zeros == 0).any())]
+
+
+def _zero_problem(names: list[str]) -> str:
+    return (f"{len(names)} layer(s) have a zero point of 0 (e.g. {names[0]}), which gptq v1 (zero - 1) cannot "
+            "store; export with checkpoint_format = \"gptq_v2\"")
+
+
+def gptq_part(module: nn.Module, prefix: str, options: GPTQExportOptions) -> dict[str, torch.Tensor]:
+    """The checkpoint tensors of ``module`` (the whole model, or one decoder layer of a streamed
+    one), names prefixed: GPTQ tensors for each quantized linear, everything else in ``dtype``,
+    a quantized embedding dequantized (GPTQ cannot hold it), a tensor shared twice written once."""
+    from pocketlm import PocketError
+
+    dtype = DTYPES[options.dtype]
+    linears = _quantized_linears(module)
+    zero_zero = _zero_point_zero(linears) if options.checkpoint_format == "gptq" else []
+    if zero_zero:  # a streamed model's grids are first read here, layer by layer
+        raise PocketError("cannot export as gptq: " + _zero_problem([prefix + n for n in zero_zero]),
+                          field="export.format", fix="see the problem above")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, linear in linears.items():
+        for key, value in gptq_tensors(linear, options.checkpoint_format).items():
+            tensors[f"{prefix}{name}.{key}"] = value
+    seen: set[int] = set()
+    for name, sub in module.named_modules():
+        where = f"{prefix}{name}." if name else prefix
+        if isinstance(sub, QuantizedEmbedding):
+            tensors[where + "weight"] = sub.dequantize().to(dtype)
+        if isinstance(sub, (QuantizedLinear, QuantizedEmbedding)) or any(name.startswith(q + ".") for q in linears):
+            continue
+        for key, value in list(sub.named_parameters(recurse=False)) + list(sub.named_buffers(recurse=False)):
+            full = where + key
+            if value is None or full in tensors or key in sub._non_persistent_buffers_set or value.data_ptr() in seen:
+                continue
+            seen.add(value.data_ptr())
+            tensors[full] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
+    return tensors
 
 
 def export_gptq(model: nn.Module, path: Path, options: GPTQExportOptions, context) -> None:
@@ -124,26 +165,12 @@ def export_gptq(model: nn.Module, path: Path, options: GPTQExportOptions, contex
 
         raise PocketError("cannot export as gptq: " + "; ".join(problems), field="export.format",
                           fix="see the problems above")
-    dtype = DTYPES[options.dtype]
-    linears = _quantized_linears(model)
-    tensors: dict[str, torch.Tensor] = {}
-    for name, module in linears.items():
-        for key, value in gptq_tensors(module, options.checkpoint_format).items():
-            tensors[f"{name}.{key}"] = value
-    seen: set[int] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedEmbedding):
-            tensors[f"{name}.weight"] = module.dequantize().to(dtype)
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or any(
-                name.startswith(q + ".") for q in linears):
-            continue
-        for key, value in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            full = f"{name}.{key}" if name else key
-            if value is None or full in tensors or key in module._non_persistent_buffers_set or value.data_ptr() in seen:
-                continue
-            seen.add(value.data_ptr())
-            tensors[full] = value.detach().to(dtype if value.is_floating_point() else value.dtype).contiguous()
+    if is_streamed(model):  # one shard per decoder layer, with an index; never two layers at once
+        streaming.write_sharded(model, path, lambda module, prefix: gptq_part(module, prefix, options))
+    else:
+        save_file(gptq_part(model, "", options), str(path / "model.safetensors"), metadata={"format": "pt"})
     bits, group_size, symmetric, desc_act = _scheme(model)
+    linears = _quantized_linears(model)
     head = getattr(model, "lm_head", None)
     quant = {
         "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
@@ -152,7 +179,6 @@ def export_gptq(model: nn.Module, path: Path, options: GPTQExportOptions, contex
         "true_sequential": True, "static_groups": False,
         "meta": {"quantizer": [f"pocketlm-gptq:{__version__}"]},
     }
-    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = copy.deepcopy(model.config)
     config.quantization_config = quant
     config.dtype = options.dtype

@@ -99,25 +99,39 @@ def add_gram(H: torch.Tensor, x: torch.Tensor, blocks: int = 4) -> None:
 
 def _inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor ``U`` of ``(H + damp * mean(diag H) I)^-1``, damping harder if needed.
+    Frees ``H``'s memory (see :func:`_release`): the caller hands it over.
 
     One factorization and one triangular inverse instead of factor, invert, factor again: with
     ``J`` the reversal, ``J H J = M M^T`` gives ``H = R R^T`` for the upper ``R = J M J``, so
-    ``H^-1 = R^-T R^-1`` and ``U = R^-1`` (upper, positive diagonal: the Cholesky factor)."""
+    ``H^-1 = R^-T R^-1`` and ``U = R^-1`` (upper, positive diagonal: the Cholesky factor).
+    At most two ``[cols, cols]`` matrices are alive at once: for a 5632-wide down_proj each is
+    127 MB, and the solve's peak is the layer's peak."""
     mean_diag = torch.mean(torch.diag(H))
+    flipped = H.flip(0, 1)
+    _release(H)
+    added = 0.0
     for factor in (1, 10, 100, 1000):
-        # Each [cols, cols] temporary is dropped as soon as the next exists: for a 5632-wide
-        # down_proj every copy is 127 MB, and the solve's peak is the layer's peak.
-        flipped = H.flip(0, 1)
-        flipped.diagonal().add_(damp * factor * mean_diag)   # the anti-diagonal of H: flip commutes
+        flipped.diagonal().add_(damp * factor * mean_diag - added)   # anti-diagonal of H: flip commutes
+        added = damp * factor * mean_diag
         M, info = torch.linalg.cholesky_ex(flipped)
+        if info != 0:
+            continue
         del flipped
-        if info == 0:
-            M = M.flip(0, 1)
-            U = torch.linalg.solve_triangular(M, torch.eye(H.shape[0], device=H.device), upper=True)
-            del M
-            if torch.isfinite(U).all():
-                return U
+        R = M.flip(0, 1)
+        del M
+        U = torch.eye(R.shape[0], device=R.device)
+        torch.linalg.solve_triangular(R, U, upper=True, out=U)   # in place: no third matrix
+        if torch.isfinite(U).all():
+            return U
+        del U
+        flipped = (R @ R.t()).flip(0, 1)   # the damped Hessian again, to damp harder
     raise RuntimeError("the Hessian is not positive definite even with 1000x damping")
+
+
+def _release(tensor: torch.Tensor) -> None:
+    """Free a handed-over tensor's memory now. Dropping our name is not enough: the caller's
+    frame keeps the object alive for the whole call, so point the object at an empty storage."""
+    tensor.set_()
 
 
 @contextlib.contextmanager
@@ -145,9 +159,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
     ``fit`` is a grid rule's ``fit`` (None: min-max): its grids are fitted once, before the sweep,
     from the original weights with the Hessian diagonal (the mean squared input, times 2) as the
     importance of each column, and so are static like act-order's. ``own_hessian`` hands ``H``
-    and ``W`` over (changed in place instead of copied: one ``[cols, cols]`` less)."""
+    and ``W`` over: ``W`` is changed in place instead of copied and ``H`` is emptied (its memory
+    freed) once it is factorized, so a wide layer's solve holds two ``[cols, cols]`` matrices."""
     W = W.detach().float() if own_hessian and W.dtype == torch.float32 else W.detach().clone().float()
-    H = H.detach().float() if own_hessian else H.detach().clone().float()
+    # an owned float32 Hessian is used as the very object the caller passed, so that it is freed
+    # as soon as it is factorized (see _release); anything else is copied first
+    H = H if own_hessian and H.dtype == torch.float32 and not H.requires_grad else H.detach().clone().float()
     rows, cols = W.shape
     keep = None if mask is None else mask.to(torch.bool).clone()
     if keep is not None:
@@ -175,7 +192,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, 
 
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols, device=W.device)
     if act_order:                          # (the identity permutation would only copy H twice)
-        W, H = W[:, perm], H[perm][:, perm]
+        rows_permuted = H[perm]
+        _release(H)                        # two [cols, cols] matrices at a time, not three
+        W, H = W[:, perm], rows_permuted[:, perm]
+        del rows_permuted
         keep = None if keep is None else keep[:, perm]
     group_of = (perm // size).tolist()     # group of each (permuted) column
     U = _inverse_cholesky(H, damp)        # factorizations use every thread, the sweep only one
