@@ -38,6 +38,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -124,21 +125,28 @@ def write_synthetic(folder: Path) -> Path:
 
 
 class Sampler(threading.Thread):
-    """Peak VmRSS, RssAnon and RssFile of a process, from /proc/PID/status every 50 ms."""
+    """Peak VmRSS, RssAnon and RssFile of a process, from /proc/PID/status every 50 ms, and the
+    three at the moment of the highest VmRSS (each column's own peak may fall elsewhere)."""
 
     def __init__(self, pid: int):
         super().__init__(daemon=True)
-        self.pid, self.peaks, self.stop = pid, {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}, False
+        self.pid, self.stop = pid, False
+        self.peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        self.at_peak: dict[str, int] = {}
 
     def run(self):
         while not self.stop:
             try:
+                now = {}
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     key, _, value = line.partition(":")
                     if key in self.peaks:
-                        self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+                        now[key] = int(value.split()[0]) * 1024
             except (FileNotFoundError, ProcessLookupError):
                 return
+            if now.get("VmRSS", 0) > self.peaks["VmRSS"]:
+                self.at_peak = now
+            self.peaks = {k: max(v, now.get(k, 0)) for k, v in self.peaks.items()}
             time.sleep(0.05)
 
 
@@ -157,7 +165,8 @@ def sampled(command: list[str], name: str) -> dict:
     if status != 0:
         raise SystemExit(f"{name} failed: {stderr.decode()[-3000:]}")
     return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            **{f"peak_{k}_mb": round(v / 2**20, 1) for k, v in sampler.peaks.items()}}
+            **{f"peak_{k}_mb": round(v / 2**20, 1) for k, v in sampler.peaks.items()},
+            "at_peak_mb": {k: round(v / 2**20, 1) for k, v in sampler.at_peak.items()}}
 
 
 POCKETLM = [sys.executable, "-c", "from pocketlm.cli import main; main()"]
@@ -297,7 +306,7 @@ def profile_layers(model: Path, layers: int) -> dict:
 def record(row: dict) -> None:
     import torch
 
-    row = {"date": "2026-12-02", "commit": _commit(), "torch": torch.__version__, **row}
+    row = {"date": datetime.now(timezone.utc).date().isoformat(), "commit": _commit(), "torch": torch.__version__, **row}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     with open(RESULTS, "a") as handle:
         handle.write(json.dumps(row) + "\n")

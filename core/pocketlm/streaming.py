@@ -68,51 +68,9 @@ MASK_PREFIX = "__mask__."
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
            "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
            "BOOL": torch.bool}
-
-
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-
-def write_safetensors(file: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """A safetensors file of the tensors ``layout`` names (``name -> (shape, dtype)``), each got
-    from ``read(name)``, converted to its dtype and written before the next is read: memory holds
-    one tensor, where safetensors' own writer builds the whole file in memory first. Returns the
-    bytes of tensor data."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, (shape, dtype) in layout.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(file, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for name, (shape, dtype) in layout.items():
-            tensor = read(name).to(dtype).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise PocketError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}", exit_code=1)
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-    return offset
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> int:
-    """:func:`write_safetensors` of tensors already at hand; a tensor held under several names
-    (a tied head) is stored once, under the first."""
-    seen: set[tuple] = set()
-    layout = {}
-    for name, tensor in tensors.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if key not in seen:
-            seen.add(key)
-            layout[name] = (tuple(tensor.shape), tensor.dtype)
-    return write_safetensors(Path(file), layout, tensors.__getitem__, metadata)
-
 
 MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (Python's mmap module does not name it)
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def write_safetensors(file: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
