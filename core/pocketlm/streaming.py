@@ -222,14 +222,6 @@ class SafetensorsFolder:
             with contextlib.suppress(OSError, ValueError):
                 mapping.madvise(MADV_PAGEOUT)
 
-    def page_out(self) -> None:
-        """Drop the pages of the mapped tensors (the embedding, the head) from resident memory
-        after a pass that read them whole (saving, exporting). They are clean copies of the file
-        (or the process's own changes, which the kernel keeps), read back when touched again."""
-        for mapping in self._maps.values():
-            with contextlib.suppress(OSError, ValueError):
-                mapping.madvise(MADV_PAGEOUT)
-
     def read_many(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Copies of ``names``, each file opened once and closed again: an open file stays mapped,
         and the pages a copy read would stay resident (file-backed) for as long as it is open."""
