@@ -179,8 +179,8 @@ def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool =
         gptq, options = parse_config(config)
         dense = gptq_model(copy.deepcopy(model), calibration, log) if gptq else model
         if gptq:  # the dense side of a GPTQ row runs the dequantized weights too
-            from pocketlm.builtins.export_hf import densify
-            dense = densify(dense)
+            from pocketlm.modules import dense_copy
+            dense = dense_copy(dense)
         saved = RESULTS / "dynamic-thresholds" / f"{config}.json"
         sparse = copy.deepcopy(dense)
         if calibration_windows:  # speed only: thresholds from the first N calibration windows

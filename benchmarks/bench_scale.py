@@ -8,8 +8,9 @@
 * ``memory --offload disk|none``: GPTQ W4 g128, 8 x 512 calibration windows run one window per
   forward pass (``batch_size = 1``: a layer's attention and MLP intermediates for one window,
   not eight), export compressed-tensors, on the synthetic model, in a child process whose resident memory is
-  sampled every 50 ms from ``/proc/PID/status`` (RssAnon and RssFile apart) and whose peak is
-  read from ``wait4`` (ru_maxrss). ``compare`` checks that two memory runs exported the same
+  sampled every 50 ms from ``/proc/PID/status`` (RssAnon and RssFile apart); its peak is the
+  child's own high-water mark (VmHWM; ``wait4``'s ru_maxrss is kept beside it, but it includes
+  the parent's peak, which a child inherits at exec). ``compare`` checks that two memory runs exported the same
   grids, tensor by tensor.
   After the run, the GPTQ stage is exported again as GGUF (``pocketlm export STAGE --format
   gguf``) in a second sampled child.
@@ -19,6 +20,8 @@
   its default path (the whole model in CPU memory) or its disk offload
   (``load_offloaded_model``, ``device_map = "auto_offload"`` with 1 GB of weights allowed in
   CPU memory), sampled the same way.
+* ``side-by-side``: ``memory`` with ``disk`` then ``none``, ``compare``, then ``peer`` with
+  ``disk`` then ``none``, one after another in one invocation (its rows share ``invocation``).
 * ``profile --layers N``: the same GPTQ walk over the first N layers in this process, with the
   peak memory of each phase (load, each group's solve, the passes between, writing the layer).
 * ``cost``: SmolLM2-135M (``demo:smollm2-135m``), GPTQ W4 g64, the quick protocol's 32 x 512
@@ -131,7 +134,7 @@ class Sampler(threading.Thread):
     def __init__(self, pid: int):
         super().__init__(daemon=True)
         self.pid, self.stop = pid, False
-        self.peaks = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
+        self.peaks = {"VmRSS": 0, "VmHWM": 0, "RssAnon": 0, "RssFile": 0, "RssShmem": 0}
         self.at_peak: dict[str, int] = {}
 
     def run(self):
@@ -164,7 +167,10 @@ def sampled(command: list[str], name: str) -> dict:
     sampler.stop = True
     if status != 0:
         raise SystemExit(f"{name} failed: {stderr.decode()[-3000:]}")
-    return {"wall_s": round(wall, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    # VmHWM is the child's own high-water mark. ru_maxrss is not: a child started by vfork
+    # inherits the parent's peak at exec, so it reads at least the parent's.
+    return {"wall_s": round(wall, 1), "peak_rss_mb": round((sampler.peaks["VmHWM"] or usage.ru_maxrss * 1024) / 2**20, 1),
+            "ru_maxrss_mb": round(usage.ru_maxrss / 1024, 1),
             **{f"peak_{k}_mb": round(v / 2**20, 1) for k, v in sampler.peaks.items()},
             "at_peak_mb": {k: round(v / 2**20, 1) for k, v in sampler.at_peak.items()}}
 
@@ -321,42 +327,61 @@ def _commit() -> str:
         return "unknown"
 
 
+def memory(model: Path, cache: Path, offload: str, invocation: str) -> None:
+    write_synthetic(model)
+    result = run_recipe(MEMORY_RECIPE.format(model=model, offload=offload), cache / f"run-{offload}", f"memory-{offload}")
+    float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    gguf = export_gguf(cache / f"run-{offload}" / "stages" / "01-gptq", cache / f"gguf-{offload}")
+    record({"benchmark": "memory", "invocation": invocation, "offload": offload,
+            "model": "synthetic TinyLlama-1.1B shape, float32",
+            "model_mb": round(float_bytes / 2**20, 1), "recipe": "gptq W4 g128, 8 x 512 windows, compressed-tensors",
+            "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result,
+            "gguf_export": {**gguf, "peak_over_model": round(gguf["peak_rss_mb"] * 2**20 / float_bytes, 3)}})
+
+
+def peer(model: Path, cache: Path, offload: str, invocation: str) -> None:
+    write_synthetic(model)
+    float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    result = run_peer(model, offload, cache)
+    record({"benchmark": "memory-peer", "invocation": invocation, "peer": "llm-compressor", "offload": offload,
+            "model": "synthetic TinyLlama-1.1B shape, float32", "model_mb": round(float_bytes / 2**20, 1),
+            "recipe": "GPTQModifier W4 g128 sym, actorder static, damp 0.01, block 128, 8 x 512 windows (pocketlm's), "
+                      "batch 1, save_compressed",
+            "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result})
+
+
+def compare(cache: Path, invocation: str) -> None:
+    result = compare_exports(cache / "run-none" / "export", cache / "run-disk" / "export")
+    record({"benchmark": "memory-grids", "invocation": invocation, "model": "synthetic TinyLlama-1.1B shape", **result})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["synthetic", "memory", "compare", "cost", "profile", "peer"])
+    parser.add_argument("what", choices=["synthetic", "memory", "compare", "cost", "profile", "peer", "side-by-side"])
     parser.add_argument("--layers", type=int, default=2, help="profile: decoder layers to walk")
     parser.add_argument("--offload", choices=["disk", "none"], default="disk")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "scale")
     args = parser.parse_args()
     model = args.cache / "synthetic-tinyllama"
+    invocation = datetime.now(timezone.utc).isoformat(timespec="seconds")  # rows of one invocation share it
     if args.what == "synthetic":
         print(write_synthetic(model))
     elif args.what == "memory":
-        write_synthetic(model)
-        result = run_recipe(MEMORY_RECIPE.format(model=model, offload=args.offload), args.cache / f"run-{args.offload}",
-                            f"memory-{args.offload}")
-        float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-        gguf = export_gguf(args.cache / f"run-{args.offload}" / "stages" / "01-gptq", args.cache / f"gguf-{args.offload}")
-        record({"benchmark": "memory", "offload": args.offload, "model": "synthetic TinyLlama-1.1B shape, float32",
-                "model_mb": round(float_bytes / 2**20, 1), "recipe": "gptq W4 g128, 8 x 512 windows, compressed-tensors",
-                "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result,
-                "gguf_export": {**gguf, "peak_over_model": round(gguf["peak_rss_mb"] * 2**20 / float_bytes, 3)}})
+        memory(model, args.cache, args.offload, invocation)
     elif args.what == "peer":
-        write_synthetic(model)
-        float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
-        result = run_peer(model, args.offload, args.cache)
-        record({"benchmark": "memory-peer", "peer": "llm-compressor", "offload": args.offload,
-                "model": "synthetic TinyLlama-1.1B shape, float32", "model_mb": round(float_bytes / 2**20, 1),
-                "recipe": "GPTQModifier W4 g128 sym, actorder static, damp 0.01, block 128, 8 x 512 windows (pocketlm's), "
-                          "batch 1, save_compressed",
-                "peak_over_model": round(result["peak_rss_mb"] * 2**20 / float_bytes, 3), **result})
+        peer(model, args.cache, args.offload, invocation)
+    elif args.what == "side-by-side":  # the issue's memory table in one invocation, one run after another
+        for offload in ("disk", "none"):
+            memory(model, args.cache, offload, invocation)
+        compare(args.cache, invocation)
+        for offload in ("disk", "none"):
+            peer(model, args.cache, offload, invocation)
     elif args.what == "profile":
         write_synthetic(model)
         record({"benchmark": "layer-profile", "model": "synthetic TinyLlama-1.1B shape, float32, offload disk",
                 "recipe": "gptq W4 g128, 8 x 512 windows, batch 1", **profile_layers(model, args.layers)})
     elif args.what == "compare":
-        result = compare_exports(args.cache / "run-none" / "export", args.cache / "run-disk" / "export")
-        record({"benchmark": "memory-grids", "model": "synthetic TinyLlama-1.1B shape", **result})
+        compare(args.cache, invocation)
     else:
         rows = {}
         for offload in ("none", "disk"):

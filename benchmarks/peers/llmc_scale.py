@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
+import sys
 import time
+from pathlib import Path
+
+# the shipped worker's measure of this process's own peak (it imports only the standard library)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "plugins" / "pocketlm-gptq" / "src" / "pocketlm_gptq"))
+from llmc_worker import peak_rss_mb  # noqa: E402
 
 
 def main() -> None:
@@ -70,7 +75,7 @@ def main() -> None:
     with open(args.result, "w") as handle:
         json.dump({"load_s": round(loaded - start, 1), "oneshot_s": round(compressed - loaded, 1),
                    "save_s": round(saved - compressed, 1), "wall_s": round(saved - start, 1),
-                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   "peak_rss_mb": round(peak_rss_mb(), 1),
                    "llmcompressor": llmcompressor.__version__, "offload": args.offload}, handle)
 
 

@@ -454,6 +454,8 @@ class Run:
                               fix="free space or make the folder writable, then continue with --resume",
                               exit_code=1) from exc
         records.append(record)
+        with contextlib.suppress(OSError):   # an empty scratch folder goes; what a method left there stays
+            work.rmdir()
         self.log(f"stage {index + 1} ({stage.method}) finished in {seconds:.1f} s")
         return model
 

@@ -485,6 +485,12 @@ class LayerStream:
         self.sink, self.scratch, self.walks = Path(folder) / "layers", Path(scratch), 0
 
     def end_stage(self, folder: Path) -> None:
+        """The stage has finished: its layers are read from ``folder`` from now on, and the
+        walk's own scratch (activation memmaps, progress, saved inputs) is removed."""
+        if self.scratch is not None:
+            for pattern in ("activations-*.bin", "inputs-*.safetensors", "stream-progress.json"):
+                for file in self.scratch.glob(pattern):
+                    file.unlink(missing_ok=True)
         self.store, self.sink, self.scratch = Path(folder) / "layers", None, None
 
     def begin_walk(self) -> int:
@@ -795,51 +801,90 @@ def dense_tensors(module: nn.Module, prefix: str, dtype: torch.dtype | None,
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def write_sharded(model: nn.Module, path: Path, tensors_of) -> None:
-    """Write a streamed model as safetensors shards with ``model.safetensors.index.json``: one
-    shard for everything outside the decoder layers, then one per layer, materialized one at a
-    time. ``tensors_of(module, prefix)`` gives the tensors to store for a part, full names. A
-    tied head is left out (transformers ties it again on load)."""
+# An in-memory model's export is written in shards of at most this many bytes: what the writer
+# holds beyond the model itself (packed or converted tensors of one shard), and transformers'
+# own limit for one file in older releases. A model whose export fits is one model.safetensors.
+MAX_SHARD_BYTES = 2 * 2**30
+
+
+def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write ``model`` as safetensors, a part at a time: everything outside the decoder layers,
+    then each layer. ``tensors_of(module, prefix)`` gives a part's tensors to store, full names.
+    A tied head is left out (transformers ties it again on load).
+
+    A streamed model gets one shard per part, each layer materialized in turn, with
+    ``model.safetensors.index.json``. An in-memory model's parts are gathered into shards of at
+    most ``max_shard_bytes`` (one ``model.safetensors`` when the export fits), so the writer never
+    holds a converted copy of the whole model, as ``save_pretrained`` of a dense copy would."""
     stream = stream_of(model)
     path = Path(path)
-    count = len(stream) + 1
-    weight_map: dict[str, str] = {}
+    path.mkdir(parents=True, exist_ok=True)
+    layers_path = stream.layers_path if stream is not None else find_layers_path(model)
+    shards: list[tuple[str, list[str]]] = []   # (temporary file, tensor names)
+    pending: dict[str, torch.Tensor] = {}
     total = 0
 
-    def write(tensors: dict[str, torch.Tensor], number: int) -> None:
-        nonlocal total
-        name = f"model-{number:05d}-of-{count:05d}.safetensors"
-        save_tensors(tensors, path / name)
-        for key, tensor in tensors.items():
-            weight_map[key] = name
-            total += tensor.numel() * tensor.element_size()
+    def flush() -> None:
+        nonlocal pending
+        if pending:
+            name = f".shard-{len(shards):05d}.tmp"
+            save_tensors(pending, path / name)
+            shards.append((name, list(pending)))
+            pending = {}
 
-    with without_layers(model, stream.layers_path):
+    def add(tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        if stream is not None or (pending and sum(t.numel() * t.element_size() for t in pending.values())
+                                  + size > max_shard_bytes):
+            flush()
+        pending.update(tensors)
+        total += size
+        if stream is not None:
+            flush()
+
+    with without_layers(model, layers_path):
         rest = tensors_of(model, "")
         if getattr(model.config, "tie_word_embeddings", False):
             head = model.get_output_embeddings()
             head_name = next(n for n, m in model.named_modules() if m is head)
             rest = {k: v for k, v in rest.items() if not k.startswith(head_name + ".")}
-        write(rest, 1)
+        add(rest)
         del rest
     page_out(model)
-    for index, layer in stream.each():
-        write(tensors_of(layer, f"{stream.layers_path}.{index}."), index + 2)
+    for index, layer in (stream.each() if stream is not None else enumerate(get_module(model, layers_path))):
+        add(tensors_of(layer, f"{layers_path}.{index}."))
+    flush()
+    if len(shards) == 1 and stream is None:
+        os.replace(path / shards[0][0], path / "model.safetensors")
+        return
+    weight_map = {}
+    for number, (temporary, names) in enumerate(shards, start=1):
+        final = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        os.replace(path / temporary, path / final)
+        weight_map.update({name: final for name in names})
     atomic.write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
 def write_config(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:
-    """``config.json`` for an export written shard by shard (no quantization_config)."""
+    """``config.json`` (without quantization_config) and, for a generative model,
+    ``generation_config.json``, for an export written a part at a time. ``dtype`` None: the
+    model's own floating dtype."""
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     config = model.config.to_dict()
     for key in ("quantization_config", "torch_dtype", "_name_or_path"):  # the last: where it was loaded from
         config.pop(key, None)
-    config["dtype"] = str(dtype or torch.float32).replace("torch.", "")
+    config["dtype"] = str(dtype).replace("torch.", "")
     atomic.write_json(Path(path) / "config.json", config)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and getattr(model, "can_generate", lambda: False)():
+        generation.save_pretrained(path)
 
 
 def export_hf_streamed(model: nn.Module, path: Path, dtype: torch.dtype | None, tokenizer) -> None:
-    """The ``hf`` export of a streamed model: one shard per decoder layer plus one for the rest,
-    and ``model.safetensors.index.json``, written without ever holding two layers."""
+    """The ``hf`` export: the dense weights (quantized modules dequantized) written a part at a
+    time by :func:`write_sharded`, ``config.json`` and the tokenizer."""
     write_sharded(model, path, lambda module, prefix: dense_tensors(module, prefix, dtype))
     write_config(model, path, dtype)
     if tokenizer is not None:

@@ -26,10 +26,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import save_file
 from torch import nn
 
-from pocketlm import Options, is_streamed, streaming
+from pocketlm import Options, streaming
 from pocketlm import weights as W
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -121,10 +120,8 @@ def export_awq(model: nn.Module, path: Path, options: AWQExportOptions, context)
     path = Path(path)
     dtype = getattr(torch, options.dtype)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    if is_streamed(model):  # one shard per decoder layer, with an index; never two layers at once
-        streaming.write_sharded(model, path, lambda module, prefix: awq_part(module, prefix, dtype, tied))
-    else:
-        save_file(awq_part(model, "", dtype, tied), str(path / "model.safetensors"), metadata={"format": "pt"})
+    # a part at a time: a streamed model never holds two layers, one in memory never two copies
+    streaming.write_sharded(model, path, lambda module, prefix: awq_part(module, prefix, dtype, tied))
     quantized = {n: m for n, m in model.named_modules() if isinstance(m, W.QuantizedLinear)}
     dense = sorted(n for n, m in model.named_modules() if W.is_linear(m) and n not in quantized)
     bits, group_size = next((m.bits, m.group_size) for m in quantized.values())

@@ -7,11 +7,12 @@ Per quantized linear: ``weight_packed`` int32 ``[out, in * bits / 32]`` (signed 
 output dimension) and ``weight_shape``. ``config.json`` gets the ``quantization_config`` the
 library's ``ModelCompressor`` writes from a ``QuantizationConfig``.
 
-How: a dense copy of the model (dequantized weights) gets the library's quantization schemes
-attached (``apply_quantization_config``); the scales and zero points are set to pocketlm's grid
-and the library packs (``ModelCompressor.compress_model``). The packed grid is then checked
-against pocketlm's integers, so the export is exact or it fails. The library is imported only
-when this exporter runs (``pip install compressed-tensors``).
+How: each quantized linear's integers are packed by the library's own ``pack_to_int32`` and
+unpacked again to check that the packing holds pocketlm's grid exactly (the export is exact or it
+fails); the ``quantization_config`` is the one the library's ``ModelCompressor`` writes. The model
+is written a part at a time (``streaming.write_sharded``), so no dense copy of it is ever made,
+whether it is in memory or streams from disk. The library is imported only when this exporter
+runs (``pip install compressed-tensors``).
 """
 
 from __future__ import annotations
@@ -24,19 +25,18 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, PocketError, is_streamed, streaming
-from pocketlm.builtins.export_hf import densify
-from pocketlm.modules import get_module
+from pocketlm import Options, PocketError, streaming
 from pocketlm.weights import QuantizedLinear, is_linear, is_transposed
 
 from .export_gptq import DTYPES, _quantized_linears
 
 
 class CTExportOptions(Options):
-    """``dtype``: dtype of the dense tensors (norms, embeddings, unquantized layers); scales are
-    always stored in float16, the dtype pocketlm's grids hold them in."""
+    """``dtype``: dtype of the dense tensors (norms, embeddings, unquantized layers). Scales are
+    float16 values (the dtype pocketlm's grids hold them in), stored as float16, or as float32 in
+    a float32 export."""
 
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the dense tensors (norms, embeddings, unquantized layers)")
 
 
 def check_compressed_tensors(model: nn.Module, options: CTExportOptions) -> list[str]:
@@ -66,9 +66,9 @@ def _scheme_key(m: QuantizedLinear) -> tuple[int, int, bool]:
     return m.bits, m.group_size, m.symmetric
 
 
-def _quantization_config(linears: dict[str, QuantizedLinear], dense_linears: list[str], status: str = "frozen"):
-    """The library's description of the schemes: one group per (bits, group size, symmetry).
-    ``status = "compressed"`` describes packed tensors, as the library's compressor leaves it."""
+def _quantization_config(linears: dict[str, QuantizedLinear], dense_linears: list[str]):
+    """The library's description of the schemes, one group per (bits, group size, symmetry),
+    for packed tensors (status ``compressed``, as the library's compressor leaves it)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
     by_scheme: dict[tuple, list[str]] = {}
@@ -81,21 +81,28 @@ def _quantization_config(linears: dict[str, QuantizedLinear], dense_linears: lis
                                 group_size=None if group_size == -1 else group_size,
                                 scale_dtype=torch.float16)
         targets = ["Linear"] if len(by_scheme) == 1 else [f"re:^{re.escape(n)}$" for n in names]
-        packed = {"format": "pack-quantized"} if status == "compressed" else {}
-        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, **packed)
-    return QuantizationConfig(config_groups=groups, quantization_status=status, format="pack-quantized",
+        groups[f"group_{index}"] = QuantizationScheme(targets=targets, weights=args, format="pack-quantized")
+    return QuantizationConfig(config_groups=groups, quantization_status="compressed", format="pack-quantized",
                               ignore=dense_linears)
 
 
 def packed_tensors(module: QuantizedLinear, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """One quantized linear in the pack-quantized layout, packed by the library's own function."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    """One quantized linear in the pack-quantized layout, packed by the library's own function
+    and checked against pocketlm's integers."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
 
     storage, offset = module.storage, 2 ** (module.bits - 1)
     q = (storage.grid().to(torch.int16) - offset).to(torch.int8)
-    out = {prefix + "weight_packed": pack_to_int32(q, module.bits),
-           prefix + "weight_scale": storage.scales.to(torch.float16).contiguous(),
-           prefix + "weight_shape": torch.tensor([module.out_features, module.in_features], dtype=torch.int64)}
+    packed = pack_to_int32(q, module.bits)
+    shape = [module.out_features, module.in_features]
+    if not torch.equal(unpack_from_int32(packed, module.bits, torch.Size(shape)), q):
+        raise PocketError(f"compressed-tensors packed {prefix.rstrip('.')} to a different grid than pocketlm's",
+                          exit_code=1, fix="report this as a bug in pocketlm-gptq")
+    out = {prefix + "weight_packed": packed,
+           # pocketlm's scales are float16 values; a float32 export stores them as float32 (exactly),
+           # because transformers decompresses in the scale's dtype
+           prefix + "weight_scale": storage.scales.to(torch.float32 if dtype == torch.float32 else torch.float16).contiguous(),
+           prefix + "weight_shape": torch.tensor(shape, dtype=torch.int64)}
     if not module.symmetric:
         zero_point = (storage.zeros.to(torch.int16) - offset).to(torch.int8)
         out[prefix + "weight_zero_point"] = pack_to_int32(zero_point, module.bits, packed_dim=0)
@@ -104,8 +111,16 @@ def packed_tensors(module: QuantizedLinear, prefix: str, dtype: torch.dtype) -> 
     return out
 
 
-def _export_streamed(model: nn.Module, path: Path, dtype: torch.dtype, linears: dict, context) -> None:
+def export_compressed_tensors(model: nn.Module, path: Path, options: CTExportOptions, context) -> None:
+    problems = check_compressed_tensors(model, options)
+    if problems:
+        raise PocketError("cannot export as compressed-tensors: " + "; ".join(problems),
+                          field="export.format", fix="see the problems above")
     from compressed_tensors.compressors import ModelCompressor
+
+    path = Path(path)
+    dtype = DTYPES[options.dtype]
+    linears = _quantized_linears(model)
 
     def tensors_of(module: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
         quantized = {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)}
@@ -117,56 +132,6 @@ def _export_streamed(model: nn.Module, path: Path, dtype: torch.dtype, linears: 
     streaming.write_sharded(model, path, tensors_of)
     streaming.write_config(model, path, dtype)
     dense_linears = [n for n, m in model.named_modules() if is_linear(m) and n not in linears]
-    ModelCompressor(quantization_config=_quantization_config(linears, dense_linears, "compressed")).update_config(str(path))
+    ModelCompressor(quantization_config=_quantization_config(linears, dense_linears)).update_config(str(path))
     if context is not None and getattr(context, "tokenizer", None) is not None:
         context.tokenizer.save_pretrained(path)
-
-
-def export_compressed_tensors(model: nn.Module, path: Path, options: CTExportOptions, context) -> None:
-    problems = check_compressed_tensors(model, options)
-    if problems:
-        raise PocketError("cannot export as compressed-tensors: " + "; ".join(problems),
-                          field="export.format", fix="see the problems above")
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
-    from compressed_tensors.quantization import apply_quantization_config
-
-    path = Path(path)
-    dtype = DTYPES[options.dtype]
-    linears = _quantized_linears(model)
-    if is_streamed(model):  # written layer by layer, never the whole model
-        _export_streamed(model, path, dtype, linears, context)
-        return
-    dense = densify(model).to(dtype)
-    if hasattr(dense.config, "quantization_config"):
-        del dense.config.quantization_config
-    config = _quantization_config(linears, [n for n, m in dense.named_modules() if is_linear(m) and n not in linears])
-    apply_quantization_config(dense, config, show_progress=False)
-
-    expected = {}
-    for name, module in linears.items():
-        target = get_module(dense, name)
-        storage = module.storage
-        offset = 2 ** (module.bits - 1)
-        with torch.no_grad():
-            target.weight.copy_(module.dequantize().to(dtype))
-            target.weight_scale.copy_(storage.scales.to(target.weight_scale.dtype).view_as(target.weight_scale))
-            zero_point = (storage.zeros.to(torch.int16) - offset).to(torch.int8)
-            if hasattr(target, "weight_zero_point"):
-                target.weight_zero_point.copy_(zero_point.view_as(target.weight_zero_point))
-        expected[name] = (storage.grid().to(torch.int16) - offset).to(torch.int8)
-
-    compressor = ModelCompressor.from_pretrained_model(dense, quantization_format="pack-quantized")
-    compressor.compress_model(dense)
-    for name, q in expected.items():  # the library re-derives the grid; it must be ours exactly
-        target = get_module(dense, name)
-        packed = unpack_from_int32(target.weight_packed.data, linears[name].bits, target.weight_shape.tolist())
-        if not torch.equal(packed, q):
-            raise PocketError(f"compressed-tensors packed {name} to a different grid than pocketlm's "
-                              f"({int((packed != q).sum())} values differ)", exit_code=1,
-                              fix="report this as a bug in pocketlm-gptq")
-    dense.save_pretrained(path)
-    compressor.update_config(str(path))
-    if context is not None and getattr(context, "tokenizer", None) is not None:
-        context.tokenizer.save_pretrained(path)
-

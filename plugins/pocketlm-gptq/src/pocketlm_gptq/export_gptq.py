@@ -30,10 +30,9 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from safetensors.torch import save_file
 from torch import nn
 
-from pocketlm import Options, is_streamed, streaming
+from pocketlm import Options, streaming
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, group_index, is_linear, pack
 
 from . import __version__
@@ -165,10 +164,8 @@ def export_gptq(model: nn.Module, path: Path, options: GPTQExportOptions, contex
 
         raise PocketError("cannot export as gptq: " + "; ".join(problems), field="export.format",
                           fix="see the problems above")
-    if is_streamed(model):  # one shard per decoder layer, with an index; never two layers at once
-        streaming.write_sharded(model, path, lambda module, prefix: gptq_part(module, prefix, options))
-    else:
-        save_file(gptq_part(model, "", options), str(path / "model.safetensors"), metadata={"format": "pt"})
+    # a part at a time: a streamed model never holds two layers, one in memory never two copies
+    streaming.write_sharded(model, path, lambda module, prefix: gptq_part(module, prefix, options))
     bits, group_size, symmetric, desc_act = _scheme(model)
     linears = _quantized_linears(model)
     head = getattr(model, "lm_head", None)

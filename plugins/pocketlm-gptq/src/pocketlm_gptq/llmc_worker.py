@@ -18,6 +18,18 @@ import time
 from pathlib import Path
 
 
+
+def peak_rss_mb() -> float:
+    """This process's own peak resident memory: VmHWM (ru_maxrss would include the peak of the
+    process that started this one, which a child inherits at exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
@@ -74,7 +86,7 @@ def main() -> None:
     import llmcompressor
 
     with open(args.result, "w") as handle:
-        json.dump({"seconds": seconds, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                    "llmcompressor": llmcompressor.__version__, "actorder": args.actorder}, handle)
 
 
