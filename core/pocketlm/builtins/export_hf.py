@@ -6,20 +6,10 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from .. import hookimpl, sentence, streaming
+from .. import hookimpl
 from ..components import Exporter, Options
-from ..modules import dense_copy
-
-
-def densify(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every quantized module replaced by its dense equivalent (a tied
-    head tied again)."""
-    dense = dense_copy(model)
-    if getattr(dense.config, "tie_word_embeddings", False):
-        dense.tie_weights()
-    return dense
+from ..saving import densify, save_dense  # noqa: F401  (densify: the name plugins imported from here)
 
 
 class HfOptions(Options):
@@ -28,20 +18,8 @@ class HfOptions(Options):
 
 
 def export_hf(model, path, options, context) -> None:
-    if streaming.is_streamed(model):  # one shard per decoder layer, with an index
-        dtype = None if options is None or options.dtype == "keep" else getattr(torch, options.dtype)
-        streaming.export_hf_streamed(model, path, dtype, getattr(context, "tokenizer", None))
-        return
-    dense = densify(model)
-    if options is not None and options.dtype != "keep":
-        dense = dense.to(getattr(torch, options.dtype))
-    if hasattr(dense.config, "quantization_config"):
-        del dense.config.quantization_config
-    dense.save_pretrained(path, safe_serialization=True)
-    if context is not None and context.tokenizer is not None:
-        context.tokenizer.save_pretrained(path)
-    if getattr(dense.config, sentence.CONFIG_KEY, None):
-        sentence.write_sentence_transformers(dense, path)   # sentence-transformers loads it too
+    dtype = None if options is None or options.dtype == "keep" else getattr(torch, options.dtype)
+    save_dense(model, path, getattr(context, "tokenizer", None), dtype)
 
 
 @hookimpl
