@@ -8,36 +8,14 @@ float32; a change in any grid, scale, zero point, mask or bias changes the diges
 
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 import torch
 
-from pocketlm.testing import make_context
+from pocketlm.testing import digest, make_context, model_digest
 from pocketlm.testing.models import tiny_model, tiny_windows
 from pocketlm.weights import linear_shape, set_mask
 from pocketlm_gptq.gptq import GPTQOptions, compress_gptq, gptq_quantize, hessian_update
 from pocketlm_gptq.rtn import RTNOptions, compress_rtn, rtn_quantize
-
-
-def digest(tensors) -> str:
-    """sha256 over the bytes, dtypes and shapes of ``tensors`` (a name -> tensor mapping or a sequence)."""
-    items = sorted(tensors.items()) if isinstance(tensors, dict) else enumerate(tensors)
-    h = hashlib.sha256()
-    for name, t in items:
-        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()[:16]
-
-
-def model_digest(model) -> str:
-    """The state dict and the masks: the grids of every quantized module included."""
-    state = dict(model.state_dict())
-    for name, module in model.named_modules():
-        mask = module._buffers.get("weight_mask")
-        if mask is not None:
-            state[f"{name}.weight_mask"] = mask
-    return digest(state)
 
 
 def _pruned(model, seed=5):
@@ -227,7 +205,4 @@ if __name__ == "__main__":   # prints the expected digests of the code as it is
     torch.set_num_threads(1)
     for name, cases, run in (("RTN", RTN_CASES, run_rtn), ("GPTQ", GPTQ_CASES, run_gptq),
                              ("MATRIX", MATRIX_CASES, run_matrix)):
-        print(f"EXPECTED_{name} = {{")
-        for case in sorted(cases):
-            print(f"    {case!r}: {run(case)!r},")
-        print("}")
+        print(f"EXPECTED_{name} =", {case: run(case) for case in sorted(cases)})

@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from pocketlm import Options, PocketError, is_streamed, streaming
-from pocketlm.builtins.export_hf import densify
+from pocketlm.saving import densify
 from pocketlm.modules import get_module
 from pocketlm.weights import QuantizedLinear, is_linear, is_transposed
 
