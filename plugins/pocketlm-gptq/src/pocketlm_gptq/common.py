@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from pocketlm.quant import EMBED_ALIAS, QuantScheme, Selection, check_group_size, select_targets, size_effect
-
-GROUP_SIZES = (-1, 16, 32, 64, 128)
+from pocketlm.quant import (EMBED_ALIAS, GROUP_SIZES, QuantScheme, Selection, check_group_size, select_targets,
+                            size_effect)
 
 
 class QuantOptions(QuantScheme):
