@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pluggy
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 
@@ -45,7 +45,7 @@ from .progress import Progress  # noqa: E402
 # name -> module that defines it, imported on first access
 _LAZY = {"CalibrationSpec": "context", "Context": "context",
          "run": "api", "compress": "api", "Result": "api",
-         "is_streamed": "streaming", "require_whole_model": "streaming"}
+         "is_streamed": "streaming", "require_whole_model": "streaming", "installed_plugins": "plugins"}
 
 
 def __getattr__(name: str):
@@ -66,5 +66,5 @@ __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
     "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
-    "SizeEffect", "Smooth", "compress", "hookimpl", "is_streamed", "require_whole_model", "run", "__version__",
+    "SizeEffect", "Smooth", "compress", "hookimpl", "installed_plugins", "is_streamed", "require_whole_model", "run", "__version__",
 ]

@@ -27,7 +27,7 @@ from .components import LoadedModel
 from .errors import PocketError
 from .modules import auto_class, get_module, set_module
 from .streaming import save_tensors
-from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks
+from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks, tied_heads
 
 MANIFEST = "pocketlm-modules.json"
 
@@ -55,11 +55,10 @@ def register_module_type(module_type: ModuleType) -> None:
 
 
 def _describe(model: nn.Module) -> dict[str, dict]:
-    storages: dict[int, str] = {}
+    tied = tied_heads(model)
     described: dict[str, dict] = {}
-    for name, module in model.named_modules():  # embeddings come before heads in every family
+    for name, module in model.named_modules():
         if isinstance(module, QuantizedEmbedding):
-            storages[id(module.storage)] = name
             described[name] = {"type": "QuantizedEmbedding", "rows": module.num_embeddings,
                                "cols": module.embedding_dim, "bits": module.bits,
                                "group_size": module.group_size, "symmetric": module.symmetric,
@@ -71,7 +70,7 @@ def _describe(model: nn.Module) -> dict[str, dict]:
                                "bias": module.bias is not None,
                                "g_idx": module.storage.g_idx is not None,
                                "transposed": module.transposed,
-                               "shares": storages.get(id(module.storage))}
+                               "shares": tied.get(name)}
         for extension in MODULE_TYPES.values():
             if extension.owns(module):
                 entry = described.setdefault(name, {"type": "dense"})

@@ -15,24 +15,17 @@ from __future__ import annotations
 
 import torch
 
-from .weights import minmax_grid, to_scale_dtype
+from .quant import group_grid, group_slices  # noqa: F401  (group_slices: imported from here before)
+from .weights import to_scale_dtype
 
 N_GRID = 20          # candidates per group (the usual clip-search grid)
 MAX_SHRINK = 0.5     # the narrowest candidate keeps half the min-max range
 
 
-def group_slices(cols: int, group_size: int) -> list[slice]:
-    """Column slices of the groups; a last group shorter than ``group_size`` takes the rest."""
-    size = cols if group_size == -1 else group_size
-    return [slice(start, start + size) for start in range(0, cols, size)]
-
-
 def minmax_group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool,
                       importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min-max ``scales`` and ``zeros`` (``[rows, groups]``) of ``W``; ``importance`` is ignored."""
-    W = W.float()
-    grids = [minmax_grid(W[:, cols], bits, symmetric) for cols in group_slices(W.shape[1], group_size)]
-    return torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1)
+    return group_grid(W, bits, group_size, symmetric)
 
 
 def shrunk_grid(w: torch.Tensor, bits: int, symmetric: bool, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:

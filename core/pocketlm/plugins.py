@@ -293,3 +293,9 @@ def get_plugins(refresh: bool = False) -> Plugins:
         _CACHE.clear()
         _CACHE[key] = Plugins()
     return _CACHE[key]
+
+
+def installed_plugins() -> Plugins:
+    """The plugins of this process (``pocketlm.installed_plugins``): for code that has no
+    ``context.plugins`` at hand, such as a loader."""
+    return get_plugins()

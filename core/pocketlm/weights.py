@@ -120,8 +120,25 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits
 _DEQUANTIZE_CHUNK = 1 << 20   # weights dequantized at once
 
 
-class _PackedGrid(nn.Module):
-    """Storage shared by the quantized modules: packed grid, scales, zeros, optional g_idx."""
+class PackedGrid(nn.Module):
+    """The storage of a quantized module, the weight format every exporter reads.
+
+    Fields (buffers are saved in state dicts under ``<module>.storage.<name>``):
+
+    * ``rows``, ``cols``: the shape of the matrix (``[out, in]`` for a linear, ``[vocab, hidden]``
+      for an embedding); ``bits`` (2, 3, 4, 5, 6 or 8), ``group_size`` (-1: one group per row)
+      and ``symmetric`` (the zero point is ``2**(bits-1)``) as the quantizer chose them;
+    * ``qweight`` ``[rows, ceil(cols / 32) * bits]`` int32: the integer grid ``q``, each row one
+      little-endian bit stream (:func:`pack`);
+    * ``scales`` ``[rows, groups]`` float16 and ``zeros`` ``[rows, groups]`` uint8: per group,
+      ``w = (q - zero) * scale``;
+    * ``g_idx`` ``[cols]`` int32 or None: the group of each column where it is not
+      ``column // group_size`` (a reordered grid); :meth:`column_groups` gives it either way.
+
+    Methods: :meth:`set_grid` writes a grid, :meth:`grid` reads ``q`` back (``[rows, cols]``
+    uint8), :meth:`dequantize` gives floats, :meth:`storage_bytes` counts the buffers.
+    One ``PackedGrid`` may be shared by two modules: a quantized embedding and its tied head
+    (see :func:`tied_heads` and :func:`distinct_storages`)."""
 
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool,
                  device: torch.device | None = None):
@@ -139,6 +156,8 @@ class _PackedGrid(nn.Module):
         self.register_buffer("g_idx", torch.zeros(cols, dtype=torch.int32, device=device) if has_g_idx else None)
 
     def set_grid(self, q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor | None = None) -> None:
+        """Store the integer grid ``q`` ``[rows, cols]`` with ``scales``/``zeros`` ``[rows, groups]``
+        (and ``g_idx`` where the grid was built with one)."""
         if q.shape != (self.rows, self.cols):
             raise ValueError(f"grid shape {tuple(q.shape)} != {(self.rows, self.cols)}")
         if int(q.min()) < 0 or int(q.max()) > 2**self.bits - 1:
@@ -152,15 +171,18 @@ class _PackedGrid(nn.Module):
             self.g_idx.copy_(g_idx.to(torch.int32))
 
     def column_groups(self) -> torch.Tensor:
+        """The group of every column (``[cols]`` int64)."""
         if self.g_idx is not None:
             return self.g_idx.long()
         return group_index(self.cols, self.group_size, self.qweight.device)
 
     def grid(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The integer grid ``q`` (``[rows, cols]`` uint8), of every row or of the indices ``rows``."""
         packed = self.qweight if rows is None else self.qweight[rows]
         return unpack(packed, self.bits, self.cols)
 
     def dequantize(self, rows: torch.Tensor | None = None, dtype=torch.float32) -> torch.Tensor:
+        """``(q - zero) * scale`` in ``dtype``, of every row or of the indices ``rows``."""
         if rows is None and self.rows * self.cols > _DEQUANTIZE_CHUNK:
             # Row blocks: unpacking goes through int64 (8 bytes a weight, twice), so a whole
             # 2048 x 5632 matrix at once would need 200 MB of temporaries for a 46 MB result.
@@ -176,6 +198,7 @@ class _PackedGrid(nn.Module):
         return (q - zeros[..., groups]) * scales[..., groups]
 
     def storage_bytes(self) -> int:
+        """Bytes of the buffers as stored (grid, scales, zeros, g_idx)."""
         return sum(t.numel() * t.element_size() for t in self.buffers())
 
 
@@ -187,10 +210,10 @@ class QuantizedLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = -1,
                  symmetric: bool = True, bias: bool = False, has_g_idx: bool = False,
-                 transposed: bool = False, storage: _PackedGrid | None = None, device: torch.device | None = None):
+                 transposed: bool = False, storage: PackedGrid | None = None, device: torch.device | None = None):
         super().__init__()
         self.in_features, self.out_features, self.transposed = in_features, out_features, transposed
-        self.storage = storage or _PackedGrid(out_features, in_features, bits, group_size, symmetric, has_g_idx, device)
+        self.storage = storage or PackedGrid(out_features, in_features, bits, group_size, symmetric, has_g_idx, device)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
 
     bits = property(lambda self: self.storage.bits)
@@ -231,7 +254,7 @@ class QuantizedEmbedding(nn.Module):
                  symmetric: bool = True, padding_idx: int | None = None, device: torch.device | None = None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self.storage = _PackedGrid(num_embeddings, embedding_dim, bits, group_size, symmetric, False, device)
+        self.storage = PackedGrid(num_embeddings, embedding_dim, bits, group_size, symmetric, False, device)
 
     bits = property(lambda self: self.storage.bits)
     group_size = property(lambda self: self.storage.group_size)
@@ -259,8 +282,42 @@ class QuantizedEmbedding(nn.Module):
                                self.symmetric, storage=self.storage)
 
 
+_PackedGrid = PackedGrid   # the name before API 1.5; kept one release for plugins that use it
+
+
 def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, (QuantizedLinear, QuantizedEmbedding))
+
+
+def distinct_storages(model: nn.Module) -> dict[str, PackedGrid]:
+    """Every quantized module's :class:`PackedGrid`, each once, by the name of the first module
+    (in module order) that holds it: a tied head is left out, its embedding named instead."""
+    seen: set[int] = set()
+    found: dict[str, PackedGrid] = {}
+    for name, module in model.named_modules():
+        if is_quantized(module) and id(module.storage) not in seen:
+            seen.add(id(module.storage))
+            found[name] = module.storage
+    return found
+
+
+def tied_heads(model: nn.Module) -> dict[str, str]:
+    """Quantized linears that read a quantized embedding's storage (a tied head), mapped to the
+    embedding's name: ``{"lm_head": "model.embed_tokens"}`` or ``{}``."""
+    owners = {id(m.storage): name for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
+    return {name: owners[id(m.storage)] for name, m in model.named_modules()
+            if isinstance(m, QuantizedLinear) and id(m.storage) in owners}
+
+
+def packed_bits_per_weight(bits: int, group_size: int, symmetric: bool) -> float:
+    """Bits one weight costs in the packed layout every quantized export writes: the grid value,
+    a float16 scale per group and, for an asymmetric grid, a ``bits``-bit zero point per group
+    (a symmetric format implies its zero point). With one group per output channel
+    (``group_size = -1``) the scale and zero point are spread over a whole row and counted as
+    nothing."""
+    if group_size == -1:
+        return float(bits)
+    return bits + (16 + (0 if symmetric else bits)) / group_size
 
 
 # ------------------------------------------------------------------ linear adapter

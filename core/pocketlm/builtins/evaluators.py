@@ -15,7 +15,7 @@ from ..components import Evaluator, NoOptions, Options
 from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
-from ..weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
+from ..weights import distinct_storages, is_linear, linear_weight
 from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder, timed
 
 
@@ -161,14 +161,9 @@ def parameter_count(model) -> int:
 
 
 def _parameter_count(model) -> int:
-    count = 0
-    quantized_storage = set()
-    for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.storage) not in quantized_storage:
-            quantized_storage.add(id(module.storage))
-            count += module.storage.rows * module.storage.cols
-    grid_buffers = {id(b) for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
-                    for b in m.storage.buffers()}
+    storages = distinct_storages(model).values()
+    count = sum(storage.rows * storage.cols for storage in storages)
+    grid_buffers = {id(b) for storage in storages for b in storage.buffers()}
     seen = set()
     for parameter in model.parameters():
         if parameter.data_ptr() not in seen and id(parameter) not in grid_buffers:
@@ -185,13 +180,9 @@ def storage_bytes(model) -> int:
 
 
 def _storage_bytes(model) -> int:
-    total, counted = 0, set()
-    for module in model.modules():
-        if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) and id(module.storage) not in counted:
-            counted.add(id(module.storage))
-            total += module.storage.storage_bytes()
-    grid = {b.data_ptr() for m in model.modules() if isinstance(m, (QuantizedLinear, QuantizedEmbedding))
-            for b in m.storage.buffers() if b is not None}
+    storages = distinct_storages(model).values()
+    total = sum(storage.storage_bytes() for storage in storages)
+    grid = {b.data_ptr() for storage in storages for b in storage.buffers() if b is not None}
     seen = set()
     for parameter in model.parameters():
         if parameter.data_ptr() not in seen and parameter.data_ptr() not in grid:

@@ -7,8 +7,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from .. import hookimpl, sentence, streaming
+from .. import hookimpl
 from ..components import Exporter, Options
+from ..saving import densify, save_dense  # noqa: F401  (densify: the name plugins imported from here)
 
 
 class HfOptions(Options):
@@ -17,11 +18,8 @@ class HfOptions(Options):
 
 
 def export_hf(model, path, options, context) -> None:
-    # a part at a time, in memory or streamed: never a dense copy of the whole model
     dtype = None if options is None or options.dtype == "keep" else getattr(torch, options.dtype)
-    streaming.export_hf_streamed(model, path, dtype, getattr(context, "tokenizer", None))
-    if getattr(model.config, sentence.CONFIG_KEY, None):
-        sentence.write_sentence_transformers(model, path)   # sentence-transformers loads it too
+    save_dense(model, path, getattr(context, "tokenizer", None), dtype)
 
 
 @hookimpl

@@ -21,3 +21,25 @@ def make_context(windows: torch.Tensor | None = None, *, tokenizer=None, teacher
     if teacher is not None:
         context.teacher_factory = lambda: teacher
     return context
+
+
+def digest(tensors) -> str:
+    """A short sha256 over the bytes, dtypes and shapes of ``tensors`` (a name -> tensor mapping,
+    taken in sorted order, or a sequence): for tests that pin results bit for bit."""
+    import hashlib
+
+    items = sorted(tensors.items()) if isinstance(tensors, dict) else enumerate(tensors)
+    h = hashlib.sha256()
+    for name, t in items:
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def model_digest(model) -> str:
+    """:func:`digest` of a model's state dict and its sparsity masks (quantized grids included)."""
+    from ..weights import masks
+
+    state = dict(model.state_dict())
+    state.update({f"{name}.weight_mask": mask for name, mask in masks(model).items()})
+    return digest(state)

@@ -16,6 +16,8 @@ from pocketlm import weights as W
 from pocketlm.builtins.architectures import LLAMA
 from pocketlm.modules import find_architecture, get_module, select_linears
 from pocketlm.plugins import Plugins, get_plugins
+from pocketlm.quant import fake_quantize_groups
+from pocketlm.quant import round_to_grid as quantize_groups
 from pocketlm.testing import make_context
 from pocketlm.testing.models import ARCHITECTURES, tiny_model, tiny_windows
 from pocketlm_awq.awq import (
@@ -23,11 +25,9 @@ from pocketlm_awq.awq import (
     apply_clip,
     awq_scales,
     compress,
-    fake_quantize_groups,
     fold_scales,
     fold_width,
     linear_scale_loss,
-    quantize_groups,
     search_clip,
     search_scale,
     weight_mean,
@@ -295,13 +295,13 @@ def test_group_size_that_does_not_divide_is_refused_with_working_sizes():
     with pytest.raises(PocketError) as error:
         compress(model, AWQOptions(group_size=128), _context())
     text = str(error.value)
-    assert "q_proj (in 64)" in text and "32, 64, -1" in text
+    assert "q_proj (in=64)" in text and "-1, 32, 64" in text
     assert not any(isinstance(m, W.QuantizedLinear) for m in model.modules())
 
 
 def test_options_are_validated():
     assert AWQOptions().bits == 4 and AWQOptions().group_size == 128 and AWQOptions().symmetric is False
-    assert AWQOptions().ignore == ["lm_head"] and AWQOptions().duo_scaling and AWQOptions().clip
+    assert AWQOptions().ignore == ["lm_head", "embed"] and AWQOptions().duo_scaling and AWQOptions().clip
     for bad in ({"bits": 2}, {"group_size": 48}, {"n_grid": 0}, {"unknown": 1}):
         with pytest.raises(ValidationError):
             AWQOptions(**bad)

@@ -152,7 +152,8 @@ def test_untied_head_can_be_targeted(context):
 def test_effect_and_plan():
     e = effect(GPTQOptions(bits=4, group_size=64))   # a float16 scale per 64 weights
     assert e.bits == pytest.approx(4.25) and e.covers == "decoder" and e.features == frozenset({"quantized"})
-    assert effect(GPTQOptions(bits=4, group_size=64, symmetric=False)).bits == pytest.approx(4.5)  # + zero point
+    # + a 4-bit zero point per group, as the gptq and awq formats pack it
+    assert effect(GPTQOptions(bits=4, group_size=64, symmetric=False)).bits == pytest.approx(4 + 20 / 64)
     assert effect(RTNOptions(bits=8, group_size=-1)).bits == 8
     embedding = effect(RTNOptions(bits=8, targets=["embed"]))
     assert embedding.covers == "embedding" and "quantized-embedding" in embedding.features

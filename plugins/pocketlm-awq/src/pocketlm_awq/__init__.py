@@ -12,8 +12,8 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import awq, export_awq
 
-__version__ = "0.2.4"
-POCKETLM_API = ">=1.3,<2"
+__version__ = "0.3.0"
+POCKETLM_API = ">=1.5,<2"
 
 
 @hookimpl

@@ -19,6 +19,9 @@ For every decoder layer, on calibration activations:
    subsample of calibration tokens is kept (q and k projections are not clipped, as in AutoAWQ).
 4. **Rounding** to the min-max grid of each group, stored as pocketlm's ``QuantizedLinear``.
 
+Selection, the group-size policy, the grids, the module swap and the size effect are the core's
+quantizer kit (``pocketlm.quant``); this file is the search, the folding and the clipping.
+
 Everything model-specific comes from the architecture table: a new family registered through
 the ``register_architectures`` hook works without changing this file.
 """
@@ -34,20 +37,21 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect, Smooth
+from pocketlm import PocketError, Smooth
 from pocketlm import weights as W
-from pocketlm.modules import get_module, select_linears, set_module
+from pocketlm.modules import get_module
+from pocketlm.quant import (QuantScheme, check_group_size, fake_quantize_groups, replace_with_grid, round_to_grid,
+                            select_targets, size_effect)
 
 # ---------------------------------------------------------------------------- options
 
 
-class AWQOptions(Options):
+class AWQOptions(QuantScheme):
     """AWQ's options; the defaults are AutoAWQ's (4-bit, group 128, zero point, 20-point grids).
 
-    * ``bits``: 3, 4 or 8; ``group_size``: -1 (per output channel), 32, 64 or 128, which must
-      divide every target's input width; ``symmetric``: zero point 2**(bits-1) instead of a
-      fitted one.
-    * ``targets`` / ``ignore``: module-name patterns (decoder-layer linears only).
+    * ``bits``, ``group_size``, ``symmetric``, ``targets``, ``ignore``: the kit's ``QuantScheme``,
+      narrowed to what AWQ does: 3, 4 or 8 bits, groups of -1, 32, 64 or 128 that divide every
+      target's input width, linears inside the decoder layers only.
     * ``n_grid``: α grid points in [0, 1); ``duo_scaling``: divide by ``mean|w|^(1-α)``.
     * ``search_tokens``: calibration tokens (whole sequences, first batches first) on which the
       scale search measures its loss; None uses all of them. Channel means use every token.
@@ -59,11 +63,11 @@ class AWQOptions(Options):
     """
 
     bits: Literal[3, 4, 8] = Field(4, description="bits per weight")
-    group_size: int = Field(128, description="input columns sharing one scale (-1, 32, 64 or 128); must divide "
-                            "every target's input width")
+    group_size: Literal[-1, 32, 64, 128] = Field(
+        128, description="input columns sharing one scale (-1: one per output channel); must divide every "
+        "target's input width")
     symmetric: bool = Field(False, description="zero point 2**(bits-1) instead of a fitted one")
-    targets: list[str] = Field(["*"], description="module-name patterns to quantize (linears inside the layers)")
-    ignore: list[str] = Field(["lm_head"], description="module-name patterns left in float")
+    allow_partial_group: Literal[False] = Field(False, description="awq needs whole groups (always false)")
     n_grid: int = Field(20, description="points of the scale exponent grid in [0, 1)")
     duo_scaling: bool = Field(True, description="divide the activation scale by mean|w|^(1-alpha)")
     clip: bool = Field(True, description="search per-group clipping bounds after the scales")
@@ -75,13 +79,6 @@ class AWQOptions(Options):
                                       "loss on (whole sequences, first first); null: all")
     backend: Literal["pocketlm", "llmcompressor"] = Field(
         "pocketlm", description="this implementation, or llm-compressor's AWQModifier in its own environment")
-
-    @field_validator("group_size")
-    @classmethod
-    def _group_size(cls, value: int) -> int:
-        if value not in (-1, 32, 64, 128):
-            raise ValueError("group_size must be -1 (one group per row), 32, 64 or 128")
-        return value
 
     @field_validator("n_grid", "clip_grid", "max_clip_tokens")
     @classmethod
@@ -105,10 +102,7 @@ class AWQOptions(Options):
         return value
 
 
-def effect(options: AWQOptions) -> SizeEffect:
-    """Bits per weight including the fp16 scale and the zero point of each group."""
-    extra = 0.0 if options.group_size == -1 else (16 + options.bits) / options.group_size
-    return SizeEffect(bits=options.bits + extra, features=frozenset({"quantized"}))
+effect = size_effect   # the kit's: bits per weight of the packed layout
 
 
 # ---------------------------------------------------------------- pure tensor functions
@@ -119,28 +113,6 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
     rows, cols = w.shape
     size = cols if group_size == -1 else group_size
     return w.reshape(rows, cols // size, size)
-
-
-def quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool):
-    """Round ``w`` ``[out, in]`` onto the min-max grid of each group.
-
-    Returns the integer grid ``q`` ``[out, in]``, ``scales`` and ``zeros`` ``[out, groups]``
-    (pocketlm's convention ``w = (q - zero) * scale``, scales float16-representable)."""
-    grouped = _grouped(w.float(), group_size)
-    rows, groups, size = grouped.shape
-    scale, zero = W.minmax_grid(grouped.reshape(-1, size), bits, symmetric)
-    q = W.quantize(grouped.reshape(-1, size), scale, zero, bits)
-    return q.reshape(rows, -1), scale.reshape(rows, groups), zero.reshape(rows, groups)
-
-
-def fake_quantize_groups(w: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> torch.Tensor:
-    """``w`` rounded onto its group grid and mapped back to floats (same shape). The same grid
-    and rounding as :func:`quantize_groups`, computed in place (the search calls it often)."""
-    rows, cols = w.shape
-    grouped = _grouped(w.float(), group_size).reshape(-1, cols if group_size == -1 else group_size)
-    scale, zero = W.minmax_grid(grouped, bits, symmetric)
-    q = torch.div(grouped, scale).round_().add_(zero).clamp_(0, 2**bits - 1)
-    return q.sub_(zero).mul_(scale).reshape(rows, cols)
 
 
 def weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
@@ -344,10 +316,10 @@ class AWQHandler:
     """The layer handler: observes the linears' inputs and the blocks' calls, then searches,
     folds, clips and rounds one decoder layer."""
 
-    def __init__(self, model: nn.Module, architecture, options: AWQOptions, context, total_tokens: int):
+    def __init__(self, targets, architecture, options: AWQOptions, context, total_tokens: int):
         self.options, self.context, self.architecture = options, context, architecture
         self.prefix = architecture.layers + "."
-        self.targets = set(select_linears(model, options.targets, options.ignore))
+        self.targets = set(targets)               # full names of the linears to quantize
         self.total_tokens = total_tokens
         self.skipped_logged: set[tuple[str, tuple[str, ...]]] = set()
         attention = architecture.attention
@@ -467,13 +439,8 @@ class AWQHandler:
                 bounds = search_clip(weight, x, options.bits, options.group_size, options.symmetric,
                                      options.clip_grid, options.max_shrink, summed=self._summed)
                 weight = apply_clip(weight, bounds, options.group_size)
-            q, scales, zeros = quantize_groups(weight, options.bits, options.group_size, options.symmetric)
-            bias = W.linear_bias(module)
-            quantized = W.QuantizedLinear.from_grid(
-                q, scales, zeros, bits=options.bits, group_size=options.group_size, symmetric=options.symmetric,
-                bias=None if bias is None else bias.float(), transposed=W.is_transposed(module))
-            W.transfer_mask(module, quantized)
-            set_module(layer, name, quantized)
+            replace_with_grid(layer, name, round_to_grid(weight, options.bits, options.group_size, options.symmetric),
+                              options)
         self.report.append(layer_report)
         self.stats, self.pairs = {}, []
         alphas = ", ".join(f"{k}={'identity' if a is None else format(a, 'g')}"
@@ -542,7 +509,13 @@ def check_model(model: nn.Module, architecture, options: AWQOptions, log=None) -
             "so AWQ has nothing to search",
             fix="register an Architecture with smooth pairs through the register_architectures hook, "
             "or use a method that needs no folding (rtn, gptq)")
-    targets = select_linears(model, options.targets, options.ignore)
+    selection = select_targets(model, options, architecture, "awq")
+    if selection.embed is not None:   # named outright: refused; reached by a pattern: left in float
+        if "embed" in options.targets or architecture.embed in options.targets:
+            raise PocketError("awq quantizes linears only, not the token embedding", field="targets",
+                              fix="quantize the embedding with rtn in a stage of its own")
+        selection.embed = None
+    targets = selection.linears
     if not targets:
         raise PocketError("awq: no linear layer matches targets/ignore", field="targets")
     outside = [n for n in targets if not n.startswith(architecture.layers + ".")]
@@ -553,18 +526,8 @@ def check_model(model: nn.Module, architecture, options: AWQOptions, log=None) -
     elif outside:
         raise PocketError(f"awq quantizes the linears of the decoder layers only; these are outside them: "
                           f"{', '.join(outside[:5])}", field="ignore", fix=f"add {outside[0]!r} to ignore")
-    if options.group_size != -1:
-        bad = {n: W.linear_shape(m)[1] for n, m in targets.items() if W.linear_shape(m)[1] % options.group_size}
-        if bad:
-            widths = {W.linear_shape(m)[1] for m in targets.values()}
-            working = [g for g in (32, 64, 128) if all(w % g == 0 for w in widths)] + [-1]
-            shown = ", ".join(f"{n} (in {w})" for n, w in list(bad.items())[:4])
-            raise PocketError(
-                f"group_size {options.group_size} does not divide the input width of {len(bad)} layer(s): {shown}",
-                field="group_size", fix=f"use a group size that divides every width: {', '.join(map(str, working))}")
-    for name, module in targets.items():
-        if W.is_quantized(module):
-            raise PocketError(f"awq: {name} is already quantized", field="targets")
+    selection.linears = targets
+    check_group_size(model, selection, options, "awq")
     return targets
 
 
@@ -576,7 +539,7 @@ def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
 
         return compress_with_llmcompressor(model, options, context, targets)
     windows = context.calibration_windows()
-    handler = AWQHandler(model, architecture, options, context, total_tokens=int(windows.numel()))
+    handler = AWQHandler(targets, architecture, options, context, total_tokens=int(windows.numel()))
     context.walk(model, handler, sequential=False, windows=windows, description="awq")
     alphas = [a for r in handler.report for a in r["alphas"].values()]
     chosen = [a for a in alphas if a is not None]

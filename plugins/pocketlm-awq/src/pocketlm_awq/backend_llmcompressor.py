@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketError, require_whole_model
 from pocketlm import weights as W
-from pocketlm.builtins.export_hf import export_hf
+from pocketlm.saving import save_dense
 from pocketlm.modules import set_module
 
 WORKER = Path(__file__).with_name("llmc_awq_worker.py")
@@ -103,7 +103,7 @@ def run_worker(model, options, context, names: list[str], work: Path) -> tuple[d
     tensors of its compressed-tensors folder (``work/out``), its grids and its result JSON."""
     python = find_peer_python()
     windows = context.calibration_windows()
-    export_hf(model, work / "model", None, context)   # the dense model and its tokenizer
+    save_dense(model, work / "model", getattr(context, "tokenizer", None))   # the dense model and its tokenizer
     save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
     command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
                "--out", str(work / "out"), "--grids", str(work / "grids.safetensors"),

@@ -7,8 +7,8 @@ from pocketlm import PHASE_TRAIN, Method, SizeEffect, hookimpl
 from .distill import DistillOptions, distill, kd_loss, lr_factor
 from .encoder import removed_fraction
 
-POCKETLM_API = ">=1.4,<2"
-__version__ = "0.3.0"
+POCKETLM_API = ">=1.5,<2"
+__version__ = "0.3.1"
 __all__ = ["DistillOptions", "distill", "kd_loss", "lr_factor"]
 
 

@@ -86,12 +86,12 @@ from torch import nn
 from pocketlm import Options, PocketError, data, require_whole_model, sentence
 from pocketlm.modules import decoder_layers, matches, set_module
 from pocketlm.weights import (
-    QuantizedEmbedding,
     QuantizedLinear,
     fake_quantize,
     get_mask,
     is_transposed,
     quantize,
+    tied_heads,
 )
 
 from .encoder import (
@@ -437,10 +437,10 @@ def load_teachers(options: DistillOptions, context) -> list[nn.Module]:
 
 def open_quantized(model: nn.Module, mode: str) -> dict[str, STELinear]:
     """Replace trainable quantized linears with :class:`STELinear` (``mode="ste"``)."""
-    tied = {id(m.storage) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    tied = tied_heads(model)
     opened = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear) and id(module.storage) not in tied and mode == "ste":
+        if isinstance(module, QuantizedLinear) and name not in tied and mode == "ste":
             opened[name] = STELinear(module)
             set_module(model, name, opened[name])
     return opened

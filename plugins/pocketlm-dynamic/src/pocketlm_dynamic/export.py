@@ -212,15 +212,14 @@ def is_dynamic_export(source: str) -> bool:
 
 def load_dynamic(source: str, options):
     """Load the weights with the loader that claims them, then set the thresholds."""
-    from pocketlm import LoadedModel
-    from pocketlm.plugins import get_plugins
+    from pocketlm import LoadedModel, installed_plugins
 
     folder = Path(source)
     weights = str(folder)
     ggufs = sorted(folder.glob("*.gguf"))
     if not (folder / "config.json").is_file() and ggufs:
         weights = str(ggufs[0])
-    loader = next((l for l in get_plugins().loaders if l.name != "dynamic" and l.matches(weights)), None)
+    loader = next((l for l in installed_plugins().loaders if l.name != "dynamic" and l.matches(weights)), None)
     if loader is None:
         raise PocketError(f"no installed loader reads the weights in {folder}", file=str(folder),
                           fix="install the plugin of the format it was exported with")

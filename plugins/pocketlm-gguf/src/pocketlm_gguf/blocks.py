@@ -38,6 +38,8 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, quants
 
+from pocketlm.weights import PackedGrid
+
 from . import kquants
 
 QK = 32  # weights per block in every format written here
@@ -106,8 +108,8 @@ class Packed:
     note: str = ""
 
 
-def block_grid(storage) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
-    """The grid of a pocketlm ``_PackedGrid`` seen per 32-column block: ``(q [rows, cols] int32,
+def block_grid(storage: PackedGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
+    """The grid of a pocketlm ``PackedGrid`` seen per 32-column block: ``(q [rows, cols] int32,
     scale [rows, blocks] float32, zero [rows, blocks] int32)``, or a string saying why the grid
     has no per-block form (input width not a multiple of 32, or blocks that straddle groups, as
     act-order's ``g_idx`` and group sizes that 32 does not divide make them)."""

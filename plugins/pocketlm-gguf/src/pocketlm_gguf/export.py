@@ -33,7 +33,7 @@ import pocketlm
 from pocketlm import Exporter, Options, PocketError, streaming
 from pocketlm.card import card_metadata
 from pocketlm.modules import matches
-from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
+from pocketlm.weights import PackedGrid, QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
 
 from . import blocks, kquants
 from .tokenizer import vocab_from_tokenizer, write_vocab
@@ -166,7 +166,7 @@ def _owners(named_modules):
     for name, module in named_modules:
         if isinstance(module, (QuantizedLinear, QuantizedEmbedding)) or is_linear(module) or isinstance(module, nn.Embedding):
             yield name, module
-        elif type(module).__name__ == "_PackedGrid":
+        elif isinstance(module, PackedGrid):
             continue
         elif any(True for _ in module.parameters(recurse=False)):
             yield name, module
@@ -307,11 +307,7 @@ def _tensors(model, options: GGUFOptions, report: _Report, architecture: str, pe
 
 def _versions(context) -> dict[str, str]:
     versions = {"pocketlm": pocketlm.__version__}
-    plugins = getattr(context, "plugins", None)
-    if plugins is None:
-        from pocketlm.plugins import get_plugins
-
-        plugins = get_plugins()
+    plugins = getattr(context, "plugins", None) or pocketlm.installed_plugins()
     for info in plugins.infos:
         if not info.builtin and info.distribution:
             versions[info.distribution] = info.version or "unknown"

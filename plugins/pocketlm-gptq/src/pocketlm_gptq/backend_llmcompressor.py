@@ -25,11 +25,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketError, require_whole_model
-from pocketlm.builtins.export_hf import export_hf
-from pocketlm.modules import get_module
+from pocketlm.quant import Grid, quantize_embedding, replace_with_grid
+from pocketlm.saving import save_dense
 from pocketlm.weights import get_mask, is_transposed, unpack
-
-from .rtn import quantize_embedding, replace_linear
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
 ENV = "POCKETLM_LLMCOMPRESSOR_PYTHON"
@@ -95,7 +93,7 @@ def compress_with_llmcompressor(model, options, context, selection):
     windows = context.calibration_windows()
     with tempfile.TemporaryDirectory(prefix="pocketlm-llmc-") as work:
         work = Path(work)
-        export_hf(model, work / "model", None, context)   # the dense model and its tokenizer
+        save_dense(model, work / "model", getattr(context, "tokenizer", None))   # the dense model and its tokenizer
         save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
         command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
                    "--out", str(work / "out"), "--result", str(work / "result.json"),
@@ -119,8 +117,10 @@ def compress_with_llmcompressor(model, options, context, selection):
         q, scales, zeros = load_packed(tensors, name + ".", options.bits, options.symmetric, module.in_features)
         rounded = scales.half().float()
         worst = max(worst, float(((rounded - scales).abs() / scales.abs().clamp(min=1e-12)).max()))
-        replace_linear(model, name, get_module(model, name), q, rounded, zeros, options)
-    quantize_embedding(model, selection, options, context.log)
+        replace_with_grid(model, name, Grid(q, rounded, zeros), options)
+    line = quantize_embedding(model, selection, options)
+    if line:
+        context.log(line)
     context.log(f"gptq (llm-compressor {result['llmcompressor']}): {len(selection.linears)} linears in "
                 f"{result['seconds']:.1f} s; float16 scales differ from its float32 ones by at most {worst:.1e} (relative)")
     return model

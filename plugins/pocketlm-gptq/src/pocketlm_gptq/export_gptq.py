@@ -33,7 +33,7 @@ from pydantic import Field
 from torch import nn
 
 from pocketlm import Options, streaming
-from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, group_index, is_linear, pack
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, group_index, is_linear, pack, tied_heads
 
 from . import __version__
 
@@ -52,9 +52,8 @@ class GPTQExportOptions(Options):
 
 def _quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:
     """Quantized linears that own their grid (a tied head shares the embedding's)."""
-    shared = {id(m.storage) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
-    return {n: m for n, m in model.named_modules()
-            if isinstance(m, QuantizedLinear) and id(m.storage) not in shared}
+    tied = tied_heads(model)
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear) and n not in tied}
 
 
 def gptq_tensors(module: QuantizedLinear, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:

@@ -28,10 +28,11 @@ from pydantic import Field
 from torch import nn
 
 from pocketlm.modules import get_module
+from pocketlm.quant import (Grid, check_group_size, grid_rule, group_grid, quantize_embedding, replace_with_grid,
+                            round_to_grid, select_targets)
 from pocketlm.weights import get_mask, linear_weight, minmax_grid
 
-from .common import QuantOptions, check_group_size, grid_rule, select
-from .rtn import group_grid, quantize_embedding, replace_linear, rtn_quantize
+from .common import QuantOptions
 
 
 class GPTQOptions(QuantOptions):
@@ -311,9 +312,9 @@ class GPTQHandler:
                                                 o.group_size, o.symmetric, o.damp, o.block_size, o.act_order, mask,
                                                 self.fit, own_hessian=True)
             start = 0
-            for name, module, weight in zip(members, modules, weights):
+            for name, weight in zip(members, weights):
                 rows = slice(start, start + weight.shape[0])
-                replace_linear(layer, name, module, q[rows], scales[rows], zeros[rows], o)
+                replace_with_grid(layer, name, Grid(q[rows], scales[rows], zeros[rows]), o)
                 start += weight.shape[0]
         self.hessians.clear()
         self.owner.clear()
@@ -332,15 +333,17 @@ class GPTQHandler:
 
 def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
     architecture = context.architecture(model)
-    selection = select(model, options, architecture)
+    selection = select_targets(model, options, architecture, "gptq")
     check_group_size(model, selection, options, "gptq")
     if options.backend == "llmcompressor":
         from .backend_llmcompressor import compress_with_llmcompressor
 
         return compress_with_llmcompressor(model, options, context, selection)
-    rule = grid_rule(context, options)
+    rule = grid_rule(context, options.grid, options)
     fit = None if rule.name == "minmax" else rule.fit   # None: min-max, group by group as before
-    quantize_embedding(model, selection, options, context.log, fit)
+    line = quantize_embedding(model, selection, options, fit)
+    if line:
+        context.log(line)
     prefix = architecture.layers + "."
     in_layers = {n: m for n, m in selection.linears.items() if n.startswith(prefix)}
     handler = GPTQHandler(architecture.layers, in_layers, options, fit, context)
@@ -348,9 +351,9 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
     # Linears outside the decoder layers (an untied head) see no walked inputs: round them.
     for name, module in selection.linears.items():
         if name not in in_layers:
-            q, scales, zeros = rtn_quantize(linear_weight(module), options.bits, options.group_size,
-                                            options.symmetric, get_mask(module), fit)
-            replace_linear(model, name, module, q, scales, zeros, options)
+            grid = round_to_grid(linear_weight(module), options.bits, options.group_size, options.symmetric,
+                                 get_mask(module), fit)
+            replace_with_grid(model, name, grid, options)
             context.log(f"gptq: {name} is outside the decoder layers; rounded to nearest")
     context.log(f"gptq: {len(in_layers)} linears to {options.bits} bits, group {options.group_size}"
                 f"{', act-order' if options.act_order else ''}{'' if fit is None else ', grid ' + rule.name}")

@@ -11,8 +11,8 @@ from pocketlm import PHASE_QUANTIZE, Method, hookimpl
 
 from . import mixed
 
-__version__ = "0.1.0"
-POCKETLM_API = ">=1.3,<2"
+__version__ = "0.1.1"
+POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["POCKETLM_API", "__version__", "register_methods"]
 

@@ -34,7 +34,8 @@ from torch import nn
 from pocketlm import Options, PocketError, SizeEffect
 from pocketlm.grids import input_importance
 from pocketlm.modules import get_module, select_linears
-from pocketlm.weights import QuantizedEmbedding, get_mask, linear_shape, linear_weight, minmax_grid, quantize
+from pocketlm.weights import (QuantizedEmbedding, get_mask, linear_shape, linear_weight, minmax_grid,
+                              packed_bits_per_weight, quantize)
 
 BITS = (2, 3, 4, 5, 6, 8)
 EMBEDDING_BITS = (4, 8)
@@ -74,7 +75,7 @@ class MixedOptions(Options):
 def storage_bits(bits: int, cols: int, size_model: str) -> float:
     """Bits per weight a ``[rows, cols]`` matrix of ``bits``-bit grids costs on disk."""
     if size_model == "grid":
-        return bits + 16 / GRID_STAGES[bits][0]
+        return packed_bits_per_weight(bits, GRID_STAGES[bits][0], symmetric=True)   # the stages' grids
     if bits in KQUANT_BPW and cols % 256 == 0:
         return KQUANT_BPW[bits]
     return BLOCK32_BPW[bits]

@@ -26,6 +26,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from pocketlm.weights import PackedGrid
+
 CONTRIB = "com.microsoft"
 NBITS = (2, 4, 8)            # widths MatMulNBits packs evenly into bytes
 NBITS_BLOCK = 128            # block size for a per-row grid (any block repeats the row's scale)
@@ -82,7 +84,7 @@ def _add(graph: onnx.GraphProto, array: np.ndarray, name: str) -> str:
 # ------------------------------------------------------------------------ grid contents
 
 
-def grid_arrays(storage) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grid_arrays(storage: PackedGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(codes [rows, cols] uint8, scales [rows, groups] float32, zeros [rows, groups] uint8)``
     of a pocketlm packed grid, exactly as stored."""
     codes = storage.grid().cpu().numpy().astype(np.uint8)
@@ -103,7 +105,7 @@ def integer_codes(codes: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.
 # ------------------------------------------------------------------------- the rewrites
 
 
-def integer_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage) -> None:
+def integer_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage: PackedGrid) -> None:
     """``MatMul(x, W)`` -> ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul``: the
     activations are quantized to uint8 per tensor at run time, the weights are the grid's
     8-bit codes with per-output-channel scale and zero point."""
@@ -158,7 +160,7 @@ def nbits_width(bits: int) -> int:
     return next(width for width in NBITS if width >= bits)
 
 
-def nbits_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage) -> None:
+def nbits_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage: PackedGrid) -> None:
     """``MatMul(x, W)`` -> com.microsoft ``MatMulNBits`` on the grid's packed codes."""
     codes, scales, zeros = grid_arrays(storage)
     width = nbits_width(storage.bits)
@@ -172,7 +174,7 @@ def nbits_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storag
         K=storage.cols, N=storage.rows, bits=width, block_size=block)])
 
 
-def quantized_gather(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage) -> None:
+def quantized_gather(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage: PackedGrid) -> None:
     """``Gather(table, ids)`` -> gather the uint8 codes, the float16 scales and the zero points
     of the looked-up rows, then ``(q - zero) * scale`` per group."""
     codes, scales, zeros = grid_arrays(storage)
