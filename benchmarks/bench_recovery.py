@@ -20,7 +20,8 @@ the token embedding are bit-identical, the in-memory perplexity is the file's.
 
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
-      [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench]
+      [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
+      [--reuse-reference] [--reuse-gptq]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -78,7 +79,7 @@ def measure(name: str, model, tokenizer, texts: dict, reference: dict, out: Path
         if reference:
             row[f"retention_{text}"] = round(reference[text] / row[text], 4)
     if stages:
-        recipe = {"model": "demo:smollm2-135m", "stages": stages, "export": {"format": "gguf"}}
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "stages": stages, "export": {"format": "gguf"}}
         path, lines, seconds = bench_gguf.export(model, tokenizer, out / name, recipe)
         row.update(bench_gguf.compare_tensors(model, path))
         row["embedding_bit_identical"] = embedding_identical(model, path)
@@ -107,6 +108,10 @@ def main() -> None:
     parser.add_argument("--e2e-steps", type=int, default=0)
     parser.add_argument("--e2e-lr", type=float, default=2e-5)
     parser.add_argument("--out", default="/tmp/pocketlm-recovery-bench")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="take the float model's perplexities from the results file's last float32 row")
+    parser.add_argument("--reuse-gptq", action="store_true",
+                        help="load the GPTQ model an earlier run saved in --out (and skip its measurement)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +122,13 @@ def main() -> None:
     evaluation, calibration = common.windows(tokenizer, "quick")
     texts = {"wikitext2": evaluation,
              "python_reference": data.evaluation_windows(tokenizer, SECOND_DOMAIN, 32, common.SEQ_LEN)}
-    reference = measure("float32", model, tokenizer, texts, {}, out, [])
+    earlier = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    earlier = [row for row in earlier if row.get("row") == "float32"]
+    if args.reuse_reference and earlier:   # the float model's perplexities do not change between runs
+        reference = earlier[-1]
+        log(f"float32 perplexities from {RESULTS.name}: {reference['wikitext2']}, {reference['python_reference']}")
+    else:
+        reference = measure("float32", model, tokenizer, texts, {}, out, [])
     reference = {text: reference[text] for text in texts}
 
     plugins = get_plugins()
@@ -125,13 +136,19 @@ def main() -> None:
     options = method.options(**GPTQ)
     context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
     context.logger = log
-    with common.Timer() as timer, torch.no_grad():
-        method.compress(model, options, context)
     stages = [{"method": "gptq", **options.model_dump(exclude_defaults=True)}]
-    measure("gptq", model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
+    cached = out / "gptq-model.pt"
+    if args.reuse_gptq and cached.is_file():   # the same GPTQ result, saved by an earlier run of this script
+        model = torch.load(cached, weights_only=False)
+        log(f"gptq model loaded from {cached}")
+    else:
+        with common.Timer() as timer, torch.no_grad():
+            method.compress(model, options, context)
+        torch.save(model, cached)
+        measure("gptq", model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
 
     qat = plugins.methods["qat"]
-    phases = [("qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))]
+    phases = [("qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))] if args.epochs else []
     if args.e2e_steps:
         phases.append(("qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, checkpoint_every=0)))
     for name, settings in phases:

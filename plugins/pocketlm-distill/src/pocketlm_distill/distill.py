@@ -93,6 +93,7 @@ from pocketlm.weights import (
     fake_quantize,
     get_mask,
     is_transposed,
+    linear_shape,
     quantize,
 )
 
@@ -842,7 +843,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     total = options.steps if options.steps is not None else math.ceil(options.tokens / tokens_per_step)
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, total // 20)
 
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    head = model.get_output_embeddings()
+    vocab = linear_shape(head)[0] if head is not None else None   # a quantized head has no .weight
     original_device = next(model.parameters()).device
     original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     check_embedding_widths(model, teachers, losses)
