@@ -73,7 +73,7 @@ def run(part: str, out: Path, reload: bool = True) -> dict:
                  "calib_windows": int(calibration.shape[0]), "seq_len": common.SEQ_LEN, "seed": 0}
     settings = PARTS[part]
     if settings is None:
-        recipe = {"model": "demo:smollm2-135m", "export": {"format": "gguf", "quantize": "q4_k"}}
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "export": {"format": "gguf", "quantize": "q4_k"}}
         path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe, quantize="q4_k")
         row.update(method="dense model, exporter quantize=q4_k", export_seconds=round(seconds, 1))
     else:
@@ -88,7 +88,7 @@ def run(part: str, out: Path, reload: bool = True) -> dict:
                    options=options.model_dump(), compress_seconds=round(timer.seconds, 1))
         row["in_memory_perplexity"] = round(common.perplexity(model, evaluation), 3)
         log(f"{part}: in-memory perplexity {row['in_memory_perplexity']}")
-        recipe = {"model": "demo:smollm2-135m", "stages": [{"method": "gptq", **options.model_dump()}],
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "stages": [{"method": "gptq", **options.model_dump()}],
                   "export": {"format": "gguf"}}
         path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe)
         row["export_seconds"] = round(seconds, 1)

@@ -1,15 +1,17 @@
-"""pocketlm-distill: knowledge distillation for pocketlm (method ``distill``)."""
+"""pocketlm-distill: knowledge distillation (method ``distill``) and quantization-aware recovery
+(method ``qat``) for pocketlm."""
 
 from __future__ import annotations
 
-from pocketlm import PHASE_TRAIN, Method, SizeEffect, hookimpl
+from pocketlm import PHASE_QUANTIZE, PHASE_TRAIN, Method, SizeEffect, hookimpl
 
 from .distill import DistillOptions, distill, kd_loss, lr_factor
 from .encoder import removed_fraction
+from .recovery import QATOptions, qat
 
 POCKETLM_API = ">=1.5,<2"
-__version__ = "0.3.1"
-__all__ = ["DistillOptions", "distill", "kd_loss", "lr_factor"]
+__version__ = "0.4.0"
+__all__ = ["DistillOptions", "QATOptions", "distill", "kd_loss", "lr_factor", "qat"]
 
 
 def effect(options: DistillOptions) -> SizeEffect:
@@ -34,4 +36,17 @@ def register_methods(register):
         needs_calibration=True,
         effect=effect,
         phase=PHASE_TRAIN,
+    ))
+    # qat trains what a quantizer made, so it goes right after the quantizers in the canonical order
+    register(Method(
+        name="qat",
+        kind="distill",
+        options=QATOptions,
+        compress=qat,
+        summary="Quantization-aware recovery after rtn/gptq (EfficientQAT/LSQ): trains the scales of quantized "
+                "layers with the integer grid fixed, block by block to the original layers' outputs, then "
+                "optionally end to end by distillation; k-quant super-blocks kept exact, masks kept, resumable.",
+        needs_calibration=True,
+        effect=lambda options: SizeEffect(),
+        phase=PHASE_QUANTIZE + 5,
     ))

@@ -38,7 +38,9 @@ What stays fixed:
   pass treats the rounding as the identity. At the end the latent is rounded once more onto
   the same grid and written back into the same packed storage, so the layer keeps its format,
   bits and size and every exporter still reads it. ``quantized="freeze"`` keeps them as they
-  are and trains the rest. Quantized embeddings and the heads tied to them are always frozen.
+  are and trains the rest. ``quantized="scales"`` keeps the integer grid and trains only the
+  layers' scales (:class:`pocketlm_distill.recovery.ScaleLinear`, what ``qat`` uses). Quantized
+  embeddings and the heads tied to them are always frozen.
 
 Training runs through :class:`accelerate.Accelerator` (model, optimizer and dataloader are
 prepared; ``accelerator.backward``, ``accelerator.clip_grad_norm_``), so the same code runs on
@@ -90,10 +92,12 @@ from pocketlm.weights import (
     fake_quantize,
     get_mask,
     is_transposed,
+    linear_shape,
     quantize,
     tied_heads,
 )
 
+from .recovery import ScaleLinear, open_scales, trainable_quantized
 from .encoder import (
     IGNORE,
     Collate,
@@ -157,8 +161,9 @@ class DistillOptions(Options):
         "layer indices, in order) before training, DistilBERT's initialisation: 'spread' keeps half, "
         "spread from the first layer to the last. Needs a model as deep as its teacher; the hidden-state "
         "layer_map then defaults to student layer i -> kept teacher layer. None: the model keeps its layers.")
-    quantized: Literal["ste", "freeze"] = Field("ste", description="quantized linears: train through a straight-"
-                                                "through estimator on their own grid, or keep them fixed")
+    quantized: Literal["ste", "freeze", "scales"] = Field(
+        "ste", description="quantized linears: train through a straight-through estimator on their own grid (ste), "
+        "keep them fixed (freeze), or train only their scales with the integer grid fixed (scales, as qat does)")
     freeze: list[str] = Field([], description="parameter name patterns kept fixed (e.g. model.embed_tokens)")
     teacher_correction_steps: int = Field(0, description="cross-entropy steps on a copy of the teacher first "
                                           "(Minitron's teacher correction); 0: off")
@@ -435,21 +440,29 @@ def load_teachers(options: DistillOptions, context) -> list[nn.Module]:
     return teachers
 
 
-def open_quantized(model: nn.Module, mode: str) -> dict[str, STELinear]:
-    """Replace trainable quantized linears with :class:`STELinear` (``mode="ste"``)."""
+def open_quantized(model: nn.Module, mode: str) -> dict[str, nn.Module]:
+    """Replace trainable quantized linears with :class:`STELinear` (``mode="ste"``) or
+    :class:`~pocketlm_distill.recovery.ScaleLinear` (``mode="scales"``); ``"freeze"`` opens none."""
+    if mode == "freeze":
+        return {}
+    if mode == "scales":
+        return open_scales(model, trainable_quantized(model, ["*"], []))
     tied = tied_heads(model)
     opened = {}
     for name, module in list(model.named_modules()):
-        if isinstance(module, QuantizedLinear) and name not in tied and mode == "ste":
+        if isinstance(module, QuantizedLinear) and name not in tied:
             opened[name] = STELinear(module)
             set_module(model, name, opened[name])
     return opened
 
 
-def mask_pairs(model: nn.Module, opened: dict[str, STELinear]) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """(parameter, kept-mask in the parameter's layout) for every masked trainable weight."""
+def mask_pairs(model: nn.Module, opened: dict[str, nn.Module]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """(parameter, kept-mask in the parameter's layout) for every masked trainable weight (a
+    :class:`~pocketlm_distill.recovery.ScaleLinear` needs none: its pruned weights are zeros of a fixed grid)."""
     pairs = []
     for name, module in model.named_modules():
+        if isinstance(module, ScaleLinear):
+            continue
         if isinstance(module, STELinear):
             mask = get_mask(module.source)
             if mask is not None:
@@ -830,7 +843,8 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     total = options.steps if options.steps is not None else math.ceil(options.tokens / tokens_per_step)
     warmup = options.warmup_steps if options.warmup_steps is not None else min(100, total // 20)
 
-    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else None
+    head = model.get_output_embeddings()
+    vocab = linear_shape(head)[0] if head is not None else None   # a quantized head has no .weight
     original_device = next(model.parameters()).device
     original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
     check_embedding_widths(model, teachers, losses)
@@ -845,7 +859,7 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     for name, parameter in student.named_parameters():
         frozen = options.freeze and matches(name.removeprefix("model."), options.freeze)
         parameter.requires_grad_(not frozen)
-    if options.quantized == "freeze":
+    if options.quantized in ("freeze", "scales"):   # scales: the grid's bias stays as the quantizer left it
         for module in model.modules():
             if isinstance(module, QuantizedLinear) and module.bias is not None:
                 module.bias.requires_grad_(False)
@@ -904,7 +918,7 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     prepared.train()
     context.log(f"distill: {total} steps of {tokens_per_step} tokens ({len(teachers)} teacher(s), "
                 f"{sum(p.numel() for p in trainable)} trainable parameters, {len(opened)} quantized layers "
-                f"trained through STE, {len(masked)} masks kept) on {accelerator.num_processes} process(es)"
+                f"trained {'through STE' if options.quantized == 'ste' else 'by their scales'}, {len(masked)} masks kept) on {accelerator.num_processes} process(es)"
                 + (f"; {losses.kind} encoder on {n_examples} text chunks, losses: "
                    + ", ".join(f"{name} {weight:g}" for name, weight in
                                (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden),

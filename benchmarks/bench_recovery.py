@@ -1,0 +1,169 @@
+"""Quantization-aware recovery (``qat``, pocketlm-distill) on the reference model
+(benchmarks/PROTOCOL.md, ``quick`` protocol).
+
+One run, one process, in this order:
+
+1. ``gptq``: GPTQ W4, group 32, symmetric, act-order, damp 0.01, ``grid = "weighted-mse"``, with
+   the token embedding (tied with the head) quantized too (4-bit, group 32, the same grid rule),
+   so that every matrix is a 4.5-bit Q4_0 block in the GGUF file;
+2. ``qat``: the block phase of ``qat`` on that model (``--epochs`` passes over the 32
+   calibration windows per layer, micro-batches of ``--batch-size`` windows, ``--lr``);
+3. ``qat-e2e`` (with ``--e2e-steps N``): the end-to-end phase on top of 2, N steps of KL
+   distillation from the original model training only the scales (``--e2e-lr``), on windows of
+   the calibration text (WikiText-2 validation).
+
+Each model is measured in memory on the first 32 x 512 windows of WikiText-2 test and of the
+second-domain text (the Python Language Reference extract bundled with pocketlm-dynamic's tests,
+which no stage trains or calibrates on), exported with the ``gguf`` exporter, and its file
+compared matrix by matrix (gguf-py's dequantizer) with the in-memory model: when every matrix and
+the token embedding are bit-identical, the in-memory perplexity is the file's.
+
+Usage (heavy: run under the shared lock):
+  flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
+      [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
+      [--reuse-reference] [--reuse-gptq]
+Rows are appended to docs/bench/raw/bench_recovery.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import bench_gguf  # noqa: E402
+import common  # noqa: E402
+
+RESULTS = common.ROOT / "docs" / "bench" / "raw" / "bench_recovery.jsonl"
+SECOND_DOMAIN = common.ROOT / "plugins" / "pocketlm-dynamic" / "tests" / "data" / "python-reference.txt"
+GPTQ = dict(bits=4, group_size=32, symmetric=True, grid="weighted-mse", act_order=True, damp=0.01,
+            ignore=["lm_head"])   # the default ignore list minus "embed": the embedding is quantized too
+
+
+def log(message) -> None:
+    print(time.strftime("%H:%M:%S"), message if isinstance(message, str) else json.dumps(message), flush=True)
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    from gguf import GGUFReader
+
+    return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors
+                        if t.name.endswith(".weight") and "norm" not in t.name))
+
+
+def embedding_identical(model, path: Path) -> bool:
+    import numpy as np
+    import torch
+    from gguf import GGUFReader, dequantize
+
+    tensor = next(t for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+    values = dequantize(tensor.data, tensor.tensor_type).reshape(int(tensor.shape[1]), int(tensor.shape[0]))
+    embedding = model.get_input_embeddings()
+    ours = embedding.dequantize() if hasattr(embedding, "dequantize") else embedding.weight.detach()
+    return bool(torch.equal(torch.from_numpy(np.ascontiguousarray(values)), ours))
+
+
+def measure(name: str, model, tokenizer, texts: dict, reference: dict, out: Path, stages: list[dict],
+            extra: dict | None = None) -> dict:
+    row: dict = {"row": name, "protocol": "quick", "eval_windows": 32, "seq_len": common.SEQ_LEN,
+                 "calib_windows": 32, "seed": 0, "stages": stages}
+    for text, windows in texts.items():
+        row[text] = round(common.perplexity(model, windows), 3)
+        if reference:
+            row[f"retention_{text}"] = round(reference[text] / row[text], 4)
+    if stages:
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "stages": stages, "export": {"format": "gguf"}}
+        path, lines, seconds = bench_gguf.export(model, tokenizer, out / name, recipe)
+        row.update(bench_gguf.compare_tensors(model, path))
+        row["embedding_bit_identical"] = embedding_identical(model, path)
+        row["tensor_types"] = tensor_types(path)
+        row["files"] = {p.name: p.stat().st_size for p in sorted((out / name).iterdir()) if p.is_file()}
+        row["export_bytes"] = sum(row["files"].values())
+        row["export_mb"] = round(row["export_bytes"] / 1e6, 2)
+        row["export_log"] = [line for line in lines if line.startswith("gguf:")]
+    row.update(extra or {})
+    log(row)
+    common.append_result(RESULTS, row)
+    return row
+
+
+def main() -> None:
+    import torch
+
+    from pocketlm import data
+    from pocketlm.plugins import get_plugins
+    from pocketlm.testing import make_context
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--e2e-steps", type=int, default=0)
+    parser.add_argument("--e2e-lr", type=float, default=2e-5)
+    parser.add_argument("--out", default="/tmp/pocketlm-recovery-bench")
+    parser.add_argument("--reuse-reference", action="store_true",
+                        help="take the float model's perplexities from the results file's last float32 row")
+    parser.add_argument("--reuse-gptq", action="store_true",
+                        help="load the GPTQ model an earlier run saved in --out (and skip its measurement)")
+    args = parser.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    common.setup_torch()
+    model, tokenizer = common.load_reference()
+    teacher = copy.deepcopy(model)
+    evaluation, calibration = common.windows(tokenizer, "quick")
+    texts = {"wikitext2": evaluation,
+             "python_reference": data.evaluation_windows(tokenizer, SECOND_DOMAIN, 32, common.SEQ_LEN)}
+    earlier = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
+    earlier = [row for row in earlier if row.get("row") == "float32"]
+    if args.reuse_reference and earlier:   # the float model's perplexities do not change between runs
+        reference = earlier[-1]
+        log(f"float32 perplexities from {RESULTS.name}: {reference['wikitext2']}, {reference['python_reference']}")
+    else:
+        reference = measure("float32", model, tokenizer, texts, {}, out, [])
+    reference = {text: reference[text] for text in texts}
+
+    plugins = get_plugins()
+    method = plugins.methods["gptq"]
+    options = method.options(**GPTQ)
+    context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
+    context.logger = log
+    stages = [{"method": "gptq", **options.model_dump(exclude_defaults=True)}]
+    cached = out / "gptq-model.pt"
+    if args.reuse_gptq and cached.is_file():   # the same GPTQ result, saved by an earlier run of this script
+        model = torch.load(cached, weights_only=False)
+        log(f"gptq model loaded from {cached}")
+    else:
+        with common.Timer() as timer, torch.no_grad():
+            method.compress(model, options, context)
+        torch.save(model, cached)
+        measure("gptq", model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
+
+    qat = plugins.methods["qat"]
+    phases = [("qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))] if args.epochs else []
+    if args.e2e_steps:
+        phases.append(("qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, checkpoint_every=0)))
+    for name, settings in phases:
+        qat_options = qat.options(**settings)
+        stage_dir = out / f"{name}-stage"
+        context = make_context(calibration, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
+        context.logger = log
+        with common.Timer() as timer:
+            qat.compress(model, qat_options, context)
+        stages = stages + [{"method": "qat", **qat_options.model_dump(exclude_defaults=True)}]
+        summary = json.loads((stage_dir / "qat.json").read_text())
+        measure(name, model, tokenizer, texts, reference, out, stages,
+                {"train_seconds": round(timer.seconds, 1), "block_tokens": summary["block_tokens"],
+                 "e2e_tokens": summary["e2e_tokens"], "layers": summary.get("layers", [])})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,529 @@
+"""Quantization-aware recovery (method ``qat``): train the scales of quantized layers, the
+integer grid held fixed, in the way of LSQ and EfficientQAT.
+
+It runs after a quantizer (``rtn``, ``gptq``, any grid rule, k-quant rules included). A
+quantized weight is ``w = (q - zero) * scale``. ``qat`` keeps every integer ``q`` and every zero
+point exactly as the quantizer chose them and trains only the float scales, so the weights stay
+on a grid of the same format, bits and size, and every exporter writes them as before. Holding
+the grid fixed (rather than re-rounding a latent weight, which ``distill``'s ``quantized = "ste"``
+does) is EfficientQAT's second phase (E2E-QP); it keeps the format exact by construction and
+costs one parameter per group instead of one per weight.
+
+Two phases:
+
+1. **Block-wise reconstruction** (EfficientQAT's Block-AP, here with the grid fixed): through the
+   core's walker, layer by layer, the quantized layer's output on its own inputs (what the
+   already-recovered layers before it produce) is matched by mean squared error to the
+   original float layer's output on the original model's inputs. Matching the float model's
+   hidden states, not the float layer run on the quantized inputs, lets each layer make up for
+   errors of the layers before it. ``epochs`` passes over the calibration windows in
+   micro-batches of ``batch_size`` windows, AdamW with a cosine schedule. A layer whose error,
+   measured after the final float16 rounding, came out higher than before is put back as it
+   was, so this phase never makes a layer worse on its calibration windows.
+2. **End-to-end distillation** (optional, ``e2e_steps > 0``; EfficientQAT's E2E-QP): ``distill``
+   from the original model with ``quantized = "scales"`` and every other parameter frozen: only
+   the scales train, on the KL to the teacher's logits.
+
+Scales are stored as float16 by every exporter. The trained values are rounded once at the end
+so that each stored scale is a float16 and the model in memory is bit for bit the exported one.
+
+**Scale structure.** A layer's scales are trained as ``scale[g] = step[block(g)] * m[g]`` with
+integer multipliers ``m`` fixed, found from the grid (:func:`scale_structure`):
+
+* where every 256-column super-block of every row holds scales that are whole multiples of one
+  float16 step (``d * sc_j``: GGUF's k-quants Q2_K ... Q6_K store exactly this), only ``d`` trains
+  and the integer sub-block scales ``sc_j`` stay. ``d`` is rounded to few enough significant bits
+  that each ``d * sc_j`` is again a float16, so the grid stays an exact k-quant block;
+* where groups of 16 come in pairs with equal scales (how a 16-column k-quant grid is written as
+  32-weight blocks on rows that 256 does not divide), each pair shares one trained scale;
+* otherwise every group trains its own scale.
+
+Zero points are not trained: they are integers in the grid's storage, and a trained, re-rounded
+zero point would change which integer every weight of the group sits on.
+
+What stays fixed: the integer grid (so a pruned weight, stored as ``q = zero``, stays exactly
+zero: masks survive by construction, and a mask whose weights are not zero on the grid is
+refused), zero points, ``g_idx``, biases, norms and embeddings (a quantized embedding and the head
+tied to it keep their scales: the walker only visits decoder layers, and ``distill`` freezes
+them).
+
+Resumable: after each layer the block phase writes the scales of every layer done so far to
+``qat-blocks.pt`` in the stage folder (atomically); a killed run with the same options restores
+those layers instead of training them again and ends with the same scales. The end-to-end phase
+resumes through ``distill``'s own checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from pocketlm import Options, PocketError, distributed
+from pocketlm.calibration import capture_inputs
+from pocketlm.modules import decoder_layers, get_module, matches, set_module
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask
+
+STATE_FILE = "qat-blocks.pt"
+SUPER_BLOCK = 256        # columns under one float16 step in GGUF's k-quants
+MAX_MULTIPLIER = 127     # the largest integer sub-block scale a k-quant stores (Q6_K's int8)
+FP16_BITS = 11           # significant bits of a float16
+FP16_TINY = 2.0**-24     # float16's smallest step (its subnormals)
+
+
+class QATOptions(Options):
+    """Options of ``qat``."""
+
+    epochs: int = Field(2, description="block phase: passes over the calibration windows per layer "
+                        "(EfficientQAT's Block-AP: 2); 0 skips the block phase")
+    lr: float = Field(1e-4, description="block phase: peak AdamW rate of the scales (EfficientQAT's rate for "
+                      "quantization parameters), cosine decay to zero")
+    batch_size: int = Field(2, description="block phase: calibration windows per optimizer step (EfficientQAT: 2)")
+    targets: list[str] = Field(["*"], description="module-name patterns of the quantized linears whose scales train")
+    ignore: list[str] = Field([], description="module-name patterns left as they are")
+    e2e_steps: int = Field(0, description="end-to-end phase: optimizer steps of distillation from the original "
+                           "model, training only the scales (EfficientQAT's E2E-QP); 0: off")
+    e2e_lr: float = Field(2e-5, description="end-to-end phase: peak rate (EfficientQAT's E2E-QP rate)")
+    e2e_batch_size: int = Field(1, description="end-to-end phase: windows per optimizer step")
+    e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
+                                 "next to the KL to the original model's logits")
+    text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "
+                             "calibration text")
+    seq_len: int | None = Field(None, description="end-to-end phase: tokens per window; null: the calibration seq_len")
+    checkpoint_every: int = Field(50, description="end-to-end phase: optimizer steps between resumable "
+                                  "checkpoints (the block phase saves after every layer); 0: never")
+    seed: int | None = Field(None, description="micro-batch order and training seed; null: the recipe's seed")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.epochs < 0 or self.e2e_steps < 0:
+            raise ValueError("epochs and e2e_steps must be 0 (off) or positive")
+        if self.epochs == 0 and self.e2e_steps == 0:
+            raise ValueError("epochs = 0 and e2e_steps = 0 train nothing: give epochs (block phase) "
+                             "or e2e_steps (end-to-end phase)")
+        if self.lr <= 0 or self.e2e_lr <= 0:
+            raise ValueError("lr and e2e_lr must be positive")
+        if self.batch_size < 1 or self.e2e_batch_size < 1:
+            raise ValueError("batch_size and e2e_batch_size must be at least 1")
+        if self.e2e_ce_weight < 0:
+            raise ValueError("e2e_ce_weight must be non-negative")
+        if self.checkpoint_every < 0:
+            raise ValueError("checkpoint_every must be 0 (never) or positive")
+        return self
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+@dataclass(frozen=True)
+class Structure:
+    """``scales = step[:, block] * multiplier``: ``step`` ``[rows, blocks]`` trains,
+    ``multiplier`` ``[rows, groups]`` (integers) and ``block`` ``[groups]`` stay fixed."""
+
+    step: torch.Tensor
+    multiplier: torch.Tensor
+    block: torch.Tensor
+    kind: str                          # "two-level", "pairs" or "groups"
+
+    def scales(self, step: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.step if step is None else step)[:, self.block] * self.multiplier
+
+
+def two_level(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(d, m)`` with ``scales == d * m`` exactly for each row of ``scales`` ``[n, subs]``
+    (float32 holding float16 values): ``d`` ``[n, 1]`` a float16, ``m`` integers in
+    ``[1, MAX_MULTIPLIER]``, the coarsest such ``d`` (smallest multipliers); None where some row
+    has none."""
+    top = scales.amax(dim=1, keepdim=True)
+    found = torch.zeros(scales.shape[0], dtype=torch.bool, device=scales.device)
+    d = torch.zeros_like(top)
+    for k in range(1, MAX_MULTIPLIER + 1):      # k: the top scale's multiplier; small k first
+        candidate = top / k
+        m = torch.round(scales / candidate)
+        ok = (candidate.half().float() == candidate)[:, 0] & (candidate[:, 0] > 0)
+        ok &= ((m >= 1) & (m <= MAX_MULTIPLIER) & (candidate * m == scales)).all(dim=1)
+        new = ok & ~found
+        d[new] = candidate[new]
+        found |= ok
+        if bool(found.all()):
+            return d, torch.round(scales / d)
+    return None
+
+
+def scale_structure(scales: torch.Tensor, group_size: int, cols: int) -> Structure:
+    """How the scales ``[rows, groups]`` of a grid of ``cols`` columns train (module docstring):
+    a k-quant two-level grid, groups of 16 tied in pairs, or free groups."""
+    scales = scales.float()
+    rows, groups = scales.shape
+    device = scales.device
+    if group_size > 0 and cols % SUPER_BLOCK == 0 and SUPER_BLOCK % group_size == 0 and groups > 1:
+        subs = SUPER_BLOCK // group_size
+        if subs > 1:
+            found = two_level(scales.reshape(-1, subs))
+            if found is not None:
+                d, m = found
+                return Structure(d.reshape(rows, groups // subs), m.reshape(rows, groups),
+                                 torch.arange(groups, device=device) // subs, "two-level")
+    if group_size == 16 and groups % 2 == 0 and cols % 32 == 0 and torch.equal(scales[:, 0::2], scales[:, 1::2]):
+        return Structure(scales[:, 0::2].clone(), torch.ones_like(scales),
+                         torch.arange(groups, device=device) // 2, "pairs")
+    return Structure(scales.clone(), torch.ones_like(scales), torch.arange(groups, device=device), "groups")
+
+
+def round_steps(step: torch.Tensor, top_multiplier: torch.Tensor) -> torch.Tensor:
+    """``step`` rounded to the nearest value whose products with every integer multiplier up to
+    ``top_multiplier`` (same shape) are float16 numbers: ``11 - bit_length(top)`` significant
+    bits (a product of a b-bit and a k-bit number has at most b + k), all 11 where the only
+    multiplier is 1, and a multiple of float16's smallest step 2**-24."""
+    bits = FP16_BITS - (torch.floor(torch.log2(top_multiplier)) + 1)
+    bits = torch.where(top_multiplier == 1, torch.full_like(bits, FP16_BITS), bits)
+    step = step.float().clamp(min=FP16_TINY)
+    _, exponent = torch.frexp(step)
+    quantum = torch.maximum(torch.ldexp(torch.ones_like(step), exponent - bits.to(exponent.dtype)),
+                            torch.full_like(step, FP16_TINY))
+    rounded = torch.round(step / quantum) * quantum
+    return torch.minimum(rounded.clamp(min=FP16_TINY), torch.floor(65504 / top_multiplier / quantum) * quantum)
+
+
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of a layer's output against its float target."""
+    return F.mse_loss(output.float(), target.float())
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Cosine decay from 1 at step 0 to 0 at ``total``."""
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total))))
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class ScaleLinear(nn.Module):
+    """A :class:`QuantizedLinear` opened to train its scales: ``w = (q - zero) * scale`` with
+    ``q - zero`` a fixed buffer and ``scale`` built from a trainable ``step`` (:class:`Structure`).
+    ``close()`` rounds the steps (:func:`round_steps`) and writes the scales back into the
+    source's storage."""
+
+    def __init__(self, source: QuantizedLinear, name: str = ""):
+        super().__init__()
+        self.__dict__["source"] = source   # not a submodule: its buffers must not be trained or saved twice
+        storage = source.storage
+        groups = storage.column_groups()
+        centered = storage.grid().float() - storage.zeros.float()[:, groups]
+        mask = get_mask(source)
+        if mask is not None and bool(centered[~mask.to(centered.device)].any()):
+            raise PocketError(f"{name or 'a layer'} is pruned, but some pruned weights are not zero on its grid, "
+                              "so training its scales would move them",
+                              fix="quantize after pruning with a quantizer that keeps pruned weights at zero (rtn, gptq)")
+        self.register_buffer("centered", centered, persistent=False)   # integers; exactly 0 where pruned
+        self.structure = structure = scale_structure(storage.scales, storage.group_size, storage.cols)
+        # The largest multiplier of each block: the parameter is the block's largest scale
+        # (step * top), so one learning rate means the same for free groups and k-quant blocks.
+        top = torch.zeros_like(structure.step).scatter_reduce(
+            1, structure.block.expand(structure.multiplier.shape[0], -1), structure.multiplier, "amax",
+            include_self=False)
+        self.register_buffer("top", top, persistent=False)
+        self.step = nn.Parameter(structure.step * top)
+        self.register_buffer("groups", groups, persistent=False)
+        self.bias = source.bias   # the same Parameter (frozen by the caller)
+
+    def scales(self) -> torch.Tensor:
+        return self.structure.scales(self.step / self.top)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.centered * self.scales()[:, self.groups]
+        return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def rounded_scales(self) -> torch.Tensor:
+        """The trained scales as they will be stored: each one a float16, the structure kept."""
+        scales = self.structure.scales(round_steps(self.step.detach() / self.top, self.top))
+        if not bool((scales.half().float() == scales).all()):
+            raise AssertionError("rounded scales left float16")   # round_steps guarantees it
+        return scales
+
+    @torch.no_grad()
+    def close(self) -> QuantizedLinear:
+        """Write the rounded scales into the source's storage (grid, zeros, g_idx unchanged)."""
+        self.source.storage.scales.copy_(self.rounded_scales().to(self.source.storage.scales.dtype))
+        return self.source
+
+
+def open_scales(model: nn.Module, names: list[str]) -> dict[str, ScaleLinear]:
+    """Replace the quantized linears ``names`` of ``model`` with :class:`ScaleLinear`."""
+    opened = {}
+    for name in names:
+        opened[name] = ScaleLinear(get_module(model, name), name)
+        set_module(model, name, opened[name])
+    return opened
+
+
+def trainable_quantized(model: nn.Module, targets: list[str], ignore: list[str], prefix: str = "") -> list[str]:
+    """Names (relative to ``model``) of its quantized linears whose scales may train: those
+    ``targets`` match and ``ignore`` does not, except a head tied to a quantized embedding."""
+    tied = {id(m.storage) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    return [name for name, module in model.named_modules()
+            if isinstance(module, QuantizedLinear) and id(module.storage) not in tied
+            and matches(prefix + name, targets) and not matches(prefix + name, ignore)]
+
+
+# --------------------------------------------------------------------------- block phase
+
+
+def _take(value, rows: slice, batch: int):
+    """The micro-batch ``rows`` of a layer's keyword argument: tensors whose first dimension is
+    the batch are sliced, everything else (rotary tables of batch 1, flags) is passed on."""
+    if torch.is_tensor(value):
+        return value[rows] if batch > 1 and value.dim() > 0 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(_take(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [_take(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _take(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _hidden(output) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def train_block(layer: nn.Module, opened: dict[str, ScaleLinear], batches: list[tuple[torch.Tensor, dict]],
+                targets: list[torch.Tensor], *, epochs: int, lr: float, seed: int) -> tuple[float, float]:
+    """Train the ``opened`` layers' steps so that ``layer(hidden, **kwargs)`` matches ``targets``
+    (one per micro-batch), AdamW at peak ``lr`` with a cosine decay over ``epochs`` passes in a
+    seeded order, then close them (rounded scales). Returns the mean error before and after."""
+    def error() -> float:
+        with torch.no_grad():
+            return sum(reconstruction_error(_hidden(layer(h, **kw)), t).item()
+                       for (h, kw), t in zip(batches, targets)) / len(batches)
+
+    before = error()
+    flags = {p: p.requires_grad for p in layer.parameters()}
+    for parameter in flags:
+        parameter.requires_grad_(False)   # only the steps train: no gradient is computed for the rest
+    steps = [module.step for module in opened.values()]
+    for step in steps:
+        step.requires_grad_(True)
+    optimizer = torch.optim.AdamW(steps, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, foreach=False)
+    total = epochs * len(batches)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: cosine_factor(i, total))
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        for _ in range(epochs):
+            for index in torch.randperm(len(batches), generator=generator).tolist():
+                hidden, kwargs = batches[index]
+                loss = reconstruction_error(_hidden(layer(hidden, **kwargs)), targets[index])
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        for parameter, flag in flags.items():
+            parameter.requires_grad_(flag)
+    for module in opened.values():
+        module.close()
+    return before, error()
+
+
+class BlockRecovery:
+    """The walker's handler of the block phase: for each decoder layer, the layer's inputs are
+    collected (``observe``), the original layer is run on the original model's hidden states to
+    make the targets, and the layer's scales are trained (``solve``)."""
+
+    def __init__(self, model: nn.Module, teacher: nn.Module, options: QATOptions, context, windows: torch.Tensor,
+                 batch_size: int, seed: int, state_path: Path | None, fingerprint: str):
+        self.model, self.teacher, self.options, self.context = model, teacher, options, context
+        self.architecture = context.architecture(model)
+        self.teacher_layers = decoder_layers(teacher, context.architecture(teacher))
+        self.windows, self.batch_size, self.seed = windows, batch_size, seed
+        self.state_path, self.fingerprint = state_path, fingerprint
+        self.done: dict[int, dict[str, torch.Tensor]] = {}
+        self.errors: list[dict] = []
+        if state_path is not None and state_path.is_file():
+            state = torch.load(state_path, map_location="cpu", weights_only=True)
+            if state.get("fingerprint") == fingerprint:
+                self.done, self.errors = dict(state["layers"]), list(state["errors"])
+                context.log(f"qat: resuming the block phase: {len(self.done)} layer(s) restored from {state_path}")
+            else:
+                context.log(f"qat: ignoring {state_path}: it was written with other options")
+        self.inputs: list[tuple[torch.Tensor, dict]] = []
+        self.teacher_hidden: list[torch.Tensor] | None = None
+        self.trained_tokens = 0
+
+    def select(self, index, layer, names):
+        return [""]   # the whole layer: its inputs and keyword arguments
+
+    def observe(self, name, module, args, kwargs, output):
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.inputs.append((hidden.detach(), kwargs))
+
+    def _advance_teacher(self, index: int) -> list[torch.Tensor]:
+        """The original layer ``index``'s outputs on the original model's hidden states, which
+        become its next layer's inputs."""
+        layer = self.teacher_layers[index]
+        device = next(layer.parameters()).device
+        if self.teacher_hidden is None:
+            captured = capture_inputs(self.teacher, self.context.architecture(self.teacher), self.windows,
+                                      self.batch_size)
+            self.teacher_hidden = captured.hidden
+        with torch.no_grad():
+            self.teacher_hidden = [
+                _hidden(layer(h.to(device), **_to(kw, device))).detach()
+                for h, (_, kw) in zip(self.teacher_hidden, self.inputs)]
+        return self.teacher_hidden
+
+    def solve(self, index, layer, names):
+        targets = self._advance_teacher(index)
+        prefix = f"{self.architecture.layers}.{index}."
+        chosen = trainable_quantized(layer, self.options.targets, self.options.ignore, prefix)
+        inputs, self.inputs = self.inputs, []
+        if not chosen:
+            return
+        if index in self.done:     # a resumed run: this layer's trained scales, as saved
+            for name in chosen:
+                get_module(layer, name).storage.scales.copy_(self.done[index][name])
+            return
+        device = inputs[0][0].device
+        micro, micro_targets = [], []
+        for (hidden, kwargs), target in zip(inputs, targets):
+            batch = hidden.shape[0]
+            for start in range(0, batch, self.options.batch_size):
+                rows = slice(start, start + self.options.batch_size)
+                micro.append((hidden[rows], _take(kwargs, rows, batch)))
+                micro_targets.append(target[rows].to(device))
+        original = {name: get_module(layer, name).storage.scales.clone() for name in chosen}
+        opened = open_scales(layer, chosen)
+        began = time.perf_counter()
+        torch.manual_seed(self.seed + index)
+        try:
+            before, after = train_block(layer, opened, micro, micro_targets, epochs=self.options.epochs,
+                                        lr=self.options.lr, seed=self.seed * 1000 + index)
+        finally:
+            for name, module in opened.items():
+                set_module(layer, name, module.source)
+        kept = after <= before
+        if not kept:   # never worse than the quantizer left it on these windows
+            for name in chosen:
+                get_module(layer, name).storage.scales.copy_(original[name])
+        tokens = sum(h.shape[0] * h.shape[1] for h, _ in micro) * self.options.epochs
+        self.trained_tokens += tokens
+        self.errors.append({"layer": index, "before": before, "after": after if kept else before,
+                            "kept": kept, "tokens": tokens, "seconds": time.perf_counter() - began})
+        self.context.log(f"qat: layer {index}: output error {before:.4g} -> {after:.4g}"
+                         + ("" if kept else " (worse: scales put back)") + f" ({len(chosen)} linears)")
+        self.done[index] = {name: get_module(layer, name).storage.scales.detach().cpu().clone() for name in chosen}
+        self._save()
+
+    def _save(self) -> None:
+        if self.state_path is None or not distributed.is_writer():
+            return
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"fingerprint": self.fingerprint, "layers": self.done, "errors": self.errors}
+        temporary = self.state_path.with_name(self.state_path.name + ".tmp")
+        try:
+            torch.save(state, temporary)
+            os.replace(temporary, self.state_path)
+        finally:
+            temporary.unlink(missing_ok=True)
+
+
+def _to(value, device):
+    if torch.is_tensor(value):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    if isinstance(value, list):
+        return [_to(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+def _fingerprint(options: QATOptions, model: nn.Module, windows: torch.Tensor, seed: int) -> str:
+    described = options.model_dump(exclude={"checkpoint_every"})
+    described["seed"] = seed
+    described["windows"] = list(windows.shape)
+    described["windows_hash"] = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()
+    described["grids"] = [(n, list(m.storage.scales.shape)) for n, m in model.named_modules()
+                          if isinstance(m, QuantizedLinear)]
+    return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def check_teacher(model: nn.Module, teacher: nn.Module, names: list[str]) -> None:
+    """The recovery matches each layer to the original's: refuse a model whose layers an
+    earlier stage reshaped."""
+    from pocketlm.weights import linear_shape
+
+    for name in names:
+        try:
+            original = get_module(teacher, name)
+        except AttributeError:
+            original = None
+        if original is None or linear_shape(original) != linear_shape(get_module(model, name)):
+            raise PocketError(f"qat matches each quantized layer to the original model's, but {name} has no "
+                              "counterpart of the same shape there (an earlier stage removed layers or channels)",
+                              fix="recover a restructured model with distill before quantizing, then run qat "
+                                  "on the quantized result of an unrestructured model")
+
+
+# --------------------------------------------------------------------------- the handler
+
+
+def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
+    """Recover ``model``'s quantization error by training its scales; in place, returns it."""
+    seed = context.seed if options.seed is None else options.seed
+    names = trainable_quantized(model, options.targets, options.ignore)
+    if not names:
+        raise PocketError("qat trains the scales of quantized linears, and none of this model's match targets "
+                          f"{options.targets} (ignore {options.ignore})",
+                          fix="put qat after a quantize stage (rtn, gptq), and check targets and ignore")
+    teacher = context.teacher()
+    check_teacher(model, teacher, names)
+    stage_dir = Path(context.stage_dir) if context.stage_dir is not None else None
+    began = time.perf_counter()
+    summary = {"block_tokens": 0, "block_seconds": 0.0, "e2e_tokens": 0, "e2e_seconds": 0.0}
+    if options.epochs:
+        windows = context.calibration_windows()
+        batch_size = context.calibration.batch_size if context.calibration else 8
+        state_path = stage_dir / STATE_FILE if stage_dir is not None else None
+        handler = BlockRecovery(model, teacher, options, context, distributed.shard(windows), batch_size, seed,
+                                state_path, _fingerprint(options, model, windows, seed))
+        context.log(f"qat: block phase over {len(names)} quantized linears, {options.epochs} epoch(s) of "
+                    f"{windows.shape[0]} x {windows.shape[1]} windows, micro-batches of {options.batch_size}")
+        context.walk(model, handler, sequential=False, windows=windows, description="qat blocks")
+        summary["block_tokens"] = sum(e["tokens"] for e in handler.errors)
+        summary["block_seconds"] = sum(e["seconds"] for e in handler.errors)
+        summary["layers"] = handler.errors
+    if options.e2e_steps:
+        from .distill import DistillOptions, distill
+
+        e2e_began = time.perf_counter()
+        # everything but the steps of the opened scales is frozen: the only parameters with new names
+        frozen = [name for name, _ in model.named_parameters()]
+        frozen += [f"{name}.step" for name in trainable_quantized(model, ["*"], []) if name not in names]
+        distill_options = DistillOptions(
+            steps=options.e2e_steps, lr=options.e2e_lr, batch_size=options.e2e_batch_size, text=options.text,
+            seq_len=options.seq_len, kl_weight=1.0, ce_weight=options.e2e_ce_weight, quantized="scales",
+            freeze=frozen, checkpoint_every=options.checkpoint_every, seed=seed)
+        distill(model, distill_options, context)
+        summary["e2e_seconds"] = time.perf_counter() - e2e_began
+        summary["e2e_tokens"] = options.e2e_steps * options.e2e_batch_size * (
+            options.seq_len or context.calibration_windows().shape[1])
+    summary["seconds"] = time.perf_counter() - began
+    if stage_dir is not None and distributed.is_writer():
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        (stage_dir / "qat.json").write_text(json.dumps(summary, indent=1))
+        (stage_dir / STATE_FILE).unlink(missing_ok=True)
+    context.log(f"qat: done in {summary['seconds']:.0f} s ({summary['block_tokens']} block tokens, "
+                f"{summary['e2e_tokens']} end-to-end tokens)")
+    return model

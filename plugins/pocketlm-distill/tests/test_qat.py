@@ -1,0 +1,282 @@
+"""Tests of ``qat`` (quantization-aware recovery of the scales) on tiny llamas: the pure scale
+functions on random matrices, block recovery after rtn, the grid and masks kept, exact GGUF and
+compressed-tensors exports, resume, the end-to-end phase and bad options."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import SEQ_LEN, kl_to
+from pydantic import ValidationError
+
+from pocketlm import PocketError
+from pocketlm.plugins import get_plugins
+from pocketlm.testing import make_context
+from pocketlm.testing.models import tiny_model
+from pocketlm.weights import QuantizedLinear, get_mask, linear_weight, set_mask
+from pocketlm_distill import QATOptions, qat
+from pocketlm_distill import recovery as qat_module
+from pocketlm_distill.recovery import STATE_FILE, ScaleLinear, round_steps, scale_structure, two_level
+
+
+def quantize(model, windows, **options):
+    """Run the ``rtn`` method of pocketlm-gptq (through the plugin registry, its public face)."""
+    method = get_plugins().methods["rtn"]
+    method.compress(model, method.options(**options), make_context(windows))
+    return model
+
+
+def grids(model):
+    return {n: (m.storage.qweight.clone(), m.storage.scales.clone(), m.storage.zeros.clone())
+            for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+def run_qat(model, teacher, windows, stage, **options):
+    context = make_context(windows, teacher=teacher, stage_dir=stage)
+    return qat(model, QATOptions(**{"lr": 2e-3, "batch_size": 4, **options}), context)
+
+
+@pytest.fixture
+def calibration(corpus):
+    return corpus["train_windows"][:16]
+
+
+# ------------------------------------------------------------------------------ pure functions
+
+
+def test_registered():
+    method = get_plugins().methods["qat"]
+    assert method.kind == "distill" and method.needs_calibration and method.phase == 45
+    assert method.effect(QATOptions()).bits is None
+
+
+def test_bad_options_are_clear():
+    with pytest.raises(ValidationError, match="train nothing"):
+        QATOptions(epochs=0)
+    with pytest.raises(ValidationError, match="must be positive"):
+        QATOptions(lr=0)
+    with pytest.raises(ValidationError, match="at least 1"):
+        QATOptions(batch_size=0)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        QATOptions(zero_points=True)
+    for name, field in QATOptions.model_fields.items():
+        assert field.description, name
+
+
+def test_round_steps_keep_every_product_a_float16():
+    generator = torch.Generator().manual_seed(0)
+    step = torch.rand(200, 4, generator=generator) * 1e-2 + 1e-7    # subnormal steps included
+    top = torch.randint(1, 128, (200, 4), generator=generator).float()
+    rounded = round_steps(step, top)
+    for multiplier in (1, 3, 17):
+        product = rounded * torch.minimum(top, torch.full_like(top, multiplier))
+        assert torch.equal(product.half().float(), product)
+    product = rounded * top
+    assert torch.equal(product.half().float(), product)
+    bits = torch.where(top == 1, 11, 11 - (torch.floor(torch.log2(top)) + 1))
+    normal = step > 2**-14
+    assert bool(((rounded - step).abs() <= step * 2.0 ** -bits)[normal].all())   # rounding, not truncation
+    assert torch.equal(round_steps(step, torch.ones_like(step)), step.half().float())  # plain groups: float16
+
+
+def test_scale_structure_finds_k_quant_super_blocks_pairs_and_free_groups():
+    generator = torch.Generator().manual_seed(0)
+    rows, subs = 6, 8
+    d = (torch.randint(16, 32, (rows, 2, 1), generator=generator) * 2.0**-14)        # 5 significant bits
+    sc = torch.randint(1, 64, (rows, 2, subs), generator=generator).float()
+    kquant = (d * sc).reshape(rows, 2 * subs)
+    assert torch.equal(kquant.half().float(), kquant)
+    structure = scale_structure(kquant, 32, 512)
+    assert structure.kind == "two-level" and torch.equal(structure.scales(), kquant)
+    assert structure.step.shape == (rows, 2) and int(structure.multiplier.max()) <= 63
+
+    free = (torch.rand(rows, 16, generator=generator) * 0.05 + 1e-3).half().float()
+    assert scale_structure(free, 32, 512).kind == "groups"
+    assert two_level(free.reshape(-1, 8)) is None
+    pairs = free[:, :9].repeat_interleave(2, 1)                       # 576 columns in 36 groups of 16
+    structure = scale_structure(pairs, 16, 576)
+    assert structure.kind == "pairs" and torch.equal(structure.scales(), pairs)
+
+
+def test_scale_linear_trains_only_scales_and_rounds_onto_the_structure():
+    generator = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 256, generator=generator)
+    d = torch.full((8, 1, 1), 2.0**-9)
+    sc = torch.randint(1, 64, (8, 1, 8), generator=generator).float()
+    scales = (d * sc).reshape(8, 8)
+    q = torch.randint(0, 16, (8, 256), generator=generator)
+    layer = QuantizedLinear.from_grid(q, scales, torch.full_like(scales, 8), bits=4, group_size=32, symmetric=True)
+    before = layer.dequantize()
+    opened = ScaleLinear(layer)
+    x = torch.randn(5, 256, generator=generator)
+    assert torch.equal(opened(x), layer(x))                              # the same function before training
+    assert [n for n, _ in opened.named_parameters()] == ["step"]
+    with torch.no_grad():
+        opened.step.mul_(1.0137)
+    opened.close()
+    after = layer.dequantize()
+    ratio = (after / before)[before != 0]
+    assert torch.allclose(ratio, ratio[0].expand_as(ratio)) and abs(float(ratio[0]) - 1.0137) < 0.04
+    assert torch.equal(layer.storage.grid(), q.to(torch.uint8))
+    assert two_level(layer.storage.scales.float().reshape(-1, 8)) is not None
+
+
+# ------------------------------------------------------------------------------ the method
+
+
+def test_block_recovery_lowers_every_layers_error_and_keeps_the_grid(teacher, corpus, calibration, tmp_path):
+    student = quantize(copy.deepcopy(teacher), calibration, bits=3, group_size=16)
+    before = grids(student)
+    kl_before = kl_to(teacher, student, corpus["held"])
+    run_qat(student, teacher, calibration, tmp_path / "stage", epochs=4)
+    summary = json.loads((tmp_path / "stage" / "qat.json").read_text())
+    assert len(summary["layers"]) == 2 and summary["block_tokens"] == 4 * 16 * SEQ_LEN * 2
+    for layer in summary["layers"]:
+        assert layer["kept"] and layer["after"] < 0.8 * layer["before"], layer   # a real margin
+    moved = 0
+    for name, module in student.named_modules():
+        if isinstance(module, QuantizedLinear):
+            qweight, scales, zeros = before.pop(name)
+            assert torch.equal(module.storage.qweight, qweight) and torch.equal(module.storage.zeros, zeros)
+            assert module.storage.scales.dtype == torch.float16
+            moved += int(not torch.equal(module.storage.scales, scales))
+    assert not before and moved >= 10
+    assert kl_to(teacher, student, corpus["held"]) < 0.9 * kl_before
+    assert not (tmp_path / "stage" / STATE_FILE).exists()
+
+
+def test_masks_stay_zero(teacher, calibration, tmp_path):
+    student = copy.deepcopy(teacher)
+    down = student.model.layers[0].mlp.down_proj
+    weight = linear_weight(down)
+    mask = weight.abs() > weight.abs().median()
+    set_mask(down, mask)
+    quantize(student, calibration, bits=4, group_size=16)
+    run_qat(student, teacher, calibration, tmp_path / "stage", epochs=2)
+    down = student.model.layers[0].mlp.down_proj
+    assert torch.equal(get_mask(down), mask)
+    assert torch.count_nonzero(down.dequantize()[~mask]) == 0
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(teacher, calibration, tmp_path, monkeypatch):
+    quantized = quantize(copy.deepcopy(teacher), calibration, bits=3, group_size=16)
+    whole = run_qat(copy.deepcopy(quantized), teacher, calibration, tmp_path / "whole", epochs=2)
+
+    train_block, calls = qat_module.train_block, []
+
+    def dies_on_the_second_layer(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_block(*args, **kwargs)
+
+    monkeypatch.setattr(qat_module, "train_block", dies_on_the_second_layer)
+    killed = copy.deepcopy(quantized)
+    with pytest.raises(KeyboardInterrupt):
+        run_qat(killed, teacher, calibration, tmp_path / "resumed", epochs=2)
+    assert (tmp_path / "resumed" / STATE_FILE).is_file()
+    monkeypatch.setattr(qat_module, "train_block", train_block)
+    resumed = run_qat(copy.deepcopy(quantized), teacher, calibration, tmp_path / "resumed", epochs=2)
+    assert len(calls) == 2                           # the first layer was restored, not trained again
+    expected = grids(whole)
+    for name, (qweight, scales, zeros) in grids(resumed).items():
+        assert torch.equal(scales, expected[name][1]) and torch.equal(qweight, expected[name][0]), name
+    # other options: the saved state is not used
+    other = run_qat(copy.deepcopy(quantized), teacher, calibration, tmp_path / "whole", epochs=1)
+    assert any(not torch.equal(a[1], b[1]) for a, b in zip(grids(other).values(), expected.values()))
+
+
+def test_end_to_end_phase_trains_only_the_scales(teacher, corpus, calibration, tmp_path):
+    # the embedding and the head quantized too: they stay as they are, the head has no .weight
+    student = quantize(copy.deepcopy(teacher), calibration, bits=3, group_size=16, ignore=[])
+    assert isinstance(student.lm_head, QuantizedLinear)
+    before = grids(student)
+    others = {n: p.clone() for n, p in student.named_parameters()}
+    kl_before = kl_to(teacher, student, corpus["held"])
+    run_qat(student, teacher, calibration, tmp_path / "stage", epochs=0, e2e_steps=8, e2e_lr=2e-3,
+            e2e_batch_size=4, checkpoint_every=0)
+    for name, parameter in student.named_parameters():
+        assert torch.equal(parameter, others[name]), name
+    for name, module in student.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(module.storage.qweight, before[name][0])
+            assert torch.equal(module.storage.zeros, before[name][2])
+    assert kl_to(teacher, student, corpus["held"]) < kl_before
+    assert (tmp_path / "stage" / "loss.csv").is_file()
+    assert json.loads((tmp_path / "stage" / "qat.json").read_text())["e2e_tokens"] == 8 * 4 * SEQ_LEN
+
+
+def test_refuses_a_model_with_nothing_quantized_or_reshaped(teacher, calibration, tmp_path):
+    with pytest.raises(PocketError, match="after a quantize stage"):
+        run_qat(copy.deepcopy(teacher), teacher, calibration, tmp_path / "a")
+    student = quantize(copy.deepcopy(teacher), calibration, bits=4, group_size=16)
+    narrower = tiny_model("llama", vocab_size=teacher.config.vocab_size, intermediate=64)
+    with pytest.raises(PocketError, match="no counterpart of the same shape"):
+        run_qat(student, narrower, calibration, tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------ exact exports
+
+
+def _wide_llama(vocab):
+    """Hidden 256: q/k/v/gate/up read 256 columns, so k-quant grids are real super-blocks."""
+    return tiny_model("llama", vocab_size=vocab, hidden=256, intermediate=512, heads=4, kv_heads=2, seed=1)
+
+
+@pytest.mark.parametrize("grid,types", [("q4_k", {"Q4_K"}), ("minmax", {"Q4_0"})])
+def test_gguf_export_equals_the_trained_model_bit_for_bit(corpus, calibration, tmp_path, grid, types):
+    pytest.importorskip("pocketlm_gguf")
+    pytest.importorskip("pocketlm_gptq")
+    from gguf import GGUFReader, quants
+
+    from pocketlm_gguf import GGUFOptions, export_gguf
+
+    teacher = _wide_llama(len(corpus["tokenizer"]))
+    student = quantize(copy.deepcopy(teacher), calibration[:8], bits=4, group_size=32, grid=grid)
+    before = grids(student)
+    run_qat(student, teacher, calibration[:8], tmp_path / "stage", epochs=2, lr=1e-3)
+    assert any(not torch.equal(s, before[n][1]) for n, (_, s, _) in grids(student).items())
+    export_gguf(student, tmp_path / "out", GGUFOptions(dtype="f32", tokenizer=False), make_context())
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / "model.gguf").tensors}
+    checked = 0
+    for index, layer in enumerate(student.model.layers):
+        for module_name, gguf_name in [("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"),
+                                       ("mlp.gate_proj", "ffn_gate"), ("self_attn.v_proj", "attn_v"),
+                                       ("self_attn.o_proj", "attn_output")]:   # (q/k: rope-permuted rows)
+            tensor = tensors[f"blk.{index}.{gguf_name}.weight"]
+            assert tensor.tensor_type.name in types, (gguf_name, tensor.tensor_type.name)
+            ours = layer.get_submodule(module_name).dequantize()
+            back = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape).copy())
+            assert torch.equal(back, ours), gguf_name
+            checked += 1
+    assert checked == 10
+
+
+class _ModelSection:   # the recipe's [model] section, as much as a loader reads
+    dtype = "float32"
+    trust_remote_code = False
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_compressed_tensors_export_reloads_with_the_trained_grid_bit_for_bit(corpus, calibration, tmp_path, symmetric):
+    pytest.importorskip("pocketlm_gptq")
+    pytest.importorskip("compressed_tensors")
+    plugins = get_plugins()
+    teacher = tiny_model("llama", vocab_size=len(corpus["tokenizer"]))
+    student = quantize(copy.deepcopy(teacher), calibration[:8], bits=4, group_size=32, symmetric=symmetric)
+    before = grids(student)
+    run_qat(student, teacher, calibration[:8], tmp_path / "stage", epochs=2, lr=1e-3)
+    assert any(not torch.equal(s, before[n][1]) for n, (_, s, _) in grids(student).items())
+    exporter = plugins.exporters["compressed-tensors"]
+    exporter.export(student, tmp_path / "out", exporter.options(), make_context(tokenizer=corpus["tokenizer"]))
+    loader = next(l for l in plugins.loaders if l.name == "compressed-tensors-checkpoint")
+    assert loader.matches(str(tmp_path / "out"))
+    loaded = loader.load(str(tmp_path / "out"), _ModelSection()).model
+    ours = {n: m.dequantize() for n, m in student.named_modules() if isinstance(m, QuantizedLinear)}
+    theirs = {n: m.dequantize() for n, m in loaded.named_modules() if isinstance(m, QuantizedLinear)}
+    assert ours.keys() == theirs.keys() and len(ours) == 14
+    for name in ours:
+        assert torch.equal(ours[name], theirs[name]), name
