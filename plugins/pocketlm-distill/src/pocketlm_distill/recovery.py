@@ -71,7 +71,7 @@ from torch import nn
 from pocketlm import Options, PocketError, distributed
 from pocketlm.calibration import capture_inputs
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
-from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask
+from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
 
 STATE_FILE = "qat-blocks.pt"
 SUPER_BLOCK = 256        # columns under one float16 step in GGUF's k-quants
@@ -269,9 +269,9 @@ def open_scales(model: nn.Module, names: list[str]) -> dict[str, ScaleLinear]:
 def trainable_quantized(model: nn.Module, targets: list[str], ignore: list[str], prefix: str = "") -> list[str]:
     """Names (relative to ``model``) of its quantized linears whose scales may train: those
     ``targets`` match and ``ignore`` does not, except a head tied to a quantized embedding."""
-    tied = {id(m.storage) for m in model.modules() if isinstance(m, QuantizedEmbedding)}
+    tied = tied_heads(model)
     return [name for name, module in model.named_modules()
-            if isinstance(module, QuantizedLinear) and id(module.storage) not in tied
+            if isinstance(module, QuantizedLinear) and name not in tied
             and matches(prefix + name, targets) and not matches(prefix + name, ignore)]
 
 
