@@ -52,8 +52,8 @@ class QuantScheme(Options):
     """The options every weight quantizer shares; a method's options model subclasses it (and
     may narrow a field, such as the bits it supports, by redeclaring it).
 
-    * ``bits``: 2, 3, 4, 5, 6 or 8 bits per weight (5 and 6 are written by the ``gguf`` exporter
-      only).
+    * ``bits``: 2, 3, 4, 5, 6 or 8 bits per weight (5 and 6 only where an installed exporter
+      stores them; an exporter's check refuses the rest).
     * ``group_size``: -1 (one scale per output channel) or 16/32/64/128 input columns per scale.
     * ``symmetric``: zero point ``2**(bits-1)`` (an exact zero stays zero) or a fitted one.
     * ``targets`` / ``ignore``: module-name patterns (``pocketlm.modules.matches``); ``"embed"``
@@ -64,7 +64,7 @@ class QuantScheme(Options):
       (the last group is short).
     """
 
-    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="bits per weight (5 and 6: gguf export only)")
+    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="bits per weight (5 and 6: only exporters that store them)")
     group_size: Literal[-1, 16, 32, 64, 128] = Field(
         64, description="input columns sharing one scale; -1: one scale per output channel")
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)); false: asymmetric")

@@ -34,7 +34,10 @@ def save_dense(model: nn.Module, path: str | Path, tokenizer=None, dtype: torch.
     modules dequantized, weights in ``dtype`` (None: the model's own), ``tokenizer`` saved
     beside it when given. Written a part at a time (``streaming.write_sharded``), in memory or
     streamed, so no dense copy of the whole model is ever made."""
-    streaming.export_hf_streamed(model, path, dtype, tokenizer)
+    streaming.write_sharded(model, path, lambda module, prefix: streaming.dense_tensors(module, prefix, dtype))
+    streaming.write_config(model, path, dtype)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
     if getattr(model.config, sentence.CONFIG_KEY, None):
         sentence.write_sentence_transformers(model, path)   # sentence-transformers loads it too
 

@@ -882,15 +882,6 @@ def write_config(model: nn.Module, path: Path, dtype: torch.dtype | None) -> Non
         generation.save_pretrained(path)
 
 
-def export_hf_streamed(model: nn.Module, path: Path, dtype: torch.dtype | None, tokenizer) -> None:
-    """The ``hf`` export: the dense weights (quantized modules dequantized) written a part at a
-    time by :func:`write_sharded`, ``config.json`` and the tokenizer."""
-    write_sharded(model, path, lambda module, prefix: dense_tensors(module, prefix, dtype))
-    write_config(model, path, dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(path)
-
-
 # ------------------------------------------------------------------------- evaluation
 
 
