@@ -12,23 +12,39 @@ from pathlib import Path
 from typing import Iterator
 
 
-def write_text(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that wants a file name (``torch.save``,
+    safetensors, matplotlib's ``savefig`` given its ``format``: the name ends in ``.tmp``, and the
+    writer must write to it as it is); on success the written file is synced and replaces
+    ``path``, on failure it is removed and ``path`` keeps what it held."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result is an ordinary file
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with file(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    with file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as handle:
+            handle.write(text)
 
 
 def write_json(path: Path, data) -> None:
