@@ -71,10 +71,10 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
 import itertools
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, data, require_whole_model, sentence
+from pocketlm import Options, PocketError, atomic, data, require_whole_model, sentence
 from pocketlm.modules import decoder_layers, matches, set_module
 from pocketlm.weights import (
     QuantizedLinear,
@@ -555,7 +555,15 @@ def save_corrected(model: nn.Module, path: Path, fingerprint: str) -> None:
     """Atomic safetensors file of ``model`` (tied weights are stored once), tagged with the fingerprint."""
     from safetensors.torch import save_model
 
-    _replace_atomically(path, lambda temporary: save_model(model, str(temporary), metadata={"fingerprint": fingerprint}))
+    with atomic.file(path) as temporary:
+        save_model(model, str(temporary), metadata={"fingerprint": fingerprint})
+
+
+def save_state(path: Path, state: dict) -> None:
+    """The resumable state (:meth:`Trainer.checkpoint`), written atomically: a resumed run never
+    reads half of it."""
+    with atomic.file(path) as temporary:
+        torch.save(state, temporary)
 
 
 def corrected_teachers(teachers: list[nn.Module], windows: torch.Tensor, options: DistillOptions, seed: int,
@@ -576,7 +584,7 @@ def corrected_teachers(teachers: list[nn.Module], windows: torch.Tensor, options
                     + (f" (teacher {index})" if len(teachers) > 1 else ""))
         if folder is not None and accelerator.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            _append_correction_curve(folder / "teacher-correction.csv", index, history)
+            write_correction_curve(folder / "teacher-correction.csv", index, history)
             if options.checkpoint_every:
                 save_corrected(corrected, path, fingerprint)
         accelerator.wait_for_everyone()
@@ -584,12 +592,22 @@ def corrected_teachers(teachers: list[nn.Module], windows: torch.Tensor, options
     return result
 
 
-def _append_correction_curve(path: Path, index: int, history: list[float]) -> None:
-    with open(path, "w" if index == 0 else "a", newline="") as handle:
-        writer = csv.writer(handle)
-        if index == 0:
-            writer.writerow(["teacher", "step", "ce"])
-        writer.writerows([index, step + 1, ce] for step, ce in enumerate(history))
+def write_correction_curve(path: Path, index: int, history: list[float]) -> None:
+    """``teacher-correction.csv``: teacher ``index``'s CE per step after the earlier teachers' rows
+    (teacher 0 starts the file), rewritten atomically."""
+    earlier = path.read_bytes() if index > 0 and path.is_file() else b""
+    rows = [[index, step + 1, ce] for step, ce in enumerate(history)]
+    atomic.write_bytes(path, earlier + csv_text(["teacher", "step", "ce"] if not earlier else None, rows).encode())
+
+
+def csv_text(header: list[str] | None, rows: list[list]) -> str:
+    """What ``csv.writer`` writes for ``header`` (None: none) and ``rows``."""
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer)
+    if header is not None:
+        writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
 
 
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
@@ -600,25 +618,23 @@ def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed
     return hashlib.sha256(json.dumps(described, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _replace_atomically(path: Path, write) -> None:
-    """``write(temporary)`` next to ``path``, then rename it into place: a resume never reads a
-    half-written file, and a failed write leaves nothing behind."""
-    temporary = path.with_name(path.name + ".tmp")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
 def write_curve(history: list[dict], folder: Path) -> None:
-    """``loss.csv`` and ``loss.png`` (matplotlib, Agg) of the loss history."""
+    """``loss.csv`` and ``loss.png`` (matplotlib, Agg) of the loss history, each written atomically:
+    a crash while writing leaves the previous curve whole."""
     if not history:
         return
-    with open(folder / "loss.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
-        writer.writeheader()
-        writer.writerows(history)
+    atomic.write_bytes(folder / "loss.csv", curve_csv(history).encode())
+    atomic.write_bytes(folder / "loss.png", curve_png(history))
+
+
+def curve_csv(history: list[dict]) -> str:
+    """The loss history as CSV, one row per optimizer step."""
+    columns = list(history[0])
+    return csv_text(columns, [[row[c] for c in columns] for row in history])
+
+
+def curve_png(history: list[dict]) -> bytes:
+    """The loss curve (the weighted sum, and each term when there are several) as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -637,7 +653,9 @@ def write_curve(history: list[dict], folder: Path) -> None:
     axes.set_title("distill")
     axes.legend()
     figure.tight_layout()
-    figure.savefig(folder / "loss.png", dpi=100)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
 
 
 # --------------------------------------------------------------------------- the handler
@@ -812,198 +830,278 @@ def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
     require_whole_model(model, "distill (training through every layer at once, with a teacher)",
                         fix='set offload = "none" in [model]; for a model larger than one machine\'s memory, '
                         "train data-parallel with accelerate launch (see the README, Big models)")
-    from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
+    trainer = Trainer(model, options, context)
+    trainer.resume()
+    trainer.correct_teachers()
+    trainer.prepare()
+    trainer.train()
+    return trainer.finish()
 
-    seed = context.seed if options.seed is None else options.seed
-    architecture = context.architecture(model)
-    losses = resolve_losses(options, architecture)
-    encoder = architecture.encoder
-    # a bare encoder's pooler (and a head left out of the loss) gets no gradient, which DDP must expect
-    accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=encoder)])
-    if options.batch_size % accelerator.num_processes:
-        raise PocketError(f"batch_size {options.batch_size} does not split over {accelerator.num_processes} processes",
-                          fix="make batch_size a multiple of the process count")
 
-    teachers = load_teachers(options, context) if losses.needs_teacher else []  # plain CE runs no teacher
-    if options.student_layers is not None and not teachers:
-        raise PocketError("student_layers makes the student from its teacher's layers, but this run uses no teacher",
-                          field="student_layers", fix="give a teacher loss (kl_weight, hidden_weight or embedding_weight)")
-    kept = make_student_layers(model, teachers[0], options, context) if options.student_layers is not None else None
+class Trainer:
+    """One ``distill`` run, in the order :func:`distill` calls its steps.
 
-    if encoder:
-        chunks = encoder_chunks(options, context, model, seed)
-        n_examples, mean_length = len(chunks), sum(map(len, chunks)) / len(chunks)
-        tokens_per_step = round(options.batch_size * options.grad_accum * mean_length)
-    else:
-        windows = training_windows(options, context)
-        n_examples = windows.shape[0]
-        tokens_per_step = options.batch_size * options.grad_accum * windows.shape[1]
-    total = options.steps if options.steps is not None else math.ceil(options.tokens / tokens_per_step)
-    warmup = options.warmup_steps if options.warmup_steps is not None else min(100, total // 20)
+    * construction, the setup: the accelerator, the teachers, the data (how many steps of how
+      many tokens), the student (quantized layers opened, masks applied, projections built,
+      frozen parameters) and its optimizer and schedule;
+    * :meth:`resume`: the state the last checkpoint of a run with the same options saved;
+    * :meth:`correct_teachers`: Minitron's teacher correction, when asked for;
+    * :meth:`prepare`: the loader from the resumed step on, everything through ``accelerator.prepare``,
+      the RNG where the checkpoint left it;
+    * :meth:`train`: :meth:`step` after step, :meth:`checkpoint` every ``checkpoint_every``;
+    * :meth:`finish`: quantized layers closed onto their grids, flags and devices restored, the
+      loss curve written and the resume state dropped.
 
-    head = model.get_output_embeddings()
-    vocab = linear_shape(head)[0] if head is not None else None   # a quantized head has no .weight
-    original_device = next(model.parameters()).device
-    original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    check_embedding_widths(model, teachers, losses)
+    Every file goes through :mod:`pocketlm.atomic`: a reader or a resumed run never sees half
+    of one."""
 
-    # --- the student: quantized layers opened, masks collected, projections built
-    opened = open_quantized(model, options.quantized)
-    torch.manual_seed(seed)
-    layer_map = build_layer_map(options, losses, kept)
-    projections = build_projections(model, teachers[0], layer_map, context) if layer_map else nn.ModuleDict()
-    student = Student(model, layer_map, projections, losses.hidden_loss,
-                      states=losses.kind == "masked-lm" and losses.embedding > 0)
-    for name, parameter in student.named_parameters():
-        frozen = options.freeze and matches(name.removeprefix("model."), options.freeze)
-        parameter.requires_grad_(not frozen)
-    if options.quantized in ("freeze", "scales"):   # scales: the grid's bias stays as the quantizer left it
-        for module in model.modules():
-            if isinstance(module, QuantizedLinear) and module.bias is not None:
-                module.bias.requires_grad_(False)
-    masked = mask_pairs(model, opened)
-    with torch.no_grad():
-        for parameter, mask in masked:
-            parameter.mul_(mask.to(parameter.dtype))
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer, scheduler = optimizer_and_schedule(trainable, options.lr, warmup, total, options)
+    def __init__(self, model: nn.Module, options: DistillOptions, context):
+        from accelerate import Accelerator
+        from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
 
-    # --- resume?
-    state_path = Path(context.stage_dir) / STATE_FILE if context.stage_dir is not None else None
-    fingerprint = _fingerprint(options, student, n_examples, seed)
-    state, start, history = None, 0, []
-    if state_path is not None and state_path.is_file():
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if state.get("fingerprint") != fingerprint:
-            context.log(f"distill: ignoring {state_path}: it was written with other options")
-            state = None
+        self.options, self.context = options, context
+        self.seed = context.seed if options.seed is None else options.seed
+        architecture = context.architecture(model)
+        self.losses = resolve_losses(options, architecture)
+        self.encoder = architecture.encoder
+        # a bare encoder's pooler (and a head left out of the loss) gets no gradient, which DDP must expect
+        self.accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
+                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.encoder)])
+        if options.batch_size % self.accelerator.num_processes:
+            raise PocketError(f"batch_size {options.batch_size} does not split over "
+                              f"{self.accelerator.num_processes} processes",
+                              fix="make batch_size a multiple of the process count")
+        self.teachers = load_teachers(options, context) if self.losses.needs_teacher else []  # plain CE runs none
+        if options.student_layers is not None and not self.teachers:
+            raise PocketError("student_layers makes the student from its teacher's layers, but this run uses no "
+                              "teacher", field="student_layers",
+                              fix="give a teacher loss (kl_weight, hidden_weight or embedding_weight)")
+        kept = make_student_layers(model, self.teachers[0], options, context) \
+            if options.student_layers is not None else None
+        self._setup_data(model)
+        head = model.get_output_embeddings()
+        self.vocab = linear_shape(head)[0] if head is not None else None   # a quantized head has no .weight
+        self.original_device = next(model.parameters()).device
+        self.original_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        check_embedding_widths(model, self.teachers, self.losses)
+        self._setup_student(model, kept)
+        self.optimizer, self.scheduler = optimizer_and_schedule(self.trainable, options.lr, self.warmup,
+                                                                self.total, options)
+        self.state_path = Path(context.stage_dir) / STATE_FILE if context.stage_dir is not None else None
+        self.fingerprint = _fingerprint(options, self.student, self.n_examples, self.seed)
+        self.state, self.start, self.history = None, 0, []
+        self.originals = self.teachers   # the teachers handed in; corrected copies may replace them
+        self.teacher_devices = [next(t.parameters()).device for t in self.teachers]
+
+    def _setup_data(self, model: nn.Module) -> None:
+        """The training examples (token windows, or an encoder's text chunks), the step count and
+        the warm-up."""
+        options = self.options
+        self.windows, self.chunks = None, None
+        if self.encoder:
+            self.chunks = encoder_chunks(options, self.context, model, self.seed)
+            self.n_examples = len(self.chunks)
+            mean_length = sum(map(len, self.chunks)) / len(self.chunks)
+            self.tokens_per_step = round(options.batch_size * options.grad_accum * mean_length)
         else:
-            start, history = int(state["step"]), list(state["history"])
-            context.log(f"distill: resuming at step {start} of {total}")
+            self.windows = training_windows(options, self.context)
+            self.n_examples = self.windows.shape[0]
+            self.tokens_per_step = options.batch_size * options.grad_accum * self.windows.shape[1]
+        self.total = options.steps if options.steps is not None else math.ceil(options.tokens / self.tokens_per_step)
+        self.warmup = options.warmup_steps if options.warmup_steps is not None else min(100, self.total // 20)
 
-    originals, teacher_devices = teachers, [next(t.parameters()).device for t in teachers]
-    if options.teacher_correction_steps:
-        teachers = corrected_teachers(teachers, windows, options, seed, accelerator, context, fingerprint)
-        accelerator.free_memory()  # drop the corrections' prepared copies, optimizers and loaders
+    def _setup_student(self, model: nn.Module, kept: list[int] | None) -> None:
+        """Quantized layers opened, projections built, frozen parameters set, masks applied."""
+        options = self.options
+        self.opened = open_quantized(model, options.quantized)
+        torch.manual_seed(self.seed)   # the projections' initialisation
+        self.layer_map = build_layer_map(options, self.losses, kept)
+        projections = build_projections(model, self.teachers[0], self.layer_map, self.context) \
+            if self.layer_map else nn.ModuleDict()
+        self.student = Student(model, self.layer_map, projections, self.losses.hidden_loss,
+                               states=self.losses.kind == "masked-lm" and self.losses.embedding > 0)
+        for name, parameter in self.student.named_parameters():
+            frozen = options.freeze and matches(name.removeprefix("model."), options.freeze)
+            parameter.requires_grad_(not frozen)
+        if options.quantized in ("freeze", "scales"):   # scales: the grid's bias stays as the quantizer left it
+            for module in model.modules():
+                if isinstance(module, QuantizedLinear) and module.bias is not None:
+                    module.bias.requires_grad_(False)
+        self.masked = mask_pairs(model, self.opened)
+        with torch.no_grad():
+            for parameter, mask in self.masked:
+                parameter.mul_(mask.to(parameter.dtype))
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
 
-    order = batch_order(n_examples, options.batch_size, total * options.grad_accum, seed)
-    if encoder:
-        masking = masking_for(context.tokenizer, model, options.mlm_probability) if losses.kind == "masked-lm" else None
-        pad_id = context.tokenizer.pad_token_id if context.tokenizer.pad_token_id is not None else 0
-        loader = encoder_loader(chunks, order, start * options.grad_accum, options, seed, masking, pad_id)
-        poolings = [sentence.pooling(model)] + [sentence.pooling(t) for t in teachers]
-    else:
-        remaining = order[start * options.grad_accum:]
-        loader = torch.utils.data.DataLoader(_Windows(windows), batch_sampler=_FixedBatches(remaining, options.batch_size))
+    def resume(self) -> None:
+        """Load the state a run with the same options saved (:meth:`checkpoint`); one written
+        with other options is ignored, and said."""
+        path = self.state_path
+        if path is None or not path.is_file():
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("fingerprint") != self.fingerprint:
+            self.context.log(f"distill: ignoring {path}: it was written with other options")
+            return
+        self.state, self.start, self.history = state, int(state["step"]), list(state["history"])
+        self.context.log(f"distill: resuming at step {self.start} of {self.total}")
 
-    prepared, optimizer, loader = accelerator.prepare(student, optimizer, loader)
-    device = accelerator.device
-    teachers = [t.to(device) for t in teachers]  # a no-op on CPU; the originals are moved back at the end
-    masked = [(p, m.to(device)) for p, m in masked]
-    # the first batch is drawn before the RNG is set: starting the loader draws from that RNG,
-    # and a resumed run must continue the dropout stream where the checkpoint left it
-    batches = iter(loader)
-    batches = itertools.chain([next(batches)], batches)
-    if state is not None:
-        accelerator.unwrap_model(prepared).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    else:
-        torch.manual_seed(seed)
-    prepared.train()
-    context.log(f"distill: {total} steps of {tokens_per_step} tokens ({len(teachers)} teacher(s), "
-                f"{sum(p.numel() for p in trainable)} trainable parameters, {len(opened)} quantized layers "
-                f"trained {'through STE' if options.quantized == 'ste' else 'by their scales'}, {len(masked)} masks kept) on {accelerator.num_processes} process(es)"
-                + (f"; {losses.kind} encoder on {n_examples} text chunks, losses: "
-                   + ", ".join(f"{name} {weight:g}" for name, weight in
-                               (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden),
-                                ("embedding", losses.embedding)) if weight > 0) if encoder else ""))
+    def correct_teachers(self) -> None:
+        """Replace the teachers by corrected copies (:func:`corrected_teachers`) when asked to."""
+        if not self.options.teacher_correction_steps:
+            return
+        self.teachers = corrected_teachers(self.teachers, self.windows, self.options, self.seed, self.accelerator,
+                                           self.context, self.fingerprint)
+        self.accelerator.free_memory()  # drop the corrections' prepared copies, optimizers and loaders
 
-    tokens_seen = history[-1]["tokens"] if history else 0
-    with context.progress.task("distill", total) as advance:
-        if start:
-            advance(start)
-        for step in range(start, total):
-            began = time.perf_counter()
-            sums = torch.zeros(6, device=device)  # loss, kl, ce, hidden, embedding; real tokens
-            for micro in range(options.grad_accum):
-                batch = next(batches)
-                sync = micro == options.grad_accum - 1
-                with contextlib.nullcontext() if sync else accelerator.no_sync(prepared):
-                    if encoder:
-                        terms = encoder_losses(prepared, teachers, batch, losses, layer_map, options, poolings)
-                        count = batch["attention_mask"].sum()
-                    else:
-                        terms = causal_losses(prepared, teachers, batch, losses, layer_map, options, vocab)
-                        count = torch.tensor(batch.numel(), device=device)
-                    accelerator.backward(terms[0] / options.grad_accum)
-                sums[:5] += terms.detach().float() / options.grad_accum
-                sums[5] += count.float()
-            for parameter, mask in masked:
-                if parameter.grad is not None:
-                    parameter.grad.mul_(mask.to(parameter.grad.dtype))
-            if options.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(trainable, options.max_grad_norm)
-            optimizer.step()
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for parameter, mask in masked:
-                    parameter.mul_(mask.to(parameter.dtype))
-            if accelerator.num_processes > 1:
-                sums = accelerator.reduce(sums, reduction="mean")
-                sums[5] *= accelerator.num_processes  # a count: the sum over processes
-            seconds = time.perf_counter() - began
-            loss_value, kl_value, ce_value, hidden_value, embedding_value, step_tokens = sums.tolist()
-            tokens_seen += int(round(step_tokens))
-            history.append({"step": step + 1, "loss": loss_value, "kl": kl_value, "ce": ce_value,
-                            "hidden": hidden_value, "embedding": embedding_value, "lr": lr, "tokens": tokens_seen,
-                            "seconds": seconds})
-            if state_path is not None and options.checkpoint_every and (step + 1) % options.checkpoint_every == 0 \
-                    and step + 1 < total:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    state_path.parent.mkdir(parents=True, exist_ok=True)
-                    rng = {"torch": torch.get_rng_state(),
-                           "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-                    checkpoint = {"fingerprint": fingerprint, "step": step + 1,
-                                  "model": accelerator.unwrap_model(prepared).state_dict(),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "rng": rng, "history": history}
-                    _replace_atomically(state_path, lambda temporary: torch.save(checkpoint, temporary))
-                accelerator.wait_for_everyone()
-            advance(1, loss=round(loss_value, 4), tokens_per_s=round(step_tokens / max(seconds, 1e-9)))
+    def prepare(self) -> None:
+        """The loader from the resumed step on; student, optimizer and loader prepared by the
+        accelerator; the resumed state (or the seed) loaded."""
+        options, accelerator, state = self.options, self.accelerator, self.state
+        order = batch_order(self.n_examples, options.batch_size, self.total * options.grad_accum, self.seed)
+        skipped = self.start * options.grad_accum
+        if self.encoder:
+            tokenizer = self.context.tokenizer
+            masking = masking_for(tokenizer, self.student.model, options.mlm_probability) \
+                if self.losses.kind == "masked-lm" else None
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            loader = encoder_loader(self.chunks, order, skipped, options, self.seed, masking, pad_id)
+            self.poolings = [sentence.pooling(self.student.model)] + [sentence.pooling(t) for t in self.teachers]
+        else:
+            loader = torch.utils.data.DataLoader(_Windows(self.windows),
+                                                 batch_sampler=_FixedBatches(order[skipped:], options.batch_size))
+        self.prepared, self.optimizer, loader = accelerator.prepare(self.student, self.optimizer, loader)
+        self.device = accelerator.device
+        self.teachers = [t.to(self.device) for t in self.teachers]  # a no-op on CPU; originals go back in finish
+        self.masked = [(p, m.to(self.device)) for p, m in self.masked]
+        # the first batch is drawn before the RNG is set: starting the loader draws from that RNG,
+        # and a resumed run must continue the dropout stream where the checkpoint left it
+        batches = iter(loader)
+        self.batches = itertools.chain([next(batches)], batches)
+        if state is not None:
+            accelerator.unwrap_model(self.prepared).load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            torch.set_rng_state(state["rng"]["torch"])
+            if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
+                torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        else:
+            torch.manual_seed(self.seed)
+        self.prepared.train()
+        self.context.log(self._describe())
 
-    # --- close: re-round quantized layers, restore flags, write the curve, drop the resume state
-    prepared.eval()
-    accelerator.wait_for_everyone()
-    unwrapped = accelerator.unwrap_model(prepared)
-    model = unwrapped.model
-    for name, ste in opened.items():
-        set_module(model, name, ste.close())
-    accelerator.free_memory()
-    model.to(original_device)
-    for teacher, teacher_device in zip(originals, teacher_devices):
-        teacher.to(teacher_device)
-    del teachers  # corrected copies, if any, are dropped
-    for name, parameter in model.named_parameters():
-        parameter.requires_grad_(original_flags.get(name, True))
-    model.eval()
-    if context.stage_dir is not None and accelerator.is_main_process:
-        Path(context.stage_dir).mkdir(parents=True, exist_ok=True)
-        write_curve(history, Path(context.stage_dir))
-        if state_path is not None and state_path.exists():
-            state_path.unlink()
-        for index in range(len(originals)):
-            (Path(context.stage_dir) / TEACHER_FILE.format(index)).unlink(missing_ok=True)
-    if history:
-        first, last = history[0], history[-1]
-        context.log(f"distill: loss {first['loss']:.4f} -> {last['loss']:.4f} over {total} steps, "
-                    f"{last['tokens']} tokens")
-    return model
+    def _describe(self) -> str:
+        options, losses = self.options, self.losses
+        line = (f"distill: {self.total} steps of {self.tokens_per_step} tokens ({len(self.teachers)} teacher(s), "
+                f"{sum(p.numel() for p in self.trainable)} trainable parameters, {len(self.opened)} quantized layers "
+                f"trained {'through STE' if options.quantized == 'ste' else 'by their scales'}, "
+                f"{len(self.masked)} masks kept) on {self.accelerator.num_processes} process(es)")
+        if not self.encoder:
+            return line
+        terms = (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden), ("embedding", losses.embedding))
+        return (line + f"; {losses.kind} encoder on {self.n_examples} text chunks, losses: "
+                + ", ".join(f"{name} {weight:g}" for name, weight in terms if weight > 0))
+
+    def train(self) -> None:
+        """Every remaining step, with a checkpoint every ``checkpoint_every`` steps (not after the last)."""
+        every = self.options.checkpoint_every
+        with self.context.progress.task("distill", self.total) as advance:
+            if self.start:
+                advance(self.start)
+            for step in range(self.start, self.total):
+                row = self.step(step)
+                if self.state_path is not None and every and (step + 1) % every == 0 and step + 1 < self.total:
+                    self.checkpoint(step + 1)
+                advance(1, loss=round(row["loss"], 4),
+                        tokens_per_s=round(row["step_tokens"] / max(row["seconds"], 1e-9)))
+
+    def step(self, step: int) -> dict:
+        """One optimizer step of ``grad_accum`` micro-batches (masks kept on gradients and
+        weights); appends the step's row to the loss history and returns it, with its tokens."""
+        options, accelerator = self.options, self.accelerator
+        began = time.perf_counter()
+        sums = torch.zeros(6, device=self.device)  # loss, kl, ce, hidden, embedding; real tokens
+        for micro in range(options.grad_accum):
+            batch = next(self.batches)
+            sync = micro == options.grad_accum - 1
+            with contextlib.nullcontext() if sync else accelerator.no_sync(self.prepared):
+                terms, count = self._losses(batch)
+                accelerator.backward(terms[0] / options.grad_accum)
+            sums[:5] += terms.detach().float() / options.grad_accum
+            sums[5] += count.float()
+        for parameter, mask in self.masked:
+            if parameter.grad is not None:
+                parameter.grad.mul_(mask.to(parameter.grad.dtype))
+        if options.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(self.trainable, options.max_grad_norm)
+        self.optimizer.step()
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for parameter, mask in self.masked:
+                parameter.mul_(mask.to(parameter.dtype))
+        if accelerator.num_processes > 1:
+            sums = accelerator.reduce(sums, reduction="mean")
+            sums[5] *= accelerator.num_processes  # a count: the sum over processes
+        seconds = time.perf_counter() - began
+        loss, kl, ce, hidden, embedding, step_tokens = sums.tolist()
+        tokens = (self.history[-1]["tokens"] if self.history else 0) + int(round(step_tokens))
+        self.history.append({"step": step + 1, "loss": loss, "kl": kl, "ce": ce, "hidden": hidden,
+                             "embedding": embedding, "lr": lr, "tokens": tokens, "seconds": seconds})
+        return {**self.history[-1], "step_tokens": step_tokens}
+
+    def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss terms of one micro-batch and its count of real tokens."""
+        if self.encoder:
+            terms = encoder_losses(self.prepared, self.teachers, batch, self.losses, self.layer_map, self.options,
+                                   self.poolings)
+            return terms, batch["attention_mask"].sum()
+        terms = causal_losses(self.prepared, self.teachers, batch, self.losses, self.layer_map, self.options,
+                              self.vocab)
+        return terms, torch.tensor(batch.numel(), device=self.device)
+
+    def checkpoint(self, step: int) -> None:
+        """Save what :meth:`resume` needs to continue after ``step`` steps (the main process writes)."""
+        accelerator = self.accelerator
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            rng = {"torch": torch.get_rng_state(),
+                   "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            save_state(self.state_path, {"fingerprint": self.fingerprint, "step": step,
+                                         "model": accelerator.unwrap_model(self.prepared).state_dict(),
+                                         "optimizer": self.optimizer.state_dict(),
+                                         "scheduler": self.scheduler.state_dict(),
+                                         "rng": rng, "history": self.history})
+        accelerator.wait_for_everyone()
+
+    def finish(self) -> nn.Module:
+        """Close the quantized layers onto their grids, restore devices and flags, write the loss
+        curve and drop the resume state; returns the model."""
+        accelerator = self.accelerator
+        self.prepared.eval()
+        accelerator.wait_for_everyone()
+        model = accelerator.unwrap_model(self.prepared).model
+        for name, ste in self.opened.items():
+            set_module(model, name, ste.close())
+        accelerator.free_memory()
+        model.to(self.original_device)
+        for teacher, device in zip(self.originals, self.teacher_devices):
+            teacher.to(device)
+        self.teachers = []  # corrected copies, if any, are dropped
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(self.original_flags.get(name, True))
+        model.eval()
+        if self.context.stage_dir is not None and accelerator.is_main_process:
+            folder = Path(self.context.stage_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            write_curve(self.history, folder)
+            if self.state_path is not None:
+                self.state_path.unlink(missing_ok=True)
+            for index in range(len(self.originals)):
+                (folder / TEACHER_FILE.format(index)).unlink(missing_ok=True)
+        if self.history:
+            first, last = self.history[0], self.history[-1]
+            self.context.log(f"distill: loss {first['loss']:.4f} -> {last['loss']:.4f} over {self.total} steps, "
+                             f"{last['tokens']} tokens")
+        return model

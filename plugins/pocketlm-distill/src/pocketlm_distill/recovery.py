@@ -58,7 +58,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,7 +67,7 @@ import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, distributed
+from pocketlm import Options, PocketError, atomic, distributed
 from pocketlm.calibration import capture_inputs
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
 from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
@@ -427,14 +426,9 @@ class BlockRecovery:
     def _save(self) -> None:
         if self.state_path is None or not distributed.is_writer():
             return
-        self.state_path.parent.mkdir(parents=True, exist_ok=True)
         state = {"fingerprint": self.fingerprint, "layers": self.done, "errors": self.errors}
-        temporary = self.state_path.with_name(self.state_path.name + ".tmp")
-        try:
+        with atomic.file(self.state_path) as temporary:
             torch.save(state, temporary)
-            os.replace(temporary, self.state_path)
-        finally:
-            temporary.unlink(missing_ok=True)
 
 
 def _to(value, device):
@@ -522,7 +516,7 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
     summary["seconds"] = time.perf_counter() - began
     if stage_dir is not None and distributed.is_writer():
         stage_dir.mkdir(parents=True, exist_ok=True)
-        (stage_dir / "qat.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_text(stage_dir / "qat.json", json.dumps(summary, indent=1))
         (stage_dir / STATE_FILE).unlink(missing_ok=True)
     context.log(f"qat: done in {summary['seconds']:.0f} s ({summary['block_tokens']} block tokens, "
                 f"{summary['e2e_tokens']} end-to-end tokens)")
