@@ -17,7 +17,13 @@ For every decoder layer, on calibration activations:
 3. **Clipping.** Each group's clipping range ``max|w|`` is shrunk on a grid (down to
    ``1 - max_shrink``) and the value with the lowest error of the group's partial outputs on a
    subsample of calibration tokens is kept (q and k projections are not clipped, as in AutoAWQ).
-4. **Rounding** to the min-max grid of each group, stored as pocketlm's ``QuantizedLinear``.
+4. **Rounding** to each group's grid, stored as pocketlm's ``QuantizedLinear``. The grid is the
+   registered grid rule the ``grid`` option names: ``minmax`` (default, AutoAWQ's) or another
+   (``weighted-mse``: each input channel weighted by its mean squared input, measured after the
+   folding on the clip search's token subsample).
+
+:meth:`AWQHandler.solve` runs these steps in order; each is a function of its own
+(:func:`scale_search`, :func:`fold_scales`, :func:`clip_weight`, :func:`quantize_weight`).
 
 Selection, the group-size policy, the grids, the module swap and the size effect are the core's
 quantizer kit (``pocketlm.quant``); this file is the search, the folding and the clipping.
@@ -40,8 +46,8 @@ from torch import nn
 from pocketlm import PocketError, Smooth
 from pocketlm import weights as W
 from pocketlm.modules import get_module
-from pocketlm.quant import (QuantScheme, check_group_size, fake_quantize_groups, replace_with_grid, round_to_grid,
-                            select_targets, size_effect)
+from pocketlm.quant import (Grid, QuantScheme, check_group_size, fake_quantize_groups, grid_rule, replace_with_grid,
+                            round_to_grid, select_targets, size_effect)
 
 # ---------------------------------------------------------------------------- options
 
@@ -68,6 +74,8 @@ class AWQOptions(QuantScheme):
         "target's input width")
     symmetric: bool = Field(False, description="zero point 2**(bits-1) instead of a fitted one")
     allow_partial_group: Literal[False] = Field(False, description="awq needs whole groups (always false)")
+    grid: str = Field("minmax", description="grid rule rounding each group after the search (minmax, "
+                      "weighted-mse, or one a plugin registers)")
     n_grid: int = Field(20, description="points of the scale exponent grid in [0, 1)")
     duo_scaling: bool = Field(True, description="divide the activation scale by mean|w|^(1-alpha)")
     clip: bool = Field(True, description="search per-group clipping bounds after the scales")
@@ -159,6 +167,15 @@ def search_scale(x_mean: torch.Tensor, w_mean: torch.Tensor | None, loss: Callab
     return best
 
 
+def scale_search(x_mean: torch.Tensor, weights: list[torch.Tensor], loss: Callable[[torch.Tensor], float],
+                 group_size: int, duo_scaling: bool = True, n_grid: int = 20) -> ScaleChoice:
+    """Step 1 for one pair: the scales of the α grid (:func:`search_scale`) with the lowest
+    ``loss``, the weight means taken over ``weights`` (the pair's linears, ``[out_i, in]``) when
+    ``duo_scaling``."""
+    w_mean = weight_mean(weights, group_size) if duo_scaling else None
+    return search_scale(x_mean, w_mean, loss, n_grid)
+
+
 def linear_scale_loss(x: torch.Tensor, weights: list[torch.Tensor], bits: int, group_size: int,
                       symmetric: bool) -> Callable[[torch.Tensor], float]:
     """The loss of a pair without a block: MSE of each linear's output ``x @ W^T`` when ``W`` is
@@ -216,6 +233,30 @@ def apply_clip(w: torch.Tensor, bounds: torch.Tensor, group_size: int) -> torch.
     grouped = _grouped(w.float(), group_size)
     clipped = torch.maximum(torch.minimum(grouped, bounds[..., None]), -bounds[..., None])
     return clipped.reshape(w.shape).to(w.dtype)
+
+
+def clip_weight(weight: torch.Tensor, x: torch.Tensor, options: AWQOptions,
+                summed: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """Step 3 for one linear: ``weight`` (float32 ``[out, in]``) clamped to the per-group bounds
+    :func:`search_clip` finds on its inputs ``x`` (``[tokens, in]``, already divided by the
+    folded scales)."""
+    bounds = search_clip(weight, x, options.bits, options.group_size, options.symmetric,
+                         options.clip_grid, options.max_shrink, summed=summed)
+    return apply_clip(weight, bounds, options.group_size)
+
+
+def quantize_weight(weight: torch.Tensor, options: AWQOptions, fit=None,
+                    importance: torch.Tensor | None = None) -> Grid:
+    """Step 4 for one linear: ``weight`` rounded onto the grid rule's grid (``fit`` None: min-max,
+    AutoAWQ's), ``importance`` the rule's per input channel weights."""
+    return round_to_grid(weight, options.bits, options.group_size, options.symmetric, fit=fit, importance=importance)
+
+
+def input_importance(x: torch.Tensor, summed: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> torch.Tensor:
+    """Mean squared input per channel of ``x`` (``[tokens, in]``), over every process's tokens."""
+    x = x.float()
+    squares = summed(torch.cat([x.pow(2).sum(0), x.new_tensor([x.shape[0]])]))
+    return squares[:-1] / squares[-1].clamp(min=1)
 
 
 # ---------------------------------------------------------------------------- folding
@@ -327,6 +368,9 @@ class AWQHandler:
         self.stats: dict[str, _Stats] = {}
         self.pairs: list[_Pair] = []
         self.report: list[dict] = []
+        rule = grid_rule(context, options.grid, options)
+        self.fit = None if rule.name == "minmax" else rule.fit   # None: min-max, exactly as before
+        self.uses_importance = rule.uses_importance
 
     # -- walker protocol
 
@@ -384,68 +428,91 @@ class AWQHandler:
         return keep
 
     def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
-        options = self.options
+        """Search and fold each pair's scales, then clip and round each targeted linear."""
         started = time.perf_counter()
-        input_scale: dict[str, torch.Tensor] = {}
-        layer_report = {"layer": index, "alphas": {}}
-        for pair in self.pairs:
-            smooth = pair.smooth
-            prev = get_module(layer, smooth.prev)
-            linears = [get_module(layer, n) for n in smooth.linears]
-            width = fold_width(prev, smooth.prev_rows)
-            in_widths = {W.linear_shape(m)[1] for m in linears}
-            if in_widths != {width}:
-                key = (smooth.prev, smooth.linears)
-                if key not in self.skipped_logged:
-                    self.skipped_logged.add(key)
-                    self.context.log(
-                        f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: {smooth.prev} "
-                        f"writes {width} channels but they read {sorted(in_widths)} (grouped-query "
-                        "attention or another width change); these linears are quantized without a scale")
-                continue
-            if len(pair.targeted) != len(smooth.linears):
-                # Folding rescales every linear of the pair; an ignored one must stay untouched.
-                key = (smooth.prev, smooth.linears, "ignored")
-                if key not in self.skipped_logged:
-                    self.skipped_logged.add(key)
-                    self.context.log(f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: some of "
-                                     "them are ignored; the targeted ones are quantized without a scale")
-                continue
-            stats = self.stats[smooth.linears[0]]
-            x_mean = self._summed(stats.abs_sum) / self._summed_count(stats.count, stats.abs_sum.device)
-            targeted = [get_module(layer, n) for n in pair.targeted]
-            w_mean = weight_mean([W.linear_weight(m) for m in targeted], options.group_size) if options.duo_scaling else None
-            if smooth.block is None:
-                x = torch.cat([t.reshape(-1, t.shape[-1]) for t in stats.search_x])
-                loss = linear_scale_loss(x, [W.linear_weight(m) for m in targeted], options.bits,
-                                         options.group_size, options.symmetric)
-            else:
-                loss = self._block_loss(get_module(layer, smooth.block), self.stats[smooth.block].block, targeted)
-            choice = search_scale(x_mean, w_mean, self._shared_loss(loss, x_mean.device), options.n_grid)
-            layer_report["alphas"][smooth.prev] = choice.alpha
-            if choice.alpha is not None:
-                fold_scales(prev, linears, choice.scales, smooth.prev_rows)
-                for n in smooth.linears:
-                    input_scale[n] = input_scale.get(n, 1.0) * choice.scales
+        alphas, input_scale = self._fold_pairs(layer)
         for name in names:
             if name in self.block_names or self.prefix + f"{index}." + name not in self.targets:
                 continue
-            module = get_module(layer, name)
-            weight = W.linear_weight(module).float()
-            if options.clip and name not in self.no_clip:
-                x = torch.cat(self.stats[name].clip_x)
-                if name in input_scale:
-                    x = x / input_scale[name]
-                bounds = search_clip(weight, x, options.bits, options.group_size, options.symmetric,
-                                     options.clip_grid, options.max_shrink, summed=self._summed)
-                weight = apply_clip(weight, bounds, options.group_size)
-            replace_with_grid(layer, name, round_to_grid(weight, options.bits, options.group_size, options.symmetric),
-                              options)
-        self.report.append(layer_report)
+            self._quantize(layer, name, input_scale.get(name))
+        self.report.append({"layer": index, "alphas": alphas})
         self.stats, self.pairs = {}, []
-        alphas = ", ".join(f"{k}={'identity' if a is None else format(a, 'g')}"
-                           for k, a in layer_report["alphas"].items())
-        self.context.log(f"awq: layer {index}: alpha {alphas} ({time.perf_counter() - started:.1f} s)")
+        described = ", ".join(f"{k}={'identity' if a is None else format(a, 'g')}" for k, a in alphas.items())
+        self.context.log(f"awq: layer {index}: alpha {described} ({time.perf_counter() - started:.1f} s)")
+
+    def _fold_pairs(self, layer: nn.Module) -> tuple[dict[str, float | None], dict[str, torch.Tensor]]:
+        """Steps 1 and 2 for every foldable pair: the chosen α by the pair's ``prev`` (None: the
+        identity), and the scale now folded into each linear's input columns."""
+        alphas: dict[str, float | None] = {}
+        input_scale: dict[str, torch.Tensor] = {}
+        for pair in self.pairs:
+            smooth = pair.smooth
+            if not self._foldable(layer, pair):
+                continue
+            choice = self._search_pair(layer, pair)
+            alphas[smooth.prev] = choice.alpha
+            if choice.alpha is None:
+                continue
+            fold_scales(get_module(layer, smooth.prev), [get_module(layer, n) for n in smooth.linears],
+                        choice.scales, smooth.prev_rows)
+            for n in smooth.linears:
+                input_scale[n] = input_scale.get(n, 1.0) * choice.scales
+        return alphas, input_scale
+
+    def _foldable(self, layer: nn.Module, pair: _Pair) -> bool:
+        """Whether a scale can go between the pair's ``prev`` and its linears; a pair that cannot
+        take one is said once in the run log and quantized without a scale."""
+        smooth = pair.smooth
+        width = fold_width(get_module(layer, smooth.prev), smooth.prev_rows)
+        in_widths = {W.linear_shape(get_module(layer, n))[1] for n in smooth.linears}
+        if in_widths != {width}:
+            self._log_once((smooth.prev, smooth.linears),
+                           f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: {smooth.prev} "
+                           f"writes {width} channels but they read {sorted(in_widths)} (grouped-query "
+                           "attention or another width change); these linears are quantized without a scale")
+            return False
+        if len(pair.targeted) != len(smooth.linears):
+            # Folding rescales every linear of the pair; an ignored one must stay untouched.
+            self._log_once((smooth.prev, smooth.linears, "ignored"),
+                           f"awq: not folding {smooth.prev} -> {', '.join(smooth.linears)}: some of "
+                           "them are ignored; the targeted ones are quantized without a scale")
+            return False
+        return True
+
+    def _log_once(self, key: tuple, message: str) -> None:
+        if key not in self.skipped_logged:
+            self.skipped_logged.add(key)
+            self.context.log(message)
+
+    def _search_pair(self, layer: nn.Module, pair: _Pair) -> ScaleChoice:
+        """Step 1 for one pair, on this layer's statistics (summed over the processes)."""
+        options, smooth = self.options, pair.smooth
+        stats = self.stats[smooth.linears[0]]
+        x_mean = self._summed(stats.abs_sum) / self._summed_count(stats.count, stats.abs_sum.device)
+        targeted = [get_module(layer, n) for n in pair.targeted]
+        weights = [W.linear_weight(m) for m in targeted]
+        if smooth.block is None:
+            x = torch.cat([t.reshape(-1, t.shape[-1]) for t in stats.search_x])
+            loss = linear_scale_loss(x, weights, options.bits, options.group_size, options.symmetric)
+        else:
+            loss = self._block_loss(get_module(layer, smooth.block), self.stats[smooth.block].block, targeted)
+        return scale_search(x_mean, weights, self._shared_loss(loss, x_mean.device), options.group_size,
+                            options.duo_scaling, options.n_grid)
+
+    def _quantize(self, layer: nn.Module, name: str, input_scale: torch.Tensor | None) -> None:
+        """Steps 3 and 4 for one linear: clip (unless it is not clipped) and round onto the grid
+        rule's grid; ``input_scale`` is what was folded into its input columns (None: nothing)."""
+        options = self.options
+        weight = W.linear_weight(get_module(layer, name)).float()
+        x = None
+        if (options.clip and name not in self.no_clip) or self.uses_importance:
+            x = torch.cat(self.stats[name].clip_x)
+            if input_scale is not None:
+                x = x / input_scale   # the folded linear's inputs
+        if options.clip and name not in self.no_clip:
+            weight = clip_weight(weight, x, options, self._summed)
+        importance = input_importance(x, self._summed) if self.uses_importance else None
+        replace_with_grid(layer, name, quantize_weight(weight, options, self.fit, importance), options)
 
     # -- data-parallel runs: every process must choose the same scales and clipping bounds
 
@@ -533,8 +600,12 @@ def check_model(model: nn.Module, architecture, options: AWQOptions, log=None) -
 
 def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
     architecture = context.architecture(model)  # raises a PocketError naming register_architectures
+    rule = grid_rule(context, options.grid, options)  # an unknown or unfit rule is refused before any work
     targets = check_model(model, architecture, options, context.log)
     if options.backend == "llmcompressor":
+        if rule.name != "minmax":
+            raise PocketError(f"backend 'llmcompressor' fits min-max grids only, not grid {options.grid!r}",
+                              field="grid", fix="use backend = 'pocketlm', or grid = 'minmax'")
         from .backend_llmcompressor import compress_with_llmcompressor
 
         return compress_with_llmcompressor(model, options, context, targets)
@@ -545,5 +616,6 @@ def compress(model: nn.Module, options: AWQOptions, context) -> nn.Module:
     chosen = [a for a in alphas if a is not None]
     context.log(f"awq: {len(handler.report)} layers, W{options.bits} g{options.group_size} "
                 f"{'sym' if options.symmetric else 'asym'}; scales folded for {len(chosen)} of {len(alphas)} searched "
-                f"pairs (mean alpha {sum(chosen) / max(len(chosen), 1):.2f}), clip={options.clip}")
+                f"pairs (mean alpha {sum(chosen) / max(len(chosen), 1):.2f}), clip={options.clip}"
+                + ("" if rule.name == "minmax" else f", grid {rule.name}"))
     return model
