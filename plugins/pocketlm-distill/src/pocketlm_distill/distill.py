@@ -865,8 +865,9 @@ class Trainer:
         self.losses = resolve_losses(options, architecture)
         self.encoder = architecture.encoder
         # a bare encoder's pooler (and a head left out of the loss) gets no gradient, which DDP must expect
+        unused = DistributedDataParallelKwargs(find_unused_parameters=self.encoder)
         self.accelerator = Accelerator(dataloader_config=DataLoaderConfiguration(split_batches=True),
-                                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=self.encoder)])
+                                       kwargs_handlers=[unused])
         if options.batch_size % self.accelerator.num_processes:
             raise PocketError(f"batch_size {options.batch_size} does not split over "
                               f"{self.accelerator.num_processes} processes",
