@@ -89,7 +89,7 @@ def test_folding_into_a_linear_keeps_the_float32_output_within_1e_5():
     scales = awq_scales(x.abs().mean(0), weight_mean([nxt.weight.detach()], 32), 0.5)
     assert (scales.max() / scales.min()) > 2   # a scale that really moves the weights
     fold_scales(prev, [nxt], scales)
-    assert (nxt(prev(x)).detach() - reference).abs().max() <= 1e-5 * reference.abs().max()
+    assert (nxt(prev(x)).detach() - reference).abs().max() <= 1e-5
 
 
 def test_folding_into_a_norm_keeps_the_float32_output_within_1e_5():
@@ -103,7 +103,7 @@ def test_folding_into_a_norm_keeps_the_float32_output_within_1e_5():
     scales = awq_scales(torch.rand(64) + 0.1, None, 0.7)
     fold_scales(norm, [first, second], scales)
     for linear, reference in zip((first, second), references):
-        assert (linear(norm(x)).detach() - reference).abs().max() <= 1e-5 * reference.abs().max()
+        assert (linear(norm(x)).detach() - reference).abs().max() <= 1e-5
 
 
 # ------------------------------------------------------------------------------ the clip and the rounding
