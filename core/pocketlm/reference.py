@@ -1,9 +1,10 @@
 """The plugin reference's tables, rendered from the code so the docs cannot drift from it.
 
 Each component's fields come from its dataclass (the meaning is the field's ``metadata["doc"]``
-in :mod:`pocketlm.components`), the features from ``FEATURE_DOCS``, and which hook registers
-which component from the registration hooks' annotations. The docs hold the rendered text
-between marker comments::
+in :mod:`pocketlm.components`), the features from ``FEATURE_DOCS``, which hook registers which
+component from the registration hooks' annotations, and the options of every first-party
+method, evaluator and exporter from their options models (each field's ``description``). The
+docs hold the rendered text between marker comments::
 
     <!-- generated: components -->
     ...
@@ -19,6 +20,8 @@ import dataclasses
 import inspect
 import re
 import sys
+import types
+import typing
 from pathlib import Path
 
 from . import components, hookspecs
@@ -29,7 +32,7 @@ COMPONENTS = (components.Method, components.SizeEffect, components.Loader, compo
               components.GridRule)
 
 #: The files that hold generated blocks, relative to the repository root.
-DOCS = ("docs/plugin-api.md", "docs/plugins/hooks.md")
+DOCS = ("docs/plugin-api.md", "docs/plugins/hooks.md", "docs/recipes.md")
 
 REGENERATE = "python -m pocketlm.reference --write"
 
@@ -132,10 +135,79 @@ def render_registration_table() -> str:
     return "\n".join(rows) + "\n"
 
 
+class NotInstalled(Exception):
+    """A block needs first-party plugins this environment lacks (``args[0]``: their names)."""
+
+
+def first_party_plugins():
+    """The loaded plugins, refused unless every first-party distribution in the registry is
+    installed: the options block documents all of them or none."""
+    from . import registry
+    from .plugins import get_plugins
+
+    loaded = get_plugins()
+    installed = {info.distribution for info in loaded.infos}
+    missing = sorted(e.distribution for e in registry.entries() if e.distribution not in installed)
+    if missing:
+        raise NotInstalled(missing)
+    return loaded
+
+
+def option_type(annotation) -> str:
+    """An option's type, written one way whichever way the source spells it (``Literal[3, 4, 8]``,
+    ``int | None`` for ``Optional[int]``, ``list[str]``)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return "None"
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(option_type(a) for a in args)
+    if origin is typing.Literal:
+        return f"Literal[{', '.join(map(repr, args))}]"
+    if origin is not None:
+        return f"{getattr(origin, '__name__', origin)}[{', '.join(option_type(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation).replace("typing.", ""))
+
+
+def option_default(field) -> str:
+    if field.is_required():
+        return "required"
+    value = field.default_factory() if field.default_factory is not None else field.default
+    return f"`{_cell(_source(value))}`"
+
+
+def render_options_table(options: type) -> str:
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    rows += [f"| `{key}` | `{_cell(option_type(field.annotation))}` | {option_default(field)} | "
+             f"{_cell(field.description or '')} |" for key, field in options.model_fields.items()]
+    return "\n".join(rows) + "\n"
+
+
+def render_option_tables() -> str:
+    """The options of every first-party method, evaluator and exporter: the ``options`` block."""
+    from . import registry
+
+    loaded = first_party_plugins()
+    first_party = {"pocketlm", *(e.distribution for e in registry.entries())}
+    distribution = {info.name: info.distribution for info in loaded.infos}
+    sections = []
+    for table, title in (("methods", "Methods"), ("evaluators", "Evaluators"), ("exporters", "Exporters")):
+        sections.append(f"### {title}\n")
+        for name, component in sorted(getattr(loaded, table).items()):
+            owner = distribution.get(loaded.owner[(table, name)])
+            if owner not in first_party:
+                continue
+            kind = f"{component.kind}, " if table == "methods" else ""
+            heading = f"#### `{name}` ({kind}{owner})\n\n" + (f"{_markdown(component.summary)}\n\n" if component.summary else "")
+            fields = component.options.model_fields
+            sections.append(heading + (render_options_table(component.options) if fields else "No options.\n"))
+    return "\n".join(sections)
+
+
 BLOCKS = {
     "components": render_component_tables,
     "features": render_feature_table,
     "registration": render_registration_table,
+    "options": render_option_tables,
 }
 
 
@@ -157,10 +229,12 @@ def repository_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
-def stale(root: Path | None = None) -> list[str]:
-    """The doc files (relative to ``root``) whose generated blocks differ from the code."""
+def stale(root: Path | None = None, names: tuple[str, ...] | None = None) -> list[str]:
+    """The doc files (relative to ``root``; ``names``, default ``DOCS``) whose generated blocks
+    differ from the code; raises ``NotInstalled`` when a file documents plugins this environment
+    lacks."""
     root = root or repository_root()
-    return [name for name in DOCS if regenerate((root / name).read_text()) != (root / name).read_text()]
+    return [name for name in names or DOCS if regenerate((root / name).read_text()) != (root / name).read_text()]
 
 
 def write(root: Path | None = None) -> list[str]:
@@ -174,6 +248,15 @@ def write(root: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str], root: Path | None = None) -> int:
+    try:
+        return _run(argv, root)
+    except NotInstalled as exc:
+        print(f"install every first-party plugin first (missing: {', '.join(exc.args[0])}): bash .ci/setup",
+              file=sys.stderr)
+        return 1
+
+
+def _run(argv: list[str], root: Path | None) -> int:
     if argv[:1] == ["--write"]:
         changed = write(root)
         print("rewrote " + ", ".join(changed) if changed else "the docs are up to date")
