@@ -182,6 +182,15 @@ def render_options_table(options: type) -> str:
     return "\n".join(rows) + "\n"
 
 
+def render_option_section(name: str, component, owner: str) -> str:
+    """One method, evaluator or exporter: a heading naming its kind and package, its summary and
+    its options table."""
+    kind = f"{component.kind}, " if isinstance(component, components.Method) else ""
+    summary = f"{_markdown(component.summary)}\n\n" if component.summary else ""
+    table = render_options_table(component.options) if component.options.model_fields else "No options.\n"
+    return f"#### `{name}` ({kind}{owner})\n\n{summary}{table}"
+
+
 def render_option_tables() -> str:
     """The options of every first-party method, evaluator and exporter: the ``options`` block."""
     from . import registry
@@ -194,12 +203,8 @@ def render_option_tables() -> str:
         sections.append(f"### {title}\n")
         for name, component in sorted(getattr(loaded, table).items()):
             owner = distribution.get(loaded.owner[(table, name)])
-            if owner not in first_party:
-                continue
-            kind = f"{component.kind}, " if table == "methods" else ""
-            heading = f"#### `{name}` ({kind}{owner})\n\n" + (f"{_markdown(component.summary)}\n\n" if component.summary else "")
-            fields = component.options.model_fields
-            sections.append(heading + (render_options_table(component.options) if fields else "No options.\n"))
+            if owner in first_party:  # a third-party plugin installed here is not documented here
+                sections.append(render_option_section(name, component, owner))
     return "\n".join(sections)
 
 
