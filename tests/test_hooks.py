@@ -89,14 +89,18 @@ def test_a_wrapper_sees_every_compress_call(toy_plugins):
     calls = []
     spy = types.ModuleType("spy")
 
-    @hookimpl(hookwrapper=True)
+    @hookimpl(wrapper=True)
     def compress(model, method, options, context):
         calls.append(method.name)
-        yield
+        result = yield                  # what the method returned
+        calls.append(result is model)
+        return result
 
     spy.compress = compress
     toy_plugins.pm.register(spy)
     method = toy_plugins.methods["toy-mask"]
-    toy_plugins.hook.compress(model=tiny_model("llama"), method=method, options=method.options(),
-                              context=make_context(plugins=toy_plugins))
-    assert calls == ["toy-mask"]
+    model = tiny_model("llama")
+    returned = toy_plugins.hook.compress(model=model, method=method, options=method.options(),
+                                         context=make_context(plugins=toy_plugins))
+    assert calls == ["toy-mask", True]
+    assert returned is model

@@ -17,6 +17,60 @@ def test_every_hook_has_a_docs_entry_and_a_docstring():
         assert (getattr(hookspecs, hook).__doc__ or "").strip(), f"{hook} has no docstring"
 
 
+def test_every_hook_spec_is_typed_and_documents_each_argument_and_its_result():
+    import inspect
+
+    for hook in HOOKS:
+        spec = getattr(hookspecs, hook)
+        doc = spec.__doc__ or ""
+        for name, parameter in inspect.signature(spec).parameters.items():
+            assert parameter.annotation is not inspect.Parameter.empty, f"{hook}: {name} has no annotation"
+            assert f":param {name}:" in doc, f"{hook}'s docstring does not document {name}"
+        assert inspect.signature(spec).return_annotation is not inspect.Signature.empty, f"{hook}: no return type"
+        assert ":returns:" in doc, f"{hook}'s docstring does not say what it returns"
+
+
+def _component_sections(docs: str) -> dict[str, str]:
+    """The text under each ``### `pocketlm.Name``` heading of the plugin reference."""
+    parts = re.split(r"^### `pocketlm\.(\w+)`$", docs, flags=re.MULTILINE)
+    return dict(zip(parts[1::2], parts[2::2]))
+
+
+def test_every_component_field_has_a_meaning_and_a_row_in_the_docs():
+    import dataclasses
+
+    from pocketlm.reference import COMPONENTS
+
+    sections = _component_sections((ROOT / "docs" / "plugin-api.md").read_text())
+    for component in COMPONENTS:
+        assert component.__name__ in sections, f"docs/plugin-api.md has no table for {component.__name__}"
+        for field in dataclasses.fields(component):
+            where = f"{component.__name__}.{field.name}"
+            assert field.metadata.get("doc", "").strip(), f"{where} has no metadata['doc'] in components.py"
+            assert f"| `{field.name}` |" in sections[component.__name__], f"docs/plugin-api.md lacks {where}"
+
+
+def test_every_feature_is_documented_where_authors_look():
+    from pocketlm.components import FEATURE_DOCS, FEATURES
+
+    assert FEATURES <= set(FEATURE_DOCS)
+    for page in ("docs/plugin-api.md", "docs/plugins/hooks.md"):
+        text = (ROOT / page).read_text()
+        for feature in FEATURE_DOCS:
+            assert f"| `{feature}` |" in text, f"{page} does not document the feature {feature!r}"
+
+
+def test_hook_wrappers_are_taught_and_written_new_style():
+    # pluggy's wrapper=True (the result comes back from yield) replaced hookwrapper=True.
+    places = [ROOT / "docs", ROOT / "core" / "pocketlm", ROOT / "plugins", ROOT / "README.md"]
+    offenders = []
+    for place in places:
+        for path in ([place] if place.is_file() else place.rglob("*")):
+            if path.is_file() and path.suffix in (".py", ".md", ".tmpl") and "hookimpl(hookwrapper" in path.read_text():
+                offenders.append(str(path.relative_to(ROOT)))
+    assert not offenders, offenders
+
+
 def test_every_hook_has_a_test():
     tests = "\n".join(p.read_text() for p in (ROOT / "tests").glob("test_*.py"))
     for hook in HOOKS:
@@ -78,5 +132,5 @@ def test_every_option_of_every_installed_component_is_described():
     for table in ("methods", "evaluators", "exporters"):
         for component in getattr(plugins, table).values():
             missing += [f"{table}:{component.name}.{n}" for n, f in component.options.model_fields.items()
-                        if not f.description]
-    assert not missing, missing
+                        if not (f.description or "").strip() or "\n" in f.description]
+    assert not missing, f"options without a one-line description: {missing}"

@@ -32,11 +32,36 @@ class NoOptions(Options):
     """For components that take no options."""
 
 
+#: Every model feature, with its meaning: what ``SizeEffect.features`` declares and what an
+#: exporter ``represents`` and ``packs``. The plugin reference (``pocketlm.reference``) prints it.
+FEATURE_DOCS: dict[str, str] = {
+    "dense": "plain floating-point weights, as no stage changed them; exporters list it in `represents`, "
+             "no method declares it",
+    "quantized": "weights on a quantization grid (`QuantizedLinear`, a `PackedGrid` storage)",
+    "quantized-embedding": "the token embedding (and a tied head) quantized too; a refinement of "
+                           "`quantized`: any exporter that represents `quantized` writes it (dense, if it "
+                           "must), only one that lists it in `packs` stores it compactly",
+    "masked": "weights set to zero by a mask that later stages keep at zero",
+    "restructured": "layers, heads or MLP channels physically removed: the config's shapes changed",
+    "thresholds": "activation thresholds applied at run time (dynamic sparsity); an exporter that "
+                  "does not list it would write a model that runs dense, so recipes refuse it",
+}
+
 #: Every feature a method's size effect may declare (see ``SizeEffect.features``).
-FEATURES = frozenset({"quantized", "quantized-embedding", "masked", "restructured", "thresholds"})
+FEATURES = frozenset(FEATURE_DOCS) - {"dense"}
 
 # A feature any exporter that represents its parent can write, though not every one packs it.
 REFINEMENTS = {"quantized-embedding": "quantized"}
+
+
+def _field(doc: str, **kwargs) -> Any:
+    """A dataclass field with its meaning in ``metadata["doc"]``: the plugin reference's tables
+    (``python -m pocketlm.reference``) are rendered from it. ``shown`` is how the reference
+    writes a default that is a function."""
+    metadata = {"doc": doc}
+    if "shown" in kwargs:
+        metadata["shown"] = kwargs.pop("shown")
+    return field(metadata=metadata, **kwargs)
 
 
 def unrepresented(features, represents) -> set[str]:
@@ -67,12 +92,19 @@ class SizeEffect:
       only when both name their modules and the names are disjoint (a per-matrix bit
       allocation: one stage per width)."""
 
-    bits: float | None = None
-    sparsity: float | None = None
-    params_removed: float = 0.0
-    covers: Literal["decoder", "embedding", "all"] = "decoder"
-    features: frozenset[str] = frozenset()
-    modules: frozenset[str] | None = None
+    bits: float | None = _field("bits per stored weight of the layers it targets (None: unchanged)",
+                                default=None)
+    sparsity: float | None = _field("fraction of the targeted weights set to zero, 0 to 1 (None: unchanged)",
+                                    default=None)
+    params_removed: float = _field("fraction of the decoder's parameters physically removed, 0 to 1",
+                                   default=0.0)
+    covers: Literal["decoder", "embedding", "all"] = _field(
+        "which weights the effect applies to: the decoder layers' linears, the token embedding and tied "
+        "head, or all", default="decoder")
+    features: frozenset[str] = _field("what the result holds that an exporter must represent (see the "
+                                      "features table)", default=frozenset())
+    modules: frozenset[str] | None = _field("the exact module names the stage acts on (None: every layer it "
+                                            "covers); lets two exclusive stages share a model", default=None)
 
 
 @dataclass(frozen=True)
@@ -91,17 +123,23 @@ class Method:
     * ``plan(budget)``: optional; the option sets the planner may try, as dicts, given a
       ``PlanBudget``. Methods without it are never proposed by the planner."""
 
-    name: str
-    kind: Kind
-    options: type[Options]
-    compress: Callable[["nn.Module", Any, "Context"], "nn.Module | None"]
-    summary: str = ""
-    needs_calibration: bool = False
-    effect: Callable[[Any], SizeEffect] = field(default=lambda options: SizeEffect())
-    phase: int = 50
-    not_after: frozenset[str] = frozenset()
-    exclusive: bool = False
-    plan: Callable[[Any], list[dict]] | None = None
+    name: str = _field("what recipes write in `method = ...`")
+    kind: Kind = _field("`quantize`, `prune`, `distill` or `transform`")
+    options: type[Options] = _field("the options model (a `pocketlm.Options` subclass); a stage's keys other "
+                                    "than `method` are validated against it")
+    compress: Callable[[nn.Module, Any, Context], nn.Module | None] = _field(
+        "`compress(model, options, context)`: changes the model in place or returns a replacement")
+    summary: str = _field("one line for `pocketlm methods`", default="")
+    needs_calibration: bool = _field("the pipeline provides `context.calibration_windows()`", default=False)
+    effect: Callable[[Any], SizeEffect] = _field(
+        "`effect(options) -> SizeEffect`: the size effect, from the options alone", default=lambda options: SizeEffect(),
+        shown="lambda options: SizeEffect()")
+    phase: int = _field("place in the canonical hybrid order, lower first (the `PHASE_*` constants)", default=50)
+    not_after: frozenset[str] = _field("kinds that must not come before this method", default=frozenset())
+    exclusive: bool = _field("at most one stage of this kind may target a layer (weight quantizers)",
+                             default=False)
+    plan: Callable[[Any], list[dict]] | None = _field(
+        "`plan(budget) -> list[dict]`: option sets the planner may try (None: never proposed)", default=None)
 
 
 # Canonical hybrid order: structured pruning, distillation, unstructured pruning, quantization.
@@ -116,10 +154,11 @@ PHASE_QUANTIZE = 40
 class LoadedModel:
     """What a loader returns: the model, its tokenizer and where it came from."""
 
-    model: Any
-    tokenizer: Any
-    source: str
-    revision: str | None = None  # the commit a versioned source resolved to (a Hub model's hash)
+    model: Any = _field("the model, in eval mode")
+    tokenizer: Any = _field("its tokenizer")
+    source: str = _field("the source string it was loaded from")
+    revision: str | None = _field("the commit a versioned source resolved to (a Hub model's hash); the "
+                                  "pipeline records it", default=None)
 
 
 @dataclass(frozen=True)
@@ -130,10 +169,11 @@ class Loader:
     registration order and the first match loads. ``load(source, options)`` receives the
     recipe's ``[model]`` section."""
 
-    name: str
-    matches: Callable[[str], bool]
-    load: Callable[[str, Any], LoadedModel]
-    summary: str = ""
+    name: str = _field("the loader's name, shown in errors and `pocketlm plugins`")
+    matches: Callable[[str], bool] = _field("`matches(source) -> bool`: whether it understands the source")
+    load: Callable[[str, Any], LoadedModel] = _field(
+        "`load(source, options) -> LoadedModel`, `options` being the recipe's `[model]` section")
+    summary: str = _field("one line saying what it does", default="")
 
 
 @dataclass(frozen=True)
@@ -141,10 +181,11 @@ class Evaluator:
     """A metric. ``evaluate(model, options, context)`` returns a flat dict of numbers whose
     keys are the metric's names (``{"perplexity": 28.1}``)."""
 
-    name: str
-    options: type[Options]
-    evaluate: Callable[[Any, Any, "Context"], dict[str, float]]
-    summary: str = ""
+    name: str = _field("what recipes list in `[evaluate] metrics`")
+    options: type[Options] = _field("the options model, set in the recipe's `[evaluate.NAME]` table")
+    evaluate: Callable[[Any, Any, Context], dict[str, float]] = _field(
+        "`evaluate(model, options, context) -> dict[str, float]`: a flat dict of finite numbers")
+    summary: str = _field("one line saying what it does", default="")
 
 
 @dataclass(frozen=True)
@@ -161,15 +202,21 @@ class Exporter:
     the planner exports quantized candidates with an exporter that packs them (see
     ``SizeEffect.features`` for ``"quantized-embedding"``)."""
 
-    name: str
-    options: type[Options]
-    export: Callable[[Any, Path, Any, "Context"], None]
-    represents: frozenset[str] = frozenset({"dense", "masked", "restructured"})
-    packs: frozenset[str] = frozenset()
-    check: Callable[[Any, Any], list[str]] | None = None
-    summary: str = ""
-    streams: bool = False   # writes a model streamed from disk layer by layer (pocketlm.streaming)
-    library: str = "transformers"   # what reads the export: the model card's Hub library_name
+    name: str = _field("what recipes write in `[export] format`")
+    options: type[Options] = _field("the options model, set in the recipe's `[export]` table")
+    export: Callable[[Any, Path, Any, Context], None] = _field(
+        "`export(model, path, options, context)`: writes into `path`, a fresh temporary folder")
+    represents: frozenset[str] = _field("the model features it can write (see the features table)",
+                                        default=frozenset({"dense", "masked", "restructured"}))
+    packs: frozenset[str] = _field("the part of `represents` it stores compactly (a grid as integers); the "
+                                   "planner's size estimate and `format = \"auto\"` look at it", default=frozenset())
+    check: Callable[[Any, Any], list[str]] | None = _field(
+        "`check(model, options)` or `check(model, options, context) -> list[str]`: problems that stop the "
+        "export before anything is written", default=None)
+    summary: str = _field("one line saying what it does", default="")
+    streams: bool = _field("writes a model streamed from disk layer by layer (`pocketlm.streaming`)",
+                           default=False)
+    library: str = _field("what reads the export: the model card's Hub `library_name`", default="transformers")
 
     def problems(self, model, options, context=None) -> list[str]:
         """What ``check`` finds wrong (empty: the export can go ahead), passing ``context`` to a
@@ -190,10 +237,12 @@ class Smooth:
     output rows of a fused ``prev`` that feed ``linears`` (``"second_half"`` for Phi-3's
     ``gate_up_proj``)."""
 
-    prev: str
-    linears: tuple[str, ...]
-    block: str | None = None
-    prev_rows: Literal["all", "second_half"] = "all"
+    prev: str = _field("the norm or linear whose output channels feed `linears`")
+    linears: tuple[str, ...] = _field("the linears whose input channels the scale divides")
+    block: str | None = _field("the module whose output measures a change's error (None: the linears)",
+                               default=None)
+    prev_rows: Literal["all", "second_half"] = _field(
+        "which output rows of a fused `prev` feed `linears` (`second_half`: Phi-3's `gate_up_proj`)", default="all")
 
 
 @dataclass(frozen=True)
@@ -218,22 +267,26 @@ class Architecture:
     bare ``BertModel`` and a ``BertForMaskedLM``): the first whose ``layers`` exists in the model
     is used."""
 
-    name: str
-    model_types: tuple[str, ...]
-    layers: str
-    embed: str
-    lm_head: str
-    final_norm: str
-    sequential: tuple[tuple[str, ...], ...]
-    smooth: tuple[Smooth, ...] = ()
-    mlp_in: tuple[str, ...] = ()
-    mlp_out: str = ""
-    mlp_fused_gate_up: bool = False
-    attention: dict[str, str] = field(default_factory=dict)
-    extra_embeddings: tuple[str, ...] = ()
-    layer_count_key: str = "num_hidden_layers"
-    intermediate_size_key: str = "intermediate_size"
-    encoder: bool = False
+    name: str = _field("the family's name")
+    model_types: tuple[str, ...] = _field("the `config.model_type` values it covers")
+    layers: str = _field("the module list of the decoder (or encoder) layers")
+    embed: str = _field("the token embedding")
+    lm_head: str = _field("the output head (an encoder's masked-LM head, or `\"\"` when it has none)")
+    final_norm: str = _field("the norm before the head (`\"\"` for post-norm families)")
+    sequential: tuple[tuple[str, ...], ...] = _field(
+        "a layer's linears grouped in execution order; a group's members read the same input")
+    smooth: tuple[Smooth, ...] = _field("scale-folding pairs (`Smooth`)", default=())
+    mlp_in: tuple[str, ...] = _field("the linears that read the hidden state into the MLP's width", default=())
+    mlp_out: str = _field("the linear that writes the MLP's output back (width pruning)", default="")
+    mlp_fused_gate_up: bool = _field("`mlp_in` is one fused gate-and-up linear (Phi-3)", default=False)
+    attention: dict[str, str] = _field(
+        "the q, k, v and o projections (fused: `qkv`) and the config keys of the head counts (`heads_key`, "
+        "`kv_heads_key`)", default_factory=dict, shown="{}")
+    extra_embeddings: tuple[str, ...] = _field("other embedding tables (positions, token types)", default=())
+    layer_count_key: str = _field("the config key of the layer count", default="num_hidden_layers")
+    intermediate_size_key: str = _field("the config key of the MLP's width", default="intermediate_size")
+    encoder: bool = _field("the layers attend both ways (BERT): measured by embeddings, not perplexity",
+                           default=False)
 
 
 @dataclass(frozen=True)
@@ -253,13 +306,14 @@ class GridRule:
     recipes that ask a rule for others are refused before anything runs. Quantizers take the
     rule's name in an option called ``grid``."""
 
-    name: str
-    fit: Callable[..., tuple[Any, Any]]
-    summary: str = ""
-    bits: tuple[int, ...] | None = None
-    group_sizes: tuple[int, ...] | None = None
-    symmetric: bool | None = None
-    uses_importance: bool = False
+    name: str = _field("what quantizers take in their `grid` option")
+    fit: Callable[..., tuple[Any, Any]] = _field(
+        "`fit(W, bits, group_size, symmetric, importance=None) -> (scales, zeros)`, both `[rows, groups]`")
+    summary: str = _field("one line saying what it does", default="")
+    bits: tuple[int, ...] | None = _field("the bit widths it fits (None: any)", default=None)
+    group_sizes: tuple[int, ...] | None = _field("the group sizes it fits (None: any)", default=None)
+    symmetric: bool | None = _field("the only symmetry it fits (None: either)", default=None)
+    uses_importance: bool = _field("`fit` reads `importance`, the per-input-channel weight", default=False)
 
     def problems(self, bits: int, group_size: int, symmetric: bool) -> list[str]:
         """Why this rule cannot fit grids of these settings (empty: it can)."""

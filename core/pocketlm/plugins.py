@@ -254,8 +254,7 @@ def _check_hook_names(pm: pluggy.PluginManager, module: Any) -> None:
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:
-        known = ", ".join(sorted(n for n in dir(hookspecs) if not n.startswith("_") and n != "hookspec"
-                                 and callable(getattr(hookspecs, n)) and n != "annotations"))
+        known = ", ".join(sorted(n for n in dir(hookspecs) if getattr(getattr(hookspecs, n), "pocketlm_spec", None)))
         raise _Skip(f"implements an unknown hook ({exc}); hooks are: {known}") from None
 
 

@@ -68,7 +68,7 @@ class AWQOptions(QuantScheme):
       and ``search_tokens`` covering every calibration token).
     """
 
-    bits: Literal[3, 4, 8] = Field(4, description="bits per weight")
+    bits: Literal[3, 4, 8] = Field(4, description="bits per stored weight value, before scales and zero points")
     group_size: Literal[-1, 32, 64, 128] = Field(
         128, description="input columns sharing one scale (-1: one per output channel); must divide every "
         "target's input width")
@@ -76,7 +76,7 @@ class AWQOptions(QuantScheme):
     allow_partial_group: Literal[False] = Field(False, description="awq needs whole groups (always false)")
     grid: str = Field("minmax", description="grid rule rounding each group after the search (minmax, "
                       "weighted-mse, or one a plugin registers)")
-    n_grid: int = Field(20, description="points of the scale exponent grid in [0, 1)")
+    n_grid: int = Field(20, description="points of the scale exponent alpha searched in [0, 1) (AutoAWQ: 20)")
     duo_scaling: bool = Field(True, description="divide the activation scale by mean|w|^(1-alpha)")
     clip: bool = Field(True, description="search per-group clipping bounds after the scales")
     clip_qk: bool = Field(False, description="also clip the q and k projections")

@@ -65,11 +65,11 @@ def register_loaders(register):
                     summary="a `dynamic` export: its weights with the activation thresholds applied"))
 
 
-@hookimpl(hookwrapper=True)
+@hookimpl(wrapper=True)
 def compress(model, method, options, context):
     # A later stage may replace thresholded linears (a quantizer does); put the thresholds back.
     before = sparsity.thresholds(model)
-    outcome = yield
+    result = yield
     if before:
-        result = outcome.get_result()
         sparsity.carry(before, model if result is None else result)
+    return result

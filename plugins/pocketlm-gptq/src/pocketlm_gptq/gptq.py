@@ -48,8 +48,10 @@ class GPTQOptions(QuantOptions):
       GPTQModifier run in its own environment on the same windows, loaded back as grids).
     """
 
-    damp: float = Field(0.01, description="fraction of the mean Hessian diagonal added to the diagonal")
-    block_size: int = Field(128, description="columns quantized before a lazy batch update of the rest")
+    damp: float = Field(0.01, description="Hessian dampening: fraction of the mean diagonal added to the "
+                        "diagonal so it inverts stably (paper default 0.01)")
+    block_size: int = Field(128, description="columns quantized before a lazy batch update of the rest "
+                            "(paper default 128)")
     act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal (static groups)")
     true_sequential: bool = Field(True, description="observe each group of linears after quantizing the previous one")
     backend: Literal["pocketlm", "llmcompressor"] = Field(
