@@ -282,14 +282,14 @@ def eval_(model, metrics, windows):
     from .pipeline import Run
 
     run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress(), owns_folder=False)
-    loaded = run_._load_source(model)
+    loaded = run_.load(model)
     if not names:
         from .modules import is_encoder
         from .pipeline import ENCODER_METRICS
 
         encoder = is_encoder(loaded.model, loaded_plugins.architectures)
         names = [*(ENCODER_METRICS if encoder else ("perplexity", "size")), "parameters", "sparsity"]
-    results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
+    results = run_.evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
     table = Table(title=model)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -317,8 +317,8 @@ def export(model, format_, output):
     recipe = parse_recipe(text, loaded_plugins, file="<export>")
     run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress(), owns_folder=False,
                echo=lambda m: None)
-    loaded = run_._load_source(model)
-    path = run_._export(loaded.model, loaded.tokenizer)
+    loaded = run_.load(model)
+    path = run_.export(loaded.model, loaded.tokenizer)
     out.print(f"exported {model} as {format_} to {path}", soft_wrap=True)
 
 
