@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from .calibration import LayerHandler, module_input
-from .quant import group_grid, group_slices  # noqa: F401  (group_slices: imported from here before)
-from .weights import to_scale_dtype
+from .weights import group_grid, group_slices, to_scale_dtype  # noqa: F401  (group_slices: imported from here before)
 
 N_GRID = 20          # candidates per group (the usual clip-search grid)
 MAX_SHRINK = 0.5     # the narrowest candidate keeps half the min-max range
