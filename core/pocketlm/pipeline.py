@@ -41,7 +41,7 @@ import torch
 
 from . import __version__, atomic, calibration, devices, distributed, rundir, streaming
 from .builtins.evaluators import check_context_length
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, save_rest
 from .components import LoadedModel
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
@@ -459,7 +459,7 @@ class Run:
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
         try:
             if stream is not None:  # the layer shards are in place already
-                streaming.save_rest(model, tokenizer, folder)
+                save_rest(model, tokenizer, folder)
                 atomic.write_json(folder / "stage.json", record.__dict__)  # the stage is finished
                 stream.end_stage(folder)
                 rundir.write_checksums(folder)  # a kill before this leaves a stage --resume recomputes

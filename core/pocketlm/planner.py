@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .components import Method, SizeEffect, unrepresented
 from .recipe import combination_problems, rank_exporters
