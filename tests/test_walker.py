@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pocketlm.calibration import capture_inputs
+from pocketlm.calibration import LayerHandler, batch_rows, capture_inputs, module_input, promise
 from pocketlm.modules import decoder_layers, get_module
 from pocketlm.testing import make_context
 from pocketlm.testing.models import ARCHITECTURES, tiny_model, tiny_windows
@@ -226,3 +226,105 @@ def test_an_inputs_only_handler_sees_the_same_inputs_and_skips_running_what_it_o
     assert sum(lean_calls.values()) < sum(plain_calls.values())
     for a, b in zip(plain_model.parameters(), lean_model.parameters()):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------ the handler contract
+
+
+class _Outputs(LayerHandler):
+    """Records whether ``observe`` got each module's output; its flags come from the base."""
+
+    def __init__(self):
+        self.outputs = []
+
+    def select(self, index, layer, names):
+        return list(names)
+
+    def observe(self, name, module, args, kwargs, output):
+        self.outputs.append(output)
+
+    def solve(self, index, layer, names):
+        pass
+
+
+class _DuckOutputs:
+    """The same without the base class, and without any flag: the defaults apply."""
+
+    select, observe, solve = _Outputs.select, _Outputs.observe, _Outputs.solve
+
+    def __init__(self):
+        self.outputs = []
+
+
+class _InputsOnlyWhen(_Outputs):
+    """A flag that depends on the options, as a property."""
+
+    def __init__(self, reads_outputs):
+        super().__init__()
+        self.reads_outputs = reads_outputs
+
+    @property
+    def observes_outputs(self):
+        return self.reads_outputs
+
+
+def test_handler_flags_default_to_the_base_for_subclasses_and_duck_typed_handlers():
+    assert (LayerHandler.changes_only_selected, LayerHandler.observes_outputs, LayerHandler.layers_independent) \
+        == (False, True, False)
+    for handler in (_Outputs(), _DuckOutputs()):
+        assert promise(handler, "observes_outputs") and not promise(handler, "changes_only_selected")
+        assert not promise(handler, "layers_independent")
+        _walk("llama", handler, [])
+        assert handler.outputs and all(torch.is_tensor(o) for o in handler.outputs)
+    assert promise(InputsOnly(False), "observes_outputs") is False   # a plain class attribute
+
+
+@pytest.mark.parametrize("reads_outputs", [True, False])
+def test_a_flag_given_as_a_property_is_read_on_the_instance(reads_outputs):
+    handler = _InputsOnlyWhen(reads_outputs)
+    assert promise(handler, "observes_outputs") is reads_outputs
+    _walk("llama", handler, [])
+    assert handler.outputs
+    assert all((o is not None) is reads_outputs for o in handler.outputs)
+
+
+def test_the_base_handler_methods_must_be_overridden():
+    with pytest.raises(NotImplementedError):
+        LayerHandler().select(0, torch.nn.Identity(), ("q",))
+
+
+def test_module_input_takes_the_first_positional_argument_or_the_named_input():
+    x, y = torch.ones(2), torch.zeros(2)
+    assert module_input((x, y), {"input": y}) is x
+    assert module_input((), {"input": x}) is x
+    assert module_input((), {"attention_mask": y, "hidden_states": x}) is x
+    assert module_input((), {"x": x}) is x
+    with pytest.raises(TypeError, match="got attention_mask"):
+        module_input((), {"attention_mask": y})
+
+
+def test_module_input_is_what_a_linear_and_a_decoder_layer_read():
+    model = tiny_model("llama")
+    layer, seen = decoder_layers(model, make_context().architecture(model))[0], []
+    hooks = [m.register_forward_pre_hook(lambda m, a, k: seen.append(module_input(a, k)), with_kwargs=True)
+             for m in (layer, layer.self_attn.q_proj)]
+    hidden = torch.randn(1, 5, model.config.hidden_size)
+    position = torch.arange(5)[None]
+    layer(hidden_states=hidden, position_embeddings=model.model.rotary_emb(hidden, position))
+    for hook in hooks:
+        hook.remove()
+    assert seen[0] is hidden and seen[1].shape == hidden.shape   # the layer, then q_proj on the normed input
+
+
+def test_batch_rows_cuts_what_has_the_batch_and_passes_the_rest():
+    batch = 4
+    hidden = torch.arange(4 * 3 * 2.0).reshape(4, 3, 2)
+    rotary = torch.ones(1, 3, 2)                   # batch 1: broadcast to every sequence
+    positions = torch.arange(4)                    # 1-D, as long as the batch by chance: not per sequence
+    call = ((hidden,), {"mask": torch.zeros(4, 1, 3, 3), "rotary": (rotary, rotary), "positions": positions,
+                        "flag": True, "cache": None})
+    (args, kwargs) = batch_rows(call, slice(1, 3), batch)
+    assert torch.equal(args[0], hidden[1:3])
+    assert kwargs["mask"].shape == (2, 1, 3, 3)
+    assert kwargs["rotary"][0] is rotary and kwargs["positions"] is positions
+    assert kwargs["flag"] is True and kwargs["cache"] is None

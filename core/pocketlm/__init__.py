@@ -44,6 +44,7 @@ from .progress import Progress  # noqa: E402
 
 # name -> module that defines it, imported on first access
 _LAZY = {"CalibrationSpec": "context", "Context": "context",
+         "LayerHandler": "calibration", "module_input": "calibration", "batch_rows": "calibration",
          "run": "api", "compress": "api", "Result": "api",
          "is_streamed": "streaming", "require_whole_model": "streaming", "installed_plugins": "plugins"}
 
@@ -65,6 +66,6 @@ def __dir__():
 __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
-    "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
-    "SizeEffect", "Smooth", "compress", "hookimpl", "installed_plugins", "is_streamed", "require_whole_model", "run", "__version__",
+    "LayerHandler", "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
+    "SizeEffect", "Smooth", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed", "module_input", "require_whole_model", "run", "__version__",
 ]

@@ -144,13 +144,13 @@ def compress(model, tokenizer, stages: list[dict], *, calibration: str | Path | 
     class InMemoryRun(Run):
         """A run whose source is the model handed in; the teacher is the copy taken above."""
 
-        def _load_source(self, name: str):
+        def load(self, name: str):
             if name == source and loads["first"]:
                 loads["first"] = False
                 return LoadedModel(model, tokenizer, source)
             if name == source:  # the teacher: frozen by the context, never modified
                 return LoadedModel(original, tokenizer, source)
-            return super()._load_source(name)
+            return super().load(name)
 
     temporary = tempfile.TemporaryDirectory(prefix="pocketlm-") if run_dir is None else None
     folder = Path(temporary.name) if temporary else Path(run_dir)

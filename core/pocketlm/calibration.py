@@ -22,15 +22,17 @@ written to the stage checkpoint and freed after it; a handler that declares
 ``layers_independent = True`` (what it solves for one layer needs nothing it saw in another) lets
 a killed stage resume at the layer where it stopped.
 
-A handler is any object with these methods (``LayerHandler`` documents them):
+A handler subclasses :class:`LayerHandler` (or is any object with its three methods):
 ``select(index, layer, names) -> names``, ``observe(name, module, args, kwargs, output)`` and
-``solve(index, layer, names)``.
+``solve(index, layer, names)``, and states its promises in the class flags
+``changes_only_selected``, ``observes_outputs`` and ``layers_independent``.
+:func:`module_input` gives ``observe`` the tensor a module read.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -41,28 +43,84 @@ from .devices import module_device, to_device
 from .modules import decoder_layers, get_module
 
 
-class LayerHandler(Protocol):
+class LayerHandler:
+    """The base of a layer-walker handler: what the walker calls, and the promises a handler may
+    make to save time. Subclass it and override the three methods; set a flag as a class
+    attribute (or a property, when it depends on the options) to make a promise.
+
+    The walker also takes an object that does not subclass this one but has the three methods:
+    a flag it lacks reads as the default here."""
+
+    changes_only_selected: bool = False
+    """``solve`` changes nothing but the modules named in ``names`` (a Hessian solve or a pruner
+    does; a method that folds scales into neighbouring modules does not). The walker may then
+    replay the layer's last pass instead of running the layer again (API 1.1)."""
+
+    observes_outputs: bool = True
+    """False: ``observe`` reads only the inputs and may be called with ``output=None``. The walker
+    may then stop each batch before the selected modules run, and when a group's modules all read
+    one tensor (q/k/v, gate/up) it observes them all at the first one's input without computing
+    any of them (API 1.2)."""
+
+    layers_independent: bool = False
+    """What ``solve`` does for one layer needs nothing observed in another: a killed stage on a
+    model streamed from disk resumes at the layer where it stopped (API 1.3)."""
+
     def select(self, index: int, layer: nn.Module, names: tuple[str, ...]) -> list[str]:
         """Which submodules of decoder layer ``index`` to observe, given the candidate linears
         ``names`` of the current group (relative names). Return any relative names, including
         non-linear modules such as ``"self_attn"``, or ``""`` for the whole layer; return an
         empty list to skip the group."""
+        raise NotImplementedError
 
     def observe(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Called once per calibration batch for each selected module, with what it was called
-        with and what it returned."""
+        with and what it returned (None when ``observes_outputs`` is False). :func:`module_input`
+        gives the tensor the module read."""
+        raise NotImplementedError
 
     def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
         """Change the selected modules using what was observed, then free the statistics."""
+        raise NotImplementedError
 
-    # Optional: ``changes_only_selected = True`` promises that ``solve`` changes nothing but the
-    # modules named in ``names`` (a Hessian solve or a pruner does; a method that folds scales into
-    # neighbouring modules does not).
-    # It lets the walker replay the layer's last pass instead of running the layer again.
-    # Optional: ``observes_outputs = False`` says ``observe`` reads only the inputs (it may then
-    # be called with ``output=None``). The walker may then stop each batch before the selected
-    # modules run, and when a group's modules all read one tensor (q/k/v, gate/up) it observes
-    # them all at the first one's input without computing any of them.
+
+def promise(handler: Any, flag: str) -> bool:
+    """The value of one of :class:`LayerHandler`'s flags on ``handler``; a handler that does not
+    subclass it and lacks the flag gets the base's default."""
+    return bool(getattr(handler, flag, getattr(LayerHandler, flag)))
+
+
+#: The keyword a module's first input goes by when it is passed by name: ``nn.Linear`` and most
+#: modules call it ``input``, transformers' decoder layers ``hidden_states``, some modules ``x``.
+INPUT_KEYWORDS = ("input", "hidden_states", "x")
+
+
+def module_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The tensor a module was called with: its first positional argument, or the first of
+    :data:`INPUT_KEYWORDS` passed by name (what a forward hook or ``observe`` receives)."""
+    if args:
+        return args[0]
+    for keyword in INPUT_KEYWORDS:
+        if keyword in kwargs:
+            return kwargs[keyword]
+    raise TypeError(f"the module was called without a positional input or one of the keywords "
+                    f"{', '.join(INPUT_KEYWORDS)} (it got {', '.join(kwargs) or 'nothing'})")
+
+
+def batch_rows(value: Any, rows: slice, batch: int) -> Any:
+    """``value`` (the positional or keyword arguments of a call over ``batch`` sequences, nested in
+    tuples, lists and dicts) cut to the sequences ``rows``: every tensor of two or more dimensions
+    whose first dimension is ``batch`` is sliced; the rest (rotary tables of batch 1, 1-D
+    positions, flags) passes through as it is."""
+    if torch.is_tensor(value):
+        return value[rows] if value.dim() >= 2 and value.shape[0] == batch else value
+    if isinstance(value, tuple):
+        return tuple(batch_rows(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [batch_rows(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: batch_rows(v, rows, batch) for k, v in value.items()}
+    return value
 
 
 @dataclass
@@ -323,8 +381,8 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
         inputs = capture_inputs(model, architecture, windows, batch_size, device)
         layers = decoder_layers(model, architecture)
         groups = architecture.sequential if sequential else (tuple(n for g in architecture.sequential for n in g),)
-        may_replay = bool(getattr(handler, "changes_only_selected", False))
-        inputs_only = not getattr(handler, "observes_outputs", True)
+        may_replay = promise(handler, "changes_only_selected")
+        inputs_only = not promise(handler, "observes_outputs")
         trusted: dict[str, bool] = {}          # scope -> replaying it matched a real run
         shared: dict[tuple, bool] = {}         # (layer class, group) -> its modules read one tensor
         stream = streaming.stream_of(model)
@@ -385,7 +443,7 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
 
 
 def _resumable(stream, handler) -> bool:
-    return stream.sink is not None and stream.walks == 1 and bool(getattr(handler, "layers_independent", False))
+    return stream.sink is not None and stream.walks == 1 and promise(handler, "layers_independent")
 
 
 def _start_walk(stream, handler) -> int:

@@ -10,73 +10,29 @@ A plugin whose method replaces modules with a type of its own registers that typ
 what :func:`describe` returns, and loading asks the registered ``rebuild`` for it, after the
 core has rebuilt whatever quantized module it wraps. A checkpoint that names a type no
 installed plugin registered is refused with the plugin to install, never loaded without it.
+
+A stage of a model streamed from disk leaves a streamed checkpoint: one shard per decoder layer
+(written by :mod:`pocketlm.streaming` as the layers finish) and the rest of the model as a
+regular checkpoint (:func:`save_rest`); :func:`load_checkpoint` reads either.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import load_file, load_model
 from torch import nn
 
+from . import atomic, streaming
 from .components import LoadedModel
 from .errors import PocketError
-from .modules import auto_class, get_module, set_module
-from .streaming import save_tensors
-from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, masks, tied_heads
-
-MANIFEST = "pocketlm-modules.json"
-
-
-@dataclass(frozen=True)
-class ModuleType:
-    """A plugin's module type: ``owns(module)`` recognises one, ``describe(module)`` returns the
-    JSON-able facts needed to rebuild it, ``rebuild(spec, module)`` turns ``module`` (the model's
-    module at that name, already rebuilt by the core when it is quantized) into the plugin's type
-    before the weights load. ``provider`` names the distribution for the error message."""
-
-    name: str
-    owns: Callable[[nn.Module], bool]
-    describe: Callable[[nn.Module], dict]
-    rebuild: Callable[[dict, nn.Module], nn.Module]
-    provider: str
-
-
-MODULE_TYPES: dict[str, ModuleType] = {}
-
-
-def register_module_type(module_type: ModuleType) -> None:
-    """Teach checkpoints a plugin's module type (call once, at the plugin's import)."""
-    MODULE_TYPES[module_type.name] = module_type
-
-
-def _describe(model: nn.Module) -> dict[str, dict]:
-    tied = tied_heads(model)
-    described: dict[str, dict] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedEmbedding):
-            described[name] = {"type": "QuantizedEmbedding", "rows": module.num_embeddings,
-                               "cols": module.embedding_dim, "bits": module.bits,
-                               "group_size": module.group_size, "symmetric": module.symmetric,
-                               "padding_idx": module.padding_idx}
-        elif isinstance(module, QuantizedLinear):
-            described[name] = {"type": "QuantizedLinear", "in": module.in_features,
-                               "out": module.out_features, "bits": module.bits,
-                               "group_size": module.group_size, "symmetric": module.symmetric,
-                               "bias": module.bias is not None,
-                               "g_idx": module.storage.g_idx is not None,
-                               "transposed": module.transposed,
-                               "shares": tied.get(name)}
-        for extension in MODULE_TYPES.values():
-            if extension.owns(module):
-                entry = described.setdefault(name, {"type": "dense"})
-                entry["extension"] = {"type": extension.name, "provider": extension.provider,
-                                      **extension.describe(module)}
-    return described
+from .module_types import (MANIFEST, MODULE_TYPES, ModuleType, describe_modules, register_module_type,  # noqa: F401
+                           rebuild_module)
+from .modules import auto_class, find_layers_path, get_module, set_module
+from .tensorfiles import save_tensors
+from .weights import MASK_BUFFER, masks
 
 
 def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
@@ -86,7 +42,7 @@ def save_checkpoint(model: nn.Module, tokenizer, folder: Path) -> None:
     model.config.to_json_file(folder / "config.json")
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / MANIFEST).write_text(json.dumps(_describe(model), indent=1, sort_keys=True))
+    (folder / MANIFEST).write_text(json.dumps(describe_modules(model), indent=1, sort_keys=True))
     save_tensors(model.state_dict(), folder / "model.safetensors")   # one tensor in memory at a time
     save_tensors(masks(model), folder / "masks.safetensors")
 
@@ -95,34 +51,20 @@ def is_checkpoint(folder: Path) -> bool:
     return (Path(folder) / MANIFEST).is_file()
 
 
-def _rebuild(spec: dict, model: nn.Module) -> nn.Module:
-    if spec["type"] == "dense":
-        return None
-    if spec["type"] == "QuantizedEmbedding":
-        return QuantizedEmbedding(spec["rows"], spec["cols"], spec["bits"], spec["group_size"],
-                                  spec["symmetric"], spec.get("padding_idx"))
-    if spec.get("shares"):
-        return get_module(model, spec["shares"]).tied_head()
-    return QuantizedLinear(spec["in"], spec["out"], spec["bits"], spec["group_size"], spec["symmetric"],
-                           spec["bias"], spec["g_idx"], spec["transposed"])
-
-
 def load_checkpoint(folder: Path) -> LoadedModel:
     """Rebuild the model saved by :func:`save_checkpoint`."""
     from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder)
-    from . import streaming
-
-    if streaming.is_streamed_checkpoint(folder):
-        return streaming.load_streamed_checkpoint(folder)
+    if is_streamed_checkpoint(folder):
+        return load_streamed_checkpoint(folder)
     try:
         config = AutoConfig.from_pretrained(folder)
         config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
         model = auto_class(config).from_config(config, dtype=torch.float32)
         manifest = json.loads((folder / MANIFEST).read_text())
         for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
-            rebuilt = _rebuild(manifest[name], model)
+            rebuilt = rebuild_module(manifest[name], model)
             if rebuilt is not None:
                 set_module(model, name, rebuilt)
         for name, spec in manifest.items():
@@ -156,3 +98,53 @@ def _extension(spec: dict, folder: Path) -> ModuleType:
 def _tied_alias(model: nn.Module, key: str) -> bool:
     # A tied head's weight is the embedding's tensor; safetensors stores it once.
     return key.endswith("weight") and bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+# ------------------------------------------------------------------- streamed stage checkpoints
+
+
+def is_streamed_checkpoint(folder: Path) -> bool:
+    folder = Path(folder)
+    return (folder / "layers").is_dir() and (folder / "rest").is_dir()
+
+
+def save_rest(model: nn.Module, tokenizer, folder: Path) -> None:
+    """Write everything but the decoder layers as a regular checkpoint in ``folder/rest``."""
+    stream = streaming.stream_of(model)
+    with atomic.folder(Path(folder) / "rest") as tmp, streaming.without_layers(model, stream.layers_path):
+        save_checkpoint(model, tokenizer, tmp)
+    streaming.page_out(model)
+
+
+def load_streamed_checkpoint(folder: Path, layers_path_of=find_layers_path):
+    """Rebuild a streamed model from a streamed stage checkpoint."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = Path(folder)
+    rest = folder / "rest"
+    config = AutoConfig.from_pretrained(rest)
+    config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
+    dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
+    shell = streaming.build_shell(config, dtype)
+    layers_path = layers_path_of(shell)
+    for index, layer in enumerate(get_module(shell, layers_path)):
+        streaming.rebuild_layer_modules(layer, streaming.read_layer_manifest(streaming.layer_file(folder / "layers", index)))
+    with streaming.without_layers(shell, layers_path):
+        manifest = json.loads((rest / MANIFEST).read_text())
+        for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
+            set_module(shell, name, rebuild_module(manifest[name], shell))
+        state = load_file(str(rest / "model.safetensors"))
+        targets = dict(shell.state_dict(keep_vars=True))
+        missing = [k for k in targets if k not in state and not _tied_alias(shell, k)]
+        if missing:
+            raise PocketError(f"the checkpoint in {rest} lacks {missing[:4]}", exit_code=1,
+                              fix="delete this stage folder and rerun with --resume to recompute it")
+        state = {k: v.to(targets[k].dtype) if v.is_floating_point() else v for k, v in state.items() if k in targets}
+        shell.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings and not manifest:
+            shell.tie_weights()
+        for name, mask in load_file(str(rest / "masks.safetensors")).items():
+            get_module(shell, name).register_buffer(MASK_BUFFER, mask, persistent=False)
+    tokenizer = AutoTokenizer.from_pretrained(rest) if (rest / "tokenizer_config.json").exists() else None
+    streaming.attach(shell, streaming.LayerStream(shell, layers_path, store=folder / "layers"))
+    return LoadedModel(shell.eval(), tokenizer, str(folder))

@@ -19,8 +19,9 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from .progress import Progress
 from .errors import PocketError
+from .planner import DEFAULT_MODEL
+from .progress import Progress
 
 # markup off: recipe text ("[model]"), paths and messages are printed as they are
 console = Console(stderr=True, markup=False)
@@ -282,14 +283,14 @@ def eval_(model, metrics, windows):
     from .pipeline import Run
 
     run_ = Run(recipe, Path("."), loaded_plugins, progress=RichProgress(), owns_folder=False)
-    loaded = run_._load_source(model)
+    loaded = run_.load(model)
     if not names:
         from .modules import is_encoder
         from .pipeline import ENCODER_METRICS
 
         encoder = is_encoder(loaded.model, loaded_plugins.architectures)
         names = [*(ENCODER_METRICS if encoder else ("perplexity", "size")), "parameters", "sparsity"]
-    results = run_._evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
+    results = run_.evaluate(loaded.model, loaded.tokenizer, names, Path(model) if Path(model).exists() else None)
     table = Table(title=model)
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -317,14 +318,59 @@ def export(model, format_, output):
     recipe = parse_recipe(text, loaded_plugins, file="<export>")
     run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress(), owns_folder=False,
                echo=lambda m: None)
-    loaded = run_._load_source(model)
-    path = run_._export(loaded.model, loaded.tokenizer)
+    loaded = run_.load(model)
+    path = run_.export(loaded.model, loaded.tokenizer)
     out.print(f"exported {model} as {format_} to {path}", soft_wrap=True)
 
 
-from . import planner as _planner  # noqa: E402  (registers `plan` and `new-plugin`)
+@main.command()
+@click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model source")
+@click.option("--target-size-mb", type=click.FloatRange(min=0, min_open=True), help="largest acceptable size")
+@click.option("--target-bits", type=click.FloatRange(min=0, min_open=True, max=32),
+              help="largest acceptable mean bits per weight")
+@click.option("--min-retention", type=click.FloatRange(min=0, max=1, min_open=True),
+              help="smallest acceptable baseline/compressed perplexity, in (0, 1] (measured with --evaluate)")
+@click.option("--evaluate", "evaluate_k", type=click.IntRange(min=0), default=0,
+              help="run the K smallest candidates (quick protocol)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/plan"), show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@_handle_errors
+def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir, as_json):
+    """List candidate hybrid recipes from the installed methods, with estimated sizes."""
+    from .planner import DEMO_STATS, PlanBudget, candidates, stats_of
 
-_planner.add_commands(main, _handle_errors, _plugins, out, console)
+    plugins = _plugins()
+    budget = PlanBudget(target_size_mb, target_bits, min_retention)
+    stats = DEMO_STATS if model == DEFAULT_MODEL else stats_of(model, plugins)
+    found = candidates(plugins, stats, budget)
+    if evaluate_k:
+        from .plan_eval import evaluate_candidates
+
+        evaluate_candidates(found[:evaluate_k], model, plugins, out_dir, budget, out)
+        return
+    if as_json:
+        click.echo(json.dumps([{"recipe": c.recipe(model), "label": c.label, "size_mb": c.size_mb,
+                                "bits": c.bits} for c in found], indent=2))
+        return
+    table = Table(title=f"{len(found)} candidate hybrids for {model}")
+    for column in ("#", "stages", "est. size (MB)", "bits/weight"):
+        table.add_column(column)
+    for number, candidate in enumerate(found, 1):
+        table.add_row(str(number), candidate.label, f"{candidate.size_mb:.1f}", f"{candidate.bits:.2f}")
+    out.print(table)
+
+
+@main.command(name="new-plugin")
+@click.argument("name")
+@click.option("--directory", "-d", type=click.Path(path_type=Path), default=Path("."), show_default=True)
+@_handle_errors
+def new_plugin(name, directory):
+    """Create a plugin package NAME with a method skeleton, tests and docs."""
+    from .scaffold import create_plugin
+
+    folder = create_plugin(name, directory)
+    out.print(f"created {folder}\nnext: pip install -e {folder} && pytest {folder}/tests")
+
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -195,9 +195,11 @@ class Exporter:
     ``export(model, path, options, context)`` writes into ``path``, a fresh temporary folder the
     core renames into place when it returns, so an export is never seen half-written.
     ``represents`` is the set of model features it can write (``"dense"``, ``"quantized"``,
-    ``"masked"``, ``"restructured"``). ``check(model, options)`` or ``check(model, options, context)``
-    optionally returns a list of problems that stop the export before anything is written; the
-    three-argument form receives the run's context (``context.architecture(model)``). ``packs`` is the subset of
+    ``"masked"``, ``"restructured"``). ``check(model, options, context)`` optionally returns a
+    list of problems that stop the export before anything is written; ``context`` is the run's
+    (``context.architecture(model)`` says where the layers are). A check written for API 1.3 and
+    before, ``check(model, options)``, keeps working: :meth:`problems` passes the context only to
+    a check that accepts a third argument. ``packs`` is the subset of
     ``represents`` it stores compactly (a quantized grid as integers, not dequantized floats);
     the planner exports quantized candidates with an exporter that packs them (see
     ``SizeEffect.features`` for ``"quantized-embedding"``)."""
@@ -210,7 +212,7 @@ class Exporter:
                                         default=frozenset({"dense", "masked", "restructured"}))
     packs: frozenset[str] = _field("the part of `represents` it stores compactly (a grid as integers); the "
                                    "planner's size estimate and `format = \"auto\"` look at it", default=frozenset())
-    check: Callable[[Any, Any], list[str]] | None = _field(
+    check: Callable[..., list[str]] | None = _field(
         "`check(model, options)` or `check(model, options, context) -> list[str]`: problems that stop the "
         "export before anything is written", default=None)
     summary: str = _field("one line saying what it does", default="")
@@ -220,13 +222,24 @@ class Exporter:
 
     def problems(self, model, options, context=None) -> list[str]:
         """What ``check`` finds wrong (empty: the export can go ahead), passing ``context`` to a
-        check that takes one."""
+        check that takes one. Call this rather than ``check`` itself."""
         if self.check is None:
             return []
-        import inspect
+        return self.check(model, options, *context_arguments(self.check, context))
 
-        takes_context = len(inspect.signature(self.check).parameters) >= 3
-        return self.check(model, options, context) if takes_context else self.check(model, options)
+
+def context_arguments(check: Callable, context) -> tuple:
+    """The arguments after ``(model, options)`` that ``check`` takes: ``(context,)`` where it
+    accepts a third (``check(model, options, context)``, a defaulted ``context=None``,
+    ``*args``), else none, so a check written as ``check(model, options)`` is called as it
+    always was. A keyword-only third parameter is not filled in."""
+    import inspect
+
+    try:
+        inspect.signature(check).bind(None, None, None)
+    except (TypeError, ValueError):   # no third parameter, or no signature to inspect (a builtin)
+        return ()
+    return (context,)
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 
 from . import atomic
+from .modules import build_shell, find_layers_path
+from .tensorfiles import write_safetensors
 from .errors import PocketError
 
 STREAMABLE = ("llama", "qwen2")
@@ -138,8 +140,6 @@ def _transformers_view(path: Path, architecture: str):
     from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                           get_gguf_hf_weights_map, load_gguf_checkpoint)
 
-    from .streaming import build_shell
-
     try:
         # The keys as transformers parses them: its processor reads them as they are (a file
         # without head_count_kv keeps Llama's q/k rows unpermuted), and the config is built from
@@ -177,8 +177,6 @@ def write_folder(source: GGUFSource, folder: Path, dtype: torch.dtype = torch.fl
     and ``config.json`` (and ``generation_config.json``), holding one tensor at a time. A tied head
     is not in the file, so not in the folder either (as ``save_pretrained`` leaves it out)."""
     from transformers import GenerationConfig
-
-    from .streaming import build_shell, find_layers_path, write_safetensors
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from .quant import group_grid, group_slices  # noqa: F401  (group_slices: imported from here before)
-from .weights import to_scale_dtype
+from .calibration import LayerHandler, module_input
+from .weights import group_grid, group_slices, to_scale_dtype  # noqa: F401  (group_slices: imported from here before)
 
 N_GRID = 20          # candidates per group (the usual clip-search grid)
 MAX_SHRINK = 0.5     # the narrowest candidate keeps half the min-max range
@@ -76,7 +76,7 @@ def weighted_group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: 
 # ------------------------------------------------------------------ importance from calibration
 
 
-class InputImportanceHandler:
+class InputImportanceHandler(LayerHandler):
     """Layer-walker handler that only observes: each selected linear's mean squared input per
     channel (summed over the processes of a data-parallel run), the importance an
     importance-weighted grid rule or a sensitivity measure weighs errors by."""
@@ -94,7 +94,7 @@ class InputImportanceHandler:
         return [n for n in names if f"{self.layers_path}.{index}.{n}" in self.selected]
 
     def observe(self, name, module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        x = module_input(args, kwargs)
         x = x.detach().reshape(-1, x.shape[-1]).float()
         self.sums[name] = self.sums.get(name, 0) + (x * x).sum(0)
         self.counts[name] = self.counts.get(name, 0) + x.shape[0]

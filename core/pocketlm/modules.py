@@ -1,14 +1,18 @@
-"""Finding and replacing submodules by dotted name, and the architecture of a model."""
+"""Finding and replacing submodules by dotted name, the architecture of a model, and model shells
+(a model of a config with no data: every parameter on the meta device)."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
-from typing import Iterable
+from typing import Iterable, Iterator
 
+import torch
 from torch import nn
 
 from .components import Architecture
 from .errors import PocketError
+from .families import BUILTIN_ARCHITECTURES
 from .weights import QuantizedEmbedding, QuantizedLinear, dense_linear, is_linear
 
 
@@ -107,3 +111,40 @@ def dense_copy(model: nn.Module) -> nn.Module:
         elif isinstance(module, QuantizedLinear):
             set_module(dense, name, dense_linear(module))
     return dense
+
+
+# ------------------------------------------------------------------------- model shells
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules whose parameters live on the meta device (no memory) while their buffers
+    (rotary tables, say) are computed for real, as they would be by a normal build."""
+    original = nn.Module.register_parameter
+
+    def register(module, name, parameter):
+        original(module, name, parameter)
+        if parameter is not None:
+            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
+
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original
+
+
+def build_shell(config, dtype: torch.dtype) -> nn.Module:
+    """A model of ``config`` with every parameter on the meta device."""
+    with parameters_on_meta():
+        model = auto_class(config).from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def find_layers_path(model: nn.Module) -> str:
+    """Where the decoder layers are: the built-in family's table, else the longest ModuleList."""
+    try:
+        return find_architecture(model, BUILTIN_ARCHITECTURES).layers
+    except PocketError:
+        lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+        return max(lists)[1]

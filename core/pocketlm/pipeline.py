@@ -9,7 +9,8 @@ Everything goes into a run folder::
       stages/01-<method>/    checkpoint after stage 1 (config, safetensors, masks, stage.json)
       stages/01-<method>.work/  scratch a stage may use to resume itself (training steps, for example)
       export/                the export (or the recipe's export.path)
-      report.json, report.md metrics before, after and per stage
+      report.json, report.md metrics before, after and per stage; report.json also names the
+                             export and its format (``export_format``: what format = "auto" chose)
       run.log
       .pocketlm-run, .pocketlm-lock   ownership marker and the OS lock of the running process
 
@@ -40,7 +41,8 @@ import torch
 
 from . import __version__, atomic, calibration, devices, distributed, rundir, streaming
 from .builtins.evaluators import check_context_length
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint, save_rest
+from .components import LoadedModel
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
 from .errors import PocketError
@@ -95,7 +97,9 @@ def plugin_failure(exc: BaseException, where: str, plugin: str, version: str | N
 
 
 class Run:
-    """One execution of a recipe into ``run_dir``."""
+    """One execution of a recipe into ``run_dir``: :meth:`execute` runs it all. Its steps are
+    public for commands and programs that need one alone (``pocketlm eval``, ``pocketlm
+    export``): :meth:`load`, :meth:`evaluate` and :meth:`export`."""
 
     def __init__(self, recipe: Recipe, run_dir: Path, plugins, *, resume: bool = False,
                  overwrite: bool = False, progress: Progress | None = None,
@@ -218,16 +222,23 @@ class Run:
                                         calibration.seq_len, calibration.seed, calibration.batch_size),
             run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
             progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
-            model_loader=self._load_source, export_path=export_path, device=self.device,
+            model_loader=self.load, export_path=export_path, device=self.device,
             offload=self.recipe.file.model.offload)
 
-    def _load_source(self, source: str):
+    def load(self, source: str) -> LoadedModel:
+        """Load the model ``source`` names (a folder, a file, a run's stage folder, ``demo:NAME``)
+        with the recipe's ``[model]`` options, through the loaders, placed where ``[model]
+        device`` and ``offload`` say once the run has started."""
         with self._guard(f"loading {source}", "loaders", self._loader_name(source)):
             loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
                                                   context=self._context(None))
         if loaded is not None and self.device is not None:
             loaded = dataclasses.replace(loaded, model=self._place(loaded.model))
         return loaded
+
+    def _load_source(self, source: str) -> LoadedModel:
+        """The old name of :meth:`load`."""
+        return self.load(source)
 
     def _place(self, model):
         """Check that the model's largest layer (or, without offload, the model) fits the device,
@@ -253,10 +264,13 @@ class Run:
         self.writer = distributed.is_writer()
 
     def _load_teacher(self):
-        return self._load_source(self.recipe.file.model.source).model
+        return self.load(self.recipe.file.model.source).model
 
-    def _evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None,
-                  when: str = "evaluation") -> dict[str, float]:
+    def evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None,
+                 when: str = "evaluation") -> dict[str, float]:
+        """The ``metrics`` (evaluator names) of ``model``, with the recipe's options for each (an
+        evaluator's defaults where the recipe has none). ``export_path``: the model's files on
+        disk, for metrics that measure them (``size``); ``when`` names the step in an error."""
         context = self._context(tokenizer, export_path=export_path)
         results: dict[str, float] = {}
         for metric in metrics:
@@ -266,6 +280,11 @@ class Run:
                 results.update(self.plugins.hook.evaluate(model=model, evaluator=evaluator,
                                                           options=options, context=context))
         return results
+
+    def _evaluate(self, model, tokenizer, metrics: list[str], export_path: Path | None = None,
+                  when: str = "evaluation") -> dict[str, float]:
+        """The old name of :meth:`evaluate`."""
+        return self.evaluate(model, tokenizer, metrics, export_path, when)
 
     def _finished_stages(self) -> int:
         """How many stages have a complete checkpoint whose files match their recorded sha256
@@ -329,7 +348,7 @@ class Run:
     def _execute(self) -> dict:
         distributed.barrier()  # every process starts once rank 0 has prepared the folder
         evaluate = self.recipe.file.evaluate
-        loaded = self._load_source(self.recipe.file.model.source)
+        loaded = self.load(self.recipe.file.model.source)
         model, tokenizer = loaded.model, loaded.tokenizer
         self._record_revision(loaded)
         if streaming.is_streamed(model):
@@ -343,7 +362,7 @@ class Run:
                 before = json.loads(before_path.read_text())
             else:
                 self.log("evaluating the model before compression")
-                before = self._evaluate(model, tokenizer, metrics, when="evaluation before the stages")
+                before = self.evaluate(model, tokenizer, metrics, when="evaluation before the stages")
                 atomic.write_json(before_path, before)
         else:
             before = {}
@@ -370,10 +389,10 @@ class Run:
             return {}
         export_path = None
         if self.recipe.file.export is not None:
-            export_path = self._export(model, tokenizer)
+            export_path = self.export(model, tokenizer)
 
         self.log("evaluating the compressed model")
-        after = self._evaluate(model, tokenizer, metrics, export_path,
+        after = self.evaluate(model, tokenizer, metrics, export_path,
                                when="evaluation after the stages") if metrics else {}
         self.model, self.tokenizer = model, tokenizer  # for the Python API (pocketlm.run)
         report = {
@@ -381,6 +400,7 @@ class Run:
             "model": self.recipe.file.model.source,
             "run_dir": str(self.final_dir),
             "export": str(self._shown(export_path)) if export_path else None,
+            "export_format": self.exporter.name if export_path else None,  # what format = "auto" chose
             "before": before, "after": after,
             "stages": [r.__dict__ for r in records],
         }
@@ -435,11 +455,11 @@ class Run:
         model.eval()
         if not self.writer:
             return model
-        metrics = self._evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
+        metrics = self.evaluate(model, tokenizer, self.recipe.file.evaluate.per_stage, when=f"evaluation after {where}")
         record = StageRecord(index, stage.method, seconds, _peak_rss_mb(), metrics)
         try:
             if stream is not None:  # the layer shards are in place already
-                streaming.save_rest(model, tokenizer, folder)
+                save_rest(model, tokenizer, folder)
                 atomic.write_json(folder / "stage.json", record.__dict__)  # the stage is finished
                 stream.end_stage(folder)
                 rundir.write_checksums(folder)  # a kill before this leaves a stage --resume recomputes
@@ -473,7 +493,10 @@ class Run:
         raise PocketError("no installed export format can write this model", field="export.format",
                           fix="install an exporter plugin, or change the stages")
 
-    def _export(self, model, tokenizer) -> Path:
+    def export(self, model, tokenizer) -> Path:
+        """Write ``model`` as the recipe's ``[export]`` says (``format = "auto"``: the format that
+        represents what the stages produced, packs the most of it and accepts the model) into
+        its ``path``, atomically; returns the path. ``self.exporter`` is the exporter that wrote it."""
         section = self.recipe.file.export
         if section.format == "auto":
             exporter, export_options = self._choose_exporter(model)
@@ -501,8 +524,12 @@ class Run:
             with self._guard(f"export ({exporter.name})", "exporters", exporter.name):
                 self.plugins.hook.export(model=model, exporter=exporter, options=export_options, path=tmp,
                                          context=self._context(tokenizer, export_path=target))
-        self.exporter = exporter  # the card names what wrote the files (format "auto" chose it here)
+        self.exporter = exporter  # the card and the report name what wrote the files (format "auto" chose it here)
         return target
+
+    def _export(self, model, tokenizer) -> Path:
+        """The old name of :meth:`export`."""
+        return self.export(model, tokenizer)
 
 
 #: What an encoder is measured by when the recipe names no metrics.

@@ -85,8 +85,7 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
         except PocketError as exc:  # a format check the estimate could not foresee
             console.print(f"  skipped: {exc}")
             continue
-        chosen_format = next((line.split("'")[1] for line in (out_dir / f"candidate-{number}" / "run.log").read_text().splitlines()
-                              if "export format auto: chose" in line), export_format)
+        chosen_format = report.get("export_format") or export_format
         points.append({"label": candidate.label, "recipe": text, "export": chosen_format,
                        "size_mb": report["after"]["size_mb"], "perplexity": report["after"]["perplexity"],
                        "baseline_perplexity": (report["before"] or {}).get("perplexity", baseline),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .components import Method, SizeEffect, unrepresented
 from .recipe import combination_problems, rank_exporters
@@ -252,67 +251,18 @@ def to_toml(recipe: dict) -> str:
     return "\n".join(lines)
 
 
+def stats_of(model: str, plugins) -> ModelStats:
+    """The parameter counts of the model ``model`` names (loaded once)."""
+    from .context import Context
+
+    context = Context(plugins=plugins)
+    loaded = plugins.hook.load_model(source=model, options=None, context=context)
+    return model_stats(loaded.model, context.architecture(loaded.model))
+
+
 def default_recipe_text(plugins, model: str = DEFAULT_MODEL) -> str:
     candidate = default_candidate(plugins)
     recipe = candidate.recipe(model, "auto") if candidate else {
         "model": {"source": model}, "evaluate": {"metrics": ["perplexity", "size"]},
         "export": {"format": "hf", "path": "export"}}
     return to_toml(recipe)
-
-
-def add_commands(main, handle_errors, load_plugins, out, console) -> None:
-    """Attach ``plan`` and ``new-plugin`` to the CLI group."""
-    import click
-
-    @main.command()
-    @click.option("--model", default=DEFAULT_MODEL, show_default=True, help="model source")
-    @click.option("--target-size-mb", type=click.FloatRange(min=0, min_open=True), help="largest acceptable size")
-    @click.option("--target-bits", type=click.FloatRange(min=0, min_open=True, max=32),
-                  help="largest acceptable mean bits per weight")
-    @click.option("--min-retention", type=click.FloatRange(min=0, max=1, min_open=True),
-                  help="smallest acceptable baseline/compressed perplexity, in (0, 1] (measured with --evaluate)")
-    @click.option("--evaluate", "evaluate_k", type=click.IntRange(min=0), default=0,
-                  help="run the K smallest candidates (quick protocol)")
-    @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("runs/plan"), show_default=True)
-    @click.option("--json", "as_json", is_flag=True)
-    @handle_errors
-    def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir, as_json):
-        """List candidate hybrid recipes from the installed methods, with estimated sizes."""
-        from rich.table import Table
-
-        plugins = load_plugins()
-        budget = PlanBudget(target_size_mb, target_bits, min_retention)
-        stats = DEMO_STATS if model == DEFAULT_MODEL else _stats_of(model, plugins)
-        found = candidates(plugins, stats, budget)
-        if evaluate_k:
-            from .plan_eval import evaluate_candidates
-
-            evaluate_candidates(found[:evaluate_k], model, plugins, out_dir, budget, out)
-            return
-        if as_json:
-            click.echo(json.dumps([{"recipe": c.recipe(model), "label": c.label, "size_mb": c.size_mb,
-                                    "bits": c.bits} for c in found], indent=2))
-            return
-        table = Table(title=f"{len(found)} candidate hybrids for {model}")
-        for column in ("#", "stages", "est. size (MB)", "bits/weight"):
-            table.add_column(column)
-        for number, candidate in enumerate(found, 1):
-            table.add_row(str(number), candidate.label, f"{candidate.size_mb:.1f}", f"{candidate.bits:.2f}")
-        out.print(table)
-
-    def _stats_of(model, plugins):
-        from .context import Context
-
-        loaded = plugins.hook.load_model(source=model, options=None, context=Context(plugins=plugins))
-        return model_stats(loaded.model, Context(plugins=plugins).architecture(loaded.model))
-
-    @main.command(name="new-plugin")
-    @click.argument("name")
-    @click.option("--directory", "-d", type=click.Path(path_type=Path), default=Path("."), show_default=True)
-    @handle_errors
-    def new_plugin(name, directory):
-        """Create a plugin package NAME with a method skeleton, tests and docs."""
-        from .scaffold import create_plugin
-
-        folder = create_plugin(name, directory)
-        out.print(f"created {folder}\nnext: pip install -e {folder} && pytest {folder}/tests")

@@ -36,9 +36,9 @@ from torch import nn
 from .components import Options, SizeEffect
 from .errors import PocketError
 from .modules import get_module, matches, select_linears, set_module
-from .weights import (QuantizedEmbedding, QuantizedLinear, get_mask, is_quantized, is_transposed, linear_bias,
-                      linear_shape, linear_weight, minmax_grid, n_groups, packed_bits_per_weight, quantize,
-                      transfer_mask)
+from .weights import (QuantizedEmbedding, QuantizedLinear, get_mask, group_grid, group_slices, is_quantized,
+                      is_transposed, linear_bias, linear_shape, linear_weight, minmax_grid, n_groups,
+                      packed_bits_per_weight, quantize, transfer_mask)
 
 GROUP_SIZES = (-1, 16, 32, 64, 128)
 EMBED_ALIAS = "embed"
@@ -177,20 +177,6 @@ def check_group_size(model: nn.Module, selection: Selection, scheme: QuantScheme
 
 
 # -------------------------------------------------------------------------- pure functions
-
-
-def group_slices(cols: int, group_size: int) -> list[slice]:
-    """Column slices of the groups; a last group shorter than ``group_size`` takes the rest."""
-    size = cols if group_size == -1 else group_size
-    return [slice(start, start + size) for start in range(0, cols, size)]
-
-
-def group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Min-max ``scales`` and integer ``zeros`` (both ``[rows, groups]``) of ``W`` ``[rows, cols]``:
-    each group's grid spans its minimum and maximum (``weights.minmax_grid``)."""
-    W = W.float()
-    grids = [minmax_grid(W[:, cols], bits, symmetric) for cols in group_slices(W.shape[1], group_size)]
-    return torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1)
 
 
 def expand_groups(t: torch.Tensor, cols: int, group_size: int) -> torch.Tensor:

@@ -33,19 +33,20 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import shutil
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from . import atomic
 from .errors import PocketError
-from .modules import get_module, set_module
+from .module_types import describe_modules, rebuild_module
+from .modules import build_shell, find_layers_path, get_module, parameters_on_meta, set_module  # noqa: F401
+from .tensorfiles import SafetensorsFolder, read_header, save_tensors, write_safetensors  # noqa: F401
 from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, is_transposed, linear_weight
 
 AUTO_DISK_SHARE = 0.5
@@ -64,53 +65,6 @@ in the stage's scratch folder instead of anonymous memory."""
 STREAM_ATTRIBUTE = "_pocketlm_stream"
 MODULES_KEY = "pocketlm-modules"
 MASK_PREFIX = "__mask__."
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
-_DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
-
-MADV_PAGEOUT = 21  # Linux 5.4+: reclaim these pages now (Python's mmap module does not name it)
-
-
-def write_safetensors(file: Path, layout: dict[str, tuple[tuple[int, ...], torch.dtype]],
-                      read: Callable[[str], torch.Tensor], metadata: dict[str, str] | None = None) -> int:
-    """A safetensors file of the tensors ``layout`` names (``name -> (shape, dtype)``), each got
-    from ``read(name)``, converted to its dtype and written before the next is read: memory holds
-    one tensor, where safetensors' own writer builds the whole file in memory first. Returns the
-    bytes of tensor data."""
-    header: dict = {"__metadata__": metadata or {"format": "pt"}}
-    offset = 0
-    for name, (shape, dtype) in layout.items():
-        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
-        offset += size
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
-    with open(file, "wb") as out:
-        out.write(struct.pack("<Q", len(blob)) + blob)
-        for name, (shape, dtype) in layout.items():
-            tensor = read(name).to(dtype).contiguous()
-            if tuple(tensor.shape) != tuple(shape):
-                raise PocketError(f"{name} has shape {tuple(tensor.shape)}, expected {tuple(shape)}", exit_code=1)
-            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-            del tensor
-    return offset
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[str, str] | None = None) -> int:
-    """:func:`write_safetensors` of tensors already at hand; a tensor held under several names
-    (a tied head) is stored once, under the first."""
-    seen: set[tuple] = set()
-    layout = {}
-    for name, tensor in tensors.items():
-        key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tuple(tensor.stride()))
-        if tensor.numel() and key in seen:
-            continue
-        seen.add(key)
-        layout[name] = (tuple(tensor.shape), tensor.dtype)
-    return write_safetensors(Path(file), layout, tensors.__getitem__, metadata)
-
 
 # ------------------------------------------------------------------------- memory figures
 
@@ -135,153 +89,7 @@ def _mb(n: int) -> str:
 # ------------------------------------------------------------------------- source files
 
 
-def read_header(file: Path) -> dict:
-    """The header of a safetensors file, after checking that the file holds every byte it
-    announces (a truncated download or copy is caught here, naming the file)."""
-    try:
-        size = file.stat().st_size
-        with open(file, "rb") as handle:
-            length = struct.unpack("<Q", handle.read(8))[0]
-            if length > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(handle.read(length))
-    except FileNotFoundError:
-        raise PocketError(f"the weight file {file} is missing", field="model.source",
-                          fix="copy or download the model folder again; every shard its index names must be there",
-                          exit_code=1) from None
-    except (struct.error, ValueError, UnicodeDecodeError) as exc:
-        raise PocketError(f"the weight file {file} is not a readable safetensors file ({exc})", field="model.source",
-                          fix="copy or download it again", exit_code=1) from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if 8 + length + end > size:
-        raise PocketError(f"the weight file {file} is truncated: it holds {size:,} bytes of the "
-                          f"{8 + length + end:,} its header announces", field="model.source",
-                          fix="copy or download it again", exit_code=1)
-    return header
-
-
-class SafetensorsFolder:
-    """The tensors of a transformers folder: one ``*.safetensors`` file, or shards named by
-    ``model.safetensors.index.json``. Tensors are read one at a time."""
-
-    def __init__(self, folder: Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
-        if not files:
-            raise PocketError(f"{self.folder} holds no safetensors weights; offload = \"disk\" streams only "
-                              "safetensors", field="model.offload",
-                              fix="convert the weights to safetensors, or set offload = \"none\"")
-        self.where: dict[str, tuple[Path, dict]] = {}
-        self.data_start: dict[Path, int] = {}
-        for name in files:
-            header = read_header(self.folder / name)
-            with open(self.folder / name, "rb") as handle:
-                self.data_start[self.folder / name] = 8 + struct.unpack("<Q", handle.read(8))[0]
-            for key, info in header.items():
-                if key != "__metadata__":
-                    self.where[key] = (self.folder / name, info)
-        self._maps: dict[Path, Any] = {}
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.where
-
-    def nbytes(self, name: str, dtype: torch.dtype) -> int:
-        return math.prod(self.where[name][1]["shape"]) * torch.finfo(dtype).bits // 8
-
-    def map(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``name`` as a tensor backed by the file itself (copy-on-write pages: file-backed memory,
-        read only where touched) when it is stored in ``dtype``; else a converted copy."""
-        import mmap
-
-        file, info = self.where[name]
-        if _DTYPES.get(info["dtype"]) != dtype:
-            return self.read(name, dtype)
-        if file not in self._maps:
-            with open(file, "rb") as handle:
-                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
-        start, end = info["data_offsets"]
-        size = torch.finfo(dtype).bits // 8
-        if (self.data_start[file] + start) % size:
-            return self.read(name, dtype)
-        flat = torch.frombuffer(self._maps[file], dtype=dtype, count=(end - start) // size,
-                                offset=self.data_start[file] + start)
-        return flat.view(info["shape"])
-
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.read_many([name], dtype)[name]
-
-    def page_out(self) -> None:
-        """Drop the pages of the mapped tensors (the embedding, the head) from resident memory
-        after a pass that read them whole (saving, exporting). They are clean copies of the file
-        (or the process's own changes, which the kernel keeps), read back when touched again."""
-        for mapping in self._maps.values():
-            with contextlib.suppress(OSError, ValueError):
-                mapping.madvise(MADV_PAGEOUT)
-
-    def read_many(self, names: list[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """Copies of ``names``, each file opened once and closed again: an open file stays mapped,
-        and the pages a copy read would stay resident (file-backed) for as long as it is open."""
-        from safetensors import safe_open
-
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.where[name][0], []).append(name)
-        out = {}
-        for file, members in by_file.items():
-            handle = safe_open(str(file), framework="pt")
-            for name in members:
-                tensor = handle.get_tensor(name)
-                out[name] = tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
-            del handle
-        return out
-
-
 # ------------------------------------------------------------------------- the shell
-
-
-@contextlib.contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules whose parameters live on the meta device (no memory) while their buffers
-    (rotary tables, say) are computed for real, as they would be by a normal build."""
-    original = nn.Module.register_parameter
-
-    def register(module, name, parameter):
-        original(module, name, parameter)
-        if parameter is not None:
-            module._parameters[name] = nn.Parameter(parameter.to("meta"), requires_grad=parameter.requires_grad)
-
-    nn.Module.register_parameter = register
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = original
-
-
-def build_shell(config, dtype: torch.dtype) -> nn.Module:
-    """A model of ``config`` with every parameter on the meta device."""
-    from .modules import auto_class
-
-    with parameters_on_meta():
-        model = auto_class(config).from_config(config, dtype=dtype)
-    return model.eval()
-
-
-def find_layers_path(model: nn.Module) -> str:
-    """Where the decoder layers are: the built-in family's table, else the longest ModuleList."""
-    from .builtins import architectures
-    from .components import Architecture
-    from .modules import find_architecture
-
-    families = [v for v in vars(architectures).values() if isinstance(v, Architecture)]
-    try:
-        return find_architecture(model, families).layers
-    except PocketError:
-        lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-        return max(lists)[1]
 
 
 @contextlib.contextmanager
@@ -348,9 +156,7 @@ def layer_file(folder: Path, index: int) -> Path:
 
 
 def describe_layer(layer: nn.Module) -> dict:
-    from .checkpoint import _describe
-
-    return _describe(layer)
+    return describe_modules(layer)
 
 
 def write_layer(layer: nn.Module, file: Path) -> None:
@@ -368,16 +174,14 @@ def write_layer(layer: nn.Module, file: Path) -> None:
     os.replace(tmp, file)
 
 
-def _rebuild_layer_modules(layer: nn.Module, manifest: dict) -> None:
+def rebuild_layer_modules(layer: nn.Module, manifest: dict) -> None:
     """Give ``layer`` the module types ``manifest`` records (on meta, no memory)."""
-    from .checkpoint import _rebuild
-
     for name, spec in manifest.items():
         current = get_module(layer, name)
         if isinstance(current, (QuantizedLinear, QuantizedEmbedding)):
             continue
         with torch.device("meta"):
-            set_module(layer, name, _rebuild(spec, layer))
+            set_module(layer, name, rebuild_module(spec, layer))
 
 
 def read_layer_manifest(file: Path) -> dict:
@@ -389,7 +193,7 @@ def load_layer_shard(layer: nn.Module, file: Path) -> None:
     from safetensors.torch import load_file
 
     read_header(file)
-    _rebuild_layer_modules(layer, read_layer_manifest(file))
+    rebuild_layer_modules(layer, read_layer_manifest(file))
     tensors = load_file(str(file))
     masks = {k[len(MASK_PREFIX):]: tensors.pop(k) for k in list(tensors) if k.startswith(MASK_PREFIX)}
     _assign(layer, tensors, f"the layer shard {file}")
@@ -714,62 +518,6 @@ def _input_embedding_name(model: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is embedding)
 
 
-# ------------------------------------------------------------------------- stage checkpoints
-
-
-def is_streamed_checkpoint(folder: Path) -> bool:
-    folder = Path(folder)
-    return (folder / "layers").is_dir() and (folder / "rest").is_dir()
-
-
-def save_rest(model: nn.Module, tokenizer, folder: Path) -> None:
-    """Write everything but the decoder layers as a regular checkpoint in ``folder/rest``."""
-    from .checkpoint import save_checkpoint
-
-    stream = stream_of(model)
-    with atomic.folder(Path(folder) / "rest") as tmp, without_layers(model, stream.layers_path):
-        save_checkpoint(model, tokenizer, tmp)
-    page_out(model)
-
-
-def load_streamed_checkpoint(folder: Path, layers_path_of=find_layers_path):
-    """Rebuild a streamed model from a streamed stage checkpoint."""
-    from transformers import AutoConfig, AutoTokenizer
-    from safetensors.torch import load_file
-
-    from .checkpoint import MANIFEST, _rebuild, _tied_alias
-    from .components import LoadedModel
-
-    folder = Path(folder)
-    rest = folder / "rest"
-    config = AutoConfig.from_pretrained(rest)
-    config.tie_word_embeddings = getattr(config, "tie_word_embeddings", False)
-    dtype = config.dtype if isinstance(getattr(config, "dtype", None), torch.dtype) else torch.float32
-    shell = build_shell(config, dtype)
-    layers_path = layers_path_of(shell)
-    for index, layer in enumerate(get_module(shell, layers_path)):
-        _rebuild_layer_modules(layer, read_layer_manifest(layer_file(folder / "layers", index)))
-    with without_layers(shell, layers_path):
-        manifest = json.loads((rest / MANIFEST).read_text())
-        for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
-            set_module(shell, name, _rebuild(manifest[name], shell))
-        state = load_file(str(rest / "model.safetensors"))
-        targets = dict(shell.state_dict(keep_vars=True))
-        missing = [k for k in targets if k not in state and not _tied_alias(shell, k)]
-        if missing:
-            raise PocketError(f"the checkpoint in {rest} lacks {missing[:4]}", exit_code=1,
-                              fix="delete this stage folder and rerun with --resume to recompute it")
-        state = {k: v.to(targets[k].dtype) if v.is_floating_point() else v for k, v in state.items() if k in targets}
-        shell.load_state_dict(state, strict=False, assign=True)
-        if config.tie_word_embeddings and not manifest:
-            shell.tie_weights()
-        for name, mask in load_file(str(rest / "masks.safetensors")).items():
-            get_module(shell, name).register_buffer(MASK_BUFFER, mask, persistent=False)
-    tokenizer = AutoTokenizer.from_pretrained(rest) if (rest / "tokenizer_config.json").exists() else None
-    attach(shell, LayerStream(shell, layers_path, store=folder / "layers"))
-    return LoadedModel(shell.eval(), tokenizer, str(folder))
-
-
 # ------------------------------------------------------------------------- dense export
 
 
@@ -880,65 +628,6 @@ def write_config(model: nn.Module, path: Path, dtype: torch.dtype | None) -> Non
     generation = getattr(model, "generation_config", None)
     if generation is not None and getattr(model, "can_generate", lambda: False)():
         generation.save_pretrained(path)
-
-
-# ------------------------------------------------------------------------- evaluation
-
-
-def head_logits_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
-    """Summed next-token NLL of ``targets`` given final ``hidden`` states ``[tokens, width]``,
-    with the head applied in vocabulary chunks (a running log-sum-exp), never all logits at once."""
-    weight_of = _head_rows(head)
-    rows = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
-    running_max = torch.full((hidden.shape[0],), float("-inf"))
-    running_sum = torch.zeros(hidden.shape[0])
-    target_logit = torch.zeros(hidden.shape[0])
-    for start in range(0, rows, chunk):
-        stop = min(start + chunk, rows)
-        weight, bias = weight_of(start, stop)
-        logits = hidden @ weight.t()
-        if bias is not None:
-            logits = logits + bias
-        logits = logits.float()
-        new_max = torch.maximum(running_max, logits.amax(dim=1))
-        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
-        running_max = new_max
-        inside = (targets >= start) & (targets < stop)
-        picked = logits.gather(1, (targets - start).clamp(0, stop - start - 1)[:, None])[:, 0]
-        target_logit = torch.where(inside, picked, target_logit)
-    return (running_max + running_sum.log() - target_logit).sum()
-
-
-def _head_rows(head: nn.Module):
-    bias = getattr(head, "bias", None)
-    if isinstance(head, QuantizedLinear):
-        return lambda a, b: (head.storage.dequantize(torch.arange(a, b)), None if bias is None else bias[a:b])
-    weight = linear_weight(head)
-    return lambda a, b: (weight[a:b], None if bias is None else bias[a:b])
-
-
-def streamed_perplexity(model: nn.Module, architecture, ids: torch.Tensor, batch_size: int, advance) -> tuple[float, int]:
-    """Summed NLL and token count of ``ids`` through a streamed model, layer by layer over
-    every window: the embedding, then each decoder layer once, then the norm and the head in
-    vocabulary chunks."""
-    from .calibration import LayerInputs, capture_inputs
-
-    stream = stream_of(model)
-    inputs = capture_inputs(model, architecture, ids, batch_size)
-    for index, layer in stream.each():
-        inputs = LayerInputs(stream.park(inputs.run(layer), index), inputs.kwargs)
-    norm = get_module(model, architecture.final_norm) if architecture.final_norm else None
-    head = get_module(model, architecture.lm_head)
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.hidden):
-            batch = ids[start:start + batch_size]
-            states = norm(hidden) if norm is not None else hidden
-            flat = states[:, :-1].reshape(-1, states.shape[-1])
-            total += float(head_logits_nll(flat, head, batch[:, 1:].reshape(-1)))
-            count += batch[:, 1:].numel()
-            advance(batch.shape[0])
-    return total, count
 
 
 def sum_over_parts(model: nn.Module, measure) -> list:

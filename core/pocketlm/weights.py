@@ -95,6 +95,20 @@ def minmax_grid(w: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tens
     return scale, torch.round(-lo / scale).clamp(0, maxq)
 
 
+def group_slices(cols: int, group_size: int) -> list[slice]:
+    """Column slices of the groups; a last group shorter than ``group_size`` takes the rest."""
+    size = cols if group_size == -1 else group_size
+    return [slice(start, start + size) for start in range(0, cols, size)]
+
+
+def group_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min-max ``scales`` and integer ``zeros`` (both ``[rows, groups]``) of ``W`` ``[rows, cols]``:
+    each group's grid spans its minimum and maximum (``weights.minmax_grid``)."""
+    W = W.float()
+    grids = [minmax_grid(W[:, cols], bits, symmetric) for cols in group_slices(W.shape[1], group_size)]
+    return torch.cat([s for s, _ in grids], 1), torch.cat([z for _, z in grids], 1)
+
+
 def _nonzero(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(scale == 0, torch.ones_like(scale), scale)
 

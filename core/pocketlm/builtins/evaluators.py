@@ -11,11 +11,13 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from .. import hookimpl, streaming
+from ..calibration import LayerInputs, capture_inputs
 from ..components import Evaluator, NoOptions, Options
 from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
-from ..weights import distinct_storages, is_linear, linear_weight
+from ..modules import get_module
+from ..weights import QuantizedLinear, distinct_storages, is_linear, linear_weight
 from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder, timed
 
 
@@ -42,7 +44,7 @@ def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
     model.eval()
     if streaming.is_streamed(model):  # layer by layer over all windows; the head in vocabulary chunks
         with torch.no_grad(), context.progress.task("perplexity", ids.shape[0]) as advance:
-            total, count = streaming.streamed_perplexity(model, context.architecture(model), ids,
+            total, count = streamed_perplexity(model, context.architecture(model), ids,
                                                          options.batch_size, advance)
         return {"perplexity": math.exp(total / count), "eval_tokens": count}
     device = module_device(model)    # the model's device (with offload = "cpu", the CPU)
@@ -267,3 +269,60 @@ def register_evaluators(register):
     register(Evaluator("top1-agreement", DivergenceOptions, top1_agreement,
                        "share of positions where the most likely next token matches the original model's"))
     register(Evaluator("latency", LatencyOptions, latency, "CPU tokens/s of a forward pass and of greedy generation"))
+
+
+# ------------------------------------------------------------------------- a model streamed from disk
+
+
+def head_logits_nll(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+    """Summed next-token NLL of ``targets`` given final ``hidden`` states ``[tokens, width]``,
+    with the head applied in vocabulary chunks (a running log-sum-exp), never all logits at once."""
+    weight_of = _head_rows(head)
+    rows = head.out_features if hasattr(head, "out_features") else head.weight.shape[0]
+    running_max = torch.full((hidden.shape[0],), float("-inf"))
+    running_sum = torch.zeros(hidden.shape[0])
+    target_logit = torch.zeros(hidden.shape[0])
+    for start in range(0, rows, chunk):
+        stop = min(start + chunk, rows)
+        weight, bias = weight_of(start, stop)
+        logits = hidden @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        logits = logits.float()
+        new_max = torch.maximum(running_max, logits.amax(dim=1))
+        running_sum = running_sum * torch.exp(running_max - new_max) + torch.exp(logits - new_max[:, None]).sum(1)
+        running_max = new_max
+        inside = (targets >= start) & (targets < stop)
+        picked = logits.gather(1, (targets - start).clamp(0, stop - start - 1)[:, None])[:, 0]
+        target_logit = torch.where(inside, picked, target_logit)
+    return (running_max + running_sum.log() - target_logit).sum()
+
+
+def _head_rows(head: nn.Module):
+    bias = getattr(head, "bias", None)
+    if isinstance(head, QuantizedLinear):
+        return lambda a, b: (head.storage.dequantize(torch.arange(a, b)), None if bias is None else bias[a:b])
+    weight = linear_weight(head)
+    return lambda a, b: (weight[a:b], None if bias is None else bias[a:b])
+
+
+def streamed_perplexity(model: nn.Module, architecture, ids: torch.Tensor, batch_size: int, advance) -> tuple[float, int]:
+    """Summed NLL and token count of ``ids`` through a streamed model, layer by layer over
+    every window: the embedding, then each decoder layer once, then the norm and the head in
+    vocabulary chunks."""
+    stream = streaming.stream_of(model)
+    inputs = capture_inputs(model, architecture, ids, batch_size)
+    for index, layer in stream.each():
+        inputs = LayerInputs(stream.park(inputs.run(layer), index), inputs.kwargs)
+    norm = get_module(model, architecture.final_norm) if architecture.final_norm else None
+    head = get_module(model, architecture.lm_head)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start, hidden in zip(range(0, ids.shape[0], batch_size), inputs.hidden):
+            batch = ids[start:start + batch_size]
+            states = norm(hidden) if norm is not None else hidden
+            flat = states[:, :-1].reshape(-1, states.shape[-1])
+            total += float(head_logits_nll(flat, head, batch[:, 1:].reshape(-1)))
+            count += batch[:, 1:].numel()
+            advance(batch.shape[0])
+    return total, count

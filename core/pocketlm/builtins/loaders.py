@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .. import gguf_source, hookimpl, sentence, streaming
-from ..checkpoint import is_checkpoint, load_checkpoint
+from ..checkpoint import is_checkpoint, is_streamed_checkpoint, load_checkpoint, load_streamed_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
 
@@ -132,8 +132,8 @@ def load_folder(source: str, options) -> LoadedModel:
     from ..modules import auto_class
 
     folder = Path(source).expanduser()
-    if streaming.is_streamed_checkpoint(folder):
-        return streaming.load_streamed_checkpoint(folder, streaming.find_layers_path)
+    if is_streamed_checkpoint(folder):
+        return load_streamed_checkpoint(folder, streaming.find_layers_path)
     if is_checkpoint(folder):
         return load_checkpoint(folder)
     if not (folder / "config.json").is_file():

@@ -165,6 +165,26 @@ def test_check_refuses_other_families():
         GGUFOptions(quantize="q7_k")
 
 
+def test_check_finds_the_layers_where_the_run_context_registers_them():
+    import dataclasses
+
+    from pocketlm.testing import make_context
+    from pocketlm.testing.models import tiny_model
+
+    model = tiny_model("llama")
+    context = make_context()
+    assert check(model, GGUFOptions(), context) == []
+    # a run whose llama architecture puts the layers elsewhere: the check follows the run, not a table of its own
+    moved = dataclasses.replace(context.architecture(model), layers="model.blocks")
+    problems = check(model, GGUFOptions(), pocketlm.Context(architectures=(moved,)))
+    assert len(problems) == 1 and "not where its registered architecture says" in problems[0]
+    # and it goes through Exporter.problems, which hands the context to a check that takes one
+    exporter = get_plugins().exporters["gguf"]
+    assert exporter.problems(model, GGUFOptions(), pocketlm.Context(architectures=(moved,))) == problems
+    unknown = pocketlm.Context(architectures=(dataclasses.replace(moved, model_types=("other",)),))
+    assert "no architecture is registered for model type 'llama'" in check(model, GGUFOptions(), unknown)[0]
+
+
 _LLAMA_CPP_SCRIPT = """
 import json, sys
 import numpy as np

@@ -45,6 +45,7 @@ from torch import nn
 
 from pocketlm import PocketError, Smooth
 from pocketlm import weights as W
+from pocketlm.calibration import LayerHandler, batch_rows, module_input
 from pocketlm.modules import get_module
 from pocketlm.quant import (Grid, QuantScheme, check_group_size, fake_quantize_groups, grid_rule, replace_with_grid,
                             round_to_grid, select_targets, size_effect)
@@ -306,31 +307,15 @@ def fold_scales(prev: nn.Module, linears: list[nn.Module], scales: torch.Tensor,
 # ---------------------------------------------------------------------------- the handler
 
 
-def _hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _slice_rows(value: Any, rows: int, keep: int) -> Any:
-    """``value`` (a call's args or kwargs) cut to its first ``keep`` sequences: every tensor of
-    two or more dimensions whose first dimension is the batch (``rows``) is sliced; broadcast
-    tensors (rotary tables of batch 1, 1-D positions) pass through."""
-    if keep == rows:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value[:keep] if value.dim() >= 2 and value.shape[0] == rows else value
-    if isinstance(value, tuple):
-        return tuple(_slice_rows(v, rows, keep) for v in value)
-    if isinstance(value, list):
-        return [_slice_rows(v, rows, keep) for v in value]
-    if isinstance(value, dict):
-        return {k: _slice_rows(v, rows, keep) for k, v in value.items()}
-    return value
+def _first_rows(value: Any, rows: int, keep: int) -> Any:
+    """``value`` (a call's args or kwargs over ``rows`` sequences) cut to its first ``keep``."""
+    return value if keep == rows else batch_rows(value, slice(0, keep), rows)
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -353,7 +338,7 @@ class _Stats:
     block: list[tuple[tuple, dict, torch.Tensor]] = field(default_factory=list)
 
 
-class AWQHandler:
+class AWQHandler(LayerHandler):
     """The layer handler: observes the linears' inputs and the blocks' calls, then searches,
     folds, clips and rounds one decoder layer."""
 
@@ -395,14 +380,14 @@ class AWQHandler:
     def observe(self, name: str, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         stats = self.stats[name]
         if name in self.block_names:
-            hidden = _hidden_input(args, kwargs)
+            hidden = module_input(args, kwargs)
             keep = self._search_rows(stats, hidden)
             if keep:
                 rows = hidden.shape[0]
-                stats.block.append((_slice_rows(args, rows, keep), _slice_rows(kwargs, rows, keep),
+                stats.block.append((_first_rows(args, rows, keep), _first_rows(kwargs, rows, keep),
                                     _first(output).detach()[:keep]))
             return
-        x = args[0].detach()
+        x = module_input(args, kwargs).detach()
         flat = x.reshape(-1, x.shape[-1])
         absolute = flat.abs().float().sum(0)
         stats.abs_sum = absolute if stats.abs_sum is None else stats.abs_sum + absolute

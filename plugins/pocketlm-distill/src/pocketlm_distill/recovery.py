@@ -68,7 +68,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, atomic, distributed
-from pocketlm.calibration import capture_inputs
+from pocketlm.calibration import LayerHandler, batch_rows, capture_inputs, module_input
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
 from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
 
@@ -277,20 +277,6 @@ def trainable_quantized(model: nn.Module, targets: list[str], ignore: list[str],
 # --------------------------------------------------------------------------- block phase
 
 
-def _take(value, rows: slice, batch: int):
-    """The micro-batch ``rows`` of a layer's keyword argument: tensors whose first dimension is
-    the batch are sliced, everything else (rotary tables of batch 1, flags) is passed on."""
-    if torch.is_tensor(value):
-        return value[rows] if batch > 1 and value.dim() > 0 and value.shape[0] == batch else value
-    if isinstance(value, tuple):
-        return tuple(_take(v, rows, batch) for v in value)
-    if isinstance(value, list):
-        return [_take(v, rows, batch) for v in value]
-    if isinstance(value, dict):
-        return {k: _take(v, rows, batch) for k, v in value.items()}
-    return value
-
-
 def _hidden(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
@@ -333,7 +319,7 @@ def train_block(layer: nn.Module, opened: dict[str, ScaleLinear], batches: list[
     return before, error()
 
 
-class BlockRecovery:
+class BlockRecovery(LayerHandler):
     """The walker's handler of the block phase: for each decoder layer, the layer's inputs are
     collected (``observe``), the original layer is run on the original model's hidden states to
     make the targets, and the layer's scales are trained (``solve``)."""
@@ -363,7 +349,8 @@ class BlockRecovery:
 
     def observe(self, name, module, args, kwargs, output):
         kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
+        hidden = module_input(args, kwargs)
+        kwargs.pop("hidden_states", None)   # the layer is called with the hidden states first
         self.inputs.append((hidden.detach(), kwargs))
 
     def _advance_teacher(self, index: int) -> list[torch.Tensor]:
@@ -398,7 +385,7 @@ class BlockRecovery:
             batch = hidden.shape[0]
             for start in range(0, batch, self.options.batch_size):
                 rows = slice(start, start + self.options.batch_size)
-                micro.append((hidden[rows], _take(kwargs, rows, batch)))
+                micro.append((hidden[rows], batch_rows(kwargs, rows, batch)))
                 micro_targets.append(target[rows].to(device))
         original = {name: get_module(layer, name).storage.scales.clone() for name in chosen}
         opened = open_scales(layer, chosen)

@@ -159,7 +159,7 @@ def export_dynamic(model: nn.Module, path: Path, options: DynamicExportOptions, 
     try:  # the base writes the weights of the plain model; the thresholds go back afterwards
         for name in table:
             clear_threshold(get_module(model, name))
-        problems = base.check(model, base.options(**options.base_options)) if base.check else []
+        problems = base.problems(model, base.options(**options.base_options), context)
         if problems:
             raise PocketError(f"base format {base.name!r} refuses the model: {'; '.join(problems)}",
                               field="export.base", fix="choose another base format")

@@ -32,6 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect
+from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import is_linear, linear_shape, linear_weight
 
@@ -248,7 +249,7 @@ def _has(root: nn.Module, name: str) -> bool:
 # ------------------------------------------------------------------------------ handler
 
 
-class ThresholdCalibrator:
+class ThresholdCalibrator(LayerHandler):
     """Walker handler: keeps the magnitudes each thresholded input (or gate activation) takes
     on the calibration windows, then sets the thresholds layer by layer."""
 
@@ -281,7 +282,7 @@ class ThresholdCalibrator:
         return [n for n in names if is_linear(get_module(layer, n)) and self._wanted(index, n)]
 
     def observe(self, name, module, args, kwargs, output):
-        x = output if self.options.mode == "cats" else (args[0] if args else kwargs["input"])
+        x = output if self.options.mode == "cats" else module_input(args, kwargs)
         self.seen.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
 
     def solve(self, index, layer, names):

@@ -32,13 +32,15 @@ from torch import nn
 import pocketlm
 from pocketlm import Exporter, Options, PocketError, streaming
 from pocketlm.card import card_metadata
-from pocketlm.modules import matches
+from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import PackedGrid, QuantizedEmbedding, QuantizedLinear, is_linear, linear_shape, linear_weight
 
 from . import blocks, kquants
 from .tokenizer import vocab_from_tokenizer, write_vocab
 
-# config.model_type -> (general.architecture, rotary permutation of q/k rows)
+# What GGUF needs beyond the model's registered Architecture (where its layers, heads and MLP
+# are comes from context.architecture): config.model_type -> (general.architecture, whether
+# llama.cpp's rotary permutation applies to the q/k rows).
 FAMILIES = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qwen2", False)}
 
 _FILE_TYPES = {
@@ -119,8 +121,17 @@ def _rope_type(config) -> str:
     return parameters.get("rope_type", parameters.get("type", "default")) or "default"
 
 
-def check(model, options) -> list[str]:
-    """Problems that stop a GGUF export before anything is written."""
+def architecture_of(model, context=None):
+    """The model's registered :class:`pocketlm.Architecture`: the run's (``context``), or the
+    installed plugins' for a call without one."""
+    if context is None:
+        context = pocketlm.Context(plugins=pocketlm.installed_plugins())
+    return context.architecture(model)
+
+
+def check(model, options, context=None) -> list[str]:
+    """Problems that stop a GGUF export before anything is written. The layout (where the
+    decoder layers are) is the run's registered architecture (``context.architecture``)."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in FAMILIES:
@@ -128,9 +139,11 @@ def check(model, options) -> list[str]:
                 f"{model_type!r}. Export it with the 'hf' exporter and convert it with llama.cpp's "
                 "convert_hf_to_gguf.py instead"]
     problems = []
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None:
-        return [f"this {model_type} model has no model.layers; the gguf exporter expects the transformers layout"]
+    try:
+        layers = decoder_layers(model, architecture_of(model, context))
+    except (PocketError, AttributeError) as error:
+        return [f"the decoder layers of this {model_type} model are not where its registered architecture "
+                f"says ({error}); the gguf exporter expects the transformers layout"]
     if _rope_type(config) != "default":
         problems.append(f"rotary scaling {_rope_type(config)!r} is not written by the gguf exporter (only plain RoPE)")
     if model_type == "llama" and (getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False)):
@@ -269,13 +282,21 @@ def _matrix(name: str, module, options: GGUFOptions, report: _Report) -> blocks.
     return packed
 
 
-def _tensors(model, options: GGUFOptions, report: _Report, architecture: str, permute: bool):
-    """``(gguf name, array, raw qtype or None)`` for every tensor of the file."""
+def _heads(config, layout) -> tuple[int, int]:
+    """(query heads, key/value heads), from the config keys the architecture names."""
+    heads = int(getattr(config, layout.attention.get("heads_key", "num_attention_heads")))
+    kv_heads = getattr(config, layout.attention.get("kv_heads_key", "num_key_value_heads"), None)
+    return heads, int(kv_heads or heads)
+
+
+def _tensors(model, options: GGUFOptions, report: _Report, architecture: str, permute: bool, layout):
+    """``(gguf name, array, raw qtype or None)`` for every tensor of the file; ``layout`` is the
+    model's registered :class:`pocketlm.Architecture`."""
     config = model.config
-    layers = config.num_hidden_layers
+    layers = getattr(config, layout.layer_count_key)
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if architecture == "llama" else gguf.MODEL_ARCH.QWEN2,
                                         layers)
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    heads, kv_heads = _heads(config, layout)
     tied = _is_tied(model)
     head_name = next((n for n, m in model.named_modules() if m is model.get_output_embeddings()), None)
     for name, module in _leaf_modules(model):
@@ -314,16 +335,16 @@ def _versions(context) -> dict[str, str]:
     return versions
 
 
-def _hyperparameters(writer: gguf.GGUFWriter, model) -> None:
+def _hyperparameters(writer: gguf.GGUFWriter, model, layout) -> None:
     config = model.config
-    layer = model.model.layers[0]
-    heads = config.num_attention_heads
-    kv_heads = config.num_key_value_heads or heads
+    gate = get_module(decoder_layers(model, layout)[0], layout.mlp_in[0])
+    heads, kv_heads = _heads(config, layout)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    intermediate = layer.mlp.gate_proj.out_features if hasattr(layer.mlp.gate_proj, "out_features") else config.intermediate_size
+    # the layer's own width: a width-pruned model's config may still hold the original one
+    intermediate = linear_shape(gate)[0] if is_linear(gate) else getattr(config, layout.intermediate_size_key)
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
-    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_block_count(int(getattr(config, layout.layer_count_key)))
     writer.add_feed_forward_length(int(intermediate))
     writer.add_head_count(int(heads))
     writer.add_head_count_kv(int(kv_heads))
@@ -351,10 +372,11 @@ def _card_metadata(writer: gguf.GGUFWriter, recipe: dict) -> None:
 
 
 def export_gguf(model, path, options: GGUFOptions, context) -> None:
-    problems = check(model, options)
+    problems = check(model, options, context)
     if problems:
         raise PocketError("cannot export to GGUF: " + "; ".join(problems))
     log = context.log if context is not None else print
+    layout = architecture_of(model, context)
     architecture, permute = FAMILIES[model.config.model_type]
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -366,7 +388,7 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     writer.temp_file = tempfile.SpooledTemporaryFile(max_size=SCRATCH_IN_MEMORY, dir=path)
     matrix_types: Counter = Counter()
     with torch.no_grad():
-        for tensor_name, data, qtype in _tensors(model, options, report, architecture, permute):
+        for tensor_name, data, qtype in _tensors(model, options, report, architecture, permute, layout):
             writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
             if qtype is not None and data.ndim == 2:
                 matrix_types[qtype] += 1
@@ -376,7 +398,7 @@ def export_gguf(model, path, options: GGUFOptions, context) -> None:
     name = options.name or getattr(model.config, "_name_or_path", None) or f"pocketlm-{model.config.model_type}"
     writer.add_name(str(name))
     _card_metadata(writer, getattr(context, "recipe", None) or {})
-    _hyperparameters(writer, model)
+    _hyperparameters(writer, model, layout)
     quantized = [t for t in matrix_types if t not in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32)]
     dominant = max(quantized or matrix_types, key=lambda t: matrix_types[t])
     writer.add_file_type(_FILE_TYPES[dominant])

@@ -27,6 +27,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import get_module
 from pocketlm.quant import (Grid, check_group_size, grid_rule, group_grid, quantize_embedding, replace_with_grid,
                             round_to_grid, select_targets)
@@ -257,7 +258,7 @@ def _sweep(W, W1, E1, U1, Q, scales, zeros, ready, group_of, keep1, start, end, 
 # ------------------------------------------------------------------------------ handler
 
 
-class GPTQHandler:
+class GPTQHandler(LayerHandler):
     """Layer-walker handler: accumulate each selected linear's Hessian in ``observe``; in
     ``solve`` run :func:`gptq_quantize`, put a ``QuantizedLinear`` in place and free the Hessian.
     Linears of a group that read the same input tensor (q/k/v, gate/up) share one Hessian."""
@@ -284,7 +285,7 @@ class GPTQHandler:
         return [n for n in names if self._full(index, n) in self.selected]
 
     def observe(self, name, module, args, kwargs, output):
-        x = args[0] if args else kwargs.get("input", kwargs.get("x"))
+        x = module_input(args, kwargs)
         if self._last is not None and self._last[0] is x:
             self.owner[name] = self._last[1]      # same input as the previous linear
             return

@@ -15,6 +15,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect
+from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import get_mask, is_linear, is_quantized, linear_weight
 
@@ -165,7 +166,7 @@ class InputNorms:
         return summed(self.sq[name]).sqrt()
 
 
-class _OwlPass:
+class _OwlPass(LayerHandler):
     """A read-only walk that measures each layer's outlier ratio on the unpruned model."""
 
     def __init__(self, targeting: "Targeting", threshold: float):
@@ -177,7 +178,7 @@ class _OwlPass:
         return self.targeting.names(index, names)
 
     def observe(self, name, module, args, kwargs, output):
-        self.norms.add(name, args[0] if args else kwargs["input"])
+        self.norms.add(name, module_input(args, kwargs))
 
     def solve(self, index, layer, names):
         scores = [linear_weight(get_module(layer, n)).abs().float() * self.norms.norm(n, self.targeting.summed)
@@ -258,7 +259,7 @@ def old_mask(module: nn.Module) -> torch.Tensor | None:
     return get_mask(module)
 
 
-class CalibratedPruner:
+class CalibratedPruner(LayerHandler):
     """The layer handler Wanda and SparseGPT share: observe the inputs of the targeted linears of
     each group, then prune them with ``prune(name, module, sparsity)`` (subclasses)."""
 
@@ -276,7 +277,7 @@ class CalibratedPruner:
         return chosen
 
     def observe(self, name, module, args, kwargs, output):
-        self.accumulate(name, (args[0] if args else kwargs["input"]).detach())
+        self.accumulate(name, module_input(args, kwargs).detach())
 
     def solve(self, index, layer, names):
         for name in names:

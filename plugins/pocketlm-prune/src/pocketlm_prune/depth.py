@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect, require_whole_model
+from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, set_module
 from pocketlm.sentence import last_hidden, pool, pooling
 
@@ -135,7 +136,7 @@ def frame_as_sentences(windows: torch.Tensor, tokenizer) -> torch.Tensor:
 # ---------------------------------------------------------------------------- the model
 
 
-class _Influence:
+class _Influence(LayerHandler):
     def __init__(self):
         self.scores: list[float] = []
         self._sum, self._tokens = 0.0, 0
@@ -144,7 +145,7 @@ class _Influence:
         return [""]
 
     def observe(self, name, module, args, kwargs, output):
-        x_in = args[0] if args else kwargs["hidden_states"]
+        x_in = module_input(args, kwargs)
         x_out = output[0] if isinstance(output, (tuple, list)) else output
         self._sum += float(block_influence(x_in, x_out))
         self._tokens += x_in.reshape(-1, x_in.shape[-1]).shape[0]

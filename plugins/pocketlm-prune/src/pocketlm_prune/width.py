@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from pocketlm import Options, PocketError, SizeEffect, require_whole_model
+from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, set_module
 from pocketlm.weights import get_mask, is_quantized, is_transposed, linear_bias, linear_shape, linear_weight, set_mask
 
@@ -223,7 +224,7 @@ def _check_heads_loadable(model: nn.Module, arch, shapes: Shapes, heads: int, kv
             "with prune-depth")
 
 
-class _Importance:
+class _Importance(LayerHandler):
     """Read-only layer handler that sums channel and head importance per layer."""
 
     def __init__(self, arch, shapes: Shapes, mlp: bool, heads: bool):
@@ -238,7 +239,7 @@ class _Importance:
         return wanted
 
     def observe(self, name, module, args, kwargs, output):
-        x = args[0] if args else kwargs["input"]
+        x = module_input(args, kwargs)
         if name == self.arch.mlp_out and self.mlp:
             value = channel_importance(x)
             self._tokens += x.reshape(-1, x.shape[-1]).shape[0]
