@@ -68,7 +68,7 @@ from __future__ import annotations
 from ._shared import (ATOL, FAMILIES, SEQ_LEN, WINDOWS, ConformanceError, logits, nonfinite, state_hash, tensors, tiny,
                       windows)
 from .evaluators import EvaluatorConformance, check_evaluator
-from .exporters import ExporterConformance, check_exporter, prepared_model
+from .exporters import ExporterConformance, check_exporter, export_model, prepared_model
 from .grid_rules import (ERROR_RATIO, GridRuleConformance, check_grid_allocations, check_grid_fit, check_grid_rule,
                          supported_settings)
 from .loaders import LoaderConformance, check_loader
@@ -83,6 +83,6 @@ __all__ = [
     "build_options", "check_allocations", "check_cuda_matches_cpu", "check_deterministic", "check_evaluator",
     "check_exporter", "check_grid_allocations", "check_grid_fit", "check_grid_rule", "check_ignore",
     "check_loadable", "check_loader", "check_masks", "check_method", "check_options", "check_runs",
-    "compare_devices", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model", "run_method",
+    "compare_devices", "export_model", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model", "run_method",
     "state_hash", "supported_settings", "tensors", "tiny", "windows",
 ]

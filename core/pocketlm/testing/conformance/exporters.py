@@ -99,6 +99,23 @@ class _Interrupted(Exception):
     pass
 
 
+def export_model(name: str, path: Path, options: Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
+                 family: str = "llama", method: str | None = None, method_options=None, tokenizer=None,
+                 plugins=None) -> Path:
+    """Export ``model`` (or a tiny ``family`` model compressed by ``method``) with exporter
+    ``name`` into the folder ``path``, as a run does; returns ``path``. A source for a loader's
+    conformance test (``LoaderConformance.source``)."""
+    plugins = _plugins(plugins)
+    exporter: Exporter = _component(plugins, "exporters", name)
+    model = prepared_model(family, method, method_options, plugins=plugins) if model is None else model
+    context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
+    context.export_path = Path(path)
+    with atomic.folder(Path(path)) as tmp:
+        plugins.hook.export(model=model, exporter=exporter, options=exporter.options(**dict(options or {})), path=tmp,
+                            context=context)
+    return Path(path)
+
+
 class ExporterConformance:
     """Subclass as ``TestSomething``; set ``exporter`` and ``options``, and ``method`` /
     ``method_options`` to prepare a model the exporter represents (None: a dense model)."""

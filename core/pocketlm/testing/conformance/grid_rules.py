@@ -112,9 +112,9 @@ def squared_error(W: torch.Tensor, bits: int, group_size: int, symmetric: bool, 
 
 
 def check_grid_fit(name: str, bits: int, group_size: int, symmetric: bool, *, plugins=None,
-                   max_error_ratio: float = ERROR_RATIO) -> None:
+                   max_error_ratio: float = ERROR_RATIO, cols: int = COLS) -> None:
     """Grid rule ``name`` at one setting: the grid's shape, dtype, device, float16 scales and
-    integer zero points in range (symmetric: ``2**(bits-1)``) on a ``64x64`` and a ``64x80``
+    integer zero points in range (symmetric: ``2**(bits-1)``) on a ``64 x cols`` and a ``64x80``
     weight; ``W`` and ``importance`` untouched; the same grid twice; ``importance`` ignored unless
     the rule declares ``uses_importance``; pruned weights dequantize to exactly 0; the squared
     round-trip error at most ``max_error_ratio`` times min-max's."""
@@ -123,7 +123,7 @@ def check_grid_fit(name: str, bits: int, group_size: int, symmetric: bool, *, pl
     refused = rule.problems(bits, group_size, symmetric)
     _raise(what, [f"the rule declares it cannot fit these settings: it needs {', '.join(refused)}"] if refused else [])
     problems: list[str] = []
-    W, importance = grid_weight(), grid_importance()
+    W, importance = grid_weight(cols=cols), grid_importance(cols)
     W_before, importance_before = W.clone(), importance.clone()
     scales, zeros = _fit(rule, W, bits, group_size, symmetric, importance)
     problems += grid_problems(scales, zeros, W, bits, group_size, symmetric)
@@ -154,13 +154,14 @@ def check_grid_fit(name: str, bits: int, group_size: int, symmetric: bool, *, pl
     _raise(what, problems)
 
 
-def check_grid_allocations(name: str, bits: int, group_size: int, symmetric: bool, *, plugins=None) -> None:
+def check_grid_allocations(name: str, bits: int, group_size: int, symmetric: bool, *, plugins=None,
+                           cols: int = COLS) -> None:
     """Every tensor ``fit`` makes lives on the weight's device: fitted again with PyTorch's default
     device set to ``meta`` (the weight made before, on the CPU), a tensor made without
     ``device=`` breaks the fit or the grid, so both fits must give identical grids."""
     rule: GridRule = _component(_plugins(plugins), "grid_rules", name)
     what = f"grid rule {name!r} at {_setting(bits, group_size, symmetric)}"
-    W, importance = grid_weight(), grid_importance()
+    W, importance = grid_weight(cols=cols), grid_importance(cols)
     expected = _fit(rule, W, bits, group_size, symmetric, importance)
     try:
         with torch.device("meta"):
@@ -177,7 +178,8 @@ def check_grid_allocations(name: str, bits: int, group_size: int, symmetric: boo
     _raise(what, problems)
 
 
-def check_grid_rule(name: str, settings=None, *, plugins=None, max_error_ratio: float = ERROR_RATIO) -> dict[str, str]:
+def check_grid_rule(name: str, settings=None, *, plugins=None, max_error_ratio: float = ERROR_RATIO,
+                    cols: int = COLS) -> dict[str, str]:
     """:func:`check_grid_fit` and :func:`check_grid_allocations` at every setting in ``settings``
     (None: every setting the rule supports). Raises one :class:`ConformanceError` listing every
     failure; returns ``{setting: "ok"}``."""
@@ -187,8 +189,8 @@ def check_grid_rule(name: str, settings=None, *, plugins=None, max_error_ratio: 
     for setting in settings or supported_settings(rule):
         label = _setting(*setting)
         try:
-            check_grid_fit(name, *setting, plugins=plugins, max_error_ratio=max_error_ratio)
-            check_grid_allocations(name, *setting, plugins=plugins)
+            check_grid_fit(name, *setting, plugins=plugins, max_error_ratio=max_error_ratio, cols=cols)
+            check_grid_allocations(name, *setting, plugins=plugins, cols=cols)
             outcome[label] = "ok"
         except ConformanceError as exc:
             outcome[label] = "failed"
@@ -209,12 +211,15 @@ class GridRuleConformance:
     * ``settings``: ``(bits, group_size, symmetric)`` tuples to check instead (empty: every
       setting the rule supports, from its ``bits``, ``group_sizes`` and ``symmetric``);
     * ``max_error_ratio``: the largest squared round-trip error allowed, as a multiple of
-      min-max's (raise it, with the reason, for a rule that trades error for a format).
+      min-max's (raise it, with the reason, for a rule that trades error for a format);
+    * ``cols``: the width of the weight (64; a rule with a layout of its own, such as 256-weight
+      super-blocks, sets a width that exercises it).
     """
 
     grid_rule: str = ""
     settings: tuple[tuple[int, int, bool], ...] = ()
     max_error_ratio: float = ERROR_RATIO
+    cols: int = COLS
 
     def pytest_generate_tests(self, metafunc):
         if "setting" in metafunc.fixturenames:
@@ -226,7 +231,7 @@ class GridRuleConformance:
             metafunc.parametrize("setting", settings, ids=[_setting_id(s) for s in settings])
 
     def test_fit_contract(self, setting):
-        check_grid_fit(self.grid_rule, *setting, max_error_ratio=self.max_error_ratio)
+        check_grid_fit(self.grid_rule, *setting, max_error_ratio=self.max_error_ratio, cols=self.cols)
 
     def test_allocates_on_the_weight_device(self, setting):
-        check_grid_allocations(self.grid_rule, *setting)
+        check_grid_allocations(self.grid_rule, *setting, cols=self.cols)

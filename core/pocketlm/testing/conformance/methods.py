@@ -98,8 +98,12 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
         except Exception as exc:  # noqa: BLE001
             problems.append(f"effect(options) raised {type(exc).__name__}: {exc}")
     if method.plan is not None:
+        from ...planner import PlanBudget
+
         try:
-            proposals = method.plan(None)
+            # the budgets the planner hands plan(): none, a bits target, a size target
+            proposals = [p for budget in (PlanBudget(), PlanBudget(target_bits=3.0), PlanBudget(target_size_mb=40.0))
+                         for p in method.plan(budget)]
             for proposal in proposals:
                 try:
                     # "default" marks a proposal for the default hybrid; it is not an option
@@ -107,7 +111,8 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
                 except ValidationError as exc:
                     problems.append(f"plan proposes {proposal}, which does not validate: {exc.errors()[0]['msg']}")
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"plan(None) raised {type(exc).__name__}: {exc}")
+            problems.append(f"plan(budget) raised {type(exc).__name__}: {exc} (the planner hands it a "
+                            "pocketlm.planner.PlanBudget)")
     _raise(f"method {name!r} options", problems)
 
 
