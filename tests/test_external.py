@@ -55,7 +55,8 @@ def test_a_path_that_does_not_exist_is_named(monkeypatch, tmp_path):
     monkeypatch.setenv(VARIABLE, str(missing))
     with pytest.raises(PocketError) as error:
         find_python(VARIABLE, what="the peer")
-    assert error.value.message == f"the peer: the Python interpreter {missing} ($POCKETLM_TEST_PEER_PYTHON) does not exist"
+    assert error.value.message == (f"the peer: the Python interpreter {missing} ($POCKETLM_TEST_PEER_PYTHON) "
+                                   "does not exist")
 
 
 def test_the_module_it_needs_is_looked_for_in_that_environment(monkeypatch):

@@ -12,7 +12,6 @@ import torch
 import pocketlm
 from pocketlm.testing.models import tiny_model
 from pocketlm.weights import QuantizedLinear, is_linear, linear_weight, set_mask
-from pocketlm_gptq import backend_llmcompressor
 from pocketlm_gptq.gptq import GPTQOptions, compress_gptq
 from pocketlm_gptq.rtn import RTNOptions, compress_rtn
 

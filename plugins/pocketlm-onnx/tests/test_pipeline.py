@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 from click.testing import CliRunner
 from conftest import SENTENCES, cosines
 

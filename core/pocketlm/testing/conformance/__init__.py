@@ -83,6 +83,6 @@ __all__ = [
     "build_options", "check_allocations", "check_cuda_matches_cpu", "check_deterministic", "check_evaluator",
     "check_exporter", "check_grid_allocations", "check_grid_fit", "check_grid_rule", "check_ignore",
     "check_loadable", "check_loader", "check_masks", "check_method", "check_options", "check_runs",
-    "compare_devices", "export_model", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model", "run_method",
-    "state_hash", "supported_settings", "tensors", "tiny", "windows",
+    "compare_devices", "export_model", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model",
+    "run_method", "state_hash", "supported_settings", "tensors", "tiny", "windows",
 ]
