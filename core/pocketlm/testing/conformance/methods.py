@@ -519,6 +519,5 @@ class MethodConformance:
     def test_cuda_matches_cpu(self, family):
         self._supported(family)
         if not torch.cuda.is_available():
-            _pytest().skip("no CUDA device here: the CPU/CUDA comparison runs where there is one "
-                           "(benchmarks/gpu_smoke.sh runs it)")
+            _pytest().skip("no CUDA device here: the CPU/CUDA comparison runs where there is one")
         check_cuda_matches_cpu(self.method, self.options, family)
