@@ -79,11 +79,11 @@ def test_the_worker_is_started_through_the_bridge_with_a_json_request(monkeypatc
         sent.update(python=python, script=script, request=request)
         raise PocketError("stop here")
 
-    monkeypatch.setattr(backend_llmcompressor, "find_peer_python", lambda: "/peer/bin/python")
+    monkeypatch.setattr(backend_llmcompressor, "find_peer_python", lambda: "peer-venv/bin/python")
     monkeypatch.setattr(backend_llmcompressor.external, "run_worker", fake_run_worker)
     with pytest.raises(PocketError, match="stop here"):
         backend_llmcompressor.run_worker(tiny_model("llama"), PEER, _context(), ["model.layers.0.mlp.up_proj"], tmp_path)
-    assert sent["python"] == "/peer/bin/python" and sent["script"].name == "llmc_awq_worker.py"
+    assert sent["python"] == "peer-venv/bin/python" and sent["script"].name == "llmc_awq_worker.py"
     request = sent["request"]
     assert request["targets"] == [r"re:^model\.layers\.0\.mlp\.up_proj$"]
     assert (request["bits"], request["group_size"], request["symmetric"], request["n_grid"]) == (4, 32, False, 20)
