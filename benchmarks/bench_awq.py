@@ -30,7 +30,7 @@ import common  # noqa: E402
 
 RESULTS = HERE / "results" / "awq.jsonl"
 WINDOWS = HERE / "results" / "awq_windows.safetensors"
-PEER_VENV = HERE / ".venvs" / "llmcompressor" / "bin" / "python"
+PEER_VENV = Path(os.environ[common.LLMCOMPRESSOR_VARIABLE])  # llm-compressor's environment (common.py)
 CONFIGS = ((4, 64), (3, 64))
 
 

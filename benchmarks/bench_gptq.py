@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,6 @@ ROWS = {  # most important first, so a partial run keeps what matters
     "gptq-w8-perchannel": ("gptq", dict(bits=8, group_size=-1, act_order=True)),
     "gptq-w4-g64-onepass": ("gptq", dict(bits=4, group_size=64, act_order=False, true_sequential=False)),
 }
-PEER_PYTHON = os.environ.get("POCKETLM_LLMCOMPRESSOR_PYTHON",
-                             str(common.ROOT / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
 
 
 def run_one(name: str, protocol: str) -> dict:
@@ -94,17 +91,12 @@ def run_one(name: str, protocol: str) -> dict:
 def run_peer(calibration, actorder: str) -> dict:
     from safetensors.torch import save_file
 
-    if not Path(PEER_PYTHON).exists():
-        raise SystemExit(f"llm-compressor venv not found at {PEER_PYTHON}: bash benchmarks/peers/setup_llmcompressor.sh")
     work = Path(tempfile.mkdtemp(prefix="bench-gptq-peer-"))
     save_file({"input_ids": calibration.contiguous()}, str(work / "calib.safetensors"))
-    command = [PEER_PYTHON, str(common.ROOT / "benchmarks" / "peers" / "llmc_gptq.py"),
-               "--model", str(common.reference_folder()), "--windows", str(work / "calib.safetensors"),
-               "--out", str(work / "out"), "--result", str(work / "result.json"), "--bits", "4", "--group-size", "64",
-               "--actorder", actorder]
+    request = {"model": str(common.reference_folder()), "windows": str(work / "calib.safetensors"),
+               "out": str(work / "out"), "bits": 4, "group_size": 64, "actorder": actorder}
     with common.Timer() as wall:
-        subprocess.run(command, check=True, stdout=sys.stderr)
-    result = json.loads((work / "result.json").read_text())
+        result = common.run_llmcompressor_gptq(request)
     return {"compress_s": result["seconds"], "peer_wall_s": wall.seconds, "peak_rss_mb": result["peak_rss_mb"],
             "checkpoint_mb": common.folder_mb(work / "out"), "out": str(work / "out"),
             "peer": f"llmcompressor {result['llmcompressor']} actorder={result['actorder']}"}

@@ -116,7 +116,7 @@ def main() -> None:
 
 def run_peer(folder: Path, calibration, evaluation, before: float, record) -> None:
     """llm-compressor's GPTQ on ``folder`` with the same windows, then its export's perplexity."""
-    import json
+    import os
     import subprocess
     import tempfile
 
@@ -126,15 +126,14 @@ def run_peer(folder: Path, calibration, evaluation, before: float, record) -> No
 
     venv = subprocess.run(["bash", str(common.ROOT / "benchmarks" / "peers" / "setup_llmcompressor.sh")], check=True,
                           capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    os.environ[common.LLMCOMPRESSOR_VARIABLE] = f"{venv}/bin/python"
     with tempfile.TemporaryDirectory(prefix="bench-large-peer-") as work:
         work = Path(work)
         save_file({"input_ids": calibration.contiguous()}, str(work / "calibration.safetensors"))
-        command = [f"{venv}/bin/python", str(common.ROOT / "benchmarks" / "peers" / "llmc_gptq.py"),
-                   "--model", str(folder), "--windows", str(work / "calibration.safetensors"), "--out", str(work / "out"),
-                   "--result", str(work / "result.json"), "--bits", "4", "--group-size", "128", "--actorder", "static"]
+        request = {"model": str(folder), "windows": str(work / "calibration.safetensors"), "out": str(work / "out"),
+                   "bits": 4, "group_size": 128, "actorder": "static"}
         with common.Timer() as wall:
-            subprocess.run(command, check=True, stdout=sys.stderr)
-        result = json.loads((work / "result.json").read_text())
+            result = common.run_llmcompressor_gptq(request)
         record("peer-gptq", peer=f"llmcompressor {result['llmcompressor']}", seconds=round(result["seconds"], 1),
                wall_seconds=round(wall.seconds, 1), peer_peak_rss_mb=round(result["peak_rss_mb"]), bits=4,
                group_size=128, actorder="static", calibration=list(calibration.shape))

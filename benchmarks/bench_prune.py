@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -32,7 +33,7 @@ from pocketlm.builtins.export_hf import export_hf  # noqa: E402
 from pocketlm.plugins import get_plugins  # noqa: E402
 from pocketlm.testing import make_context  # noqa: E402
 
-LLMC_PYTHON = common.ROOT / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"
+LLMC_PYTHON = Path(os.environ[common.LLMCOMPRESSOR_VARIABLE])  # llm-compressor's environment (common.py)
 
 
 def sparsity_of(model) -> float:

@@ -26,6 +26,29 @@ from pocketlm.builtins.loaders import demo_folder
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOLS = {"quick": (32, 32), "full": (128, 128)}
 SEQ_LEN = 512
+#: llm-compressor's own environment (``bash benchmarks/peers/setup_llmcompressor.sh`` makes it).
+#: The benchmarks name it the way a user does, through the variable the shipped workers of
+#: pocketlm-gptq and pocketlm-awq read; a value already set wins.
+LLMCOMPRESSOR_VARIABLE = "POCKETLM_LLMCOMPRESSOR_PYTHON"
+os.environ.setdefault(LLMCOMPRESSOR_VARIABLE, str(ROOT / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
+
+
+def llmcompressor_python() -> str:
+    """The Python of llm-compressor's environment, checked through ``pocketlm.external`` (a clear
+    error naming ``POCKETLM_LLMCOMPRESSOR_PYTHON`` when it is missing)."""
+    from pocketlm.external import find_python
+
+    return find_python(LLMCOMPRESSOR_VARIABLE, needs="llmcompressor", install="llmcompressor==0.14.*",
+                       what="the llm-compressor peer")
+
+
+def run_llmcompressor_gptq(request: dict) -> dict:
+    """pocketlm-gptq's shipped llm-compressor worker (what ``backend = "llmcompressor"`` runs),
+    started through the bridge ``pocketlm.external``; returns its reply."""
+    from pocketlm.external import run_worker
+    from pocketlm_gptq.backend_llmcompressor import WORKER
+
+    return run_worker(llmcompressor_python(), WORKER, request, what="llm-compressor's GPTQ (pocketlm-gptq's worker)")
 
 
 def text_path(name: str) -> Path:

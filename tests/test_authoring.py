@@ -3,8 +3,10 @@ methods against the kit.
 
 (a) ``pocketlm new-plugin`` → pip install → the generated tests (conformance kit) pass →
     the method runs in a recipe → pip uninstall, in one test;
-(b) the example plugin in docs/examples is pip-installed, passes the kit and runs in a recipe;
-(c) every installed first-party method, exporter, evaluator and loader passes the kit.
+(b) the example plugin in docs/examples is pip-installed, its own tests (the kit) pass and it runs
+    in a recipe;
+(c) the core's built-in exporter, evaluators and loader pass the kit (each first-party plugin
+    runs the kit on its own components in its own tests).
 """
 
 from __future__ import annotations
@@ -153,26 +155,36 @@ def example_installed(tmp_path_factory):
     folder = _copy(EXAMPLE, tmp_path_factory.mktemp("example") / EXAMPLE.name)
     _pip("install", "-q", "--no-deps", "--no-build-isolation", str(folder))
     try:
-        yield _installed("pocketlm-example-mseround")
+        yield folder, _installed("pocketlm-example-mseround")
     finally:
         _pip("uninstall", "-q", "-y", "pocketlm-example-mseround")
         _installed("pocketlm-example-mseround")
 
 
-def test_example_grid_rule_passes_the_conformance_kit_through_rtn_and_gptq(example_installed):
-    assert "mse" in example_installed.grid_rules, [p.reason for p in example_installed.problems]
-    for method in ("rtn", "gptq"):
-        if method not in example_installed.methods:
-            pytest.skip("pocketlm-gptq is not installed")
-        outcome = kit.check_method(method, {"bits": 4, "group_size": 32, "grid": "mse"}, plugins=example_installed)
-        assert set(outcome.values()) == {"ok"}, (method, outcome)
-        assert {f"runs[{f}]" for f in kit.FAMILIES} <= set(outcome)
+def test_example_plugin_own_tests_pass_with_the_kit(example_installed):
+    """The example's own tests, run the way its author runs them: the grid-rule kit on ``mse`` at
+    every setting it supports, the method kit on rtn and gptq with it, and its error below
+    min-max's on heavy-tailed weights."""
+    folder, plugins = example_installed
+    assert "mse" in plugins.grid_rules, [p.reason for p in plugins.problems]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:randomly", "-p", "no:cacheprovider"],
+                         cwd=folder, capture_output=True, text=True, timeout=900, env=ENV)
+    output = run.stdout
+    assert run.returncode == 0, output[-4000:]
+    assert "test_conformance.py::TestMSEGridRule::test_fit_contract[2bit-g16-sym] PASSED" in output, output[-4000:]
+    assert "test_conformance.py::TestMSEGridRule::test_allocates_on_the_weight_device[8bit-g-1-sym] PASSED" in output
+    assert "asym" not in output                      # a symmetric-only rule is checked where it applies
+    assert "test_mseround.py::test_error_is_clearly_below_min_max_on_heavy_tailed_weights[3-0.85] PASSED" in output
+    if "rtn" in plugins.methods:
+        assert "TestGPTQWithMSEGrid::test_runs_and_exports[opt] PASSED" in output
+        assert "TestRTNWithMSEGrid::test_respects_masks[gpt2] PASSED" in output
 
 
 def test_example_plugin_is_used_in_a_recipe(example_installed, tiny_folder, tmp_path):
-    if "rtn" not in example_installed.methods:
+    _, plugins = example_installed
+    if "rtn" not in plugins.methods:
         pytest.skip("pocketlm-gptq is not installed")
-    prune = "magnitude" in example_installed.methods
+    prune = "magnitude" in plugins.methods
     stages = ('[[stages]]\nmethod = "magnitude"\nsparsity = 0.5\n' if prune else "") + \
         '[[stages]]\nmethod = "rtn"\nbits = 4\ngroup_size = 32\ngrid = "mse"\n'
     report = _run_recipe(tmp_path, tiny_folder, stages)
@@ -184,134 +196,13 @@ def test_example_plugin_is_used_in_a_recipe(example_installed, tiny_folder, tmp_
         assert report["after"]["sparsity"] >= report["stages"][0]["metrics"]["sparsity"]
 
 
-def test_example_plugin_own_tests_are_real():
-    """The example's rule lowers the rounding error of heavy-tailed weights by more than 10%:
-    run it in-process on the source."""
-    sys.path.insert(0, str(EXAMPLE / "src"))
-    try:
-        from pocketlm_example_mseround import mseround
-    finally:
-        sys.path.remove(str(EXAMPLE / "src"))
-    from pocketlm.quant import dequantize_grid, round_to_grid
-
-    torch.manual_seed(0)
-    weight = torch.distributions.StudentT(3.0).sample((64, 128)) * 0.02
-    errors = {}
-    for name, fit in (("mse", mseround.mse_grid), ("minmax", None)):
-        q, scales, zeros = round_to_grid(weight, 4, 32, True, fit=fit)
-        errors[name] = float((dequantize_grid(q, scales, zeros, 32) - weight).pow(2).sum())
-    assert errors["mse"] < 0.9 * errors["minmax"]
+# ------------------------------------------------------------- (c) the core's own components
+# Each first-party plugin runs the kit on its own components in its tests/test_conformance.py;
+# here the core's built-ins: the hf exporter, evaluators and loader (classes at the end), the
+# grid rules (tests/test_grids.py).
 
 
-# ----------------------------------------------------- (c) first-party plugins against the kit
-
-# method: (distribution, fast options, families, {family: reason} unsupported)
-FIRST_PARTY = {
-    "rtn": ("pocketlm-gptq", {"bits": 4, "group_size": 32}, kit.FAMILIES, {}),
-    "gptq": ("pocketlm-gptq", {"bits": 4, "group_size": 32}, kit.FAMILIES, {}),
-    "awq": ("pocketlm-awq", {"bits": 4, "group_size": 32, "n_grid": 4, "clip_grid": 4}, kit.FAMILIES, {}),
-    "magnitude": ("pocketlm-prune", {"sparsity": 0.5}, kit.FAMILIES, {}),
-    "wanda": ("pocketlm-prune", {"sparsity": 0.5}, kit.FAMILIES, {}),
-    "sparsegpt": ("pocketlm-prune", {"sparsity": 0.5}, kit.FAMILIES, {}),
-    "prune-width": ("pocketlm-prune", {"mlp_ratio": 0.25}, kit.FAMILIES, {}),
-    "prune-width-heads": ("pocketlm-prune", {"mlp_ratio": 0.25, "head_ratio": 0.5}, kit.FAMILIES, {
-        "gpt2": "GPT-2's config derives the head width from hidden_size / heads: transformers "
-                "could not reload a head-pruned model (the method refuses with a PocketError)",
-        "opt": "OPT's config derives the head width from hidden_size / heads (same as GPT-2)"}),
-    "prune-depth": ("pocketlm-prune", {"layers": 1}, kit.FAMILIES, {}),
-    "distill": ("pocketlm-distill", {"steps": 2, "batch_size": 2}, kit.FAMILIES, {}),
-}
-# Options models whose defaults cannot build because the user must make a choice.
-MUST_CHOOSE = {
-    "prune-width": "say how much to remove: mlp_ratio, intermediate_size, head_ratio or kv_heads",
-    "distill": "give a training budget: exactly one of steps and tokens",
-}
-# Genuine limitations, reported to the maintainers (strict: an xfail that starts passing fails).
-KNOWN: dict[tuple[str, str], str] = {}
-
-
-def _method(case: str) -> str:
-    return "prune-width" if case == "prune-width-heads" else case
-
-
-def _require(case: str):
-    distribution = FIRST_PARTY[case][0]
-    plugins = get_plugins()
-    if _method(case) not in plugins.methods:
-        pytest.skip(f"{distribution} is not installed")
-    return plugins
-
-
-def _params(check: str, per_family: bool, families=("llama",)):
-    params = []
-    for case, (_, _, all_families, unsupported) in FIRST_PARTY.items():
-        if check != "runs" and case == "prune-width-heads":
-            continue
-        reason = KNOWN.get((_method(case), check))
-        marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
-        for family in (all_families if per_family else families):
-            params.append(pytest.param(case, family, marks=marks, id=f"{case}-{family}"))
-    return params
-
-
-@pytest.mark.parametrize("case", [c for c in FIRST_PARTY if c != "prune-width-heads"])
-def test_first_party_options(case):
-    plugins = _require(case)
-    _, options, _, _ = FIRST_PARTY[case]
-    kit.check_options(_method(case), options, defaults_build=_method(case) not in MUST_CHOOSE, plugins=plugins)
-
-
-@pytest.mark.parametrize("case,family", _params("runs", per_family=True))
-def test_first_party_runs_and_exports(case, family, tmp_path):
-    plugins = _require(case)
-    _, options, _, unsupported = FIRST_PARTY[case]
-    if family in unsupported:
-        with pytest.raises(Exception, match="not possible|not supported|cannot"):
-            kit.run_method(_method(case), options, family, plugins=plugins)
-        pytest.skip(f"{case} does not support {family}: {unsupported[family]}")
-    run = kit.check_runs(_method(case), options, family, plugins=plugins)
-    kit.check_loadable(run.model, tmp_path, ids=run.windows, plugins=plugins, what=f"{case} on {family}")
-
-
-@pytest.mark.parametrize("case,family", _params("deterministic", per_family=False))
-def test_first_party_deterministic(case, family):
-    plugins = _require(case)
-    kit.check_deterministic(_method(case), FIRST_PARTY[case][1], family, plugins=plugins)
-
-
-@pytest.mark.parametrize("case,family", _params("masks", per_family=False, families=("llama", "gpt2")))
-def test_first_party_respects_masks(case, family):
-    plugins = _require(case)
-    kit.check_masks(_method(case), FIRST_PARTY[case][1], family, plugins=plugins)
-
-
-@pytest.mark.parametrize("case,family", _params("ignore", per_family=False))
-def test_first_party_respects_ignore(case, family):
-    plugins = _require(case)
-    if not kit.check_ignore(_method(case), FIRST_PARTY[case][1], family, plugins=plugins):
-        pytest.skip(f"{case}'s options have no 'ignore'")
-
-
-EXPORTERS = {  # exporter: (method that prepares a model it represents, its options)
-    "hf": (None, None),
-    "gptq": ("rtn", {"bits": 4, "group_size": 32}),
-    "compressed-tensors": ("rtn", {"bits": 4, "group_size": 32}),
-    "awq": ("rtn", {"bits": 4, "group_size": 32, "symmetric": False}),
-    "gguf": ("rtn", {"bits": 4, "group_size": 32}),
-}
-
-
-@pytest.mark.parametrize("exporter", list(EXPORTERS))
-def test_first_party_exporters(exporter, tmp_path):
-    plugins = get_plugins()
-    method, options = EXPORTERS[exporter]
-    if exporter not in plugins.exporters or (method and method not in plugins.methods):
-        pytest.skip(f"exporter {exporter} (or {method}) is not installed")
-    kit.check_exporter(exporter, model=kit.prepared_model("llama", method, options, plugins=plugins),
-                       plugins=plugins, folder=tmp_path)
-
-
-@pytest.mark.parametrize("evaluator,options", [("size", {}), ("sparsity", {}), ("parameters", {}),
+@pytest.mark.parametrize("evaluator,options", [("size", {}), ("parameters", {}),
                                                ("perplexity", {"windows": 2, "seq_len": 16})])
 def test_builtin_evaluators(evaluator, options):
     result = kit.check_evaluator(evaluator, options)

@@ -12,6 +12,7 @@ from pocketlm import GridRule, Method, Options, PocketError, hookimpl
 from pocketlm.grids import minmax_group_grid, weighted_error, weighted_group_grid
 from pocketlm.plugins import Plugins
 from pocketlm.recipe import parse_recipe
+from pocketlm.testing.conformance import ConformanceError, GridRuleConformance, check_grid_rule
 from pocketlm.weights import minmax_grid, quantize
 
 
@@ -121,3 +122,69 @@ def test_recipe_refuses_a_grid_rule_the_stage_settings_do_not_fit():
     assert "grid rule 'toy-pow2' needs bits = 4 (not 3), group_size = 32 (not 64)" in message
     assert "set bits = 4 and group_size = 32" in message
     parse_recipe(RECIPE.format(options='grid = "toy-pow2"'), plugins, file="recipe.toml")   # fits: accepted
+
+
+# ------------------------------------------------------------ the grid-rule conformance kit
+
+
+class TestMinmaxGridRuleConformance(GridRuleConformance):
+    grid_rule = "minmax"              # every setting: bits 2-8, every group size, both symmetries
+
+
+class TestWeightedMSEGridRuleConformance(GridRuleConformance):
+    grid_rule = "weighted-mse"        # every setting
+
+
+def _rule_plugins(fit, **declared):
+    module = types.ModuleType("grid-broken")
+    module.POCKETLM_API = ">=1.3,<2"
+    module.register_grid_rules = hookimpl(lambda register: register(GridRule(name="broken", fit=fit, **declared)))
+    return Plugins(entry_points=False, extra=[("grid-broken", module)])
+
+
+def _fails(fit, match, settings=((4, 32, False),), **declared):
+    with pytest.raises(ConformanceError, match=match):
+        check_grid_rule("broken", settings, plugins=_rule_plugins(fit, **declared))
+
+
+def test_the_grid_kit_catches_broken_rules():
+    def scaled(factor):
+        return lambda W, bits, g, sym, imp=None: (minmax_group_grid(W, bits, g, sym)[0] * factor,
+                                                 minmax_group_grid(W, bits, g, sym)[1])
+
+    _fails(scaled(1.0001), "not float16 values")
+    _fails(scaled(8.0), r"times min-max's")                           # a scale off by a factor
+    _fails(lambda W, bits, g, sym, imp=None: minmax_group_grid(W, bits, 64, sym), r"expected \[rows, groups\]")
+    _fails(lambda W, bits, g, sym, imp=None: (W.abs().amax(1, keepdim=True).expand(-1, 2).contiguous(),
+                                              torch.zeros(W.shape[0], 2)), "zero, negative or not finite")
+    _fails(lambda W, bits, g, sym, imp=None: (minmax_group_grid(W, bits, g, False)[0],
+                                              minmax_group_grid(W, bits, g, False)[1] + 0.5), "not integers")
+    _fails(lambda W, bits, g, sym, imp=None: minmax_group_grid(W, bits, g, False), "symmetric grid's zero point",
+           settings=((4, 32, True),))
+    _fails(lambda W, bits, g, sym, imp=None: weighted_group_grid(W, bits, g, sym, imp),
+           "does not declare uses_importance")
+
+    def careless(W, bits, g, sym, imp=None):
+        W.mul_(1.0)[0, 0] = 1.0                                       # writes into the weight
+        return minmax_group_grid(W, bits, g, sym)
+
+    _fails(careless, "modified the weight")
+
+    def noisy(W, bits, g, sym, imp=None):
+        scales, zeros = minmax_group_grid(W, bits, g, sym)
+        return scales * (1 + torch.randint(0, 2, scales.shape) * 2.0 ** -9), zeros   # float16 steps, random
+
+    _fails(noisy, "not deterministic")
+
+    def device_less(W, bits, g, sym, imp=None):
+        scales, zeros = minmax_group_grid(W, bits, g, sym)
+        return scales * torch.ones(scales.shape), zeros               # torch.ones without device=
+
+    _fails(device_less, "makes a tensor without device=")
+
+
+def test_the_grid_kit_checks_the_settings_a_rule_declares():
+    plugins = _rule_plugins(minmax_group_grid, bits=(4,), group_sizes=(32,), symmetric=True)
+    assert check_grid_rule("broken", plugins=plugins) == {"bits=4, group_size=32, symmetric=True": "ok"}
+    with pytest.raises(ConformanceError, match="cannot fit these settings: it needs group_size = 32"):
+        check_grid_rule("broken", ((4, 64, True),), plugins=plugins)

@@ -40,7 +40,8 @@ def run_data_parallel(name: str, options: Mapping[str, Any] | None = None, famil
                       processes: int = 2, windows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The tensors of a tiny ``family`` model after method ``name`` ran on ``processes`` gloo
     processes sharing ``windows`` (the conformance kit's windows by default)."""
-    from .conformance import ConformanceError, _differences, run_method, tensors
+    from .conformance import ConformanceError, run_method, tensors
+    from .conformance._shared import _differences
 
     if processes == 1:                       # no process group: the plain single-process path
         return tensors(run_method(name, options, family, ids=windows, check_inputs=False).model)

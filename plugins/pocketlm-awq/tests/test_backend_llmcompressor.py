@@ -62,11 +62,32 @@ def test_masks_and_conv1d_are_refused(monkeypatch):
 
 
 def test_missing_peer_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backend_llmcompressor, "_candidates", lambda: ["/nonexistent/bin/python"])
+    monkeypatch.delenv("POCKETLM_LLMCOMPRESSOR_PYTHON", raising=False)
     with pytest.raises(PocketError) as error:
         compress(tiny_model("llama"), PEER, _context())
     assert error.value.field == "backend"
-    assert "setup_llmcompressor.sh" in error.value.fix and "POCKETLM_LLMCOMPRESSOR_PYTHON" in error.value.fix
+    assert error.value.message == ('awq backend = "llmcompressor" runs in a separate Python environment with '
+                                   "llmcompressor, named by $POCKETLM_LLMCOMPRESSOR_PYTHON, which is not set")
+    assert error.value.fix == ("make its own environment (`python -m venv VENV && VENV/bin/pip install "
+                               "llmcompressor==0.14.*`) and set POCKETLM_LLMCOMPRESSOR_PYTHON=VENV/bin/python")
+
+
+def test_the_worker_is_started_through_the_bridge_with_a_json_request(monkeypatch, tmp_path):
+    sent = {}
+
+    def fake_run_worker(python, script, request, **kwargs):
+        sent.update(python=python, script=script, request=request)
+        raise PocketError("stop here")
+
+    monkeypatch.setattr(backend_llmcompressor, "find_peer_python", lambda: "peer-venv/bin/python")
+    monkeypatch.setattr(backend_llmcompressor.external, "run_worker", fake_run_worker)
+    with pytest.raises(PocketError, match="stop here"):
+        backend_llmcompressor.run_worker(tiny_model("llama"), PEER, _context(), ["model.layers.0.mlp.up_proj"], tmp_path)
+    assert sent["python"] == "peer-venv/bin/python" and sent["script"].name == "llmc_awq_worker.py"
+    request = sent["request"]
+    assert request["targets"] == [r"re:^model\.layers\.0\.mlp\.up_proj$"]
+    assert (request["bits"], request["group_size"], request["symmetric"], request["n_grid"]) == (4, 32, False, 20)
+    assert (tmp_path / "model" / "config.json").is_file() and (tmp_path / "windows.safetensors").is_file()
 
 
 def test_compress_dispatches_to_the_backend_with_awq_targets(monkeypatch):
@@ -85,7 +106,7 @@ def peer_run(tmp_path_factory):
     try:
         backend_llmcompressor.find_peer_python()
     except PocketError:
-        pytest.skip("llm-compressor's venv is absent (bash benchmarks/peers/setup_llmcompressor.sh)")
+        pytest.skip("llm-compressor's environment is absent (set POCKETLM_LLMCOMPRESSOR_PYTHON to its Python)")
     original = tiny_model("llama", outliers=True)
     model = copy.deepcopy(original)
     context, logs = _context(), []

@@ -1,6 +1,6 @@
-"""The core's conformance kit on ``distill``."""
+"""The core's conformance kit on ``distill`` (and on the options of ``qat``)."""
 
-from pocketlm.testing.conformance import MethodConformance
+from pocketlm.testing.conformance import MethodConformance, check_options
 
 
 class TestDistillConformance(MethodConformance):
@@ -12,3 +12,10 @@ class TestDistillConformance(MethodConformance):
     # torch.empty(()).random_(), a CPU tensor by design, so the meta-device run cannot pass;
     # distill's own tensors follow accelerator.device and gpu_smoke.sh runs it on CUDA.
     allocations_unchecked = "torch's DataLoader draws its seed on the default device by design"
+
+
+def test_qat_options_conformance():
+    """qat trains the scales a quantizer made, matched to the float original: the kit's runs (on a
+    float tiny model, the teacher a copy of it) do not apply, tests/test_qat.py runs it. Its options
+    meet the kit's contract (closed, frozen, described, JSON round trip, effect, plan)."""
+    check_options("qat", {"epochs": 1})

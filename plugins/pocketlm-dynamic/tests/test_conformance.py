@@ -1,9 +1,10 @@
-"""The pocketlm conformance kit: the contract every method and exporter meets (options, every
+"""The pocketlm conformance kit: the contract every method, exporter and loader meets (options, every
 tiny architecture, masks, ignore, determinism, untouched teacher and calibration data, the core
 checkpoint). The hf round trip does not apply: a thresholded model holds a feature
 (``thresholds``) the hf exporter cannot represent, and recipes refuse that export."""
 
-from pocketlm.testing.conformance import MethodConformance, check_exporter
+from pocketlm.testing.conformance import LoaderConformance, MethodConformance, check_exporter, export_model
+from pocketlm.testing.models import tiny_tokenizer
 
 
 class TestConformance(MethodConformance):
@@ -19,3 +20,11 @@ class TestGreedyConformance(MethodConformance):
 
 def test_exporter_conformance():
     check_exporter("dynamic", {"base": "hf"}, method="activation-sparsity", method_options={"sparsity": 0.5})
+
+
+class TestDynamicLoaderConformance(LoaderConformance):
+    loader = "dynamic"
+
+    def source(self, tmp_path):
+        return str(export_model("dynamic", tmp_path / "export", {"base": "hf"}, method="activation-sparsity",
+                                method_options={"sparsity": 0.5}, tokenizer=tiny_tokenizer()))

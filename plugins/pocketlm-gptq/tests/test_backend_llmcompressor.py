@@ -1,5 +1,5 @@
 """backend = "llmcompressor": the clear errors always; the real run only with POCKETLM_PEER_TESTS=1
-(it starts llm-compressor in its own venv, about a minute)."""
+(it starts llm-compressor in the environment POCKETLM_LLMCOMPRESSOR_PYTHON names, about a minute)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import torch
 import pocketlm
 from pocketlm.testing.models import tiny_model
 from pocketlm.weights import QuantizedLinear, is_linear, linear_weight, set_mask
-from pocketlm_gptq import backend_llmcompressor
 from pocketlm_gptq.gptq import GPTQOptions, compress_gptq
 from pocketlm_gptq.rtn import RTNOptions, compress_rtn
 
@@ -20,11 +19,16 @@ from conftest import capture_linear_inputs, reconstruction_error
 
 
 def test_missing_peer_is_a_clear_error(monkeypatch, context):
-    monkeypatch.setattr(backend_llmcompressor, "_candidates", lambda: ["/nonexistent/bin/python"])
+    monkeypatch.delenv("POCKETLM_LLMCOMPRESSOR_PYTHON", raising=False)
     with pytest.raises(pocketlm.PocketError) as error:
         compress_gptq(tiny_model("llama"), GPTQOptions(backend="llmcompressor"), context)
     assert error.value.field == "backend"
-    assert "setup_llmcompressor.sh" in error.value.fix and "POCKETLM_LLMCOMPRESSOR_PYTHON" in error.value.fix
+    assert "named by $POCKETLM_LLMCOMPRESSOR_PYTHON, which is not set" in error.value.message
+    assert "pip install llmcompressor==0.14.*" in error.value.fix
+    assert "POCKETLM_LLMCOMPRESSOR_PYTHON=VENV/bin/python" in error.value.fix
+    monkeypatch.setenv("POCKETLM_LLMCOMPRESSOR_PYTHON", "/nonexistent/bin/python")
+    with pytest.raises(pocketlm.PocketError, match="/nonexistent/bin/python .* does not exist"):
+        compress_gptq(tiny_model("llama"), GPTQOptions(backend="llmcompressor"), context)
 
 
 def test_masks_and_conv1d_are_refused_before_running_the_peer(context):
@@ -37,7 +41,8 @@ def test_masks_and_conv1d_are_refused_before_running_the_peer(context):
         compress_gptq(tiny_model("gpt2"), GPTQOptions(backend="llmcompressor"), context)
 
 
-@pytest.mark.skipif(os.environ.get("POCKETLM_PEER_TESTS") != "1", reason="set POCKETLM_PEER_TESTS=1 to run the peer")
+@pytest.mark.skipif(os.environ.get("POCKETLM_PEER_TESTS") != "1",
+                    reason="set POCKETLM_PEER_TESTS=1 (and POCKETLM_LLMCOMPRESSOR_PYTHON) to run the peer")
 def test_llmcompressor_backend_loads_back_real_grids(windows, context):
     original = tiny_model("llama", outliers=True)
     inputs = capture_linear_inputs(original, windows)

@@ -1,6 +1,7 @@
-"""The core's conformance kit on both methods and both exporters."""
+"""The core's conformance kit on both methods, both exporters and both checkpoint loaders."""
 
-from pocketlm.testing.conformance import ExporterConformance, MethodConformance
+from pocketlm.testing.conformance import ExporterConformance, LoaderConformance, MethodConformance, export_model
+from pocketlm.testing.models import tiny_tokenizer
 
 
 class TestRTNConformance(MethodConformance):
@@ -24,3 +25,19 @@ class TestCompressedTensorsExporterConformance(ExporterConformance):
     exporter = "compressed-tensors"
     method = "rtn"
     method_options = {"bits": 4, "group_size": 32}
+
+
+class TestGPTQCheckpointLoaderConformance(LoaderConformance):
+    loader = "gptq-checkpoint"
+
+    def source(self, tmp_path):
+        return str(export_model("gptq", tmp_path / "gptq", method="rtn", method_options={"bits": 4, "group_size": 32},
+                                tokenizer=tiny_tokenizer()))
+
+
+class TestCompressedTensorsCheckpointLoaderConformance(LoaderConformance):
+    loader = "compressed-tensors-checkpoint"
+
+    def source(self, tmp_path):
+        return str(export_model("compressed-tensors", tmp_path / "ct", method="rtn",
+                                method_options={"bits": 4, "group_size": 32}, tokenizer=tiny_tokenizer()))

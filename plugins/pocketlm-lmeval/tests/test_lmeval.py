@@ -3,7 +3,6 @@ tiny model in memory, checked against log-likelihoods computed by hand."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -14,40 +13,7 @@ from pocketlm.testing import make_context
 from pocketlm.testing.models import save_tiny_model, tiny_model, tiny_tokenizer
 from pocketlm_lmeval import LMEvalOptions, evaluate_tasks, local_task_configs
 
-QUESTIONS = [
-    ("The river flows into the", [" sea", " piano", " seven"], 0),
-    ("In 1990 the band released its first", [" album", " river", " of"], 0),
-    ("She was born in", [" the", " album", " purple"], 1),
-    ("The game was played on", [" Sunday", " the", " green"], 0),
-    ("He studied at the University of", [" Cambridge", " water", " and"], 2),
-    ("The population of the town was", [" 2", " blue", " ran"], 0),
-]
-
-TASK_YAML = """task: tinycloze
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: tinycloze.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{context}}"
-doc_to_choice: "{{choices}}"
-doc_to_target: "{{label}}"
-metric_list:
-  - metric: acc
-    aggregation: mean
-    higher_is_better: true
-"""
-
-
-@pytest.fixture(scope="module")
-def task_folder(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tasks")
-    (folder / "tinycloze.yaml").write_text(TASK_YAML)
-    (folder / "tinycloze.jsonl").write_text("".join(json.dumps({"context": c, "choices": o, "label": l}) + "\n"
-                                                    for c, o, l in QUESTIONS))
-    return folder
-
+from conftest import QUESTIONS
 
 @torch.no_grad()
 def accuracy_by_hand(model, tokenizer) -> float:

@@ -1,27 +1,17 @@
-"""The exporter through the core: the conformance kit, and a recipe run from the command line."""
+"""The exporter through the core: a recipe run from the command line (the conformance kit is in
+test_conformance.py)."""
 
 from __future__ import annotations
 
 import json
 
-import numpy as np
 from click.testing import CliRunner
 from conftest import SENTENCES, cosines
 
 from pocketlm import sentence
 from pocketlm.cli import main
-from pocketlm.testing.conformance import check_exporter
-from pocketlm.testing.models import save_tiny_model, tiny_model, tiny_tokenizer
+from pocketlm.testing.models import save_tiny_model
 from pocketlm_onnx import runtime
-
-
-def test_conformance_dense():
-    check_exporter("onnx", model=tiny_model("bert"), tokenizer=tiny_tokenizer(encoder=True))
-
-
-def test_conformance_int8():
-    check_exporter("onnx", family="distilbert", method="rtn",
-                   method_options={"bits": 8, "group_size": -1, "targets": ["*"], "ignore": []})
 
 
 def test_recipe_with_onnx_export_from_the_command_line(tmp_path):

@@ -1,33 +1,18 @@
-"""Devices and processes: every pruner allocates on the device of the layer it works on (with the
-default device set to meta, a tensor made without device= breaks the run), a CUDA run matches
-the CPU's where there is a GPU, and 2 gloo processes sharing the calibration windows prune as
-1 process does (magnitude exactly; Wanda and SparseGPT within the summation tolerance)."""
+"""Processes: 2 gloo processes sharing the calibration windows prune as 1 process does
+(magnitude exactly; Wanda and SparseGPT within the summation tolerance). (Allocations on the
+layer's device and CUDA against the CPU are checked by the conformance kit,
+tests/test_conformance.py.)"""
 
 import pytest
 import torch
 
-from pocketlm.testing.conformance import check_allocations, check_cuda_matches_cpu, windows
+from pocketlm.testing.conformance import windows
 from pocketlm.testing.distributed import run_data_parallel
 
-METHODS = [("magnitude", {"sparsity": 0.5}), ("wanda", {"sparsity": 0.5}), ("sparsegpt", {"sparsity": 0.5}),
-           ("prune-width", {"mlp_ratio": 0.25}), ("prune-depth", {"layers": 1})]
 # Two processes add their halves of a statistic (Wanda's squared input norms, SparseGPT's
 # Hessian) in another order than one process: last-bit differences can flip a weight that sat
 # on the pruning threshold. At most 1% of the mask may differ.
 MASK_FLIPS = 0.01
-
-
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-@pytest.mark.parametrize("name, options", METHODS, ids=[m for m, _ in METHODS])
-def test_allocates_on_the_layer_device(name, options, family):
-    check_allocations(name, options, family)
-
-
-@pytest.mark.parametrize("name, options", METHODS[:3], ids=[m for m, _ in METHODS[:3]])
-def test_cuda_matches_cpu(name, options):
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device here: benchmarks/gpu_smoke.sh runs this where there is one")
-    check_cuda_matches_cpu(name, options, "llama")
 
 
 def _masks(tensors):

@@ -2,11 +2,10 @@
 ``QuantizationModifier`` min-max rounding) on the same model and the same calibration windows,
 in llm-compressor's own Python environment, and load its result back into pocketlm.
 
-llm-compressor is never a dependency of pocketlm (it pins its own transformers), so it lives in a
-separate venv (``bash benchmarks/peers/setup_llmcompressor.sh`` makes one), found through
-``POCKETLM_LLMCOMPRESSOR_PYTHON`` or ``benchmarks/.venvs/llmcompressor`` under the working
-directory or the pocketlm checkout. The worker (``llmc_awq_worker.py``) runs as a subprocess and
-hands back its compressed-tensors folder plus the unpacked integer grids.
+llm-compressor is never a dependency of pocketlm (it pins its own transformers), so it lives in its
+own environment, whose Python ``POCKETLM_LLMCOMPRESSOR_PYTHON`` names. The worker
+(``llmc_awq_worker.py``, shipped here) runs there through :mod:`pocketlm.external` and hands back
+its compressed-tensors folder plus the unpacked integer grids.
 
 AWQ folds its scales into the operations before the quantized linears (norm weights, the
 previous linear's rows), so every dense tensor the worker changed is taken over, not only the
@@ -25,10 +24,7 @@ quantized grids. Differences from ``backend = "pocketlm"``:
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -37,36 +33,20 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketError, require_whole_model
 from pocketlm import weights as W
+from pocketlm import external
 from pocketlm.saving import save_dense
 from pocketlm.modules import set_module
 
 WORKER = Path(__file__).with_name("llmc_awq_worker.py")
 ENV = "POCKETLM_LLMCOMPRESSOR_PYTHON"
-SETUP = "bash benchmarks/peers/setup_llmcompressor.sh"
-
-
-def _candidates() -> list[str]:
-    candidates = [os.environ[ENV]] if os.environ.get(ENV) else []
-    for root in (Path.cwd(), *Path(__file__).resolve().parents):
-        candidates.append(str(root / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
-    return list(dict.fromkeys(candidates))
+INSTALL = "llmcompressor==0.14.*"
 
 
 def find_peer_python() -> str:
-    """The Python of an environment that has llm-compressor installed, or a PocketError."""
-    for python in _candidates():
-        if Path(python).exists():
-            # find_spec, not import: importing llm-compressor takes seconds; the worker imports it
-            probe = "import importlib.util, sys; sys.exit(importlib.util.find_spec('llmcompressor') is None)"
-            check = subprocess.run([python, "-c", probe], capture_output=True, text=True)
-            if check.returncode == 0:
-                return python
-    raise PocketError(
-        "awq backend = \"llmcompressor\" needs llm-compressor, which is not installed in any environment "
-        f"pocketlm can find (looked at ${ENV} and benchmarks/.venvs/llmcompressor)",
-        field="backend",
-        fix=f"create its own venv with `{SETUP}` (or `python -m venv VENV && VENV/bin/pip install "
-        f"llmcompressor==0.14.*`) and set {ENV}=VENV/bin/python; or use backend = \"pocketlm\"")
+    """The Python of the environment where llm-compressor is installed, or a PocketError saying
+    how to name one."""
+    return external.find_python(ENV, needs="llmcompressor", install=INSTALL, what='awq backend = "llmcompressor"',
+                       field="backend")
 
 
 def check_options(options, calibration_tokens: int) -> None:
@@ -105,23 +85,17 @@ def run_worker(model, options, context, names: list[str], work: Path) -> tuple[d
     windows = context.calibration_windows()
     save_dense(model, work / "model", getattr(context, "tokenizer", None))   # the dense model and its tokenizer
     save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
-    command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
-               "--out", str(work / "out"), "--grids", str(work / "grids.safetensors"),
-               "--result", str(work / "result.json"), "--bits", str(options.bits),
-               "--group-size", str(options.group_size), "--duo-scaling", "true" if options.duo_scaling else "false",
-               "--n-grid", str(options.n_grid), "--threads", str(torch.get_num_threads()),
-               "--targets", *[f"re:^{re.escape(n)}$" for n in names]]
-    if not options.symmetric:
-        command.append("--asymmetric")
+    request = {"model": str(work / "model"), "windows": str(work / "windows.safetensors"), "out": str(work / "out"),
+               "grids": str(work / "grids.safetensors"), "bits": options.bits, "group_size": options.group_size,
+               "symmetric": options.symmetric, "duo_scaling": options.duo_scaling, "n_grid": options.n_grid,
+               "threads": torch.get_num_threads(), "targets": [f"re:^{re.escape(n)}$" for n in names]}
     context.log(f"awq: running llm-compressor's AWQModifier in {python}")
-    run = subprocess.run(command, capture_output=True, text=True)
-    if run.returncode != 0:
-        raise PocketError(f"llm-compressor failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}",
-                          exit_code=1, fix="run with backend = \"pocketlm\", or check the llm-compressor venv")
+    result = external.run_worker(python, WORKER, request, what="llm-compressor's AWQ",
+                        fix="run with backend = \"pocketlm\", or check the llm-compressor environment")
     tensors = {}
     for file in sorted((work / "out").glob("*.safetensors")):
         tensors.update(load_file(str(file)))
-    return tensors, load_file(str(work / "grids.safetensors")), json.loads((work / "result.json").read_text())
+    return tensors, load_file(str(work / "grids.safetensors")), result
 
 
 @torch.no_grad()

@@ -3,9 +3,8 @@ same calibration windows, in llm-compressor's own Python environment, and load i
 as pocketlm ``QuantizedLinear`` grids.
 
 llm-compressor is never a dependency of pocketlm: it pins its own transformers, so it lives in
-a separate venv (``bash benchmarks/peers/setup_llmcompressor.sh`` makes one) found through
-``POCKETLM_LLMCOMPRESSOR_PYTHON`` or ``benchmarks/.venvs/llmcompressor`` under the working
-directory or the pocketlm checkout. The worker (``llmc_worker.py``) runs as a subprocess.
+its own environment, whose Python ``POCKETLM_LLMCOMPRESSOR_PYTHON`` names. The worker
+(``llmc_worker.py``, shipped here) runs there through :mod:`pocketlm.external`.
 
 Differences from ``backend = "pocketlm"``: llm-compressor stores scales in the model's dtype
 (float32 here); pocketlm's grids hold float16 scales, so scales are rounded to float16 on load
@@ -14,10 +13,7 @@ Differences from ``backend = "pocketlm"``: llm-compressor stores scales in the m
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -25,35 +21,21 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pocketlm import PocketError, require_whole_model
+from pocketlm.external import find_python, run_worker
 from pocketlm.quant import Grid, quantize_embedding, replace_with_grid
 from pocketlm.saving import save_dense
 from pocketlm.weights import get_mask, is_transposed, unpack
 
 WORKER = Path(__file__).with_name("llmc_worker.py")
 ENV = "POCKETLM_LLMCOMPRESSOR_PYTHON"
-
-
-def _candidates() -> list[str]:
-    candidates = [os.environ[ENV]] if os.environ.get(ENV) else []
-    for root in (Path.cwd(), *Path(__file__).resolve().parents):
-        candidates.append(str(root / "benchmarks" / ".venvs" / "llmcompressor" / "bin" / "python"))
-    return candidates
+INSTALL = "llmcompressor==0.14.*"
 
 
 def find_peer_python() -> str:
-    """The Python of an environment where ``import llmcompressor`` works, or a PocketError."""
-    for python in _candidates():
-        if Path(python).exists():
-            check = subprocess.run([python, "-c", "import llmcompressor"], capture_output=True, text=True)
-            if check.returncode == 0:
-                return python
-    raise PocketError(
-        "backend = \"llmcompressor\" needs llm-compressor, which is not installed in any environment "
-        f"pocketlm can find (looked at ${ENV} and benchmarks/.venvs/llmcompressor)",
-        field="backend",
-        fix="create its own venv with `bash benchmarks/peers/setup_llmcompressor.sh` (or `python -m venv "
-        "VENV && VENV/bin/pip install llmcompressor==0.14.*`) and set "
-        f"{ENV}=VENV/bin/python; or use backend = \"pocketlm\"")
+    """The Python of the environment where llm-compressor is installed, or a PocketError saying
+    how to name one."""
+    return find_python(ENV, needs="llmcompressor", install=INSTALL, what='backend = "llmcompressor"',
+                       field="backend")
 
 
 def load_packed(tensors: dict, prefix: str, bits: int, symmetric: bool, in_features: int):
@@ -95,20 +77,14 @@ def compress_with_llmcompressor(model, options, context, selection):
         work = Path(work)
         save_dense(model, work / "model", getattr(context, "tokenizer", None))   # the dense model and its tokenizer
         save_file({"input_ids": windows.contiguous()}, str(work / "windows.safetensors"))
-        command = [python, str(WORKER), "--model", str(work / "model"), "--windows", str(work / "windows.safetensors"),
-                   "--out", str(work / "out"), "--result", str(work / "result.json"),
-                   "--bits", str(options.bits), "--group-size", str(options.group_size),
-                   "--actorder", "static" if options.act_order else "none", "--damp", str(options.damp),
-                   "--block-size", str(options.block_size), "--threads", str(torch.get_num_threads()),
-                   "--targets", *[f"re:^{re.escape(n)}$" for n in selection.linears], "--ignore"]
-        if not options.symmetric:
-            command.append("--asymmetric")
+        request = {"model": str(work / "model"), "windows": str(work / "windows.safetensors"),
+                   "out": str(work / "out"), "bits": options.bits, "group_size": options.group_size,
+                   "symmetric": options.symmetric, "actorder": "static" if options.act_order else "none",
+                   "damp": options.damp, "block_size": options.block_size, "threads": torch.get_num_threads(),
+                   "targets": [f"re:^{re.escape(n)}$" for n in selection.linears], "ignore": []}
         context.log(f"gptq: running llm-compressor in {python}")
-        run = subprocess.run(command, capture_output=True, text=True)
-        if run.returncode != 0:
-            raise PocketError(f"llm-compressor failed (exit {run.returncode}): {run.stderr.strip()[-1500:]}",
-                              exit_code=1, fix="run with backend = \"pocketlm\", or check the llm-compressor venv")
-        result = json.loads((work / "result.json").read_text())
+        result = run_worker(python, WORKER, request, what="llm-compressor's GPTQ",
+                            fix="run with backend = \"pocketlm\", or check the llm-compressor environment")
         tensors = {}
         for file in sorted((work / "out").glob("*.safetensors")):
             tensors.update(load_file(str(file)))

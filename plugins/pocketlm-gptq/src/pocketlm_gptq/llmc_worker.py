@@ -1,23 +1,31 @@
 """Run llm-compressor's GPTQModifier on a model folder with given calibration token windows.
 
-Runs inside llm-compressor's own venv (benchmarks/.venvs/llmcompressor), never in pocketlm's.
-Used by benchmarks/bench_gptq.py (side-by-side) and by pocketlm-gptq's ``backend =
-"llmcompressor"``. Writes a compressed-tensors folder to --out and a JSON line with the
-compression seconds (oneshot only, model already loaded) and peak RSS to --result.
+Runs inside llm-compressor's own environment (named by ``POCKETLM_LLMCOMPRESSOR_PYTHON``), never
+in pocketlm's: it imports only the standard library, torch, transformers, datasets, safetensors
+and llmcompressor. pocketlm-gptq's ``backend = "llmcompressor"`` starts it through
+``pocketlm.external.run_worker``: the request is a JSON object on stdin, the reply a JSON object
+written to the file named by the first argument::
 
-    python llmc_worker.py --model DIR --windows calib.safetensors --out DIR --result r.json \
-        --bits 4 --group-size 64 [--asymmetric] [--actorder static|none] [--ignore lm_head ...]
+    request: {"model": DIR, "windows": "calib.safetensors", "out": DIR, "bits": 4, "group_size": 64,
+              "symmetric": true, "actorder": "static" | "none", "damp": 0.01, "block_size": 128,
+              "targets": ["Linear"], "ignore": ["lm_head"], "threads": 2}
+    reply:   {"seconds": ..., "peak_rss_mb": ..., "llmcompressor": "0.14.0", "actorder": "static"}
+
+It writes a compressed-tensors folder to ``out``; ``seconds`` is the compression alone (oneshot,
+the model already loaded).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
+import sys
 import time
 from pathlib import Path
 
-
+#: Request keys that may be left out, with their values.
+DEFAULTS = {"bits": 4, "group_size": 64, "symmetric": True, "actorder": "static", "damp": 0.01, "block_size": 128,
+            "targets": ["Linear"], "ignore": ["lm_head"], "threads": 2}
 
 def peak_rss_mb() -> float:
     """This process's own peak resident memory: VmHWM (ru_maxrss would include the peak of the
@@ -30,22 +38,10 @@ def peak_rss_mb() -> float:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--model", required=True)
-    parser.add_argument("--windows", required=True, help="safetensors file with an int64 'input_ids' [n, seq]")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--result", required=True)
-    parser.add_argument("--bits", type=int, default=4)
-    parser.add_argument("--group-size", type=int, default=64)
-    parser.add_argument("--asymmetric", action="store_true")
-    parser.add_argument("--actorder", default="static", choices=["static", "none"])
-    parser.add_argument("--damp", type=float, default=0.01)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--targets", nargs="*", default=["Linear"])
-    parser.add_argument("--ignore", nargs="*", default=["lm_head"])
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+
+def quantize(request: dict) -> dict:
+    """GPTQ of ``request["model"]`` into ``request["out"]``; returns the reply."""
+    args = {**DEFAULTS, **request}
 
     import torch
     from datasets import Dataset
@@ -56,12 +52,12 @@ def main() -> None:
     from llmcompressor.modifiers.gptq import GPTQModifier
 
     torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-    ids = load_file(args.windows)["input_ids"].long()
+    torch.set_num_threads(args["threads"])
+    ids = load_file(args["windows"])["input_ids"].long()
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    has_tokenizer = (Path(args.model) / "tokenizer_config.json").exists()
-    tokenizer = AutoTokenizer.from_pretrained(args.model) if has_tokenizer else None
+    model = AutoModelForCausalLM.from_pretrained(args["model"], dtype=torch.float32)
+    has_tokenizer = (Path(args["model"]) / "tokenizer_config.json").exists()
+    tokenizer = AutoTokenizer.from_pretrained(args["model"]) if has_tokenizer else None
     processor = tokenizer
     if processor is None:  # the windows are already token ids; oneshot only insists on a processor
         from tokenizers import Tokenizer, models
@@ -69,26 +65,27 @@ def main() -> None:
 
         processor = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, "<unk>")),
                                             unk_token="<unk>", pad_token="<unk>")
-    weights = {"num_bits": args.bits, "type": "int", "symmetric": not args.asymmetric,
-               "strategy": "channel" if args.group_size == -1 else "group"}
-    if args.group_size != -1:
-        weights["group_size"] = args.group_size
-    recipe = GPTQModifier(config_groups={"group_0": {"targets": args.targets, "weights": weights}},
-                          ignore=args.ignore, block_size=args.block_size, dampening_frac=args.damp,
-                          actorder=None if args.actorder == "none" else args.actorder)
+    weights = {"num_bits": args["bits"], "type": "int", "symmetric": args["symmetric"],
+               "strategy": "channel" if args["group_size"] == -1 else "group"}
+    if args["group_size"] != -1:
+        weights["group_size"] = args["group_size"]
+    recipe = GPTQModifier(config_groups={"group_0": {"targets": args["targets"], "weights": weights}},
+                          ignore=args["ignore"], block_size=args["block_size"], dampening_frac=args["damp"],
+                          actorder=None if args["actorder"] == "none" else args["actorder"])
     start = time.perf_counter()
     oneshot(model=model, processor=processor, dataset=dataset, recipe=recipe, num_calibration_samples=ids.shape[0],
             max_seq_length=ids.shape[1], shuffle_calibration_samples=False)
     seconds = time.perf_counter() - start
-    model.save_pretrained(args.out, save_compressed=True)
+    model.save_pretrained(args["out"], save_compressed=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(args.out)
+        tokenizer.save_pretrained(args["out"])
     import llmcompressor
 
-    with open(args.result, "w") as handle:
-        json.dump({"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                   "llmcompressor": llmcompressor.__version__, "actorder": args.actorder}, handle)
+    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(), "llmcompressor": llmcompressor.__version__,
+            "actorder": args["actorder"]}
 
 
 if __name__ == "__main__":
-    main()
+    reply = quantize(json.load(sys.stdin))
+    with open(sys.argv[1], "w") as handle:
+        json.dump(reply, handle)

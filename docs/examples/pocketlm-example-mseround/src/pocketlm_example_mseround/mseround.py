@@ -27,7 +27,8 @@ def mse_grid(W: torch.Tensor, bits: int, group_size: int, symmetric: bool = True
         w = W[:, cols].float()
         base = 2 * w.abs().amax(dim=1, keepdim=True) / maxq            # the min-max scale
         best, best_error = base, torch.full_like(base, float("inf"))
-        for factor in torch.linspace(1.0, 1.0 - MAX_SHRINK, CANDIDATES).tolist():
+        # plain numbers, made on the CPU whatever the default device (the kit checks that)
+        for factor in torch.linspace(1.0, 1.0 - MAX_SHRINK, CANDIDATES, device="cpu").tolist():
             scale = to_scale_dtype(base * factor)                       # the float16 value stored
             error = (fake_quantize(w, scale, zero, bits) - w).pow(2).sum(dim=1, keepdim=True)
             best = torch.where(error < best_error, scale, best)

@@ -1,203 +1,24 @@
-"""The conformance kit: the contract every pocketlm plugin component must meet, as checks.
-
-Use it from a plugin's tests in one of two ways.
-
-**Subclass a pytest class** (each check becomes its own test, parametrized over the tiny
-architectures)::
-
-    from pocketlm.testing.conformance import MethodConformance
-
-    class TestConformance(MethodConformance):
-        method = "foo"
-        options = {"sparsity": 0.5}
-        unsupported = {"opt": "OPT's fused ... is not handled yet"}   # optional, with a reason
-
-**Call the functions** (each raises :class:`ConformanceError`, an ``AssertionError``, with every
-problem it found)::
-
-    from pocketlm.testing.conformance import check_method, check_exporter, check_loader, check_evaluator
-
-    check_method("foo", {"sparsity": 0.5})
-    check_exporter("bar", method="my-quantizer", method_options={"bits": 4})
-
-What a **method** must do (``check_method``, ``MethodConformance``):
-
-* options: the defaults build (unless the options model needs a choice from the user), an
-  unknown key is rejected, instances are frozen, and options survive the JSON round trip a run
-  folder makes (``model_dump(mode="json")`` then validate gives the same options);
-* registration: ``effect(options)`` is a :class:`pocketlm.SizeEffect`, ``plan`` (if any) only
-  proposes option sets that validate;
-* runs on each tiny architecture (llama, qwen2, gpt2, opt) with 4 calibration windows of 16
-  tokens, changes the model, leaves no NaN/inf in weights or logits;
-* never modifies what it is handed besides the model: the calibration windows and the
-  teacher (``context.teacher()``) hash the same before and after;
-* keeps the model loadable: saved with the core checkpoint and reloaded it gives the same
-  logits; exported with the ``hf`` exporter, plain transformers reloads it with the same logits;
-* is deterministic: two runs on the same model with the same seed give identical tensors;
-* respects masks: weights an earlier stage pruned (``weights.set_mask``) are still exactly
-  zero afterwards and the masks are kept;
-* respects ``ignore`` (when its options have one): ignored linears are left untouched;
-* allocates on the device of the layer it works on (``check_allocations``): run again with
-  PyTorch's default device set to ``meta``, a tensor made without ``device=`` breaks the run or
-  the result, so both runs must give identical tensors (this needs no GPU);
-* gives on a CUDA device what it gives on the CPU, within ``CUDA_TOLERANCE``
-  (``check_cuda_matches_cpu``; skipped with its reason where there is no CUDA device).
-
-An architecture a method does not support is skipped only when the test declares it in
-``unsupported`` with the reason; otherwise a failure there is a failure.
-
-**Exporters** write only inside the temporary folder they are given, leave nothing behind when
-they fail (the core's :func:`pocketlm.atomic.folder`), never change the model, and write the
-same bytes twice. **Evaluators** return a flat dict of finite numbers and leave the model as
-they found it. **Loaders** claim their source and return a :class:`pocketlm.LoadedModel` whose
-model gives finite logits.
-"""
+"""The method checks: options, runs on every tiny architecture, loadability, determinism, masks,
+``ignore``, allocations on the layer's device and CUDA against the CPU; ``MethodConformance``."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import hashlib
-import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 from pydantic import ValidationError
 from torch import nn
 
-from .. import atomic
-from ..components import FEATURES, Evaluator, Exporter, LoadedModel, Method, Options, SizeEffect, unrepresented
-from ..modules import get_module, matches, select_linears
-from ..weights import (QuantizedLinear, get_mask, is_linear, linear_shape, linear_weight, masks,
-                       set_mask)
-from . import make_context
-from .models import tiny_model, tiny_windows
-
-#: The architectures every method is run on (the four families with distinct layouts:
-#: llama-style GQA, qwen2 with q/k/v biases, GPT-2's transposed fused Conv1D, OPT).
-FAMILIES = ("llama", "qwen2", "gpt2", "opt")
-#: Calibration windows × tokens per window: small, so each check takes a second or two.
-WINDOWS, SEQ_LEN = 4, 16
-#: Tolerance on logits after a save-and-reload round trip.
-ATOL = 1e-4
-
-
-class ConformanceError(AssertionError):
-    """One or more contract violations, each on its own line."""
-
-    def __init__(self, what: str, problems: list[str]):
-        self.what, self.problems = what, list(problems)
-        super().__init__(f"{what}:\n  - " + "\n  - ".join(self.problems))
-
-    def __reduce__(self):  # picklable (pytest-xdist sends failures between processes)
-        return (type(self), (self.what, self.problems))
-
-
-def _raise(what: str, problems: list[str]) -> None:
-    if problems:
-        raise ConformanceError(what, problems)
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def tiny(family: str = "llama", *, seed: int = 0, **sizes) -> nn.Module:
-    """A tiny random model of ``family`` (see :func:`pocketlm.testing.models.tiny_model`)."""
-    return tiny_model(family, seed=seed, **sizes)
-
-
-def windows(n: int = WINDOWS, seq_len: int = SEQ_LEN, *, seed: int = 0) -> torch.Tensor:
-    """Calibration token windows ``[n, seq_len]`` for the tiny models."""
-    return tiny_windows(n, seq_len, seed=seed)
-
-
-def _plugins(plugins=None):
-    if plugins is not None:
-        return plugins
-    from ..plugins import get_plugins
-
-    return get_plugins()
-
-
-def _component(plugins, table: str, name: str):
-    found = getattr(plugins, table)
-    if table == "loaders":
-        found = {loader.name: loader for loader in found}
-    if name not in found:
-        problems = "; ".join(f"{p.name}: {p.reason}" for p in plugins.problems)
-        raise ConformanceError(f"{table[:-1]} {name!r}", [
-            f"is not registered (installed {table}: {', '.join(sorted(found)) or 'none'})"
-            + (f"; skipped plugins: {problems}" if problems else "")
-            + "; is the plugin installed (pip install -e .) and its entry point in the 'pocketlm' group?"])
-    return found[name]
-
-
-# ---------------------------------------------------------------------------- hashing
-
-
-def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every tensor that defines ``model``: its state dict plus the sparsity masks (which are
-    non-persistent buffers and so not in the state dict)."""
-    found = {k: v.detach() for k, v in model.state_dict().items()}
-    found.update({f"{name}#mask": mask for name, mask in masks(model).items()})
-    return found
-
-
-def _bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().cpu().contiguous().reshape(-1)
-    if flat.dtype == torch.bool:
-        flat = flat.to(torch.uint8)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def state_hash(model_or_tensor) -> str:
-    """SHA-256 over names, dtypes, shapes and bytes of a model's tensors (or of one tensor)."""
-    digest = hashlib.sha256()
-    items = ({"": model_or_tensor} if isinstance(model_or_tensor, torch.Tensor)
-             else tensors(model_or_tensor))
-    for name in sorted(items):
-        tensor = items[name]
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(_bytes(tensor))
-    return digest.hexdigest()
-
-
-def _differences(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], limit: int = 5) -> list[str]:
-    names = sorted(set(a) | set(b))
-    diff = []
-    for name in names:
-        if name not in a or name not in b:
-            diff.append(f"{name} only in {'the first' if name in a else 'the second'}")
-        elif a[name].shape != b[name].shape or a[name].dtype != b[name].dtype:
-            diff.append(f"{name}: {tuple(a[name].shape)}/{a[name].dtype} vs {tuple(b[name].shape)}/{b[name].dtype}")
-        elif not torch.equal(a[name], b[name]):
-            delta = (a[name].double() - b[name].double()).abs().max().item() if a[name].is_floating_point() else "?"
-            diff.append(f"{name}: differs (max |Δ| {delta})")
-    return diff[:limit] + ([f"... and {len(diff) - limit} more"] if len(diff) > limit else [])
-
-
-@torch.no_grad()
-def logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = model(input_ids=ids, use_cache=False).logits.float()
-    model.train(was_training)
-    return out
-
-
-def nonfinite(model: nn.Module, ids: torch.Tensor | None = None) -> list[str]:
-    """Names of tensors (and logits) of ``model`` holding NaN or inf."""
-    bad = [name for name, t in tensors(model).items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    for name, module in model.named_modules():
-        if isinstance(module, QuantizedLinear) and not torch.isfinite(module.dequantize()).all():
-            bad.append(f"{name} (dequantized)")
-    if ids is not None and not torch.isfinite(logits(model, ids)).all():
-        bad.append("logits")
-    return bad
+from ... import atomic
+from ...components import FEATURES, Method, Options, SizeEffect, unrepresented
+from ...modules import get_module, matches, select_linears
+from ...weights import get_mask, is_linear, linear_shape, linear_weight, set_mask
+from .. import make_context
+from ._shared import (ATOL, FAMILIES, ConformanceError, _component, _differences, _folder, _plugins, _pytest, _raise,
+                      logits, nonfinite, state_hash, tensors, tiny, windows)
 
 
 # --------------------------------------------------------------------------- options
@@ -277,8 +98,12 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
         except Exception as exc:  # noqa: BLE001
             problems.append(f"effect(options) raised {type(exc).__name__}: {exc}")
     if method.plan is not None:
+        from ...planner import PlanBudget
+
         try:
-            proposals = method.plan(None)
+            # the budgets the planner hands plan(): none, a bits target, a size target
+            proposals = [p for budget in (PlanBudget(), PlanBudget(target_bits=3.0), PlanBudget(target_size_mb=40.0))
+                         for p in method.plan(budget)]
             for proposal in proposals:
                 try:
                     # "default" marks a proposal for the default hybrid; it is not an option
@@ -286,7 +111,8 @@ def check_options(name: str, options: Mapping[str, Any] | None = None, *, defaul
                 except ValidationError as exc:
                     problems.append(f"plan proposes {proposal}, which does not validate: {exc.errors()[0]['msg']}")
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"plan(None) raised {type(exc).__name__}: {exc}")
+            problems.append(f"plan(budget) raised {type(exc).__name__}: {exc} (the planner hands it a "
+                            "pocketlm.planner.PlanBudget)")
     _raise(f"method {name!r} options", problems)
 
 
@@ -381,7 +207,7 @@ def check_loadable(model: nn.Module, folder: Path | None = None, *, ids: torch.T
     ``hf=False``."""
     from transformers import AutoModelForCausalLM
 
-    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ...checkpoint import load_checkpoint, save_checkpoint
 
     plugins = _plugins(plugins)
     ids = windows() if ids is None else ids
@@ -624,194 +450,7 @@ def check_method(name: str, options: Mapping[str, Any] | None = None, *, familie
     return outcome
 
 
-# ---------------------------------------------------------------------------- exporters
-
-
-@contextlib.contextmanager
-def _folder(folder: Path | None) -> Iterator[Path]:
-    if folder is not None:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        yield Path(folder)
-        return
-    with tempfile.TemporaryDirectory(prefix="pocketlm-conformance-") as tmp:
-        yield Path(tmp)
-
-
-@contextlib.contextmanager
-def _cwd(path: Path) -> Iterator[None]:
-    before = os.getcwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
-def _listing(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def prepared_model(family: str = "llama", method: str | None = None, method_options=None, *, plugins=None) -> nn.Module:
-    """A tiny model, compressed by ``method`` first when one is named."""
-    if method is None:
-        return tiny(family)
-    return run_method(method, method_options, family, plugins=plugins, check_inputs=False).model
-
-
-def check_exporter(name: str, options: Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
-                   family: str = "llama", method: str | None = None, method_options=None, tokenizer=None,
-                   plugins=None, folder: Path | None = None) -> Path | None:
-    """Exporter ``name`` writes ``model`` (or a tiny ``family`` model compressed by
-    ``method``) only inside the temporary folder it is handed, leaves the model unchanged,
-    writes identical bytes twice, and leaves nothing visible when it fails. Returns the export
-    folder when ``folder`` is given."""
-    plugins = _plugins(plugins)
-    exporter: Exporter = _component(plugins, "exporters", name)
-    built = exporter.options(**dict(options or {}))
-    model = prepared_model(family, method, method_options, plugins=plugins) if model is None else model
-    problems: list[str] = []
-    if exporter.check is not None:
-        found = exporter.problems(model, built, make_context(plugins=plugins))
-        if not isinstance(found, list) or not all(isinstance(p, str) for p in found):
-            problems.append(f"check(model, options) returned {found!r}; expected a list of strings")
-        elif found:
-            _raise(f"exporter {name!r}", [f"check() refuses the prepared model: {'; '.join(found)} "
-                                          "(prepare a model it represents: method=..., method_options=...)"])
-    before = state_hash(model)
-    with _folder(folder) as base:
-        sandbox, cwd = base / "sandbox", base / "cwd"
-        sandbox.mkdir(parents=True, exist_ok=True)
-        cwd.mkdir(parents=True, exist_ok=True)
-        outputs = []
-        for attempt in ("first", "second"):
-            target = sandbox / f"{attempt}-export"
-            context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
-            context.export_path = target
-            with _cwd(cwd), atomic.folder(target) as tmp:
-                plugins.hook.export(model=model, exporter=exporter, options=built, path=tmp, context=context)
-            outputs.append(_listing(target))
-        if state_hash(model) != before:
-            problems.append("exporting changed the model")
-        if not outputs[0]:
-            problems.append("the export folder is empty")
-        stray = sorted(p.name for p in sandbox.iterdir() if p.name not in ("first-export", "second-export"))
-        if stray:
-            problems.append(f"it wrote outside the folder it was given: {stray} next to it")
-        if any(cwd.iterdir()):
-            problems.append(f"it wrote into the working directory: {sorted(p.name for p in cwd.iterdir())}")
-        if outputs[0].keys() != outputs[1].keys():
-            problems.append(f"two exports wrote different files: {sorted(outputs[0])} vs {sorted(outputs[1])}")
-        else:
-            differing = [k for k in outputs[0] if outputs[0][k] != outputs[1][k]]
-            if differing:
-                problems.append(f"two exports of the same model wrote different bytes in {differing} "
-                                "(timestamps? unordered dicts?)")
-        # An export that fails part-way must leave nothing visible.
-        failing = sandbox / "failed-export"
-        context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
-        context.export_path = failing
-        try:
-            with _cwd(cwd), atomic.folder(failing) as tmp:
-                plugins.hook.export(model=model, exporter=exporter, options=built, path=tmp, context=context)
-                raise _Interrupted()
-        except _Interrupted:
-            pass
-        leftovers = sorted(p.name for p in sandbox.iterdir() if p.name not in ("first-export", "second-export"))
-        if leftovers:
-            problems.append(f"after a failed export these are visible: {leftovers} (write only into the "
-                            "path you are given, never into context.export_path)")
-        kept = None
-        if folder is not None:
-            kept = sandbox / "first-export"
-    _raise(f"exporter {name!r}", problems)
-    return kept
-
-
-class _Interrupted(Exception):
-    pass
-
-
-# ---------------------------------------------------------------------- evaluators, loaders
-
-
-def check_evaluator(name: str, options: Mapping[str, Any] | None = None, *, model: nn.Module | None = None,
-                    family: str = "llama", tokenizer=None, plugins=None) -> dict[str, float]:
-    """Evaluator ``name`` returns a non-empty flat dict of finite numbers and leaves the model
-    (weights and train/eval mode) as it found it."""
-    plugins = _plugins(plugins)
-    evaluator: Evaluator = _component(plugins, "evaluators", name)
-    built = evaluator.options(**dict(options or {}))
-    if tokenizer is None:
-        from .models import tiny_tokenizer
-
-        tokenizer = tiny_tokenizer()
-    model = tiny(family, vocab_size=len(tokenizer)) if model is None else model
-    problems = []
-    before = state_hash(model)
-    for mode in (False, True):
-        model.train(mode)
-        context = make_context(windows(), tokenizer=tokenizer, plugins=plugins)
-        result = plugins.hook.evaluate(model=model, evaluator=evaluator, options=built, context=context)
-        if model.training != mode:
-            problems.append(f"it left the model in {'train' if model.training else 'eval'} mode "
-                            f"(it was handed it in {'train' if mode else 'eval'} mode)")
-        if not isinstance(result, dict) or not result:
-            problems.append(f"it returned {result!r}; expected a non-empty dict of metric name to number")
-            break
-        for key, value in result.items():
-            if not isinstance(key, str):
-                problems.append(f"key {key!r} is not a string")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                problems.append(f"{key} = {value!r} is not a float (convert tensors with .item())")
-            elif not math.isfinite(value):
-                problems.append(f"{key} = {value} is not finite")
-    model.eval()
-    if state_hash(model) != before:
-        problems.append("evaluating changed the model")
-    _raise(f"evaluator {name!r}", problems)
-    return result
-
-
-def check_loader(name: str, source: str, options: Mapping[str, Any] | None = None, *, plugins=None) -> LoadedModel:
-    """Loader ``name`` claims ``source``, is the loader the core picks for it, and returns a
-    :class:`pocketlm.LoadedModel` whose model gives finite logits."""
-    from ..recipe import ModelSection
-
-    plugins = _plugins(plugins)
-    loader = _component(plugins, "loaders", name)
-    section = ModelSection(source=source, **dict(options or {}))
-    problems = []
-    if not loader.matches(source):
-        _raise(f"loader {name!r}", [f"matches({source!r}) is false"])
-    first = next((l for l in plugins.loaders if l.matches(source)), None)
-    if first is not loader:
-        problems.append(f"the core picks loader {first.name!r} for {source!r} before this one")
-    loaded = loader.load(source, section)
-    if not isinstance(loaded, LoadedModel):
-        _raise(f"loader {name!r}", [f"load() returned {type(loaded).__name__}; expected pocketlm.LoadedModel"])
-    if not isinstance(loaded.model, nn.Module):
-        problems.append(f"LoadedModel.model is a {type(loaded.model).__name__}, not a torch module")
-    else:
-        vocab = loaded.model.get_input_embeddings().num_embeddings
-        ids = windows(seed=0) % vocab
-        bad = nonfinite(loaded.model, ids)
-        if bad:
-            problems.append(f"the loaded model has NaN or inf in {', '.join(bad[:6])}")
-        if loaded.model.training:
-            problems.append("the loaded model is in train mode; return model.eval()")
-    if not isinstance(loaded.source, str):
-        problems.append(f"LoadedModel.source is {loaded.source!r}; expected the source string")
-    _raise(f"loader {name!r}", problems)
-    return loaded
-
-
-# ------------------------------------------------------------------------- pytest classes
-
-
-def _pytest():
-    import pytest
-
-    return pytest
+# ------------------------------------------------------------------------- pytest class
 
 
 class MethodConformance:
@@ -880,58 +519,5 @@ class MethodConformance:
     def test_cuda_matches_cpu(self, family):
         self._supported(family)
         if not torch.cuda.is_available():
-            _pytest().skip("no CUDA device here: the CPU/CUDA comparison runs where there is one "
-                           "(benchmarks/gpu_smoke.sh runs it)")
+            _pytest().skip("no CUDA device here: the CPU/CUDA comparison runs where there is one")
         check_cuda_matches_cpu(self.method, self.options, family)
-
-
-class ExporterConformance:
-    """Subclass as ``TestSomething``; set ``exporter`` and ``options``, and ``method`` /
-    ``method_options`` to prepare a model the exporter represents (None: a dense model)."""
-
-    exporter: str = ""
-    options: dict = {}
-    method: str | None = None
-    method_options: dict = {}
-    architectures: tuple[str, ...] = ("llama",)
-
-    def pytest_generate_tests(self, metafunc):
-        if "family" in metafunc.fixturenames:
-            metafunc.parametrize("family", list(self.architectures))
-
-    def test_exporter_contract(self, family, tmp_path):
-        check_exporter(self.exporter, self.options, family=family, method=self.method,
-                       method_options=self.method_options, folder=tmp_path)
-
-
-class EvaluatorConformance:
-    """Subclass as ``TestSomething``; set ``evaluator`` and ``options``."""
-
-    evaluator: str = ""
-    options: dict = {}
-
-    def test_evaluator_contract(self):
-        check_evaluator(self.evaluator, self.options)
-
-
-class LoaderConformance:
-    """Subclass as ``TestSomething``; set ``loader`` and implement ``source(tmp_path)``
-    returning a source string the loader should load."""
-
-    loader: str = ""
-    options: dict = {}
-
-    def source(self, tmp_path: Path) -> str:  # pragma: no cover - the author provides it
-        raise NotImplementedError("return a source string your loader understands")
-
-    def test_loader_contract(self, tmp_path):
-        check_loader(self.loader, self.source(tmp_path), self.options)
-
-
-__all__ = [
-    "ATOL", "ConformanceError", "EvaluatorConformance", "ExporterConformance", "FAMILIES", "LoaderConformance",
-    "MethodConformance", "MethodRun", "SEQ_LEN", "WINDOWS", "build_options", "check_deterministic",
-    "check_evaluator", "check_exporter", "check_ignore", "check_loadable", "check_loader", "check_masks",
-    "check_method", "check_options", "check_runs", "logits", "mask_everything", "nonfinite", "prepared_model",
-    "run_method", "state_hash", "tensors", "tiny", "windows",
-]
