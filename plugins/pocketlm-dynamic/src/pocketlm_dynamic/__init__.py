@@ -20,8 +20,8 @@ from pocketlm.checkpoint import ModuleType, register_module_type
 
 from . import export, sparsity
 
-__version__ = "0.1.1"
-POCKETLM_API = ">=1.5,<2"
+__version__ = "0.1.2"
+POCKETLM_API = ">=1.6,<2"
 
 
 def _describe(module) -> dict:

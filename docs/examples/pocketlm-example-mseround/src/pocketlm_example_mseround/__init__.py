@@ -13,7 +13,7 @@ from pocketlm import GridRule, hookimpl
 
 from . import mseround
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 POCKETLM_API = ">=1.5,<2"
 
 
