@@ -117,3 +117,18 @@ def test_eval_and_export_commands_print_what_they_printed(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert result.output == f"exported tiny-llama as hf to {tmp_path / 'out' / 'exported'}\n"
     assert (tmp_path / "out" / "exported" / "config.json").is_file()
+
+
+def test_a_model_folder_without_a_tokenizer_gets_one_message_saying_how_to_add_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    folder = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt"):
+        (folder / name).unlink(missing_ok=True)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(main, ["eval", "tiny-llama", "--metrics", "parameters"])
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert "tiny-llama has no tokenizer (none of tokenizer.json, tokenizer_config.json" in result.output
+    assert "model.source" in result.output
+    assert "fix: save the original model's tokenizer into the folder: " \
+           "AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('tiny-llama')" in result.output
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing lost

@@ -20,6 +20,7 @@ from .. import gguf_source, hookimpl, sentence, streaming
 from ..checkpoint import is_checkpoint, is_streamed_checkpoint, load_checkpoint, load_streamed_checkpoint
 from ..components import LoadedModel, Loader
 from ..errors import PocketError
+from ..tokenizers import load_tokenizer
 
 @dataclass(frozen=True)
 class DemoModel:
@@ -119,15 +120,13 @@ def _offload(options) -> str:
 
 def load_streamed_folder(folder: Path, options) -> LoadedModel:
     """``offload = "disk"``: the model's shell, its decoder layers read from the files on demand."""
-    from transformers import AutoTokenizer
-
+    tokenizer = load_tokenizer(folder, bool(getattr(options, "trust_remote_code", False)))
     model = streaming.load_streamed(folder, _dtype(options), streaming.find_layers_path)
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
     return LoadedModel(model, tokenizer, str(folder))
 
 
 def load_folder(source: str, options) -> LoadedModel:
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoConfig
 
     from ..modules import auto_class
 
@@ -152,13 +151,12 @@ def load_folder(source: str, options) -> LoadedModel:
                           "if you trust the folder")
     try:
         trust = bool(getattr(options, "trust_remote_code", False))
+        tokenizer = load_tokenizer(folder, trust)  # before the weights: a missing one fails fast
         model_class = auto_class(AutoConfig.from_pretrained(folder, trust_remote_code=trust))
         model = model_class.from_pretrained(
             folder, dtype=_dtype(options), use_safetensors=not allow_pickle or bool(safetensors),
             trust_remote_code=trust)
         sentence.read_pooling(model, folder)
-        tokenizer = AutoTokenizer.from_pretrained(
-            folder, trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
     except PocketError:
         raise
     except Exception as exc:  # noqa: BLE001

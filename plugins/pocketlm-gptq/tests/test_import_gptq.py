@@ -151,3 +151,18 @@ def test_a_grid_that_cannot_be_kept_exactly_is_refused_with_the_reason(context, 
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(PocketError, match="strategy 'tensor' has no pocketlm grid"):
         load_compressed_tensors(str(tmp_path), _Options())
+
+
+def test_a_checkpoint_without_its_tokenizer_is_refused_before_the_weights_load(context, tmp_path):
+    from pocketlm import PocketError
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    compress_rtn(model, RTNOptions(bits=4, group_size=32, symmetric=True), context)
+    context.tokenizer = None  # an export written without a tokenizer beside it
+    export_gptq(model, tmp_path, GPTQExportOptions(), context)
+    assert is_gptq_folder(str(tmp_path))
+    with pytest.raises(PocketError) as error:
+        load_gptq(str(tmp_path), _Options())
+    assert f"{tmp_path} has no tokenizer" in str(error.value)
+    assert error.value.field == "model.source" and "save_pretrained" in error.value.fix

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from pocketlm import LoadedModel, PocketError
+from pocketlm import LoadedModel, PocketError, load_tokenizer
 from pocketlm.modules import get_module, set_module
 from pocketlm.weights import QuantizedLinear, group_index, is_transposed, linear_shape, unpack
 
@@ -119,9 +119,10 @@ def load_quantized_folder(folder: Path, options, grids) -> LoadedModel:
     """The architecture from ``folder``'s config (its ``quantization_config`` dropped so
     transformers builds a plain model), the linears ``grids(tensors)`` returns (it pops the
     tensors it uses) set in place, every other tensor loaded as stored."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     trust = bool(getattr(options, "trust_remote_code", False))
+    tokenizer = load_tokenizer(folder, trust)  # before the weights: a missing one fails fast
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # transformers would hand the model to its quantizer
@@ -146,5 +147,4 @@ def load_quantized_folder(folder: Path, options, grids) -> LoadedModel:
                           field="model.source")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
-    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust)
     return LoadedModel(model.eval(), tokenizer, str(folder))
