@@ -69,6 +69,7 @@ from torch import nn
 
 from pocketlm import Options, PocketError, atomic, distributed
 from pocketlm.calibration import LayerHandler, batch_rows, capture_inputs, module_input
+from pocketlm.devices import to_device
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
 from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
 
@@ -364,7 +365,7 @@ class BlockRecovery(LayerHandler):
             self.teacher_hidden = captured.hidden
         with torch.no_grad():
             self.teacher_hidden = [
-                _hidden(layer(h.to(device), **_to(kw, device))).detach()
+                _hidden(layer(h.to(device), **to_device(kw, device))).detach()
                 for h, (_, kw) in zip(self.teacher_hidden, self.inputs)]
         return self.teacher_hidden
 
@@ -416,18 +417,6 @@ class BlockRecovery(LayerHandler):
         state = {"fingerprint": self.fingerprint, "layers": self.done, "errors": self.errors}
         with atomic.file(self.state_path) as temporary:
             torch.save(state, temporary)
-
-
-def _to(value, device):
-    if torch.is_tensor(value):
-        return value.to(device)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    if isinstance(value, list):
-        return [_to(v, device) for v in value]
-    if isinstance(value, dict):
-        return {k: _to(v, device) for k, v in value.items()}
-    return value
 
 
 def _fingerprint(options: QATOptions, model: nn.Module, windows: torch.Tensor, seed: int) -> str:
