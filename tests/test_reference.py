@@ -60,7 +60,8 @@ def test_registration_hooks_are_read_from_the_spec_annotations():
     assert reference.registration_hooks() == {
         "register_methods": components.Method, "register_loaders": components.Loader,
         "register_evaluators": components.Evaluator, "register_exporters": components.Exporter,
-        "register_architectures": components.Architecture, "register_grid_rules": components.GridRule}
+        "register_architectures": components.Architecture, "register_grid_rules": components.GridRule,
+        "register_translators": components.Translator}
     assert reference.constructor(components.Loader) == 'name, matches, load, summary=""'
 
 

@@ -16,7 +16,7 @@ __version__ = "0.2.4"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 
@@ -38,6 +38,7 @@ from .components import (  # noqa: E402
     Options,
     SizeEffect,
     Smooth,
+    Translator,
 )
 from .errors import PocketError  # noqa: E402
 from .progress import Progress  # noqa: E402
@@ -68,5 +69,5 @@ __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
     "LayerHandler", "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
-    "SizeEffect", "Smooth", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed", "load_tokenizer", "module_input", "require_whole_model", "run", "__version__",
+    "SizeEffect", "Smooth", "Translator", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed", "load_tokenizer", "module_input", "require_whole_model", "run", "__version__",
 ]

@@ -10,6 +10,7 @@ import contextlib
 import errno
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -358,6 +359,46 @@ def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir,
     for number, candidate in enumerate(found, 1):
         table.add_row(str(number), candidate.label, f"{candidate.size_mb:.1f}", f"{candidate.bits:.2f}")
     out.print(table)
+
+
+@main.command(name="import-recipe")
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--model", help="model source to write into [model] (default: a placeholder to fill in)")
+@click.option("--output", "-o", type=click.Path(path_type=Path), help="write the pocketlm recipe here instead of stdout")
+@_handle_errors
+def import_recipe(recipe, model, output):
+    """Translate an llm-compressor (or SparseML) recipe YAML into a pocketlm recipe.
+
+    Each modifier goes to the installed plugin that translates it; one that has no pocketlm
+    counterpart is refused by name, with its line, and nothing is written."""
+    from . import atomic
+    from .recipe import parse_recipe
+    from .translate import PLACEHOLDER_SOURCE, translate_recipe
+
+    plugins = _plugins()
+    imported = translate_recipe(recipe, plugins, model)
+    text = imported.toml(Path(recipe).name)
+    if model is not None:  # a source to check against: the result must validate as it is
+        if output is not None and Path(model).exists() and not Path(model).is_absolute():
+            # recipes resolve a relative source from their own folder
+            imported.recipe["model"]["source"] = os.path.relpath(model, Path(output).parent)
+            text = imported.toml(Path(recipe).name)
+        try:
+            parse_recipe(text, plugins, file="translated recipe", path=output)
+        except PocketError as exc:
+            raise PocketError(f"the translated recipe would not run: {exc.field or ''}: {exc.message}".replace(": : ", ": "),
+                              file=str(recipe), fix=exc.fix) from None
+    for note in imported.notes:
+        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    if output:
+        atomic.write_text(output, text)
+        stages = imported.recipe["stages"]
+        click.echo(f"wrote {output} ({len(stages)} stage{'s' if len(stages) != 1 else ''}: "
+                   + ", ".join(s["method"] for s in stages) + ")")
+        if imported.recipe["model"]["source"] == PLACEHOLDER_SOURCE:
+            click.echo(f"next: set [model] source in {output}, then `pocketlm validate {output}`")
+    else:
+        click.echo(text, nl=False)
 
 
 @main.command(name="new-plugin")

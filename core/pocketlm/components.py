@@ -1,4 +1,5 @@
-"""What a plugin registers: methods, loaders, evaluators, exporters, architectures and grid rules.
+"""What a plugin registers: methods, loaders, evaluators, exporters, architectures, grid rules and
+recipe translators.
 
 A plugin builds these objects and hands them to the ``register`` callback of the matching
 registration hook (see :mod:`pocketlm.hookspecs`). The core owns ordering, duplicate detection
@@ -338,3 +339,23 @@ class GridRule:
         if self.symmetric is not None and symmetric != self.symmetric:
             found.append(f"symmetric = {str(self.symmetric).lower()}")
         return found
+
+
+@dataclass(frozen=True)
+class Translator:
+    """Turns one modifier of another tool's recipe (llm-compressor, SparseML) into pocketlm
+    stages, for ``pocketlm import-recipe``.
+
+    ``translate(modifier, siblings)`` receives a :class:`pocketlm.translate.Modifier` (class
+    name, arguments, stage, line) and the modifiers after it in the same stage, and returns a
+    :class:`pocketlm.translate.Translation` (stage tables, notes, the siblings it covers). An
+    argument or a whole modifier with no counterpart raises
+    :class:`pocketlm.translate.Untranslatable` with the reason: nothing is dropped silently.
+    :class:`pocketlm.translate.Arguments` and :func:`pocketlm.translate.quantization_schemes`
+    read the arguments that llm-compressor's modifiers share."""
+
+    name: str = _field("the modifier's class name as recipes write it (`GPTQModifier`)")
+    translate: Callable[..., Any] = _field(
+        "`translate(modifier, siblings) -> Translation`; raises `Untranslatable` with the reason")
+    summary: str = _field("one line saying what it becomes", default="")
+    tool: str = _field("the tool whose recipes hold the modifier", default="llm-compressor")

@@ -33,7 +33,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from torch import nn
 
-    from .components import Architecture, Evaluator, Exporter, GridRule, LoadedModel, Loader, Method, Options
+    from .components import (Architecture, Evaluator, Exporter, GridRule, LoadedModel, Loader, Method, Options,
+                              Translator)
     from .context import Context
     from .recipe import ModelSection
 
@@ -113,6 +114,20 @@ def register_grid_rules(register: Callable[[GridRule], None]) -> None:
 
     :param register: call ``register(pocketlm.GridRule(name, fit, summary, ...))`` once per
         rule.
+    :returns: nothing; what counts is what was registered."""
+
+
+@hookspec
+def register_translators(register: Callable[[Translator], None]) -> None:
+    """Declare translators of other tools' recipe modifiers.
+
+    ``pocketlm import-recipe FILE`` reads an llm-compressor (or SparseML) recipe and hands each
+    modifier to the translator registered under its class name. A plugin translates the
+    modifiers its own methods stand in for, so the core never names one. A modifier no plugin
+    translates is refused by name.
+
+    :param register: call ``register(pocketlm.Translator(name, translate, summary))`` once per
+        modifier class; ``name`` is the class name as recipes write it.
     :returns: nothing; what counts is what was registered."""
 
 

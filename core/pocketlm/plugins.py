@@ -31,11 +31,13 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import Version
 
 from . import API_VERSION, hookspecs
-from .components import KINDS, Architecture, Evaluator, Exporter, GridRule, Loader, Method, Options
+from .components import KINDS, Architecture, Evaluator, Exporter, GridRule, Loader, Method, Options, Translator
 
 ENTRY_POINT_GROUP = "pocketlm"
 ALLOWLIST_ENV = "POCKETLM_PLUGINS"
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+# translators are named by the class name other tools' recipes write (GPTQModifier)
+CLASS_NAME_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 # registration hook -> (component type, the attribute that holds its name, the table)
 REGISTRATIONS = {
@@ -45,6 +47,7 @@ REGISTRATIONS = {
     "register_exporters": (Exporter, "exporters"),
     "register_architectures": (Architecture, "architectures"),
     "register_grid_rules": (GridRule, "grid_rules"),
+    "register_translators": (Translator, "translators"),
 }
 
 
@@ -75,7 +78,7 @@ class PluginProblem:
 class Plugins:
     """The loaded plugins and everything they registered.
 
-    ``methods``, ``evaluators``, ``exporters``, ``grid_rules`` map names to components, ``loaders`` and
+    ``methods``, ``evaluators``, ``exporters``, ``grid_rules``, ``translators`` map names to components, ``loaders`` and
     ``architectures`` keep registration order; ``owner[(table, name)]`` is the plugin that
     registered it; ``problems`` lists the skipped plugins with their reasons."""
 
@@ -87,6 +90,7 @@ class Plugins:
         self.evaluators: dict[str, Evaluator] = {}
         self.exporters: dict[str, Exporter] = {}
         self.grid_rules: dict[str, GridRule] = {}
+        self.translators: dict[str, Translator] = {}
         self._loaders: dict[str, Loader] = {}
         self._architectures: dict[str, Architecture] = {}
         self._loader_order: list[tuple[bool, int, str]] = []
@@ -233,7 +237,8 @@ class _Skip(Exception):
 def _validate(item: Any, kind: type, hook: str) -> None:
     if not isinstance(item, kind):
         raise _Skip(f"{hook} registered {type(item).__name__}, expected pocketlm.{kind.__name__}")
-    if not isinstance(item.name, str) or not NAME_PATTERN.match(item.name):
+    pattern = CLASS_NAME_PATTERN if isinstance(item, Translator) else NAME_PATTERN
+    if not isinstance(item.name, str) or not pattern.match(item.name):
         raise _Skip(f"{hook} registered the invalid name {item.name!r} (use lowercase letters, "
                     "digits, '-' and '_')")
     if isinstance(item, Method):
@@ -245,6 +250,8 @@ def _validate(item: Any, kind: type, hook: str) -> None:
             raise _Skip(f"method {item.name!r}: compress is not callable")
     if isinstance(item, GridRule) and not callable(item.fit):
         raise _Skip(f"grid rule {item.name!r}: fit is not callable")
+    if isinstance(item, Translator) and not callable(item.translate):
+        raise _Skip(f"translator {item.name!r}: translate is not callable")
     if isinstance(item, (Evaluator, Exporter)) and not (
             isinstance(item.options, type) and issubclass(item.options, Options)):
         raise _Skip(f"{item.name!r}: options must be a subclass of pocketlm.Options")

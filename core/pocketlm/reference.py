@@ -29,7 +29,7 @@ from . import components, hookspecs
 #: The dataclasses of :mod:`pocketlm.components`, in the order the reference lists them.
 COMPONENTS = (components.Method, components.SizeEffect, components.Loader, components.LoadedModel,
               components.Evaluator, components.Exporter, components.Architecture, components.Smooth,
-              components.GridRule)
+              components.GridRule, components.Translator)
 
 #: The files that hold generated blocks, relative to the repository root.
 DOCS = ("docs/plugin-api.md", "docs/plugins/hooks.md", "docs/recipes.md")

@@ -27,6 +27,7 @@ class Entry:
     evaluators: tuple[str, ...] = ()
     exporters: tuple[str, ...] = ()
     grid_rules: tuple[str, ...] = ()
+    translators: tuple[str, ...] = ()
     extras: dict = field(default_factory=dict)
 
     @property
@@ -53,7 +54,7 @@ def _load(path: str) -> tuple[Entry, ...]:
             source=str(item.get("source", "")), summary=str(item.get("summary", "")),
             methods=tuple(item.get("methods", ())), loaders=tuple(item.get("loaders", ())),
             evaluators=tuple(item.get("evaluators", ())), exporters=tuple(item.get("exporters", ())),
-            grid_rules=tuple(item.get("grid_rules", ()))))
+            grid_rules=tuple(item.get("grid_rules", ())), translators=tuple(item.get("translators", ()))))
     return tuple(entries)
 
 

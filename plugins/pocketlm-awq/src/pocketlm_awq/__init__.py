@@ -31,3 +31,12 @@ def register_exporters(register):
         represents=frozenset({"quantized", "dense", "masked", "restructured"}), packs=frozenset({"quantized"}),
         check=export_awq.check, streams=True,
         summary="AutoAWQ GEMM checkpoint (4-bit, grouped) for transformers, vLLM and GPTQModel"))
+
+
+@hookimpl
+def register_translators(register):
+    from pocketlm import Translator
+
+    from .translate_llmc import translate_awq
+
+    register(Translator("AWQModifier", translate_awq, "an awq stage, with the scheme of the QuantizationModifier after it"))

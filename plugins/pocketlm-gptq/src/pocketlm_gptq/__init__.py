@@ -60,4 +60,16 @@ def register_exporters(register):
         summary="compressed-tensors pack-quantized checkpoint for transformers and vLLM", streams=True))
 
 
+@hookimpl
+def register_translators(register):
+    from pocketlm import Translator
+
+    from . import translate_llmc as t
+
+    register(Translator("GPTQModifier", t.translate_gptq, "a gptq stage per weight scheme"))
+    register(Translator("QuantizationModifier", t.translate_quantization,
+                        "an rtn stage per weight scheme (gptq when a GPTQModifier without a scheme follows)"))
+    register(Translator("SmoothQuantModifier", t.refuse_smoothquant, "refused: it prepares 8-bit activations"))
+
+
 __all__ = ["POCKETLM_API", "__version__", "pocketlm"]

@@ -51,3 +51,15 @@ def methods() -> list[Method]:
 def register_methods(register):
     for method in methods():
         register(method)
+
+
+@hookimpl
+def register_translators(register):
+    from pocketlm import Translator
+
+    from . import translate_llmc as t
+
+    register(Translator("SparseGPTModifier", t.translate_sparsegpt, "a sparsegpt stage"))
+    register(Translator("WandaPruningModifier", t.translate_wanda, "a wanda stage"))
+    register(Translator("ConstantPruningModifier", t.translate_constant,
+                        "no stage: later stages keep every pruning mask at zero"))

@@ -1,0 +1,82 @@
+"""llm-compressor's pruning modifiers as pocketlm stages (``pocketlm import-recipe``).
+
+* ``SparseGPTModifier`` becomes ``sparsegpt`` and ``WandaPruningModifier`` becomes ``wanda``:
+  ``sparsity``, ``mask_structure`` (``2:4`` and ``4:8`` become ``pattern``), ``block_size``,
+  ``dampening_frac`` (``damp``), ``sparsity_profile = "owl"`` with ``owl_m`` and ``owl_lmbda``,
+  ``targets`` and ``ignore``.
+* ``ConstantPruningModifier`` needs no stage: it keeps a mask at zero while training, and every
+  pocketlm stage after a pruner keeps the mask (the feature ``masked``).
+"""
+
+from __future__ import annotations
+
+from pocketlm.translate import Arguments, Modifier, Translation, Untranslatable, module_patterns
+
+PATTERNS = {"0:0": None, "2:4": "2:4", "4:8": "4:8"}
+
+
+def _prune_stage(method: str, arguments: Arguments) -> dict:
+    arguments.ignore_schedule()
+    sparsity = arguments.take("sparsity", 0.0)
+    if not isinstance(sparsity, (int, float)) or isinstance(sparsity, bool):
+        raise Untranslatable(f"sparsity {sparsity!r} is not one number; pocketlm prunes every targeted layer to one "
+                             "sparsity (or varies it by OWL)", fix="write sparsity as a number, such as 0.5")
+    structure = arguments.take("mask_structure", "0:0")
+    if structure not in PATTERNS:
+        raise Untranslatable(f"mask_structure {structure!r} has no counterpart (pocketlm has 2:4 and 4:8)",
+                             fix="use mask_structure: 2:4, 4:8 or 0:0")
+    stage = {"method": method, "sparsity": float(sparsity)}
+    if PATTERNS[structure]:
+        stage["pattern"] = PATTERNS[structure]
+    profile = arguments.take("sparsity_profile")
+    owl_m, owl_lambda = arguments.take("owl_m"), arguments.take("owl_lmbda")
+    if profile not in (None, "owl"):
+        raise Untranslatable(f"sparsity_profile {profile!r} has no counterpart (pocketlm has owl)")
+    if profile == "owl":
+        stage["layer_sparsity"] = "owl"
+        if owl_m is not None:
+            stage["owl_threshold"] = float(owl_m)
+        if owl_lambda is not None:
+            stage["owl_lambda"] = float(owl_lambda)
+    targets = module_patterns(arguments.take("targets", ["Linear"]), "targets")
+    ignore = module_patterns(arguments.take("ignore", []), "ignore")
+    stage["targets"] = targets
+    # llm-compressor prunes lm_head when Linear is targeted and it is not ignored; with tied
+    # embeddings that would prune the input embedding too, so pocketlm never prunes the head
+    stage["ignore"] = list(dict.fromkeys(["lm_head", *ignore]))
+    if "*" in targets and "lm_head" not in ignore:
+        arguments.notes.append(f"{arguments.modifier.name} leaves lm_head dense: pocketlm's pruners never prune "
+                               "the head (llm-compressor would, unless ignored)")
+    if arguments.take("preserve_sparsity_mask"):
+        raise Untranslatable("preserve_sparsity_mask has no counterpart: pocketlm's pruners choose a fresh mask",
+                             fix="remove preserve_sparsity_mask")
+    arguments.ignore("sequential_update", "pocketlm walks the layers in order")
+    arguments.ignore("offload_hessians", "pocketlm holds one layer's statistics at a time anyway")
+    arguments.ignore("sequential_targets", "pocketlm walks the decoder layers its architecture table names")
+    return stage
+
+
+def translate_sparsegpt(modifier: Modifier, siblings: list[Modifier]) -> Translation:
+    arguments = Arguments(modifier)
+    stage = _prune_stage("sparsegpt", arguments)
+    if (block_size := arguments.take("block_size")) is not None:
+        stage["block_size"] = block_size
+    if (damp := arguments.take("dampening_frac")) is not None:
+        stage["damp"] = damp
+    return Translation(stages=(stage,), notes=arguments.finish("pocketlm's sparsegpt"))
+
+
+def translate_wanda(modifier: Modifier, siblings: list[Modifier]) -> Translation:
+    arguments = Arguments(modifier)
+    stage = _prune_stage("wanda", arguments)
+    return Translation(stages=(stage,), notes=arguments.finish("pocketlm's wanda"))
+
+
+def translate_constant(modifier: Modifier, siblings: list[Modifier]) -> Translation:
+    arguments = Arguments(modifier)
+    arguments.ignore_schedule()
+    arguments.take("targets")
+    arguments.ignore("ignore", "every mask is kept")
+    notes = arguments.finish("pocketlm")
+    return Translation(notes=notes + ("ConstantPruningModifier needs no stage: every pocketlm stage after a pruner "
+                                      "keeps its mask at zero",))
