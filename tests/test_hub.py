@@ -76,3 +76,29 @@ def test_the_cli_prints_the_fetch_command_and_no_traceback(hub_cache, tmp_path):
                             capture_output=True, text=True, cwd=tmp_path, env=os.environ.copy())
     assert result.returncode == 1
     assert "hf download tiny-org/not-cached" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_quantized_checkpoint_on_the_hub_keeps_its_grids(tiny_folder, tmp_path, monkeypatch):
+    """A GPTQ checkpoint named by its Hub id goes to the loader of its format, as a local folder does."""
+    pytest.importorskip("pocketlm_gptq")
+    from pocketlm.pipeline import Run as _Run
+    from pocketlm.plugins import get_plugins
+    from pocketlm.weights import QuantizedLinear
+
+    plugins = get_plugins()
+    text = (f'[model]\nsource = "{tiny_folder}"\n[calibration]\nsamples = 2\nseq_len = 32\n'
+            '[[stages]]\nmethod = "rtn"\nbits = 4\ngroup_size = 32\n[evaluate]\nmetrics = []\nper_stage = []\n'
+            '[export]\nformat = "gptq"\n')
+    _Run(parse_recipe(text, plugins), tmp_path / "run", plugins, echo=lambda m: None).execute()
+    cache = tmp_path / "hub"
+    shutil.copytree(tmp_path / "run" / "export", cache / "models--tiny-org--tiny-gptq" / "snapshots" / MAIN)
+    (cache / "models--tiny-org--tiny-gptq" / "refs").mkdir()
+    (cache / "models--tiny-org--tiny-gptq" / "refs" / "main").write_text(MAIN)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from pocketlm.context import Context
+
+    loaded = plugins.hook.load_model(source="tiny-org/tiny-gptq", options=None, context=Context(plugins=plugins))
+    grids = [m for m in loaded.model.modules() if isinstance(m, QuantizedLinear)]
+    assert grids and all(m.bits == 4 and m.group_size == 32 for m in grids)
+    assert loaded.revision == MAIN and loaded.source == "tiny-org/tiny-gptq"

@@ -360,8 +360,18 @@ def load_hub(source: str, options) -> LoadedModel:
 
     snapshot = resolve(source, getattr(options, "revision", None),
                        allow_pickle=bool(getattr(options, "allow_pickle", False)))
-    loaded = load_folder(str(snapshot.folder), options)
+    folder = str(snapshot.folder)
+    loaded = folder_loader(folder).load(folder, options)
     return LoadedModel(loaded.model, loaded.tokenizer, source, revision=snapshot.commit)
+
+
+def folder_loader(folder: str):
+    """The loader a local copy of a Hub model takes, in the usual try order: a plugin's loader
+    for the checkpoint's format (a GPTQ or AWQ folder keeps its grids), else the plain folder one."""
+    from ..plugins import installed_plugins
+
+    return next((loader for loader in installed_plugins().loaders if loader.name != "hub" and loader.matches(folder)),
+                Loader("hf", _is_folder, load_folder))
 
 
 def _is_hub_id(source: str) -> bool:
