@@ -132,3 +132,40 @@ def test_a_model_folder_without_a_tokenizer_gets_one_message_saying_how_to_add_i
     assert "fix: save the original model's tokenizer into the folder: " \
            "AutoTokenizer.from_pretrained(ORIGINAL).save_pretrained('tiny-llama')" in result.output
     assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing lost
+
+
+def test_plan_evaluate_measures_an_encoder_by_retrieval(plugins, tmp_path, monkeypatch):
+    """An encoder predicts no tokens: the plan ranks it by retrieval MRR@10, retention after/before."""
+    from pocketlm import plan_eval
+    from pocketlm.context import Context
+    from pocketlm.planner import Candidate, PlanBudget, model_stats
+    from pocketlm.testing.models import save_tiny_model
+
+    folder = save_tiny_model(tmp_path / "tiny-bert", "bert")
+    context = Context(plugins=plugins)
+    loaded = plugins.hook.load_model(source=str(folder), options=None, context=context)
+    quality = plan_eval.quality_of(model_stats(loaded.model, context.architecture(loaded.model)))
+    assert quality is plan_eval.RETRIEVAL
+    method = plugins.methods["toy-round"]
+    candidate = Candidate([(method, {"bits": 2})], [method.effect(method.options(bits=2))], 0.1, 2.0)
+    monkeypatch.setattr(plan_eval, "plot", lambda *args, **kwargs: None)
+    points = plan_eval.evaluate_candidates([candidate], str(folder), plugins, tmp_path / "plan", PlanBudget(),
+                                           types.SimpleNamespace(print=lambda *a: None), quality=quality)
+    point = points[0]
+    assert 0 <= point["mrr_at_10"] <= 1 and point["baseline_mrr_at_10"] > 0
+    assert point["retention"] == pytest.approx(point["mrr_at_10"] / point["baseline_mrr_at_10"])
+    table = (tmp_path / "plan" / "pareto.md").read_text()
+    assert table.startswith("| candidate | export | size (MB) | retrieval MRR@10 | retention |")
+    recipe = (tmp_path / "plan" / "chosen.toml").read_text()
+    assert 'metrics = ["retrieval", "size"]' in recipe
+
+
+def test_pareto_follows_the_direction_of_the_quality():
+    from pocketlm.plan_eval import PERPLEXITY, RETRIEVAL, pareto
+
+    small_bad = {"size_mb": 1.0, "perplexity": 30.0, "mrr_at_10": 0.2}
+    big_good = {"size_mb": 2.0, "perplexity": 20.0, "mrr_at_10": 0.4}
+    big_bad = {"size_mb": 2.0, "perplexity": 40.0, "mrr_at_10": 0.1}
+    assert pareto([small_bad, big_good, big_bad], PERPLEXITY) == [small_bad, big_good]
+    assert pareto([small_bad, big_good, big_bad], RETRIEVAL) == [small_bad, big_good]
+    assert pareto([small_bad, {**big_good, "mrr_at_10": 0.1}], RETRIEVAL) == [small_bad]

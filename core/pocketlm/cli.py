@@ -345,9 +345,9 @@ def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir,
     stats = DEMO_STATS if model == DEFAULT_MODEL else stats_of(model, plugins)
     found = candidates(plugins, stats, budget)
     if evaluate_k:
-        from .plan_eval import evaluate_candidates
+        from .plan_eval import evaluate_candidates, quality_of
 
-        evaluate_candidates(found[:evaluate_k], model, plugins, out_dir, budget, out)
+        evaluate_candidates(found[:evaluate_k], model, plugins, out_dir, budget, out, quality=quality_of(stats))
         return
     if as_json:
         click.echo(json.dumps([{"recipe": c.recipe(model), "label": c.label, "size_mb": c.size_mb,

@@ -37,6 +37,7 @@ class ModelStats:
     decoder: int
     embedding: int
     other: int
+    encoder: bool = False  # a sentence encoder: measured by retrieval, not perplexity
 
     @property
     def total(self) -> int:
@@ -59,7 +60,7 @@ def model_stats(model, architecture) -> ModelStats:
         if parameter.data_ptr() not in seen:
             seen.add(parameter.data_ptr())
             total += parameter.numel()
-    return ModelStats(decoder, embedding, total - decoder - embedding)
+    return ModelStats(decoder, embedding, total - decoder - embedding, bool(getattr(architecture, "encoder", False)))
 
 
 @dataclass
@@ -79,10 +80,10 @@ class Candidate:
     def features(self) -> set[str]:
         return {f for effect in self.effects for f in effect.features}
 
-    def recipe(self, model: str, export_format: str = "hf") -> dict:
+    def recipe(self, model: str, export_format: str = "hf", metric: str = "perplexity") -> dict:
         return {"model": {"source": model},
                 "stages": [{"method": m.name, **o} for m, o in self.stages],
-                "evaluate": {"metrics": ["perplexity", "size"]},
+                "evaluate": {"metrics": [metric, "size"]},
                 "export": {"format": export_format, "path": "export"}}
 
 
