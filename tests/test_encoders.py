@@ -178,3 +178,34 @@ def test_mobilebert_quantizes_and_prunes_through_its_bottleneck_layout(tmp_path)
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert 0.4 < report["after"]["sparsity"] < 0.5   # half of each layer linear; the 2 outside stay dense
     assert report["after"]["embedding_fidelity"] > 0.9
+
+
+@pytest.mark.parametrize("family,wrapped", [("bert", True), ("llama", False)])
+def test_calibration_windows_of_an_encoder_carry_cls_and_sep(family, wrapped, tmp_path):
+    """An encoder always reads [CLS] ... [SEP]; its calibration windows do too. A causal LM reads plain text."""
+    import types
+
+    from pocketlm import Method, NoOptions, hookimpl
+    from pocketlm.pipeline import Run
+    from pocketlm.plugins import Plugins
+    from pocketlm.recipe import parse_recipe
+
+    seen = []
+    module = types.ModuleType("window-probe")
+    module.POCKETLM_API = ">=1.0,<2"
+    module.register_methods = hookimpl(lambda register: register(Method(
+        "window-probe", "transform", NoOptions, lambda model, options, context: seen.append(
+            context.calibration_windows()) or model, needs_calibration=True)))
+    plugins = Plugins(entry_points=False, extra=[("window-probe", module)])
+    folder = save_tiny_model(tmp_path / family, family)
+    text = (f'[model]\nsource = "{folder}"\n[calibration]\nsamples = 3\nseq_len = 16\n'
+            '[[stages]]\nmethod = "window-probe"\n[evaluate]\nmetrics = []\nper_stage = []\n')
+    Run(parse_recipe(text, plugins), tmp_path / "run", plugins, echo=lambda m: None).execute()
+    windows = seen[0]
+    assert windows.shape == (3, 16)
+    tokenizer = tiny_tokenizer(encoder=wrapped)
+    if wrapped:
+        assert (windows[:, 0] == tokenizer.cls_token_id).all() and (windows[:, -1] == tokenizer.sep_token_id).all()
+        assert not torch.isin(windows[:, 1:-1], torch.tensor([tokenizer.cls_token_id, tokenizer.sep_token_id])).any()
+    else:
+        assert not (windows[:, 0] == windows[0, 0]).all()

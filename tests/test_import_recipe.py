@@ -241,7 +241,7 @@ def test_a_modifier_no_plugin_translates_is_refused_with_the_installed_list(tmp_
     assert code == 2
     first = err.splitlines()[0]
     assert first.startswith(f"error: {path}:3: LogarithmicEqualizationModifier: no installed plugin translates it "
-                            "(installed translators: AWQModifier, ConstantPruningModifier, GPTQModifier,")
+                            "(installed translators: AWQModifier, ConstantPruningModifier, GMPruningModifier, GPTQModifier,")
 
 
 def test_a_translator_of_a_plugin_not_installed_is_named_from_the_registry(tmp_path, monkeypatch):

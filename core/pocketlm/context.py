@@ -25,6 +25,9 @@ class CalibrationSpec:
     seq_len: int = 512
     seed: int = 0
     batch_size: int = 8
+    #: token ids that open and close every window: an encoder's ``[CLS]`` and ``[SEP]``, which
+    #: its real inputs always carry (None: plain windows of the text, as a causal LM reads it)
+    around: tuple[int, int] | None = None
 
 
 @dataclass
@@ -80,7 +83,8 @@ class Context:
             if self.calibration is None or self.tokenizer is None:
                 raise RuntimeError("this stage needs calibration data, but the context has none")
             spec = self.calibration
-            self._windows = data.calibration_windows(self.tokenizer, spec.text, spec.samples, spec.seq_len, spec.seed)
+            self._windows = data.calibration_windows(self.tokenizer, spec.text, spec.samples, spec.seq_len, spec.seed,
+                                                      around=spec.around)
         return self._windows
 
     @property

@@ -85,8 +85,17 @@ def sample_windows(all_windows: torch.Tensor, samples: int, seed: int) -> torch.
     return all_windows[picked]
 
 
-def calibration_windows(tokenizer, path: Path, samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    return sample_windows(windows(tokenize(tokenizer, path), seq_len), samples, seed)
+def calibration_windows(tokenizer, path: Path, samples: int, seq_len: int, seed: int,
+                        around: tuple[int, int] | None = None) -> torch.Tensor:
+    """``samples`` windows of ``seq_len`` tokens; with ``around = (first, last)`` each holds
+    ``seq_len - 2`` tokens of text between those two ids (an encoder's ``[CLS]`` and ``[SEP]``)."""
+    if around is None:
+        return sample_windows(windows(tokenize(tokenizer, path), seq_len), samples, seed)
+    import torch
+
+    inner = sample_windows(windows(tokenize(tokenizer, path), seq_len - 2), samples, seed)
+    first, last = (torch.full((inner.shape[0], 1), token, dtype=inner.dtype) for token in around)
+    return torch.cat([first, inner, last], dim=1)
 
 
 def evaluation_windows(tokenizer, path: Path, count: int, seq_len: int) -> torch.Tensor:

@@ -214,16 +214,25 @@ class Run:
                                           "fingerprint": self._fingerprint(),
                                           "provenance": self._provenance()})
 
-    def _context(self, tokenizer, stage_dir: Path | None = None, export_path: Path | None = None) -> Context:
+    def _context(self, tokenizer, stage_dir: Path | None = None, export_path: Path | None = None,
+                 model=None) -> Context:
         calibration = self.recipe.file.calibration
         return Context(
             tokenizer=tokenizer, plugins=self.plugins,
             calibration=CalibrationSpec(resolve_text(calibration.text, self.recipe.base), calibration.samples,
-                                        calibration.seq_len, calibration.seed, calibration.batch_size),
+                                        calibration.seq_len, calibration.seed, calibration.batch_size,
+                                        around=self._encoder_specials(model, tokenizer)),
             run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
             progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
             model_loader=self.load, export_path=export_path, device=self.device,
             offload=self.recipe.file.model.offload)
+
+    def _encoder_specials(self, model, tokenizer) -> tuple[int, int] | None:
+        """An encoder's ``[CLS]`` and ``[SEP]`` ids: calibration windows carry them as its inputs do."""
+        if model is None or tokenizer is None or not is_encoder(model, self.plugins.architectures):
+            return None
+        first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
+        return None if first is None or last is None else (int(first), int(last))
 
     def load(self, source: str) -> LoadedModel:
         """Load the model ``source`` names (a folder, a file, a run's stage folder, ``demo:NAME``)
@@ -439,7 +448,7 @@ class Run:
         torch.manual_seed(self.recipe.file.calibration.seed + index)
         if method.needs_calibration:
             check_context_length(model, self.recipe.file.calibration.seq_len, "calibration.seq_len")
-        context = self._context(tokenizer, stage_dir=work)
+        context = self._context(tokenizer, stage_dir=work, model=model)
         stream = streaming.stream_of(model)
         folder = self.run_dir / "stages" / name
         if stream is not None:  # layers go to the stage folder one shard at a time as they finish

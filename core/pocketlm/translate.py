@@ -144,11 +144,13 @@ def _regex_globs(pattern: str, what: str) -> list[str]:
         alternatives = [group[1] + choice + group[3] for choice in group[2].split("|")]
     globs = []
     for text in alternatives:
-        literal = text.replace("\\.", ".")
-        if not re.fullmatch(r"[\w.]+", literal):
+        # a layer index (\d+, \d*, [0-9]+) and ".*" become the glob's *; an unescaped "." is
+        # taken as the separator it almost always stands for; anything else is refused
+        marked = re.sub(r"\\d[+*]|\[0-9\][+*]", "\0", text).replace("\\.", ".").replace(".*", "\0")
+        literal = marked.replace("\0", "*")
+        if not re.fullmatch(r"[\w.\0]+", marked):
             raise Untranslatable(f"{what} pattern {pattern!r} is a regular expression that pocketlm's module-name "
                                  "patterns cannot express", fix="write it as glob patterns, such as '*.q_proj'")
-        # '.' in the regex matches any character; in a module name it is the separator it stands for
         globs += [f"*{literal}", f"*{literal}.*"] if anywhere else [literal]
     return globs
 

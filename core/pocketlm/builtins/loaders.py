@@ -367,7 +367,7 @@ def load_hub(source: str, options) -> LoadedModel:
 
 def folder_loader(folder: str):
     """The loader a local copy of a Hub model takes, in the usual try order: a plugin's loader
-    for the checkpoint's format (a GPTQ or AWQ folder keeps its grids), else the plain folder one."""
+    for the checkpoint's format (a quantized checkpoint keeps its grids), else the plain folder one."""
     from ..plugins import installed_plugins
 
     return next((loader for loader in installed_plugins().loaders if loader.name != "hub" and loader.matches(folder)),

@@ -42,3 +42,23 @@ def test_constant_pruning_needs_no_stage():
 def test_what_pruning_cannot_do_is_refused_with_the_reason(arguments, message):
     with pytest.raises(Untranslatable, match=message):
         translate_sparsegpt(_modifier("SparseGPTModifier", **arguments), [])
+
+
+def test_sparseml_obcq_arguments_and_layer_regexes():
+    translation = translate_sparsegpt(_modifier("SparseGPTModifier", sparsity=0.5, percdamp=0.01,
+                                                targets=["re:model.layers.\\d*$"]), [])
+    assert translation.stages[0]["damp"] == 0.01 and translation.stages[0]["targets"] == ["model.layers.*"]
+    with pytest.raises(Untranslatable, match="argument quantize has no counterpart in pocketlm's sparsegpt"):
+        translate_sparsegpt(_modifier("SparseGPTModifier", sparsity=0.5, quantize=True), [])
+
+
+def test_one_shot_magnitude_pruning_and_a_training_schedule():
+    from pocketlm_prune.translate_llmc import translate_magnitude
+
+    once = translate_magnitude(_modifier("GMPruningModifier", init_sparsity=0.05, final_sparsity=0.6,
+                                         start_epoch=0.0, end_epoch=0.0, params="__ALL_PRUNABLE__"), [])
+    assert once.stages == ({"method": "magnitude", "sparsity": 0.6, "targets": ["*"], "ignore": ["lm_head"]},)
+    with pytest.raises(Untranslatable, match="prunes gradually while training"):
+        translate_magnitude(_modifier("GMPruningModifier", final_sparsity=0.6, start_epoch=1.0, end_epoch=10.0), [])
+    with pytest.raises(Untranslatable, match="mask_type 'block4' has no counterpart"):
+        translate_magnitude(_modifier("GMPruningModifier", final_sparsity=0.6, mask_type="block4"), [])

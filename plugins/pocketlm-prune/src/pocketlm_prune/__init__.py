@@ -61,5 +61,7 @@ def register_translators(register):
 
     register(Translator("SparseGPTModifier", t.translate_sparsegpt, "a sparsegpt stage"))
     register(Translator("WandaPruningModifier", t.translate_wanda, "a wanda stage"))
+    register(Translator("MagnitudePruningModifier", t.translate_magnitude, "a magnitude stage (one-shot only)"))
+    register(Translator("GMPruningModifier", t.translate_magnitude, "a magnitude stage (one-shot only)"))
     register(Translator("ConstantPruningModifier", t.translate_constant,
                         "no stage: later stages keep every pruning mask at zero"))

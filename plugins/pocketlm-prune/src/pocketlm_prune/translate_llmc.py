@@ -4,6 +4,8 @@
   ``sparsity``, ``mask_structure`` (``2:4`` and ``4:8`` become ``pattern``), ``block_size``,
   ``dampening_frac`` (``damp``), ``sparsity_profile = "owl"`` with ``owl_m`` and ``owl_lmbda``,
   ``targets`` and ``ignore``.
+* ``MagnitudePruningModifier`` (and SparseML's ``GMPruningModifier``) becomes ``magnitude`` at
+  its final sparsity when it prunes once; a schedule over training epochs is refused.
 * ``ConstantPruningModifier`` needs no stage: it keeps a mask at zero while training, and every
   pocketlm stage after a pruner keeps the mask (the feature ``masked``).
 """
@@ -61,7 +63,9 @@ def translate_sparsegpt(modifier: Modifier, siblings: list[Modifier]) -> Transla
     stage = _prune_stage("sparsegpt", arguments)
     if (block_size := arguments.take("block_size")) is not None:
         stage["block_size"] = block_size
-    if (damp := arguments.take("dampening_frac")) is not None:
+    damp = arguments.take("dampening_frac")
+    damp = arguments.take("percdamp") if damp is None else damp  # SparseML's name for it
+    if damp is not None:
         stage["damp"] = damp
     return Translation(stages=(stage,), notes=arguments.finish("pocketlm's sparsegpt"))
 
@@ -70,6 +74,30 @@ def translate_wanda(modifier: Modifier, siblings: list[Modifier]) -> Translation
     arguments = Arguments(modifier)
     stage = _prune_stage("wanda", arguments)
     return Translation(stages=(stage,), notes=arguments.finish("pocketlm's wanda"))
+
+
+def translate_magnitude(modifier: Modifier, siblings: list[Modifier]) -> Translation:
+    """One-shot magnitude pruning to ``final_sparsity``; a schedule over training is refused."""
+    arguments = Arguments(modifier)
+    start, end = arguments.take("start_epoch"), arguments.take("end_epoch")  # SparseML's names
+    if start is not None and end is not None and end > start:
+        raise Untranslatable(f"start_epoch {start} to end_epoch {end} prunes gradually while training; pocketlm "
+                             "prunes once", fix="prune once with pocketlm's magnitude, then recover with distill")
+    init, final = arguments.take("init_sparsity"), arguments.take("final_sparsity")
+    arguments.left.setdefault("sparsity", final if final is not None else init)
+    arguments.ignore("update_frequency", "pruning happens once")
+    arguments.ignore("leave_enabled", "every later pocketlm stage keeps the mask")
+    params = arguments.take("params")
+    if params is not None and params != "__ALL_PRUNABLE__":
+        arguments.left.setdefault("targets", params)
+    arguments.take("mask_type") in (None, "unstructured") or _refuse_mask_type(modifier)
+    stage = _prune_stage("magnitude", arguments)
+    return Translation(stages=(stage,), notes=arguments.finish("pocketlm's magnitude"))
+
+
+def _refuse_mask_type(modifier: Modifier) -> None:
+    raise Untranslatable(f"mask_type {modifier.arguments['mask_type']!r} has no counterpart (pocketlm prunes "
+                         "unstructured, or N:M with mask_structure)", fix="remove mask_type")
 
 
 def translate_constant(modifier: Modifier, siblings: list[Modifier]) -> Translation:
