@@ -11,8 +11,14 @@ rule, every result exported with the ``gguf`` exporter and measured from the fil
   down_proj (1536-wide rows) written exactly as Q4_K, every 576-wide matrix exactly as Q4_0
   (llama.cpp's own quantizer would write Q5_0 there);
 * ``gptq-q6k``: ``bits = 6, group_size = 16, grid = "q6_k"``: down_proj Q6_K, the rest Q8_0;
+* ``gptq-q4k-embed8``: ``gptq-q4k``, then ``rtn`` 8-bit group 32 on the tied embedding (Q8_0),
+  the size class of llama.cpp's Q4_K_M, which quantizes the embedding too;
 * ``rtn-q4k``: the dense model exported with ``quantize = "q4_k"`` (pocketlm's k-quant grid fit
   without importance; 576-wide rows take llama.cpp's Q5_0 fallback).
+* ``llamacpp-q4_k_m`` and ``llamacpp-q4_0``: llama.cpp's own quantizer (``llama_model_quantize``,
+  ``benchmarks/peers/llamacpp_quantize.py`` in the environment ``--llama-python`` names) on the
+  dense model exported as F32 GGUF; llama.cpp's rules choose every block type, the tied
+  embedding included (Q6_K under Q4_K_M). No importance matrix: the binding cannot pass one.
 
 The token embedding (tied with the head) stays F16 in every file, norms F32. Each file is read
 back with transformers' GGUF loader and scored with ``common.perplexity``; every decoder matrix
@@ -20,7 +26,8 @@ of the file is compared with the in-memory grid.
 
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice .venv/bin/python benchmarks/bench_kquants.py \
-      [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,rtn-q4k] [--out /tmp/pocketlm-kquants-bench] [--no-reload]
+      [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,gptq-q4k-embed8,rtn-q4k,llamacpp-q4_k_m,llamacpp-q4_0]
+      [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
 Rows are appended to benchmarks/results/kquants.jsonl.
 """
 
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -45,7 +53,11 @@ PARTS = {
     "gptq-weighted": dict(bits=4, group_size=32, grid="weighted-mse"),
     "gptq-q4k": dict(bits=4, group_size=32, grid="q4_k"),
     "gptq-q6k": dict(bits=6, group_size=16, grid="q6_k"),
+    # the tied embedding quantized too (rtn, 8-bit g32, written as Q8_0), as llama.cpp's types do
+    "gptq-q4k-embed8": dict(bits=4, group_size=32, grid="q4_k", embed=dict(bits=8, group_size=32)),
     "rtn-q4k": None,
+    "llamacpp-q4_k_m": "Q4_K_M",
+    "llamacpp-q4_0": "Q4_0",
 }
 
 
@@ -60,7 +72,7 @@ def tensor_types(path: Path) -> dict[str, int]:
                         and t.name.endswith(".weight") and "norm" not in t.name))
 
 
-def run(part: str, out: Path, reload: bool = True) -> dict:
+def run(part: str, out: Path, reload: bool = True, llama_python: str | None = None) -> dict:
     import torch
 
     from pocketlm.plugins import get_plugins
@@ -72,24 +84,42 @@ def run(part: str, out: Path, reload: bool = True) -> dict:
     row: dict = {"part": part, "protocol": "quick", "eval_windows": int(evaluation.shape[0]),
                  "calib_windows": int(calibration.shape[0]), "seq_len": common.SEQ_LEN, "seed": 0}
     settings = PARTS[part]
-    if settings is None:
+    if isinstance(settings, str):  # llama.cpp's own quantizer on the float file
+        dense, lines, seconds = bench_gguf.export(model, tokenizer, out / f"{part}-f32", {"model": {
+            "source": "demo:smollm2-135m"}, "export": {"format": "gguf", "dtype": "f32"}}, dtype="f32")
+        path = out / part / f"{part}.gguf"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with common.Timer() as timer:
+            done = subprocess.run([llama_python, str(HERE / "peers" / "llamacpp_quantize.py"), str(dense), str(path),
+                                   settings], capture_output=True, text=True, check=True)
+        row.update(method=f"llama.cpp llama_model_quantize {settings} (no importance matrix)",
+                   **json.loads(done.stdout.strip().splitlines()[-1]), export_seconds=round(timer.seconds, 1))
+        lines = []
+    elif settings is None:
         recipe = {"model": {"source": "demo:smollm2-135m"}, "export": {"format": "gguf", "quantize": "q4_k"}}
         path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe, quantize="q4_k")
         row.update(method="dense model, exporter quantize=q4_k", export_seconds=round(seconds, 1))
     else:
         plugins = get_plugins()
         method = plugins.methods["gptq"]
+        settings = dict(settings)
+        embed = settings.pop("embed", None)
         options = method.options(symmetric=True, **settings)
         context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
         context.logger = log
+        stages = [{"method": "gptq", **options.model_dump()}]
         with common.Timer() as timer, torch.no_grad():
             method.compress(model, options, context)
+            if embed is not None:
+                rtn = plugins.methods["rtn"]
+                embed_options = rtn.options(symmetric=True, targets=["embed"], ignore=[], **embed)
+                rtn.compress(model, embed_options, context)
+                stages.append({"method": "rtn", **embed_options.model_dump()})
         row.update(method=f"pocketlm gptq W{options.bits} g{options.group_size} symmetric act-order grid {options.grid}",
                    options=options.model_dump(), compress_seconds=round(timer.seconds, 1))
         row["in_memory_perplexity"] = round(common.perplexity(model, evaluation), 3)
         log(f"{part}: in-memory perplexity {row['in_memory_perplexity']}")
-        recipe = {"model": {"source": "demo:smollm2-135m"}, "stages": [{"method": "gptq", **options.model_dump()}],
-                  "export": {"format": "gguf"}}
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "stages": stages, "export": {"format": "gguf"}}
         path, lines, seconds = bench_gguf.export(model, tokenizer, out / part, recipe)
         row["export_seconds"] = round(seconds, 1)
         row.update(bench_gguf.compare_tensors(model, path))
@@ -100,6 +130,8 @@ def run(part: str, out: Path, reload: bool = True) -> dict:
     row["export_log"] = [line for line in lines if line.startswith("gguf:")]
     if reload:   # the file read back by transformers' GGUF loader and evaluated again
         row["perplexity"] = round(bench_gguf.gguf_perplexity(path, evaluation), 3)
+    if llama_python:  # and in llama.cpp itself, on the same token windows
+        row.update(bench_gguf.llama_cpp(path, evaluation, llama_python))
     return row
 
 
@@ -109,6 +141,8 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/pocketlm-kquants-bench")
     parser.add_argument("--no-reload", action="store_true", help="skip the perplexity of the file read back "
                         "(the in-memory perplexity stands for it when every matrix is bit-identical)")
+    parser.add_argument("--llama-python", help="python of an environment with llama-cpp-python (the llamacpp-* "
+                        "parts, and llama.cpp's perplexity of every file)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +151,9 @@ def main() -> None:
             raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
         log(f"part {part}")
         with common.Timer() as timer:
-            row = run(part, out, reload=not args.no_reload)
+            if isinstance(PARTS[part], str) and not args.llama_python:
+                raise SystemExit(f"part {part} needs --llama-python (an environment with llama-cpp-python)")
+            row = run(part, out, reload=not args.no_reload, llama_python=args.llama_python)
         row["wall_seconds"] = round(timer.seconds, 1)
         log(json.dumps(row))
         common.append_result(RESULTS, row)
