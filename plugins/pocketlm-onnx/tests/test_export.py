@@ -43,6 +43,17 @@ def test_dense_export_matches_the_model(tmp_path, tokenizer, family):
     assert {"config.json", "tokenizer.json", "model.onnx"} <= {p.name for p in folder.iterdir()}
 
 
+def test_the_export_prints_no_tracer_warnings(tmp_path, tokenizer):
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export(encoder("bert"), tmp_path, tokenizer)
+    assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) or "aten::index" in str(w.message)]
+
+
 def test_dynamic_axes_and_last_hidden_state(tmp_path, tokenizer):
     model = encoder("bert")
     folder, _ = export(model, tmp_path, tokenizer)

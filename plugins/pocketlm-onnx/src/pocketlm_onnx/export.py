@@ -19,6 +19,7 @@ import copy
 import inspect
 import io
 import json
+import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -127,7 +128,11 @@ def trace(dense: nn.Module, pooling: dict) -> onnx.ModelProto:
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
     axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "sentence_embedding": {0: "batch"}})
     buffer = io.BytesIO()
-    with torch.no_grad():
+    # the tracer warns about Python branches in transformers' masking code; the graph has dynamic
+    # axes, which the tests run at other batch sizes and lengths against the model: noise for users
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
         torch.onnx.export(wrapper, inputs, buffer, dynamo=False, input_names=names,
                           output_names=list(OUTPUTS), dynamic_axes=axes, opset_version=OPSET,
                           do_constant_folding=True)
