@@ -63,8 +63,11 @@ def test_the_kit_accepts_every_proposal(name):
         get_plugins().methods[name].options()
     except Exception:  # noqa: BLE001 - a method whose user must choose (prune-width): not this test's point
         defaults_build = False
+    method = get_plugins().methods[name]
     for options in proposals:
         kit.check_options(name, options, defaults_build=defaults_build)
+        if method.needs_before:  # it works on what another stage made, beside a float teacher:
+            continue             # its plugin's own tests run it (the kit's runs start from a float model)
         run = kit.check_runs(name, options, "llama", model=kit.tiny("llama", layers=LAYERS))
         kit.check_loadable(run.model, ids=run.windows, what=f"{name} with {options}", hf=kit.hf_represents(run))
 

@@ -138,3 +138,41 @@ def test_chart_labels_name_each_stage_and_its_values():
         {"method": "gptq", "bits": 4, "group_size": 32}]})
     assert short_label(text) == "rtn 8/32/[embed] → gptq 4/32"
     assert short_label(to_toml({"model": {"source": "m"}})) == "baseline"
+
+
+def make_recovery_plugin():
+    module = types.ModuleType("toy-recovery")
+    module.POCKETLM_API = ">=1.7"
+
+    @hookimpl
+    def register_methods(register):
+        register(Method("toy-recover", "distill", NoOptions, lambda m, o, c: m, "test-only recovery",
+                        effect=lambda o: SizeEffect(recovers=0.5), phase=pocketlm.PHASE_QUANTIZE + 5,
+                        needs_before=frozenset({"quantize"}), plan=lambda budget: [{}]))
+
+    module.register_methods = register_methods
+    return module
+
+
+def test_a_recovery_stage_follows_a_quantizer_and_ranks_first_under_a_budget():
+    plugins = Plugins(entry_points=False, extra=[("toy", make_toy_plugin()), ("toy-recovery", make_recovery_plugin())])
+    found = candidates(plugins, budget=PlanBudget(target_size_mb=200))
+    labels = [c.label for c in found]
+    assert "toy-recover()" not in labels                      # never alone: nothing to recover
+    assert all("toy-round" in label for label in labels if "toy-recover" in label)
+    with_recovery = labels.index("toy-round(bits=4) → toy-recover()")
+    assert with_recovery < labels.index("toy-round(bits=4)")   # same size, half the prior loss
+    recover = plugins.methods["toy-recover"]
+    [(index, reason)] = combination_problems([(recover, recover.options())])
+    assert index == 0 and reason == ("method 'toy-recover' works on what a quantize stage made, and no quantize "
+                                     "stage comes before it")
+
+
+def test_a_recipe_with_a_recovery_stage_first_names_the_missing_kind(tiny_folder):
+    plugins = Plugins(entry_points=False, extra=[("toy", make_toy_plugin()), ("toy-recovery", make_recovery_plugin())])
+    with pytest.raises(pocketlm.PocketError) as error:
+        parse_recipe(f'[model]\nsource = "{tiny_folder}"\n[[stages]]\nmethod = "toy-recover"\n', plugins,
+                     file="recipe.toml")
+    assert str(error.value) == ("recipe.toml:4: stages[0].method: method 'toy-recover' works on what a quantize stage "
+                                "made, and no quantize stage comes before it\n"
+                                "  fix: add a quantize stage before stage 0 (`pocketlm methods` lists them)")

@@ -106,6 +106,8 @@ class SizeEffect:
                                       "features table)", default=frozenset())
     modules: frozenset[str] | None = _field("the exact module names the stage acts on (None: every layer it "
                                             "covers); lets two exclusive stages share a model", default=None)
+    recovers: float = _field("the share of the earlier stages' loss this stage is expected to win back, 0 to 1 "
+                             "(training after compression); a prior the planner ranks by", default=0.0)
 
 
 @dataclass(frozen=True)
@@ -118,7 +120,8 @@ class Method:
     * ``phase`` places it in the canonical hybrid order (lower runs first); use the
       ``PHASE_*`` constants.
     * ``not_after`` names kinds that must not come before it (pruning refuses to run after a
-      quantizer, for example).
+      quantizer, for example); ``needs_before`` names kinds one of which must (a method that
+      trains what a quantizer made needs a quantize stage first).
     * ``exclusive``: at most one stage of this method's kind may target a layer (weight
       quantizers set this).
     * ``plan(budget)``: optional; the option sets the planner may try, as dicts, given a
@@ -137,6 +140,8 @@ class Method:
         shown="lambda options: SizeEffect()")
     phase: int = _field("place in the canonical hybrid order, lower first (the `PHASE_*` constants)", default=50)
     not_after: frozenset[str] = _field("kinds that must not come before this method", default=frozenset())
+    needs_before: frozenset[str] = _field("kinds one of which must come before this method (empty: none)",
+                                          default=frozenset())
     exclusive: bool = _field("at most one stage of this kind may target a layer (weight quantizers)",
                              default=False)
     plan: Callable[[Any], list[dict]] | None = _field(

@@ -105,7 +105,8 @@ def damage(stats: ModelStats, effects: list[SizeEffect]) -> float:
     planner knows no method, so no method-specific knowledge goes in): rounding error grows about
     4x per bit removed (a 4-bit grid scores 1 per weight it covers, 8-bit 1/16), zeroing weights
     costs in proportion to sparsity, removing parameters twice that. Weighted by the fraction of
-    the model each effect covers. Only the order matters; ``--evaluate`` measures the truth."""
+    the model each effect covers; a stage that ``recovers`` wins back that share of what came
+    before it. Only the order matters; ``--evaluate`` measures the truth."""
     total = stats.decoder + stats.embedding
     share = {"decoder": stats.decoder / total, "embedding": stats.embedding / total, "all": 1.0}
     score = 0.0
@@ -116,6 +117,7 @@ def damage(stats: ModelStats, effects: list[SizeEffect]) -> float:
         if effect.sparsity:
             score += weight * 4 * effect.sparsity
         score += 8 * effect.params_removed * share["decoder"]
+        score *= 1 - min(max(effect.recovers, 0.0), 1.0)
     return score
 
 

@@ -534,7 +534,8 @@ def _check_texts(recipe: Recipe, base: Path, locate, plugins=None) -> None:
 def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export_options=None) -> list[tuple[int | None, str]]:
     """Why a sequence of (method, options) stages, optionally followed by ``exporter``, cannot
     work: a list of (stage index or None for the export, reason). Uses only what plugins
-    declare: kinds, ``not_after``, ``exclusive`` and size effects. Shared with the planner."""
+    declare: kinds, ``not_after``, ``needs_before``, ``exclusive`` and size effects. Shared with
+    the planner."""
     problems: list[tuple[int | None, str]] = []
     seen_kinds: dict[str, int] = {}
     exclusive_seen: list[tuple[str, str, int, frozenset[str] | None]] = []
@@ -544,6 +545,10 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
             if kind in seen_kinds:
                 problems.append((index, f"method {method.name!r} ({method.kind}) cannot run after a {kind} stage "
                                         f"(stage {seen_kinds[kind]}): its declared order forbids it"))
+        if method.needs_before and not set(method.needs_before) & set(seen_kinds):
+            needed = " or ".join(sorted(method.needs_before))
+            problems.append((index, f"method {method.name!r} works on what a {needed} stage made, and no {needed} "
+                                    "stage comes before it"))
         effect = method.effect(options)
         if method.exclusive:
             for kind, covers, earlier, named in exclusive_seen:
@@ -578,10 +583,13 @@ def _check_combination(recipe: Recipe, plugins, locate) -> None:
         if index is None:
             raise PocketError(reason, file=locate.file, line=locate(("export", "format")), field="export.format",
                               fix="choose an export format that can hold the result (`pocketlm plugins` lists them)")
+        needs = pairs[index][0].needs_before
+        fix = (f"add a {' or '.join(sorted(needs))} stage before stage {index} (`pocketlm methods` lists them)"
+               if needs and not needs & {m.kind for m, _ in pairs[:index]} else
+               "reorder or remove stages; canonical order: structured pruning, distillation, unstructured pruning, "
+               "quantization")
         raise PocketError(reason, file=locate.file, line=locate(("stages", index, "method")),
-                          field=f"stages[{index}].method",
-                          fix="reorder or remove stages; canonical order: structured pruning, distillation, "
-                          "unstructured pruning, quantization")
+                          field=f"stages[{index}].method", fix=fix)
 
 
 # ------------------------------------------------------------------ pydantic messages

@@ -23,4 +23,4 @@ def register_methods(register):
         name="mixed", kind="quantize", options=mixed.MixedOptions, compress=mixed.compress_mixed,
         summary="mixed precision: bits per matrix (2-8) by measured sensitivity under a byte budget (exact "
                 "knapsack), run as rtn/gptq stages",
-        needs_calibration=True, effect=mixed.effect, phase=PHASE_QUANTIZE, exclusive=True))
+        needs_calibration=True, effect=mixed.effect, phase=PHASE_QUANTIZE, exclusive=True, plan=mixed.plan))

@@ -292,6 +292,18 @@ def compress_mixed(model: nn.Module, options: MixedOptions, context) -> nn.Modul
     return model
 
 
+def plan(budget=None) -> list[dict]:
+    """Budgets the planner may try, allocated by GPTQ: 4.75 bits per weight counted as GGUF
+    blocks (every matrix at least Q4_0's 4.5, the sensitive ones wider), and 3.5 counted as
+    integer grids (below what GGUF's fallbacks for rows 256 does not divide can hold); the
+    user's ``target_bits`` instead, where given."""
+    target = getattr(budget, "target_bits", None)
+    if target:
+        target = round(float(target), 2)
+        return [{"bits_per_weight": target} if target >= 4.75 else {"bits_per_weight": target, "size_model": "grid"}]
+    return [{"bits_per_weight": 4.75}, {"bits_per_weight": 3.5, "size_model": "grid"}]
+
+
 def effect(options: MixedOptions) -> SizeEffect:
     features = {"quantized"} | ({"quantized-embedding"} if options.embedding_bits else set())
     return SizeEffect(bits=options.bits_per_weight, covers="all" if options.embedding_bits else "decoder",
