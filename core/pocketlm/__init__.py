@@ -48,7 +48,7 @@ _LAZY = {"CalibrationSpec": "context", "Context": "context",
          "LayerHandler": "calibration", "module_input": "calibration", "batch_rows": "calibration",
          "run": "api", "compress": "api", "Result": "api",
          "is_streamed": "streaming", "require_whole_model": "streaming", "installed_plugins": "plugins",
-         "load_tokenizer": "tokenizers"}
+         "load_tokenizer": "tokenizers", "load_quantized_folder": "quantized_sources"}
 
 
 def __getattr__(name: str):
@@ -69,5 +69,6 @@ __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
     "LayerHandler", "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
-    "SizeEffect", "Smooth", "Translator", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed", "load_tokenizer", "module_input", "require_whole_model", "run", "__version__",
+    "SizeEffect", "Smooth", "Translator", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed",
+    "load_quantized_folder", "load_tokenizer", "module_input", "require_whole_model", "run", "__version__",
 ]

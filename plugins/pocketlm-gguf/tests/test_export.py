@@ -43,8 +43,12 @@ def test_q4_0_symmetric_g32_is_exact(tmp_path, family):
 
 def test_q4_1_asymmetric_g32_is_exact_up_to_fp16_min(tmp_path):
     model = quantize_linears(model_of("llama"), bits=4, group_size=32, symmetric=False)
-    path, _ = export(model, tmp_path, dtype="f32")
+    path, log = export(model, tmp_path, dtype="f32")
     assert _linear_types(path) == {"Q4_1"}
+    # the log says so: the grid is kept, the weights are not bit for bit
+    assert "14 Q4_1 m-rounded" in log.text() and "Q4_1 exact" not in log.text()
+    assert "gguf: 14 layer(s): asymmetric grids as Q4_1 keep q and d = scale exactly, but the offset m = -zero * " \
+           "scale is stored as a float16 and rounds in " in log.text() and "not bit-exact" in log.text()
     back = reload(path)
     # weights: only m = fp16(-zero * scale) rounds (half an ulp); the un-permuted v projection
     # read back by transformers matches the grid to that bound

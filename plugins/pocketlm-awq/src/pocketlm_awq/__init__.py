@@ -3,7 +3,8 @@
 * method ``awq`` (kind ``quantize``): per-channel scale search, scale folding through the
   architecture table's ``smooth`` pairs, clipping search and rounding into pocketlm's
   ``QuantizedLinear``;
-* exporter ``awq``: AutoAWQ's GEMM layout, read by transformers, vLLM and GPTQModel.
+* exporter ``awq``: AutoAWQ's GEMM layout, read by transformers, vLLM and GPTQModel;
+* loader ``awq-checkpoint``: an AutoAWQ GEMM folder as a model source, its grids kept exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +23,16 @@ def register_methods(register):
         name="awq", kind="quantize", options=awq.AWQOptions, compress=awq.compress,
         summary="activation-aware weight quantization: scale search + folding, clipping, group-wise rounding",
         needs_calibration=True, effect=awq.effect, phase=PHASE_QUANTIZE, exclusive=True))
+
+
+@hookimpl
+def register_loaders(register):
+    from pocketlm import Loader
+
+    from . import import_awq
+
+    register(Loader("awq-checkpoint", import_awq.is_awq_folder, import_awq.load_awq,
+                    "an AutoAWQ GEMM checkpoint folder (AutoAWQ, transformers), its grids kept exactly"))
 
 
 @hookimpl

@@ -106,6 +106,10 @@ class Packed:
     qtype: GGMLQuantizationType
     exact: bool
     note: str = ""
+    #: Q4_1 from an asymmetric grid: blocks whose offset ``m = -zero * scale`` float16 rounds,
+    #: and the largest rounding as a fraction of the block's grid step ``d``
+    offsets_rounded: int = 0
+    offset_step_fraction: float = 0.0
 
 
 def block_grid(storage: PackedGrid) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | str:
@@ -165,8 +169,11 @@ def exact_blocks(storage) -> Packed | str:
         if bool((zero == 2 ** (bits - 1)).all()):
             return Packed(pack_q4_0((q - zero_cols + 8).numpy(), d), Q.Q4_0, True,
                           f"{bits}-bit symmetric grid as Q4_0")
-        m = (-zero.float() * scale).numpy()
-        return Packed(pack_q4_1(q.numpy(), d, m), Q.Q4_1, True, f"{bits}-bit asymmetric grid as Q4_1")
+        m = -zero.float() * scale
+        rounding = (m.half().float() - m).abs()  # d * q is exact; m alone is stored rounded
+        return Packed(pack_q4_1(q.numpy(), d, m.numpy()), Q.Q4_1, True, f"{bits}-bit asymmetric grid as Q4_1",
+                      offsets_rounded=int((rounding > 0).sum()),
+                      offset_step_fraction=float((rounding / scale.clamp_min(1e-30)).max()))
     if bits >= 5:
         centred = q - zero_cols
         if int(centred.min()) >= -128 and int(centred.max()) <= 127:

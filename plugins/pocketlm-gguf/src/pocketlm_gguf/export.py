@@ -4,6 +4,8 @@
   fits a ggml block format are written exactly: a GPTQ, AWQ or RTN 4-bit grid with groups of 32
   (or any multiple of 32) becomes Q4_0 (symmetric) or Q4_1 (asymmetric), an 8-bit symmetric grid
   Q8_0 (see :mod:`pocketlm_gguf.blocks`). llama.cpp then runs the optimized weights themselves.
+  Q4_1 stores the offset ``m = -zero * scale`` as a float16, which rounds in most blocks: the
+  log says in how many, and ``pocketlm.tensors`` counts those matrices as ``Q4_1 m-rounded``.
 * Grids that do not fit (act-order ``g_idx``, group sizes 32 does not divide, 8-bit asymmetric)
   are re-quantized from their dequantized weights to the ``fallback`` format, with a notice in
   the run log that says how much changed.
@@ -210,6 +212,7 @@ class _Report:
         self.fallbacks: dict[str, list[tuple[str, float]]] = defaultdict(list)
         self.unquantized: dict[str, list[str]] = defaultdict(list)
         self.row_fallbacks: dict[str, list[str]] = defaultdict(list)
+        self.rounded_offsets: list[tuple[str, int, int, float]] = []  # Q4_1: name, rounded, blocks, worst
 
     def fallback(self, reason: str, fmt: str, name: str, change: float) -> None:
         self.fallbacks[f"{reason}; re-quantized from the dequantized weights to {fmt.upper()}"].append((name, change))
@@ -226,6 +229,14 @@ class _Report:
             for what, names in self.row_fallbacks.items():
                 lines.append(f"gguf: {len(names)} layer(s): {what} ({', '.join(names[:3])}"
                              f"{', ...' if len(names) > 3 else ''})")
+        if self.rounded_offsets:
+            rounded = sum(item[1] for item in self.rounded_offsets)
+            blocks_ = sum(item[2] for item in self.rounded_offsets)
+            worst = max(self.rounded_offsets, key=lambda item: item[3])
+            lines.append(f"gguf: {len(self.rounded_offsets)} layer(s): asymmetric grids as Q4_1 keep q and d = scale "
+                         f"exactly, but the offset m = -zero * scale is stored as a float16 and rounds in {rounded} of "
+                         f"{blocks_} blocks (by at most {worst[3]:.2%} of a grid step, worst {worst[0]}): the weights "
+                         "are not bit-exact (symmetric grids are, as Q4_0).")
         for what, names in self.unquantized.items():
             lines.append(f"gguf: {len(names)} layer(s) not quantized: {what} ({', '.join(names[:3])}"
                          f"{', ...' if len(names) > 3 else ''})")
@@ -243,7 +254,11 @@ def _matrix(name: str, module, options: GGUFOptions, report: _Report) -> blocks.
         storage = module.storage
         exact = blocks.exact_blocks(storage)
         if not isinstance(exact, str):
-            report.kinds[f"{exact.qtype.name} exact"] += 1
+            # a Q4_1 whose float16 offsets round keeps the grid, not the weights, bit for bit
+            report.kinds[f"{exact.qtype.name} {'m-rounded' if exact.offsets_rounded else 'exact'}"] += 1
+            if exact.offsets_rounded:
+                report.rounded_offsets.append((name, exact.offsets_rounded, storage.rows * storage.cols // blocks.QK,
+                                               exact.offset_step_fraction))
             kind = kquants.BY_BITS.get(storage.bits)
             if kind is not None and storage.cols % kquants.QK_K and exact.qtype != kind.qtype:
                 report.row_fallbacks[

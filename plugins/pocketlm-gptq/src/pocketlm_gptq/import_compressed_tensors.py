@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 
-from pocketlm import LoadedModel, PocketError
+from pocketlm import LoadedModel, PocketError, load_quantized_folder
+from pocketlm.quantized_sources import config_quantization
 from pocketlm.weights import QuantizedLinear, group_index
-
-from .import_gptq import config_quantization, load_quantized_folder
 
 
 def quantization_config(folder: Path) -> dict | None:
@@ -119,4 +118,4 @@ def load_compressed_tensors(source: str, options) -> LoadedModel:
                                   fix="only integer channel or group grids with float16-exact scales load as grids") from None
         return modules
 
-    return load_quantized_folder(folder, options, grids)
+    return load_quantized_folder(folder, options, grids, what="compressed-tensors checkpoint")

@@ -20,27 +20,23 @@ from pathlib import Path
 
 import torch
 
-from pocketlm import LoadedModel, PocketError, load_tokenizer
-from pocketlm.modules import get_module, set_module
-from pocketlm.weights import QuantizedLinear, group_index, is_transposed, linear_shape, unpack
+from pocketlm import LoadedModel, PocketError, load_quantized_folder
+from pocketlm.quantized_sources import config_quantization
+from pocketlm.weights import QuantizedLinear, group_index, unpack
 
-
-def config_quantization(folder: Path) -> dict:
-    """``quantization_config`` of the folder's config.json ({} where there is none or it is unreadable)."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        return {}
-    try:
-        return json.loads(config_path.read_text()).get("quantization_config") or {}
-    except (json.JSONDecodeError, AttributeError):
-        return {}
+# ``load_quantized_folder`` and ``config_quantization`` moved to the core (pocketlm.quantized_sources);
+# importing them from here keeps working.
+__all__ = ["config_quantization", "gptq_linear", "is_gptq_folder", "load_gptq", "load_quantized_folder",
+           "quantization_config", "unpack_zeros"]
 
 
 def quantization_config(folder: Path) -> dict | None:
     """The folder's GPTQ quantization config, or None when it is not a GPTQ checkpoint."""
     quant = config_quantization(folder)
     if not quant and (folder / "quantize_config.json").is_file():  # AutoGPTQ kept it beside
-        quant = {"quant_method": "gptq", **json.loads((folder / "quantize_config.json").read_text())}
+        beside = json.loads((folder / "quantize_config.json").read_text())
+        # AutoAWQ writes a quantize_config.json too, with w_bit where AutoGPTQ writes bits
+        quant = {"quant_method": "gptq", **beside} if "bits" in beside else {}
     return quant if str(quant.get("quant_method", "")).lower() == "gptq" else None
 
 
@@ -75,19 +71,6 @@ def gptq_linear(tensors: dict[str, torch.Tensor], bits: int, group_size: int, sy
                                      bias=tensors.get("bias"), g_idx=g_idx)
 
 
-def _read_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise PocketError(f"{folder} is a GPTQ checkpoint without safetensors weights", field="model.source",
-                          fix="convert its weights to safetensors")
-    tensors: dict[str, torch.Tensor] = {}
-    for path in files:
-        tensors.update(load_file(str(path)))
-    return tensors
-
-
 def load_gptq(source: str, options) -> LoadedModel:
     """Load a GPTQ checkpoint folder: the architecture from its config, the quantized linears as
     exact grids, everything else as stored (cast to the recipe's dtype)."""
@@ -112,39 +95,4 @@ def load_gptq(source: str, options) -> LoadedModel:
                                   field="model.source") from None
         return modules
 
-    return load_quantized_folder(folder, options, grids)
-
-
-def load_quantized_folder(folder: Path, options, grids) -> LoadedModel:
-    """The architecture from ``folder``'s config (its ``quantization_config`` dropped so
-    transformers builds a plain model), the linears ``grids(tensors)`` returns (it pops the
-    tensors it uses) set in place, every other tensor loaded as stored."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    trust = bool(getattr(options, "trust_remote_code", False))
-    tokenizer = load_tokenizer(folder, trust)  # before the weights: a missing one fails fast
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers would hand the model to its quantizer
-    dtype = getattr(torch, getattr(options, "dtype", "float32"))
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust)
-    tensors = _read_tensors(folder)
-    quantized = grids(tensors)
-    for name, module in quantized.items():
-        original = get_module(model, name)
-        if (module.out_features, module.in_features) != tuple(linear_shape(original)):
-            raise PocketError(f"{folder}: {name} holds a {module.out_features}x{module.in_features} grid, but the "
-                              "config builds a different shape", field="model.source")
-        module.transposed = is_transposed(original)  # GPT-2's Conv1D: the dense exporter restores it
-        set_module(model, name, module)  # scales stay float16: the grid is the checkpoint's
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v
-                                                 for k, v in tensors.items()}, strict=False)
-    expected_missing = {k for k in missing if k.startswith(tuple(q + "." for q in quantized))
-                        or (k == "lm_head.weight" and getattr(config, "tie_word_embeddings", False))}
-    if set(missing) - expected_missing or unexpected:
-        raise PocketError(f"{folder}: the weights do not match the config (missing: "
-                          f"{sorted(set(missing) - expected_missing)[:3]}, unexpected: {sorted(unexpected)[:3]})",
-                          field="model.source")
-    if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
-    return LoadedModel(model.eval(), tokenizer, str(folder))
+    return load_quantized_folder(folder, options, grids, what="GPTQ checkpoint")
