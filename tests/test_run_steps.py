@@ -115,7 +115,9 @@ def test_eval_and_export_commands_print_what_they_printed(tmp_path, monkeypatch)
         "└─────────────────┴───────────┘\n")
     result = CliRunner().invoke(main, ["export", "tiny-llama", "--format", "hf", "-o", "out/exported"])
     assert result.exit_code == 0, result.output
-    assert result.output == f"exported tiny-llama as hf to {tmp_path / 'out' / 'exported'}\n"
+    assert result.stdout == f"exported tiny-llama as hf to {tmp_path / 'out' / 'exported'}\n"
+    # what the run and the exporter log goes to stderr, so a notice of the exporter is seen
+    assert result.stderr == f"exporting (hf) to {tmp_path / 'out' / 'exported'}\n"
     assert (tmp_path / "out" / "exported" / "config.json").is_file()
 
 

@@ -317,8 +317,9 @@ def export(model, format_, output):
     text = (f'[model]\nsource = {json.dumps(model)}\n[evaluate]\nmetrics = []\nper_stage = []\n'
             f'[export]\nformat = {json.dumps(format_)}\npath = {json.dumps(str(output.resolve()))}\n')
     recipe = parse_recipe(text, loaded_plugins, file="<export>")
+    # what the exporter says (a block type that rounds, a fallback) goes to stderr; stdout keeps one line
     run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress(), owns_folder=False,
-               echo=lambda m: None)
+               echo=lambda message: console.print(message, highlight=False, soft_wrap=True))
     loaded = run_.load(model)
     path = run_.export(loaded.model, loaded.tokenizer)
     out.print(f"exported {model} as {format_} to {path}", soft_wrap=True)

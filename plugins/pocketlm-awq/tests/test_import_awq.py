@@ -309,11 +309,25 @@ def test_pocketlm_export_writes_an_awq_checkpoint_as_gptq(checkpoint, tmp_path, 
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, ["export", "awq-model", "--format", "gptq", "-o", "out/gptq"])
     assert result.exit_code == 0, result.output
-    assert result.output == f"exported awq-model as gptq to {tmp_path / 'out' / 'gptq'}\n"
+    assert result.stdout == f"exported awq-model as gptq to {tmp_path / 'out' / 'gptq'}\n"
     quant = json.loads((tmp_path / "out" / "gptq" / "config.json").read_text())["quantization_config"]
     assert (quant["quant_method"], quant["bits"], quant["group_size"], quant["sym"]) == ("gptq", 4, 32, False)
     expected = _grids(load_awq(str(tmp_path / "awq-model"), _Options()).model)
     _assert_same_grids(expected, gptq_import.load_gptq(str(tmp_path / "out" / "gptq"), _Options()).model)
+
+
+def test_pocketlm_export_to_gguf_says_where_q4_1_rounds_the_offset(checkpoint, tmp_path, monkeypatch):
+    pytest.importorskip("pocketlm_gguf")
+    from click.testing import CliRunner
+
+    from pocketlm.cli import main
+
+    shutil.copytree(checkpoint, tmp_path / "awq-model")
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", "awq-model", "--format", "gguf", "-o", "out/gguf"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"exported awq-model as gguf to {tmp_path / 'out' / 'gguf'}\n"
+    assert "asymmetric grids as Q4_1 keep q and d = scale" in result.stderr
 
 
 def test_pocketlm_export_refuses_a_gemv_checkpoint_with_the_reason(checkpoint, tmp_path, monkeypatch):
