@@ -122,6 +122,7 @@ def test_registry_lists_what_installed_plugins_register():
         assert sorted(info.provides.get("exporters", [])) == sorted(entry.get("exporters", [])), name
         assert sorted(info.provides.get("grid_rules", [])) == sorted(entry.get("grid_rules", [])), name
         assert sorted(info.provides.get("translators", [])) == sorted(entry.get("translators", [])), name
+        assert sorted(info.provides.get("loaders", [])) == sorted(entry.get("loaders", [])), name
 
 
 def test_every_option_of_every_installed_component_is_described():
