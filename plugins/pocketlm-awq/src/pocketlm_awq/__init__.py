@@ -13,8 +13,8 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Method, hookimpl
 
 from . import awq, export_awq
 
-__version__ = "0.4.0"
-POCKETLM_API = ">=1.6,<2"
+__version__ = "0.5.0"
+POCKETLM_API = ">=1.7,<2"
 
 
 @hookimpl

@@ -9,8 +9,8 @@ from .distill import DistillOptions, distill, kd_loss, lr_factor
 from .encoder import removed_fraction
 from .recovery import QATOptions, qat
 
-POCKETLM_API = ">=1.6,<2"
-__version__ = "0.4.1"
+POCKETLM_API = ">=1.7,<2"
+__version__ = "0.5.0"
 __all__ = ["DistillOptions", "QATOptions", "distill", "kd_loss", "lr_factor", "qat"]
 
 

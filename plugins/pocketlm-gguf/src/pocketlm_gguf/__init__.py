@@ -12,7 +12,7 @@ from pocketlm import GridRule, hookimpl
 from . import kquants
 from .export import EXPORTER, GGUFOptions, check, export_gguf
 
-__version__ = "0.3.4"
+__version__ = "0.3.5"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["GGUFOptions", "check", "export_gguf", "register_exporters", "register_grid_rules"]

@@ -11,7 +11,7 @@ from pocketlm import PHASE_QUANTIZE, Method, hookimpl
 
 from . import mixed
 
-__version__ = "0.1.1"
+__version__ = "0.2.0"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["POCKETLM_API", "__version__", "register_methods"]

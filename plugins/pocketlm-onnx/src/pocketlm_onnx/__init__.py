@@ -12,7 +12,7 @@ from pocketlm import hookimpl
 
 from .export import EXPORTER, OnnxOptions, check, export_onnx
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["OnnxOptions", "check", "export_onnx", "register_exporters"]

@@ -16,8 +16,8 @@ from pocketlm import PHASE_RESTRUCTURE, PHASE_SPARSIFY, Method, hookimpl
 from . import depth, magnitude, sparsegpt, wanda, width
 from .common import prune_effect
 
-__version__ = "0.2.1"
-POCKETLM_API = ">=1.6,<2"
+__version__ = "0.3.0"
+POCKETLM_API = ">=1.7,<2"
 
 _NOT_AFTER = frozenset({"quantize"})
 
