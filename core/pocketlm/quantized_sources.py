@@ -32,6 +32,16 @@ from .tokenizers import load_tokenizer
 from .weights import QuantizedLinear, is_transposed, linear_shape
 
 
+def exact_float16(scales: torch.Tensor) -> torch.Tensor:
+    """``scales`` as float16 (pocketlm's scale dtype), or ``ValueError`` where a value would
+    round: a grid is loaded exactly or not at all."""
+    half = scales.to(torch.float16)
+    if not torch.equal(half.to(scales.dtype), scales):
+        raise ValueError(f"its {str(scales.dtype).replace('torch.', '')} scales are not all exact in float16 "
+                         "(pocketlm's scale dtype)")
+    return half
+
+
 def config_quantization(folder: Path) -> dict:
     """``quantization_config`` of ``folder``'s config.json ({} where there is none or it is
     unreadable)."""

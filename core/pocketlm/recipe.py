@@ -241,18 +241,24 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def load_yaml(text: str, file: str, loader=_UniqueKeyLoader,
+              syntax_fix: str = "fix the YAML syntax (recipes are data: no tags, no code)"):
+    """YAML data through a safe loader that refuses a key written twice; a duplicate or a syntax
+    error is one :class:`PocketError` naming the file and the line."""
+    try:
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except _DuplicateKey as exc:
+        raise PocketError(f"duplicate key {exc.key!r} (first at line {exc.first})", file=file, line=exc.line,
+                          fix="keep one of them; YAML would silently use the last") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PocketError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
+                          line=mark.line + 1 if mark else None, fix=syntax_fix) from None
+
+
 def _parse(text: str, fmt: str, file: str) -> dict:
     if fmt == "yaml":
-        try:
-            raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
-        except _DuplicateKey as exc:
-            raise PocketError(f"duplicate key {exc.key!r} (first at line {exc.first})", file=file, line=exc.line,
-                              fix="keep one of them; YAML would silently use the last") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise PocketError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
-                              line=mark.line + 1 if mark else None,
-                              fix="fix the YAML syntax (recipes are data: no tags, no code)") from None
+        raw = load_yaml(text, file)
     else:
         try:
             raw = tomllib.loads(text)

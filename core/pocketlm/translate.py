@@ -287,22 +287,16 @@ def _foreign_loader():
 
 def read_modifiers(path: Path) -> tuple[list[Modifier], list[str]]:
     """The modifiers of the recipe at ``path`` in order, and notes on what was not a modifier."""
-    from .recipe import _DuplicateKey
+    from .recipe import load_yaml
 
     file = str(path)
     if not path.is_file():
         raise PocketError(f"{file} does not exist", field="RECIPE", fix="give the path of an llm-compressor recipe YAML")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_foreign_loader())  # noqa: S506 - safe subclass
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise PocketError("the recipe is not UTF-8 text", file=file, fix="save it as UTF-8") from None
-    except _DuplicateKey as exc:
-        raise PocketError(f"duplicate key {exc.key!r} (first at line {exc.first})", file=file, line=exc.line,
-                          fix="keep one of them") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PocketError(f"YAML syntax error: {getattr(exc, 'problem', exc)}", file=file,
-                          line=mark.line + 1 if mark else None, fix="fix the YAML syntax") from None
+    data = load_yaml(text, file, _foreign_loader(), syntax_fix="fix the YAML syntax")
     if not isinstance(data, dict) or not data:
         raise PocketError("the recipe holds no stages", file=file,
                           fix="an llm-compressor recipe is a table of stages holding modifier groups")

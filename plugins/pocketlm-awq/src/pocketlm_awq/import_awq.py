@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pocketlm import LoadedModel, PocketError, load_quantized_folder
-from pocketlm.quantized_sources import config_quantization
+from pocketlm.quantized_sources import config_quantization, exact_float16
 from pocketlm.weights import QuantizedLinear
 
 from .export_awq import AWQ_ORDER, PACK
@@ -83,21 +83,13 @@ def _check_shapes(tensors: dict[str, torch.Tensor], group_size: int) -> tuple[in
     return in_features, out_features
 
 
-def _float16_scales(scales: torch.Tensor) -> torch.Tensor:
-    half = scales.to(torch.float16)
-    if not torch.equal(half.to(scales.dtype), scales):
-        raise ValueError(f"its {str(scales.dtype).replace('torch.', '')} scales are not all exact in float16 "
-                         "(pocketlm's scale dtype)")
-    return half
-
-
 def awq_linear(tensors: dict[str, torch.Tensor], group_size: int) -> QuantizedLinear:
     """One :class:`QuantizedLinear` from its GEMM tensors (``qweight``, ``qzeros``, ``scales``,
     optional ``bias``), grid bits unchanged; symmetric when every zero point is ``2**(bits-1)``."""
     _check_shapes(tensors, group_size)
     q = unpack_awq(tensors["qweight"]).t().contiguous()        # [out, in]
     zeros = unpack_awq(tensors["qzeros"]).t().contiguous()     # [out, groups]
-    scales = _float16_scales(tensors["scales"]).t().contiguous()  # [out, groups]
+    scales = exact_float16(tensors["scales"]).t().contiguous()  # [out, groups]
     symmetric = bool((zeros == 2 ** (BITS - 1)).all())
     return QuantizedLinear.from_grid(q, scales, zeros, bits=BITS, group_size=group_size, symmetric=symmetric,
                                      bias=tensors.get("bias"))

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from pocketlm import LoadedModel, PocketError, load_quantized_folder
-from pocketlm.quantized_sources import config_quantization
+from pocketlm.quantized_sources import config_quantization, exact_float16
 from pocketlm.weights import QuantizedLinear, group_index
 
 
@@ -54,14 +54,6 @@ def scheme_of(name: str, quant: dict) -> dict:
     raise ValueError("no config group targets it")
 
 
-def _exact_float16(scale: torch.Tensor) -> torch.Tensor:
-    half = scale.to(torch.float16)
-    if not torch.equal(half.to(scale.dtype), scale):
-        raise ValueError(f"its {str(scale.dtype).replace('torch.', '')} scales are not all exact in float16 "
-                         "(pocketlm's scale dtype)")
-    return half
-
-
 def ct_linear(tensors: dict[str, torch.Tensor], group: dict) -> QuantizedLinear:
     """One :class:`QuantizedLinear` from its pack-quantized tensors and its config group."""
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -80,7 +72,7 @@ def ct_linear(tensors: dict[str, torch.Tensor], group: dict) -> QuantizedLinear:
     shape = tuple(int(v) for v in tensors["weight_shape"].tolist())
     offset = 2 ** (bits - 1)
     q = unpack_from_int32(tensors["weight_packed"], bits, torch.Size(shape)).to(torch.int64) + offset
-    scales = _exact_float16(tensors["weight_scale"].reshape(shape[0], -1))
+    scales = exact_float16(tensors["weight_scale"].reshape(shape[0], -1))
     symmetric = bool(weights.get("symmetric", True))
     if symmetric:
         zeros = torch.full(scales.shape, offset, dtype=torch.int64)
