@@ -13,6 +13,8 @@ rule, every result exported with the ``gguf`` exporter and measured from the fil
 * ``gptq-q6k``: ``bits = 6, group_size = 16, grid = "q6_k"``: down_proj Q6_K, the rest Q8_0;
 * ``gptq-q4k-embed8``: ``gptq-q4k``, then ``rtn`` 8-bit group 32 on the tied embedding (Q8_0),
   the size class of llama.cpp's Q4_K_M, which quantizes the embedding too;
+* ``gptq-q5_0-embed8``: GPTQ W5 g32 (exactly Q5_0) with the 8-bit embedding: the size class of
+  llama.cpp's Q4_K_M on this model, whose 576-wide rows fall back to Q5_0;
 * ``rtn-q4k``: the dense model exported with ``quantize = "q4_k"`` (pocketlm's k-quant grid fit
   without importance; 576-wide rows take llama.cpp's Q5_0 fallback).
 * ``llamacpp-q4_k_m`` and ``llamacpp-q4_0``: llama.cpp's own quantizer (``llama_model_quantize``,
@@ -20,13 +22,15 @@ rule, every result exported with the ``gguf`` exporter and measured from the fil
   dense model exported as F32 GGUF; llama.cpp's rules choose every block type, the tied
   embedding included (Q6_K under Q4_K_M). No importance matrix: the binding cannot pass one.
 
-The token embedding (tied with the head) stays F16 in every file, norms F32. Each file is read
+The token embedding (tied with the head) stays F16 unless the part quantizes it (``-embed8``,
+and llama.cpp's own types), norms F32. Each file is read
 back with transformers' GGUF loader and scored with ``common.perplexity``; every decoder matrix
 of the file is compared with the in-memory grid.
 
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice .venv/bin/python benchmarks/bench_kquants.py \
-      [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,gptq-q4k-embed8,rtn-q4k,llamacpp-q4_k_m,llamacpp-q4_0]
+      [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,gptq-q4k-embed8,gptq-q5_0-embed8,rtn-q4k,
+      llamacpp-q4_k_m,llamacpp-q4_0]
       [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
 Rows are appended to benchmarks/results/kquants.jsonl.
 """
@@ -55,6 +59,8 @@ PARTS = {
     "gptq-q6k": dict(bits=6, group_size=16, grid="q6_k"),
     # the tied embedding quantized too (rtn, 8-bit g32, written as Q8_0), as llama.cpp's types do
     "gptq-q4k-embed8": dict(bits=4, group_size=32, grid="q4_k", embed=dict(bits=8, group_size=32)),
+    # every matrix 5-bit (exactly Q5_0, what llama.cpp's Q4_K_M writes for 576-wide rows), embedding 8-bit
+    "gptq-q5_0-embed8": dict(bits=5, group_size=32, grid="minmax", embed=dict(bits=8, group_size=32)),
     "rtn-q4k": None,
     "llamacpp-q4_k_m": "Q4_K_M",
     "llamacpp-q4_0": "Q4_0",
