@@ -110,8 +110,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as dense:
         llama = model(len(tok), Path(dense))
         quantize(llama, tok, calibration(tok, text))
+        readme = (OUT / "README.md").read_text() if (OUT / "README.md").exists() else None
         shutil.rmtree(OUT, ignore_errors=True)
         llama.save_pretrained(OUT, save_compressed=True)  # reads the dense folder's recipe, if any
+        if readme is not None:
+            (OUT / "README.md").write_text(readme)
     tok.save_pretrained(OUT)
     save_decompressed(OUT, DECOMPRESSED)
     versions = {"llmcompressor": llmcompressor.__version__, "compressed-tensors": compressed_tensors.__version__,
