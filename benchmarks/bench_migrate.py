@@ -18,6 +18,8 @@ Parts (each appends one JSON row to benchmarks/results/migrate.jsonl):
   saves those weights and measures that model's perplexity.
 * ``gptq``: pocketlm-gptq's ``gptq`` (same grid, act-order off) written by its ``gptq`` exporter,
   a GPTQ-convention checkpoint (AutoGPTQ's layout).
+* ``baseline-llamacpp``: the float model exported as an F16 GGUF, run in llama.cpp (its own
+  baseline on the same windows).
 
 For each checkpoint: pocketlm loads the folder as a model source (its loader chosen by the
 plugins, every quantized linear a ``QuantizedLinear`` with the checkpoint's integer grid),
@@ -48,7 +50,7 @@ import bench_gguf  # noqa: E402  (its exporter call and llama.cpp runner)
 import common  # noqa: E402
 
 RESULTS = HERE / "results" / "migrate.jsonl"
-PARTS = ("baseline", "llmcompressor", "gptq")
+PARTS = ("baseline", "llmcompressor", "gptq", "baseline-llamacpp")
 GROUP_SIZE = 32
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
@@ -73,8 +75,9 @@ def llmcompressor_checkpoint(work: Path, evaluation, calibration) -> tuple[Path,
     if done.returncode != 0:
         raise SystemExit(f"llm-compressor's worker failed with exit code {done.returncode}")
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
-    peer = {"llmcompressor_" + key if key in ("oneshot_seconds", "decompressed_matrices") else key: value
-            for key, value in result.items()}
+    renamed = {"oneshot_seconds": "llmcompressor_oneshot_seconds", "decompressed_matrices": "llmcompressor_matrices",
+               "transformers": "peer_transformers", "torch": "peer_torch"}  # pocketlm's own versions keep their keys
+    peer = {renamed.get(key, key): value for key, value in result.items()}
     return folder, load_file(str(decompressed)), peer
 
 
@@ -229,6 +232,14 @@ def run(part: str, out: Path, llama_python: str | None) -> dict:
     if part == "baseline":
         model, _ = common.load_reference()
         row["perplexity"] = common.perplexity(model, evaluation)
+        return row
+    if part == "baseline-llamacpp":  # the float model as an F16 GGUF: llama.cpp's own baseline
+        model, tokenizer = common.load_reference()
+        recipe = {"model": {"source": "demo:smollm2-135m"}, "export": {"format": "gguf"}}
+        path, _, _ = bench_gguf.export(model, tokenizer, out / part / "gguf", recipe)
+        row.update(gguf_file=str(path), gguf_bytes=path.stat().st_size)
+        del model
+        row.update(bench_gguf.llama_cpp(path, evaluation, llama_python))
         return row
     if part == "llmcompressor":
         folder, reference, made = llmcompressor_checkpoint(out / part, evaluation, calibration)
