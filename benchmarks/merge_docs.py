@@ -6,7 +6,7 @@
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "recovery", "scale", "large-model", "dynamic", "encoders", "plan", "lmeval", "startup"]
+ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "migrate", "recovery", "scale", "large-model", "dynamic", "encoders", "plan", "lmeval", "startup"]
 HEADER = """# Benchmarks
 
 Every figure here was measured on a machine of the project's kind (2 CPU cores, no GPU,
