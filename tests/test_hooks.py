@@ -21,7 +21,7 @@ HOOKS = sorted(n for n in dir(hookspecs) if not n.startswith("_") and callable(g
 def test_the_hook_list_is_what_the_docs_and_this_file_cover():
     assert HOOKS == ["compress", "evaluate", "export", "load_model", "register_architectures",
                      "register_evaluators", "register_exporters", "register_grid_rules", "register_loaders",
-                     "register_methods"]
+                     "register_methods", "register_translators"]
 
 
 def test_register_methods(toy_plugins):

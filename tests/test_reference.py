@@ -62,7 +62,7 @@ def test_registration_hooks_are_read_from_the_spec_annotations():
         "register_evaluators": components.Evaluator, "register_exporters": components.Exporter,
         "register_architectures": components.Architecture, "register_grid_rules": components.GridRule,
         "register_translators": components.Translator}
-    assert reference.constructor(components.Loader) == 'name, matches, load, summary=""'
+    assert reference.constructor(components.Loader) == 'name, matches, load, summary="", resolves=None'
 
 
 def test_a_new_field_shows_up_and_write_repairs_the_docs(tmp_path, monkeypatch):

@@ -173,13 +173,18 @@ class Loader:
 
     ``matches(source)`` says whether this loader understands ``source``; loaders are tried in
     registration order and the first match loads. ``load(source, options)`` receives the
-    recipe's ``[model]`` section."""
+    recipe's ``[model]`` section. A loader with ``resolves`` only fetches: the core hands the
+    local copy to the first other loader that matches it, so a quantized checkpoint on the Hub
+    goes to the loader of its format."""
 
     name: str = _field("the loader's name, shown in errors and `pocketlm plugins`")
     matches: Callable[[str], bool] = _field("`matches(source) -> bool`: whether it understands the source")
     load: Callable[[str, Any], LoadedModel] = _field(
         "`load(source, options) -> LoadedModel`, `options` being the recipe's `[model]` section")
     summary: str = _field("one line saying what it does", default="")
+    resolves: Callable[[str, Any], tuple[str, str | None]] | None = _field(
+        "`resolves(source, options) -> (local path, revision)`: the source names a copy to fetch (a Hub id); "
+        "the other loaders then load the local path, so its format decides (None: `load` loads it)", default=None)
 
 
 @dataclass(frozen=True)

@@ -5,15 +5,26 @@ the operation over, and hook wrappers see every call."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from .. import hookimpl
 from ..errors import PocketError
 
 
 @hookimpl(trylast=True)
 def load_model(source, options, context):
-    for loader in context.plugins.loaders:
+    loader = _loader_for(source, context.plugins.loaders)
+    if loader.resolves is None:
+        return loader.load(source, options)
+    local, revision = loader.resolves(source, options)  # a Hub id: its copy loads by its own format
+    loaded = _loader_for(local, [l for l in context.plugins.loaders if l.resolves is None]).load(local, options)
+    return dataclasses.replace(loaded, source=source, revision=revision)
+
+
+def _loader_for(source: str, loaders):
+    for loader in loaders:
         if loader.matches(source):
-            return loader.load(source, options)
+            return loader
     raise PocketError(f"no loader understands the model source {source!r}",
                       field="model.source",
                       fix="give a transformers model folder, a .gguf file, or demo:smollm2-135m")

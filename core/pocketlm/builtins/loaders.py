@@ -356,22 +356,21 @@ def load_demo(source: str, options) -> LoadedModel:
 
 
 def load_hub(source: str, options) -> LoadedModel:
+    """A Hub model read as a plain transformers folder (the dispatcher instead resolves it and
+    lets the loader of the folder's format load it)."""
+    folder, commit = resolve_hub(source, options)
+    loaded = load_folder(folder, options)
+    return LoadedModel(loaded.model, loaded.tokenizer, source, revision=commit)
+
+
+def resolve_hub(source: str, options) -> tuple[str, str]:
+    """The local snapshot folder of a Hub id and its commit (the dispatcher loads the folder with
+    the loader of its format)."""
     from ..hub import resolve
 
     snapshot = resolve(source, getattr(options, "revision", None),
                        allow_pickle=bool(getattr(options, "allow_pickle", False)))
-    folder = str(snapshot.folder)
-    loaded = folder_loader(folder).load(folder, options)
-    return LoadedModel(loaded.model, loaded.tokenizer, source, revision=snapshot.commit)
-
-
-def folder_loader(folder: str):
-    """The loader a local copy of a Hub model takes, in the usual try order: a plugin's loader
-    for the checkpoint's format (a quantized checkpoint keeps its grids), else the plain folder one."""
-    from ..plugins import installed_plugins
-
-    return next((loader for loader in installed_plugins().loaders if loader.name != "hub" and loader.matches(folder)),
-                Loader("hf", _is_folder, load_folder))
+    return str(snapshot.folder), snapshot.commit
 
 
 def _is_hub_id(source: str) -> bool:
@@ -389,4 +388,5 @@ def register_loaders(register):
     register(Loader("hf", _is_folder, load_folder,
                     "a transformers model folder or a pocketlm stage checkpoint (safetensors only by default)"))
     register(Loader("hub", _is_hub_id, load_hub,
-                    "a Hugging Face Hub model (org/name, optional revision), through the local cache"))
+                    "a Hugging Face Hub model (org/name, optional revision), through the local cache",
+                    resolves=resolve_hub))
