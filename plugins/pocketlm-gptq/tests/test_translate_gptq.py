@@ -39,10 +39,14 @@ def test_one_stage_per_config_group_with_its_own_targets():
               "mlp": {"weights": {"num_bits": 4, "strategy": "group", "group_size": 32}, "targets": ["re:.*mlp\\.(gate|up|down)_proj$"]}}
     translation = translate_gptq(_modifier("GPTQModifier", config_groups=groups, ignore=["lm_head"]), [])
     assert [(s["bits"], s["group_size"]) for s in translation.stages] == [(8, -1), (4, 32)]
-    # '.*' inside a name is not a literal module name
+    # '.*' inside a name is the glob's '*'; a character class of layer indices has no glob
+    wildcard = translate_gptq(_modifier("GPTQModifier", config_groups={"g": {
+        "weights": {"num_bits": 4, "strategy": "group", "group_size": 32}, "targets": ["re:.*self_attn.*_proj$"]}}), [])
+    assert wildcard.stages[0]["targets"] == ["*self_attn*_proj", "*self_attn*_proj.*"]
     with pytest.raises(Untranslatable, match="cannot express"):
-        translate_gptq(_modifier("GPTQModifier", config_groups={"g": {"weights": {"num_bits": 4},
-                                                                        "targets": ["re:.*self_attn.*_proj$"]}}), [])
+        translate_gptq(_modifier("GPTQModifier", config_groups={"g": {
+            "weights": {"num_bits": 4, "strategy": "group", "group_size": 32},
+            "targets": ["re:.*layers\\.[0-3]\\.mlp.*"]}}), [])
 
 
 def test_quantization_modifier_alone_is_rtn_and_with_a_bare_gptq_after_it_is_gptq():
