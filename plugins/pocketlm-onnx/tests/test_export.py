@@ -215,3 +215,14 @@ def test_export_of_a_causal_lm_is_one_clear_error(tmp_path):
 def test_options_are_closed():
     with pytest.raises(Exception, match="extra"):
         OnnxOptions(dtpye="float16")
+
+
+def test_registering_the_plugin_does_not_import_onnx():
+    """`pocketlm validate` loads every plugin: onnx (0.6 s of start-up) loads only to export."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from pocketlm.plugins import get_plugins; plugins = get_plugins(); "
+            "assert 'onnx' in plugins.exporters; print(sorted(m for m in ('onnx', 'onnxruntime') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

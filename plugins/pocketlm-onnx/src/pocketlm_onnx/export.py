@@ -22,33 +22,22 @@ import json
 import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Literal
 
 import onnx
 import torch
-from pydantic import Field
 from torch import nn
 
-from pocketlm import Exporter, Options, PocketError, sentence
+from pocketlm import PocketError, sentence
 from pocketlm.modules import dense_copy as dense_model
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, is_linear, linear_weight
 
 from . import rewrite
+from .options import OnnxOptions
 
 MODEL_FILE = "model.onnx"
 DESCRIPTION_FILE = "pocketlm-onnx.json"
 OUTPUTS = ("last_hidden_state", "sentence_embedding")
 OPSET = 17   # LayerNormalization is a single op from 17 on
-
-
-class OnnxOptions(Options):
-    dtype: Literal["float32", "float16"] = Field(
-        "float32", description="storage of the dense (not quantized) matrices; float16 halves them and is cast "
-        "back to float32 when ONNX Runtime loads the graph, so computation stays float32")
-    contrib_ops: bool = Field(
-        True, description="write grids that are not 8-bit per channel (group-wise, or 2/4 bits) with ONNX "
-        "Runtime's com.microsoft MatMulNBits; false writes them as dequantized float weights, for runtimes "
-        "that only know standard ONNX operators")
 
 
 # ----------------------------------------------------------------------------- check
@@ -291,12 +280,3 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-EXPORTER = Exporter(
-    name="onnx", options=OnnxOptions, export=export_onnx, check=check,
-    represents=frozenset({"dense", "masked", "restructured", "quantized"}),
-    packs=frozenset({"quantized", "quantized-embedding"}),
-    library="onnx",
-    summary="ONNX sentence encoder for ONNX Runtime: 8-bit grids as MatMulInteger, group-wise/4-bit as "
-            "MatMulNBits, a quantized embedding as a 1-byte table; outputs last_hidden_state and sentence_embedding")
