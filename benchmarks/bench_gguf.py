@@ -197,15 +197,7 @@ def main() -> None:
                 log(json.dumps(row))
                 common.append_result(RESULTS, row)
         return
-    for part in args.parts.split(","):
-        if part not in PARTS:
-            raise SystemExit(f"unknown part {part!r}; choose from {PARTS}")
-        log(f"part {part}")
-        with common.Timer() as timer:
-            row = run(part, out, args.llama_python, args.in_memory)
-        row["wall_seconds"] = round(timer.seconds, 1)
-        log(json.dumps(row))
-        common.append_result(RESULTS, row)
+    common.run_parts(args.parts, PARTS, lambda part: run(part, out, args.llama_python, args.in_memory), RESULTS, log)
 
 
 if __name__ == "__main__":

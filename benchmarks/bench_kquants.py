@@ -152,17 +152,11 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for part in args.parts.split(","):
-        if part not in PARTS:
-            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(PARTS)}")
-        log(f"part {part}")
-        with common.Timer() as timer:
-            if isinstance(PARTS[part], str) and not args.llama_python:
-                raise SystemExit(f"part {part} needs --llama-python (an environment with llama-cpp-python)")
-            row = run(part, out, reload=not args.no_reload, llama_python=args.llama_python)
-        row["wall_seconds"] = round(timer.seconds, 1)
-        log(json.dumps(row))
-        common.append_result(RESULTS, row)
+    needs_llama = [p for p in args.parts.split(",") if isinstance(PARTS.get(p), str)]
+    if needs_llama and not args.llama_python:
+        raise SystemExit(f"{', '.join(needs_llama)} need --llama-python (an environment with llama-cpp-python)")
+    common.run_parts(args.parts, PARTS, lambda part: run(part, out, reload=not args.no_reload,
+                                                          llama_python=args.llama_python), RESULTS, log)
 
 
 if __name__ == "__main__":

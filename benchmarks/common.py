@@ -129,3 +129,17 @@ def append_result(path: Path, row: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         handle.write(json.dumps(row) + "\n")
+
+
+def run_parts(parts: str, known, run, results: Path, log) -> None:
+    """Run each comma-separated part with ``run(part) -> row`` in order, logging and appending
+    every row (with its wall seconds) to ``results`` as it finishes."""
+    for part in parts.split(","):
+        if part not in known:
+            raise SystemExit(f"unknown part {part!r}; choose from {', '.join(known)}")
+        log(f"part {part}")
+        with Timer() as timer:
+            row = run(part)
+        row["wall_seconds"] = round(timer.seconds, 1)
+        log(json.dumps(row))
+        append_result(results, row)
