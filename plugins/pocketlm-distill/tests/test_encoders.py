@@ -322,3 +322,75 @@ def test_recipe_on_a_saved_bert_through_the_cli(tmp_path, monkeypatch):
     from transformers import AutoConfig
 
     assert AutoConfig.from_pretrained(tmp_path / "runs" / "recipe" / "export").num_hidden_layers == 2
+
+
+# ------------------------------------------------------------------------------ 2 processes
+
+
+def _encoder_rank(rank, port, student, teacher, corpus, opts, stage, out):
+    """One of 2 forked processes with the environment ``torchrun``/``accelerate launch --cpu`` sets."""
+    import os
+
+    from safetensors.torch import save_file
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)  # forget the parent's 1-process state
+    GradientState._reset_state()
+    messages = []
+    ctx = make_context(None, tokenizer=corpus["tokenizer"], teacher=teacher, stage_dir=stage)
+    ctx.logger = messages.append
+    distill(student, opts, ctx)
+    if not any("on 2 process(es)" in m for m in messages):
+        raise SystemExit(4)
+    if rank == 0:
+        save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out)
+
+
+@pytest.mark.parametrize("family", ["bert", "bert-mlm"])
+def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
+    """The same global batch on 2 gloo CPU processes (DDP through accelerate) and on 1. The
+    sentence-embedding loss gives the same weights. The masked-LM loss is a mean over each
+    process's masked tokens, whose counts differ between the halves of a batch, so its 2-process
+    steps weight tokens differently from 1 process (and Adam turns that into different updates):
+    it is only checked to train."""
+    import multiprocessing
+    import socket
+
+    from safetensors.torch import load_file
+
+    teacher = teacher_of(family, corpus)
+    student = teacher_of(family, corpus, seed=3)
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    # dropout draws differ between ranks as in any data-parallel training; without it the two
+    # runs must agree, which checks how batches, masks and losses are sharded
+    for module in student.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    opts = options(corpus, steps=4, batch_size=4, grad_accum=2)
+    one = copy.deepcopy(student)
+    distill(one, opts, context(corpus, teacher, tmp_path / "one"))
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "two.safetensors"
+    fork = multiprocessing.get_context("fork")
+    processes = [fork.Process(target=_encoder_rank, args=(rank, port, copy.deepcopy(student), teacher, corpus, opts,
+                                                          tmp_path / "two" / "stage", out)) for rank in range(2)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(180)
+    assert [p.exitcode for p in processes] == [0, 0]
+    two = load_file(str(out))
+    moved_one = moved_two = 0.0
+    for name, a in one.state_dict().items():
+        moved_one = max(moved_one, (a - student.state_dict()[name]).abs().max().item())
+        moved_two = max(moved_two, (two[name] - student.state_dict()[name]).abs().max().item())
+        if family == "bert":
+            assert torch.allclose(a, two[name], atol=1e-5, rtol=1e-4), (name, (a - two[name]).abs().max())
+    assert moved_one > 1e-3 and moved_two > 1e-3  # both runs really trained
