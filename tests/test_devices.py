@@ -13,7 +13,7 @@ from pocketlm.calibration import walk_layers
 from pocketlm.modules import find_architecture
 from pocketlm.pipeline import Run
 from pocketlm.recipe import parse_recipe
-from pocketlm.testing import make_context
+from pocketlm.testing import free_port, make_context
 from pocketlm.testing.models import tiny_model, tiny_windows
 
 RECIPE = """[model]
@@ -145,7 +145,7 @@ def test_torchrun_gives_each_process_a_shard_and_one_writer(tmp_path):
     """2 gloo processes: the walker's windows are split between them, statistics summed."""
     script = Path(__file__).with_name("data_parallel_worker.py")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                             "--master_port", "29561", str(script), str(tmp_path)],
+                             "--master_port", str(free_port()), str(script), str(tmp_path)],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = sorted((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))

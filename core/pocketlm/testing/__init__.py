@@ -43,3 +43,13 @@ def model_digest(model) -> str:
     state = dict(model.state_dict())
     state.update({f"{name}.weight_mask": mask for name, mask in masks(model).items()})
     return digest(state)
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now, for a test that starts ``torchrun`` (a fixed port
+    fails whenever another run holds it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

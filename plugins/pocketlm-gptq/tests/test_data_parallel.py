@@ -3,6 +3,7 @@ the grids 1 process gives with all of them (rtn exactly; gptq within the summati
 
 import torch
 
+from pocketlm.testing import free_port
 from pocketlm.testing.conformance import windows
 from pocketlm.testing.distributed import run_data_parallel
 
@@ -80,7 +81,7 @@ def test_torchrun_two_processes_export_what_one_process_exports(tmp_path):
     recipe.write_text(RECIPE.format(model=model))
     cli = [sys.executable, "-m", "pocketlm.cli", "run", str(recipe)]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          "29562", "-m", "pocketlm.cli", "run", str(recipe), "--run-dir", str(tmp_path / "two")],
+                          str(free_port()), "-m", "pocketlm.cli", "run", str(recipe), "--run-dir", str(tmp_path / "two")],
                          capture_output=True, text=True, timeout=900)
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("run folder:") == 1               # one report: rank 0's
