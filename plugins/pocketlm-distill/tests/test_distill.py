@@ -7,7 +7,6 @@ import csv
 import math
 import multiprocessing
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from pocketlm import LoadedModel, Progress
 from pocketlm.plugins import get_plugins
-from pocketlm.testing import make_context
+from pocketlm.testing import free_port, make_context
 from pocketlm.testing.models import tiny_model
 from pocketlm.weights import QuantizedLinear, get_mask, linear_weight, masks, minmax_grid, quantize, set_mask
 from pocketlm.modules import select_linears, set_module
@@ -462,12 +461,6 @@ def test_resume_with_teacher_correction_equals_uninterrupted(corpus, teacher, tm
 # ------------------------------------------------------------------------------ accelerate, 2 processes
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(rank, port, student, teacher, windows, opts, out):
     """One of 2 forked processes: the environment ``torchrun``/``accelerate launch --cpu`` sets."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
@@ -505,7 +498,7 @@ def test_two_processes_match_one(corpus, teacher, tmp_path, correction):
     distill(one, opts, make_context(windows, teacher=teacher))
 
     out = tmp_path / "two.safetensors"
-    port = _free_port()
+    port = free_port()
     fork = multiprocessing.get_context("fork")
     processes = [fork.Process(target=_rank, args=(rank, port, copy.deepcopy(student), teacher, windows, opts, out))
                  for rank in range(2)]

@@ -357,9 +357,10 @@ def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
     steps weight tokens differently from 1 process (and Adam turns that into different updates):
     it is only checked to train."""
     import multiprocessing
-    import socket
 
     from safetensors.torch import load_file
+
+    from pocketlm.testing import free_port
 
     teacher = teacher_of(family, corpus)
     student = teacher_of(family, corpus, seed=3)
@@ -374,9 +375,7 @@ def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
     one = copy.deepcopy(student)
     distill(one, opts, context(corpus, teacher, tmp_path / "one"))
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = tmp_path / "two.safetensors"
     fork = multiprocessing.get_context("fork")
     processes = [fork.Process(target=_encoder_rank, args=(rank, port, copy.deepcopy(student), teacher, corpus, opts,
