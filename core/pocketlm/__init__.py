@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pluggy
 
-__version__ = "0.2.5"
+__version__ = "0.2.6"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.7"
+API_VERSION = "1.8"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 
@@ -41,6 +41,8 @@ from .components import (  # noqa: E402
     Translator,
 )
 from .errors import PocketError  # noqa: E402
+from .lazy import Lazy, lazy  # noqa: E402
+from .module_types import ModuleType, register_module_type  # noqa: E402
 from .progress import Progress  # noqa: E402
 
 # name -> module that defines it, imported on first access
@@ -68,7 +70,8 @@ def __dir__():
 __all__ = [
     "API_VERSION", "KINDS", "PHASE_QUANTIZE", "PHASE_RESTRUCTURE", "PHASE_SPARSIFY", "PHASE_TRAIN",
     "PHASE_TRANSFORM", "Architecture", "CalibrationSpec", "Context", "Evaluator", "Exporter", "GridRule",
-    "LayerHandler", "LoadedModel", "Loader", "Method", "NoOptions", "Options", "PocketError", "Progress", "Result",
+    "LayerHandler", "Lazy", "LoadedModel", "Loader", "Method", "ModuleType", "NoOptions", "Options", "PocketError", "Progress", "Result",
     "SizeEffect", "Smooth", "Translator", "batch_rows", "compress", "hookimpl", "installed_plugins", "is_streamed",
-    "load_quantized_folder", "load_tokenizer", "module_input", "require_whole_model", "run", "__version__",
+    "lazy", "load_quantized_folder", "load_tokenizer", "module_input", "register_module_type", "require_whole_model",
+    "run", "__version__",
 ]

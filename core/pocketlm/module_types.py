@@ -3,19 +3,18 @@ plugin's own module types): what a stage checkpoint and a layer shard record so 
 rebuilds each module before its weights are read. Nothing is pickled.
 
 A plugin whose method replaces modules with a type of its own registers that type with
-:func:`register_module_type` (re-exported by :mod:`pocketlm.checkpoint`, where plugins import it
-from).
+:func:`pocketlm.register_module_type` (also importable from :mod:`pocketlm.checkpoint`). This
+module imports torch only when a manifest is written or read, so a plugin may register its type
+when it is imported.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from torch import nn
-
-from .modules import get_module
-from .weights import QuantizedEmbedding, QuantizedLinear, tied_heads
+if TYPE_CHECKING:  # pragma: no cover
+    from torch import nn
 
 MANIFEST = "pocketlm-modules.json"
 
@@ -45,6 +44,8 @@ def register_module_type(module_type: ModuleType) -> None:
 def describe_modules(model: nn.Module) -> dict[str, dict]:
     """The manifest of ``model``: for each module that replaced a dense one (a quantized linear or
     embedding, a registered plugin type), what rebuilding it takes, as JSON-able facts."""
+    from .weights import QuantizedEmbedding, QuantizedLinear, tied_heads
+
     tied = tied_heads(model)
     described: dict[str, dict] = {}
     for name, module in model.named_modules():
@@ -72,6 +73,9 @@ def describe_modules(model: nn.Module) -> dict[str, dict]:
 def rebuild_module(spec: dict, model: nn.Module) -> nn.Module | None:
     """An empty quantized module as ``spec`` (a manifest entry) describes it, ready for its
     weights (a tied head shares its embedding's storage in ``model``); None for a dense one."""
+    from .modules import get_module
+    from .weights import QuantizedEmbedding, QuantizedLinear
+
     if spec["type"] == "dense":
         return None
     if spec["type"] == "QuantizedEmbedding":

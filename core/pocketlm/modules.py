@@ -13,6 +13,7 @@ from torch import nn
 from .components import Architecture
 from .errors import PocketError
 from .families import BUILTIN_ARCHITECTURES
+from .patterns import matches  # noqa: F401  (imported from here by plugins)
 from .weights import QuantizedEmbedding, QuantizedLinear, dense_linear, is_linear
 
 
@@ -59,18 +60,6 @@ def is_encoder(model: nn.Module, architectures: Iterable[Architecture]) -> bool:
 
 def decoder_layers(model: nn.Module, architecture: Architecture) -> nn.ModuleList:
     return get_module(model, architecture.layers)
-
-
-def matches(name: str, patterns: Iterable[str]) -> bool:
-    """True when ``name`` matches any glob pattern, or a pattern names one of its parents
-    or its last components (``"lm_head"`` matches ``"lm_head"``; ``"*.q_proj"`` and
-    ``"q_proj"`` match ``"model.layers.0.self_attn.q_proj"``)."""
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(name, pattern) or name == pattern or name.endswith("." + pattern):
-            return True
-        if name.startswith(pattern + "."):
-            return True
-    return False
 
 
 def select_linears(model: nn.Module, targets: Iterable[str], ignore: Iterable[str]) -> dict[str, nn.Module]:

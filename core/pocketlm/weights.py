@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .schemes import packed_bits_per_weight  # noqa: F401  (pure arithmetic, kept importable from here)
+
 MASK_BUFFER = "weight_mask"
 
 
@@ -321,17 +323,6 @@ def tied_heads(model: nn.Module) -> dict[str, str]:
     owners = {id(m.storage): name for name, m in model.named_modules() if isinstance(m, QuantizedEmbedding)}
     return {name: owners[id(m.storage)] for name, m in model.named_modules()
             if isinstance(m, QuantizedLinear) and id(m.storage) in owners}
-
-
-def packed_bits_per_weight(bits: int, group_size: int, symmetric: bool) -> float:
-    """Bits one weight costs in the packed layout every quantized export writes: the grid value,
-    a float16 scale per group and, for an asymmetric grid, a ``bits``-bit zero point per group
-    (a symmetric format implies its zero point). With one group per output channel
-    (``group_size = -1``) the scale and zero point are spread over a whole row and counted as
-    nothing."""
-    if group_size == -1:
-        return float(bits)
-    return bits + (16 + (0 if symmetric else bits)) / group_size
 
 
 # ------------------------------------------------------------------ linear adapter
