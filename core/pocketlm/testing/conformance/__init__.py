@@ -57,6 +57,11 @@ at every setting they support, float16 scales and integer zero points in range o
 ignoring ``importance`` unless they declare ``uses_importance``, with a round-trip error within
 ``ERROR_RATIO`` times min-max's.
 
+**Registration** (``check_light_registration("my_plugin")``) imports no tensor library: the
+commands that only read recipes load every installed plugin, so a plugin's module, its options
+and its size effects stay free of torch, and the callables that do the work are given as
+``pocketlm.lazy("my_plugin.method:compress")``.
+
 One module per kind of component: :mod:`.methods`, :mod:`.exporters`, :mod:`.evaluators`,
 :mod:`.loaders`, :mod:`.grid_rules` (and :mod:`._shared`, what they share); every public name is
 importable from ``pocketlm.testing.conformance`` itself.
@@ -72,6 +77,7 @@ from .exporters import ExporterConformance, check_exporter, export_model, prepar
 from .grid_rules import (ERROR_RATIO, GridRuleConformance, check_grid_allocations, check_grid_fit, check_grid_rule,
                          supported_settings)
 from .loaders import LoaderConformance, check_loader
+from .registration import HEAVY_MODULES, check_light_registration, heavy_imports
 from .methods import (CUDA_TOLERANCE, MethodConformance, MethodRun, build_options, check_allocations,
                       check_cuda_matches_cpu, check_deterministic, check_ignore, check_loadable, check_masks,
                       check_method, check_options, check_runs, compare_devices, hf_represents, mask_everything,
@@ -79,10 +85,10 @@ from .methods import (CUDA_TOLERANCE, MethodConformance, MethodRun, build_option
 
 __all__ = [
     "ATOL", "CUDA_TOLERANCE", "ConformanceError", "ERROR_RATIO", "EvaluatorConformance", "ExporterConformance",
-    "FAMILIES", "GridRuleConformance", "LoaderConformance", "MethodConformance", "MethodRun", "SEQ_LEN", "WINDOWS",
+    "FAMILIES", "GridRuleConformance", "HEAVY_MODULES", "LoaderConformance", "MethodConformance", "MethodRun", "SEQ_LEN", "WINDOWS",
     "build_options", "check_allocations", "check_cuda_matches_cpu", "check_deterministic", "check_evaluator",
-    "check_exporter", "check_grid_allocations", "check_grid_fit", "check_grid_rule", "check_ignore",
+    "check_exporter", "check_grid_allocations", "check_light_registration", "check_grid_fit", "check_grid_rule", "check_ignore",
     "check_loadable", "check_loader", "check_masks", "check_method", "check_options", "check_runs",
-    "compare_devices", "export_model", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model",
+    "compare_devices", "export_model", "heavy_imports", "hf_represents", "logits", "mask_everything", "nonfinite", "prepared_model",
     "run_method", "state_hash", "supported_settings", "tensors", "tiny", "windows",
 ]
