@@ -2,6 +2,7 @@
 model in memory."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,15 +32,20 @@ def test_importing_pocketlm_does_not_import_torch():
     assert out.split() == ["False", "False"]
 
 
-def test_validating_a_recipe_imports_no_transformers_and_no_evaluation_library(tmp_path):
-    """`pocketlm validate` stays near the cost of importing torch (which the plugins need)."""
+def test_validating_a_recipe_imports_no_tensor_library(tmp_path):
+    """`pocketlm validate` reads options and size effects only: the built-in plugins name their
+    code lazily, so neither torch nor transformers is imported (the 2-second budget)."""
     recipe = tmp_path / "r.toml"
-    recipe.write_text('[evaluate]\nmetrics = ["perplexity", "kl-divergence"]\n')
-    code = ("import sys; from pocketlm.plugins import get_plugins; from pocketlm.recipe import load_recipe; "
-            f"load_recipe({str(recipe)!r}, get_plugins()); "
-            "print(*[m in sys.modules for m in ('transformers', 'lm_eval', 'huggingface_hub', 'datasets')])")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["False"] * 4
+    recipe.write_text('[model]\nsource = "demo:smollm2-135m"\n[evaluate]\n'
+                      'metrics = ["perplexity", "kl-divergence", "size"]\n[export]\nformat = "hf"\n')
+    code = ("import sys; from pocketlm.cli import main\n"
+            "try:\n    main(['validate', sys.argv[1]])\nexcept SystemExit as stop:\n    assert not stop.code, stop.code\n"
+            "print(*[m in sys.modules for m in ('torch', 'transformers', 'safetensors', 'numpy', 'lm_eval', "
+            "'huggingface_hub', 'datasets')])")
+    done = subprocess.run([sys.executable, "-c", code, str(recipe)], capture_output=True, text=True, check=True,
+                          env={**os.environ, "POCKETLM_PLUGINS": "none"}, cwd=tmp_path)
+    assert done.stdout.splitlines()[0] == f"{recipe}: valid (no stages)"
+    assert done.stdout.split()[-7:] == ["False"] * 7
 
 
 def test_run_takes_a_dict_and_returns_report_folder_export_and_model(tiny_folder, toy_plugins, tmp_path):

@@ -93,7 +93,7 @@ def test_scaffold_names_and_templates_are_complete(tmp_path):
     folder = create_plugin("my-quant", tmp_path)
     files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
     assert files == ["CHANGELOG.md", "README.md", "pyproject.toml", "src/pocketlm_my_quant/__init__.py",
-                     "src/pocketlm_my_quant/my_quant.py", "tests/test_conformance.py", "tests/test_my_quant.py"]
+                     "src/pocketlm_my_quant/my_quant.py", "src/pocketlm_my_quant/options.py", "tests/test_conformance.py", "tests/test_my_quant.py"]
     for path in folder.rglob("*"):
         if path.is_file():
             text = path.read_text()
@@ -102,8 +102,8 @@ def test_scaffold_names_and_templates_are_complete(tmp_path):
                 compile(text, str(path), "exec")
     pyproject = (folder / "pyproject.toml").read_text()
     assert '[project.entry-points.pocketlm]\nmy-quant = "pocketlm_my_quant"' in pyproject
-    assert '"pocketlm>=0.2.3,<0.3"' in pyproject
-    assert 'POCKETLM_API = ">=1.5,<2"' in (folder / "src/pocketlm_my_quant/__init__.py").read_text()
+    assert '"pocketlm>=0.2.6,<0.3"' in pyproject
+    assert 'POCKETLM_API = ">=1.8,<2"' in (folder / "src/pocketlm_my_quant/__init__.py").read_text()
 
 
 def test_scaffold_install_conformance_and_recipe_cycle(tmp_path, tiny_folder):
@@ -131,6 +131,7 @@ def test_scaffold_install_conformance_and_recipe_cycle(tmp_path, tiny_folder):
         assert tests.returncode == 0, output[-4000:]
         assert "test_conformance.py::TestConformance::test_respects_masks[gpt2] PASSED" in output, output[-4000:]
         assert "test_conformance.py::TestConformance::test_runs_and_exports[opt] PASSED" in output
+        assert "test_conformance.py::test_registration_is_light PASSED" in output
         summary = output.strip().splitlines()[-1]
         assert re.search(r"\b(1[5-9]|[2-9]\d) passed\b", summary) and "failed" not in summary, summary
         assert report["stages"][0]["method"] == "authoring-probe"

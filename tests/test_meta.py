@@ -136,3 +136,14 @@ def test_every_option_of_every_installed_component_is_described():
             missing += [f"{table}:{component.name}.{n}" for n, f in component.options.model_fields.items()
                         if not (f.description or "").strip() or "\n" in f.description]
     assert not missing, f"options without a one-line description: {missing}"
+
+
+def test_registering_every_installed_plugin_imports_no_tensor_library():
+    """Commands that only read recipes load every plugin: each plugin's registration must leave
+    torch (and the other tensor libraries) unimported, naming its code with ``pocketlm.lazy``."""
+    from importlib.metadata import entry_points
+
+    from pocketlm.testing.conformance import heavy_imports
+
+    heavy = {point.value: heavy_imports(point.value) for point in entry_points(group="pocketlm")}
+    assert not {module: names for module, names in heavy.items() if names}

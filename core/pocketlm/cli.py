@@ -170,17 +170,17 @@ def run(recipe, run_dir, resume, overwrite):
 @_handle_errors
 def validate(recipe, run_dir):
     """Check RECIPE against the installed plugins without running it."""
-    from .pipeline import Run
     from .recipe import load_recipe
-    from .rundir import check_run_folder
+    from .rundir import check_run_folder, recipe_export_path
 
     plugins = _plugins()
     loaded = load_recipe(recipe, plugins)
     run_dir = run_dir or Path("runs") / Path(recipe).stem
     check_run_folder(run_dir)
-    Run(loaded, run_dir, plugins).export_target()  # constructing a Run writes nothing
-    click.echo(f"{recipe}: valid ({len(loaded.stages)} stage{'s' if len(loaded.stages) != 1 else ''}: "
-              + ", ".join(s.method for s in loaded.stages) + ")")
+    recipe_export_path(loaded, run_dir)  # torch stays unimported: validate is read-only and fast
+    stages = loaded.stages
+    listed = f"{len(stages)} stage{'s' if len(stages) != 1 else ''}: " + ", ".join(s.method for s in stages)
+    click.echo(f"{recipe}: valid ({listed if stages else 'no stages'})")
 
 
 @main.command()

@@ -146,14 +146,7 @@ class Run:
 
     def export_target(self) -> Path | None:
         """The recipe's export folder for this run (checked against the ownership rule)."""
-        section = self.recipe.file.export
-        if section is None:
-            return None
-        locate = self.recipe.locate
-        return rundir.check_export_path(section.path, self.final_dir if self.owns_folder else None,
-                                        self.recipe.file.model.source, self.recipe.base,
-                                        file=locate.file if locate else None,
-                                        line=locate(("export", "path")) if locate else None)
+        return rundir.recipe_export_path(self.recipe, self.final_dir if self.owns_folder else None)
 
     def _shown(self, path: Path) -> Path:
         """``path`` as it will be once an ``--overwrite`` build is swapped into place."""

@@ -123,6 +123,19 @@ def _read_only_ancestor(path: Path) -> Path | None:
     return None if os.access(existing, os.W_OK | os.X_OK) else existing
 
 
+def recipe_export_path(recipe, run_dir: Path | None) -> Path | None:
+    """The export folder of ``recipe`` (a loaded :class:`pocketlm.recipe.Recipe`) for a run in
+    ``run_dir`` (None: no run folder is owned), checked by :func:`check_export_path`; None when
+    the recipe exports nothing."""
+    section = recipe.file.export
+    if section is None:
+        return None
+    locate = recipe.locate
+    return check_export_path(section.path, run_dir, recipe.file.model.source, recipe.base,
+                             file=locate.file if locate else None,
+                             line=locate(("export", "path")) if locate else None)
+
+
 def check_export_path(path: str, run_dir: Path | None, source: str | None, base: Path | None = None,
                       *, file: str | None = None, line: int | None = None, field: str = "export.path") -> Path:
     """The export folder for ``path``, or a :class:`PocketError` when writing there could destroy

@@ -28,13 +28,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from .. import hookimpl
-from ..components import Architecture, Evaluator, Options
+from ..components import Architecture
 from ..data import DEFAULT_EVALUATION_TEXT, read_text, resolve_text
 from ..devices import module_device
 from ..errors import PocketError
+from .options import FidelityOptions, RetrievalOptions  # noqa: F401
 from ..sentence import embed, last_hidden, pool, pooling
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[^\sa-z])")
@@ -143,14 +142,6 @@ def _embed(model, sentences: list[str], options, context, description: str) -> t
         return embed(model, context.tokenizer, sentences, options.batch_size, options.max_length, advance)
 
 
-class FidelityOptions(Options):
-    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file the sentences come from (or builtin:NAME)")
-    sentences: int = Field(256, ge=2, description="number of sentences, evenly spaced over the text")
-    batch_size: int = Field(32, ge=1, description="sentences per forward pass")
-    max_length: int | None = Field(None, ge=2, description="tokens per sentence at most (None: the model's "
-                                   "sentence-transformers max_seq_length, else 256)")
-
-
 def embedding_fidelity(model, options: FidelityOptions, context) -> dict[str, float]:
     """Cosine similarity between the model's and the original model's sentence embeddings: the
     mean and the 5th percentile (the worst sentences) over the sentences."""
@@ -172,15 +163,6 @@ def embedding_fidelity(model, options: FidelityOptions, context) -> dict[str, fl
 
 
 # --------------------------------------------------------------------------- retrieval
-
-class RetrievalOptions(Options):
-    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file the pairs are built from (or builtin:NAME)")
-    pairs: int = Field(500, ge=2, description="number of (first sentence, rest of paragraph) pairs, taken in "
-                       "order from the start")
-    batch_size: int = Field(32, ge=1, description="texts per forward pass")
-    max_length: int | None = Field(None, ge=2, description="tokens per query or passage at most (None: the "
-                                   "model's sentence-transformers max_seq_length, else 256)")
-
 
 def retrieval_ranks(queries: torch.Tensor, passages: torch.Tensor) -> torch.Tensor:
     """The 1-based rank of passage ``i`` among all passages for query ``i``, by cosine similarity.
@@ -250,11 +232,3 @@ def timed(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-@hookimpl
-def register_evaluators(register):
-    register(Evaluator("embedding-fidelity", FidelityOptions, embedding_fidelity,
-                       "encoders: cosine between the model's and the original model's sentence embeddings"))
-    register(Evaluator("retrieval", RetrievalOptions, retrieval,
-                       "encoders: recall@1 and MRR@10 finding a paragraph's rest from its first sentence"))

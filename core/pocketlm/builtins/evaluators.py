@@ -8,24 +8,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 
-from .. import hookimpl, streaming
+from .. import streaming
 from ..calibration import LayerInputs, capture_inputs
-from ..components import Evaluator, NoOptions, Options
 from ..devices import module_device
 from ..errors import PocketError
 from ..data import DEFAULT_EVALUATION_TEXT, evaluation_windows, resolve_text
 from ..modules import get_module
 from ..weights import QuantizedLinear, distinct_storages, is_linear, linear_weight
+from .options import DivergenceOptions, LatencyOptions, PerplexityOptions  # noqa: F401
 from .encoder_evaluators import encoder_latency, is_encoder, refuse_encoder, timed
-
-
-class PerplexityOptions(Options):
-    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file to evaluate on (or builtin:NAME)")
-    windows: int = Field(32, ge=1, description="number of windows, taken in order from the start")
-    seq_len: int = Field(512, ge=2, description="tokens per window")
-    batch_size: int = Field(4, ge=1, description="windows per forward pass")
 
 
 def perplexity(model, options: PerplexityOptions, context) -> dict[str, float]:
@@ -75,13 +67,6 @@ def check_context_length(model, seq_len: int, field: str) -> None:
     if limit is not None and seq_len > limit:
         raise PocketError(f"seq_len {seq_len} is longer than the model's context of {limit} tokens", field=field,
                           fix=f"set seq_len to {limit} or less")
-class DivergenceOptions(Options):
-    text: str = Field(DEFAULT_EVALUATION_TEXT, description="text file to compare on (or builtin:NAME)")
-    windows: int = Field(8, ge=1, description="number of windows, taken in order from the start")
-    seq_len: int = Field(512, ge=2, description="tokens per window")
-    batch_size: int = Field(2, ge=1, description="windows per forward pass")
-
-
 def token_kl(reference_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """KL(P_reference || P) per position, in nats, over the last dimension (llama.cpp's KLD:
     the original model's distribution is the reference)."""
@@ -228,14 +213,6 @@ def parameters(model, options, context) -> dict[str, float]:
     return {"parameters": parameter_count(model)}
 
 
-class LatencyOptions(Options):
-    prompt_tokens: int = Field(128, ge=1, description="causal LMs: tokens of the prompt")
-    new_tokens: int = Field(32, ge=1, description="causal LMs: tokens generated greedily")
-    repeats: int = Field(3, ge=1, description="timed runs after the warm-up; the best one counts")
-    max_length: int = Field(128, ge=2, description="encoders: tokens per sentence at most (the prompt and "
-                            "new tokens are for causal LMs)")
-
-
 def latency(model, options: LatencyOptions, context) -> dict[str, float]:
     """CPU tokens/s of one forward pass over a prompt, and of greedy generation (batch 1); for an
     encoder, sentences/s one at a time and in a batch of 32 (:func:`encoder_latency`)."""
@@ -256,19 +233,6 @@ def latency(model, options: LatencyOptions, context) -> dict[str, float]:
         best_generate = min(timed(generate) for _ in range(options.repeats))
     return {"forward_tokens_per_s": options.prompt_tokens / best_forward,
             "generate_tokens_per_s": options.new_tokens / best_generate}
-
-
-@hookimpl
-def register_evaluators(register):
-    register(Evaluator("perplexity", PerplexityOptions, perplexity, "perplexity on a text file (WikiText-2 test by default)"))
-    register(Evaluator("size", NoOptions, size, "bytes on disk of the export (or the storage estimate) and bits per weight"))
-    register(Evaluator("sparsity", NoOptions, sparsity, "fraction of zero weights in the linear layers"))
-    register(Evaluator("parameters", NoOptions, parameters, "dense-equivalent parameter count"))
-    register(Evaluator("kl-divergence", DivergenceOptions, kl_divergence,
-                       "mean KL divergence of the next-token distribution from the original model's"))
-    register(Evaluator("top1-agreement", DivergenceOptions, top1_agreement,
-                       "share of positions where the most likely next token matches the original model's"))
-    register(Evaluator("latency", LatencyOptions, latency, "CPU tokens/s of a forward pass and of greedy generation"))
 
 
 # ------------------------------------------------------------------------- a model streamed from disk

@@ -4,10 +4,14 @@ docs/plugins/conformance.md)."""
 import pytest
 
 from pocketlm.plugins import get_plugins
-from pocketlm.testing.conformance import GridRuleConformance, MethodConformance
+from pocketlm.testing.conformance import GridRuleConformance, MethodConformance, check_light_registration
 
 needs_rtn = pytest.mark.skipif("rtn" not in get_plugins().methods,
                                reason="the mse grid rule is used through rtn and gptq: install pocketlm-gptq")
+
+
+def test_registration_is_light():
+    check_light_registration("pocketlm_example_mseround")
 
 
 class TestMSEGridRule(GridRuleConformance):

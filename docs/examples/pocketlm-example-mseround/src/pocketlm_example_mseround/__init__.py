@@ -5,20 +5,21 @@ minimises the rounding error, instead of covering the group's largest weight, wh
 layers with heavy-tailed weights. Any quantizer with a ``grid`` option uses it (``rtn`` and
 ``gptq`` of pocketlm-gptq: ``grid = "mse"``), and the result is an ordinary quantized grid that
 every exporter that represents ``"quantized"`` writes.
+
+Registration imports no torch (every pocketlm command loads the plugin): the grid function is
+named with ``pocketlm.lazy`` and imported when a quantizer first calls it.
 """
 
 from __future__ import annotations
 
-from pocketlm import GridRule, hookimpl
+from pocketlm import GridRule, hookimpl, lazy
 
-from . import mseround
-
-__version__ = "0.2.1"
-POCKETLM_API = ">=1.5,<2"
+__version__ = "0.3.0"
+POCKETLM_API = ">=1.8,<2"
 
 
 @hookimpl
 def register_grid_rules(register):
     register(GridRule(
-        name="mse", fit=mseround.mse_grid, symmetric=True,
+        name="mse", fit=lazy("pocketlm_example_mseround.mseround:mse_grid"), symmetric=True,
         summary="per group, the symmetric scale (20 candidates down to 0.8x min-max) of least squared error"))
