@@ -793,10 +793,12 @@ def causal_losses(prepared, teachers, ids, losses: Losses, layer_map, options: D
 
 
 def encoder_losses(prepared, teachers, batch: dict, losses: Losses, layer_map, options: DistillOptions,
-                   poolings: list[dict]):
+                   poolings: list[dict], shares=(1.0, 1.0)):
     """``[total, kl, ce, hidden, embedding]`` of one micro-batch of padded examples: logits on the
     masked positions (masked-LM), hidden states over real tokens, pooled sentence embeddings.
-    ``poolings``: the student's pooling, then each teacher's."""
+    ``poolings``: the student's pooling, then each teacher's. ``shares``: this process's masked
+    and real token counts over their mean per process (see :meth:`Trainer._token_shares`); the
+    per-token means are weighted by them."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     keep = batch["attention_mask"]
     states = bool(layer_map) or (losses.embedding > 0 and losses.kind == "masked-lm")
@@ -821,6 +823,8 @@ def encoder_losses(prepared, teachers, batch: dict, losses: Losses, layer_map, o
         targets = [sentence_embedding(out, mask, pooling) for out, pooling in zip(outs, poolings[1:])]
         embedding = embedding_loss(sentence_embedding(output, mask, poolings[0]), targets, options.embedding_loss)
     hidden = hidden if hidden is not None else zero
+    masked_share, real_share = shares
+    kl, ce, hidden = kl * masked_share, ce * masked_share, hidden * real_share
     total = losses.kl * kl + losses.ce * ce + losses.hidden * hidden + losses.embedding * embedding
     return torch.stack([total, kl, ce, hidden, embedding])
 
@@ -1056,11 +1060,25 @@ class Trainer:
         """The loss terms of one micro-batch and its count of real tokens."""
         if self.encoder:
             terms = encoder_losses(self.prepared, self.teachers, batch, self.losses, self.layer_map, self.options,
-                                   self.poolings)
+                                   self.poolings, self._token_shares(batch))
             return terms, batch["attention_mask"].sum()
         terms = causal_losses(self.prepared, self.teachers, batch, self.losses, self.layer_map, self.options,
                               self.vocab)
         return terms, torch.tensor(batch.numel(), device=self.device)
+
+    def _token_shares(self, batch):
+        """(masked, real) token counts of this process's part of the micro-batch over their mean
+        per process: ``(1, 1)`` on one process. The halves of a global batch hold different
+        numbers of masked and real tokens; a per-token mean on each process weighted by its share
+        is, once the gradients are averaged over processes, the mean over every token of the
+        global batch, so N processes train as one does."""
+        if self.accelerator.num_processes == 1:
+            return 1.0, 1.0
+        mask = batch["attention_mask"]
+        masked = (batch["labels"] != IGNORE).sum() if "labels" in batch else mask.sum()
+        local = torch.stack([masked, mask.sum()]).float()
+        mean = self.accelerator.reduce(local.clone(), reduction="mean")
+        return tuple(local / mean.clamp_min(1))
 
     def checkpoint(self, step: int) -> None:
         """Save what :meth:`resume` needs to continue after ``step`` steps (the main process writes)."""
