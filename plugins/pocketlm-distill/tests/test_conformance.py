@@ -1,6 +1,6 @@
 """The core's conformance kit on ``distill`` (and on the options of ``qat``)."""
 
-from pocketlm.testing.conformance import MethodConformance, check_options
+from pocketlm.testing.conformance import MethodConformance, check_light_registration, check_options
 
 
 class TestDistillConformance(MethodConformance):
@@ -19,3 +19,9 @@ def test_qat_options_conformance():
     float tiny model, the teacher a copy of it) do not apply, tests/test_qat.py runs it. Its options
     meet the kit's contract (closed, frozen, described, JSON round trip, effect, plan)."""
     check_options("qat", {"epochs": 1})
+
+
+def test_registration_is_light():
+    """Importing the plugin and registering its components imports no tensor library (``validate``
+    loads every plugin): the options and effects are light, the methods' code loads when it runs."""
+    check_light_registration("pocketlm_distill")
