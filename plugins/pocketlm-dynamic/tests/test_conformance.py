@@ -3,7 +3,8 @@ tiny architecture, masks, ignore, determinism, untouched teacher and calibration
 checkpoint). The hf round trip does not apply: a thresholded model holds a feature
 (``thresholds``) the hf exporter cannot represent, and recipes refuse that export."""
 
-from pocketlm.testing.conformance import LoaderConformance, MethodConformance, check_exporter, export_model
+from pocketlm.testing.conformance import (LoaderConformance, MethodConformance, check_exporter, check_light_registration,
+                                          export_model)
 from pocketlm.testing.models import tiny_tokenizer
 
 
@@ -28,3 +29,9 @@ class TestDynamicLoaderConformance(LoaderConformance):
     def source(self, tmp_path):
         return str(export_model("dynamic", tmp_path / "export", {"base": "hf"}, method="activation-sparsity",
                                 method_options={"sparsity": 0.5}, tokenizer=tiny_tokenizer()))
+
+
+def test_registration_is_light():
+    """Importing the plugin and registering its components imports no tensor library (``validate``
+    loads every plugin): the options and effects are light, the methods' code loads when it runs."""
+    check_light_registration("pocketlm_dynamic")

@@ -2,7 +2,7 @@
 determinism, allocations on the layer's device, CUDA against the CPU (where there is a GPU), the
 core checkpoint and the hf round trip."""
 
-from pocketlm.testing.conformance import MethodConformance
+from pocketlm.testing.conformance import MethodConformance, check_light_registration
 
 
 class TestMagnitudeConformance(MethodConformance):
@@ -39,3 +39,9 @@ class TestWidthHeadsConformance(MethodConformance):
 class TestDepthConformance(MethodConformance):
     method = "prune-depth"
     options = {"layers": 1}
+
+
+def test_registration_is_light():
+    """Importing the plugin and registering its components imports no tensor library (``validate``
+    loads every plugin): the options and effects are light, the methods' code loads when it runs."""
+    check_light_registration("pocketlm_prune")

@@ -1,38 +1,27 @@
 """pocketlm-distill: knowledge distillation (method ``distill``) and quantization-aware recovery
-(method ``qat``) for pocketlm."""
+(method ``qat``) for pocketlm.
+
+Registering imports no torch: options and size effects live in :mod:`.options`, the training
+code is imported when a method first runs (:func:`pocketlm.lazy`) or one of its names is read.
+"""
 
 from __future__ import annotations
 
-from pocketlm import PHASE_QUANTIZE, PHASE_TRAIN, Method, SizeEffect, hookimpl
+import importlib
+import sys
+import types
 
-from .distill import DistillOptions, distill, kd_loss, lr_factor
-from .encoder import removed_fraction
-from .recovery import QATOptions, qat
+from pocketlm import PHASE_QUANTIZE, PHASE_TRAIN, Method, hookimpl, lazy
+
+from .options import DistillOptions, QATOptions, effect, recovery_effect, recovery_plan, removed_fraction  # noqa: F401
 
 POCKETLM_API = ">=1.7,<2"
 __version__ = "0.5.0"
 __all__ = ["DistillOptions", "QATOptions", "distill", "kd_loss", "lr_factor", "qat"]
 
-
-def effect(options: DistillOptions) -> SizeEffect:
-    """No change in size, unless ``student_layers`` keeps only some layers: a restructured model
-    (the share removed is estimated from the option alone, see :func:`removed_fraction`)."""
-    if options.student_layers is None:
-        return SizeEffect()
-    return SizeEffect(params_removed=removed_fraction(options.student_layers), features=frozenset({"restructured"}))
-
-
-def recovery_effect(options: QATOptions) -> SizeEffect:
-    """No change in size. The planner's prior of the loss won back is what the reference model
-    measured (README, Benchmark): the block phase took retention from 0.806 to 0.829 (12% of the
-    loss), end-to-end steps to 0.854 (25%)."""
-    return SizeEffect(recovers=0.25 if options.e2e_steps else 0.12)
-
-
-def recovery_plan(budget=None) -> list[dict]:
-    """What the planner may try for ``qat``: the block-wise phase at its defaults (2 passes per
-    layer), after whichever quantizer the candidate holds; the size does not change."""
-    return [{"epochs": 2}]
+# heavy names of the package, imported from their module on first use (PEP 562)
+_HEAVY = {"distill": "distill", "kd_loss": "distill", "lr_factor": "distill", "qat": "recovery"}
+_SUBMODULES = ("distill", "encoder", "recovery")
 
 
 @hookimpl
@@ -41,7 +30,7 @@ def register_methods(register):
         name="distill",
         kind="distill",
         options=DistillOptions,
-        compress=distill,
+        compress=lazy("pocketlm_distill.distill:distill"),
         summary="Knowledge distillation from the original (or a named) teacher: KL on logits at a "
                 "temperature, optional CE and hidden-state MSE; encoders (BERT family): sentence-embedding "
                 "or masked-LM distillation, student made of every other teacher layer; AdamW + cosine, masks and quantized "
@@ -55,7 +44,7 @@ def register_methods(register):
         name="qat",
         kind="distill",
         options=QATOptions,
-        compress=qat,
+        compress=lazy("pocketlm_distill.recovery:qat"),
         summary="Quantization-aware recovery after rtn/gptq (EfficientQAT/LSQ): trains the scales of quantized "
                 "layers with the integer grid fixed, block by block to the original layers' outputs, then "
                 "optionally end to end by distillation; k-quant super-blocks kept exact, masks kept, resumable.",
@@ -65,3 +54,26 @@ def register_methods(register):
         needs_before=frozenset({"quantize"}),
         plan=recovery_plan,
     ))
+
+
+def __getattr__(name: str):
+    if name in _HEAVY:
+        value = getattr(importlib.import_module(f".{_HEAVY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """Importing the submodule ``pocketlm_distill.distill`` binds the package's name ``distill``
+    to it; the name stays the function ``distill``, as it was when the package imported it."""
+
+    def __setattr__(self, name, value):
+        if name == "distill" and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

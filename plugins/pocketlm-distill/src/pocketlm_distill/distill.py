@@ -78,14 +78,12 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, atomic, data, require_whole_model, sentence
+from pocketlm import PocketError, atomic, data, require_whole_model, sentence
 from pocketlm.modules import decoder_layers, matches, set_module
 from pocketlm.weights import (
     QuantizedLinear,
@@ -112,112 +110,11 @@ from .encoder import (
     token_loss,
     tokenize_chunks,
 )
+# the options live in the light module (registration reads them without torch)
+from .options import DistillOptions
 
 STATE_FILE = "distill-state.pt"
 TEACHER_FILE = "distill-teacher-{}.safetensors"  # a corrected teacher, by its index
-
-
-class DistillOptions(Options):
-    """Options of ``distill``."""
-
-    teacher: str | None = Field(None, description="a model source; null: the model before the first stage")
-    teachers: list[str] | None = Field(None, description="several model sources; their targets are averaged")
-    text: str | None = Field(None, description="training text file; null: the recipe's calibration text")
-    seq_len: int | None = Field(None, description="tokens per example; null: the calibration seq_len "
-                                   "(encoders: the pooling's max_seq_length, else 256)")
-    steps: int | None = Field(None, description="optimizer steps (give steps or tokens)")
-    tokens: int | None = Field(None, description="a training token budget instead of steps")
-    batch_size: int = Field(8, description="global micro-batch (examples), split over processes")
-    grad_accum: int = Field(1, description="micro-batches per optimizer step")
-    lr: float = Field(1e-4, description="peak learning rate (Minitron's rate for KD recovery)")
-    min_lr_ratio: float = Field(0.1, description="the cosine schedule decays to lr * min_lr_ratio")
-    warmup_steps: int | None = Field(None, description="linear warm-up steps; null: 5% of the steps, at most 100")
-    weight_decay: float = Field(0.0, description="AdamW weight decay")
-    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
-    max_grad_norm: float = Field(1.0, description="gradient clipping norm; 0 disables clipping")
-    temperature: float = Field(1.0, description="softmax temperature of the logit KL")
-    kl_weight: float | None = Field(
-        None, description="Weight of the KL divergence between the teacher's and the student's logits at "
-        "the temperature (a masked-LM encoder: on the masked positions). None: 1 for a model with a head "
-        "(causal LM, masked LM), 0 for a bare sentence encoder, which has no logits.")
-    ce_weight: float = Field(0.0, description="weight of the cross-entropy on the true tokens (masked-LM: on the masked ones)")
-    hidden_weight: float = Field(0.0, description="weight of the hidden-state loss over layer_map")
-    layer_map: dict[str, int] | None = Field(None, description="student layer -> teacher layer for the hidden-state "
-                                              "loss, e.g. {\"0\": 1, \"1\": 3}")
-    embedding_weight: float | None = Field(
-        None, description="Weight of the loss between the student's and the teacher's pooled sentence "
-        "embeddings (encoders only). None: 1 for a bare sentence encoder, 0 otherwise.")
-    embedding_loss: Literal["cosine", "mse"] = Field(
-        "cosine", description="How sentence embeddings are compared: cosine (1 - cos, the direction "
-        "retrieval uses) or mse (per coordinate, after the model's own normalization if it has one).")
-    hidden_loss: Literal["mse", "cosine"] | None = Field(
-        None, description="How the hidden states of layer_map are compared: mse, or cosine per token "
-        "(DistilBERT). None: mse for a causal LM, cosine for an encoder. Encoders compare real tokens only.")
-    mlm_probability: float = Field(
-        0.15, description="Masked-LM encoders: share of each example's real tokens that are predicted "
-        "(BERT: 15%, of which 80% become the mask token, 10% a random token, 10% stay).")
-    student_layers: Literal["spread"] | list[int] | None = Field(
-        None, description="Make the student from the model by keeping only these of its layers (teacher "
-        "layer indices, in order) before training, DistilBERT's initialisation: 'spread' keeps half, "
-        "spread from the first layer to the last. Needs a model as deep as its teacher; the hidden-state "
-        "layer_map then defaults to student layer i -> kept teacher layer. None: the model keeps its layers.")
-    quantized: Literal["ste", "freeze", "scales"] = Field(
-        "ste", description="quantized linears: train through a straight-through estimator on their own grid (ste), "
-        "keep them fixed (freeze), or train only their scales with the integer grid fixed (scales, as qat does)")
-    freeze: list[str] = Field([], description="parameter name patterns kept fixed (e.g. model.embed_tokens)")
-    teacher_correction_steps: int = Field(0, description="cross-entropy steps on a copy of the teacher first "
-                                          "(Minitron's teacher correction); 0: off")
-    teacher_correction_lr: float | None = Field(None, description="peak rate of the correction; null: lr")
-    checkpoint_every: int = Field(50, description="optimizer steps between resumable checkpoints; 0: never")
-    seed: int | None = Field(None, description="data order and training seed; null: the recipe's seed")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if (self.steps is None) == (self.tokens is None):
-            raise ValueError("give exactly one of steps and tokens")
-        if (self.steps is not None and self.steps < 1) or (self.tokens is not None and self.tokens < 1):
-            raise ValueError("steps and tokens must be positive")
-        if self.teacher is not None and self.teachers is not None:
-            raise ValueError("give teacher or teachers, not both")
-        if self.teachers is not None and len(self.teachers) == 0:
-            raise ValueError("teachers must name at least one model")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("batch_size and grad_accum must be at least 1")
-        if self.temperature <= 0:
-            raise ValueError("temperature must be positive")
-        weights = [w for w in (self.kl_weight, self.ce_weight, self.hidden_weight, self.embedding_weight)
-                   if w is not None]
-        if min(weights) < 0:
-            raise ValueError("loss weights must be non-negative")
-        if self.kl_weight is not None and sum(weights) == 0:  # (a default kl_weight is 1 where it applies)
-            raise ValueError("at least one of kl_weight, ce_weight, hidden_weight and embedding_weight "
-                             "must be positive")
-        if self.hidden_weight > 0 and not self.layer_map and self.student_layers is None:
-            raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2} (or student_layers)")
-        if self.hidden_weight > 0 and self.teachers is not None and len(self.teachers) > 1:
-            raise ValueError("the hidden-state loss needs a single teacher")
-        if self.layer_map:
-            for key, value in self.layer_map.items():
-                if not key.isdigit() or value < 0:
-                    raise ValueError(f"layer_map entries pair layer indices: {key!r}: {value!r}")
-        if isinstance(self.student_layers, list) and (
-                not self.student_layers or min(self.student_layers) < 0
-                or len(set(self.student_layers)) != len(self.student_layers)):
-            raise ValueError("student_layers lists distinct layer indices (at least one), e.g. [0, 2, 5], "
-                             "or is 'spread'")
-        if not 0 < self.mlm_probability < 1:
-            raise ValueError("mlm_probability must lie strictly between 0 and 1")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("min_lr_ratio must lie in [0, 1]")
-        if self.teacher_correction_steps < 0:
-            raise ValueError(f"teacher_correction_steps must be 0 (off) or positive, "
-                             f"not {self.teacher_correction_steps}")
-        if self.teacher_correction_lr is not None and self.teacher_correction_lr <= 0:
-            raise ValueError("teacher_correction_lr must be positive (or None: the student's lr)")
-        if self.teacher_correction_steps > 0 and self.kl_weight == 0 and self.hidden_weight == 0:
-            raise ValueError("teacher_correction_steps > 0 corrects the teacher, but no teacher is used "
-                             "(kl_weight and hidden_weight are 0)")
-        return self
 
 
 # --------------------------------------------------------------------------- pure functions

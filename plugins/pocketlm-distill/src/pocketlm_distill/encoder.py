@@ -35,6 +35,8 @@ from pocketlm import PocketError
 from pocketlm.modules import decoder_layers, set_module
 from pocketlm.sentence import sentence_vectors
 
+from .options import removed_fraction  # noqa: F401  (its home before options.py)
+
 MAX_SENTENCES = 4      # an example holds 1..MAX_SENTENCES consecutive sentences of one paragraph
 MIN_CHARACTERS = 16    # shorter fragments (stray headings, numbers) teach nothing
 IGNORE = -100          # label of a position that is not predicted (transformers' convention)
@@ -232,13 +234,3 @@ def keep_layers(model: nn.Module, architecture, keep: list[int]) -> None:
     layer_types = getattr(model.config, "layer_types", None)
     if isinstance(layer_types, (list, tuple)) and len(layer_types) == depth:
         model.config.layer_types = [layer_types[i] for i in keep]
-
-
-def removed_fraction(spec: str | list[int] | None) -> float:
-    """The share of layers ``student_layers`` removes, estimated from the option alone (a list is
-    taken to end at the teacher's last layer, as DistilBERT's choice does)."""
-    if spec is None:
-        return 0.0
-    if spec == "spread":
-        return 0.5
-    return max(0.0, 1 - len(spec) / (max(spec) + 1))

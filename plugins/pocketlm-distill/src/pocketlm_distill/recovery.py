@@ -64,61 +64,22 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, atomic, distributed
+from pocketlm import PocketError, atomic, distributed
 from pocketlm.calibration import LayerHandler, batch_rows, capture_inputs, module_input
 from pocketlm.devices import to_device
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
 from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
+
+# the options live in the light module (registration reads them without torch)
+from .options import QATOptions
 
 STATE_FILE = "qat-blocks.pt"
 SUPER_BLOCK = 256        # columns under one float16 step in GGUF's k-quants
 MAX_MULTIPLIER = 127     # the largest integer sub-block scale a k-quant stores (Q6_K's int8)
 FP16_BITS = 11           # significant bits of a float16
 FP16_TINY = 2.0**-24     # float16's smallest step (its subnormals)
-
-
-class QATOptions(Options):
-    """Options of ``qat``."""
-
-    epochs: int = Field(2, description="block phase: passes over the calibration windows per layer "
-                        "(EfficientQAT's Block-AP: 2); 0 skips the block phase")
-    lr: float = Field(1e-4, description="block phase: peak AdamW rate of the scales (EfficientQAT's rate for "
-                      "quantization parameters), cosine decay to zero")
-    batch_size: int = Field(2, description="block phase: calibration windows per optimizer step (EfficientQAT: 2)")
-    targets: list[str] = Field(["*"], description="module-name patterns of the quantized linears whose scales train")
-    ignore: list[str] = Field([], description="module-name patterns left as they are")
-    e2e_steps: int = Field(0, description="end-to-end phase: optimizer steps of distillation from the original "
-                           "model, training only the scales (EfficientQAT's E2E-QP); 0: off")
-    e2e_lr: float = Field(2e-5, description="end-to-end phase: peak rate (EfficientQAT's E2E-QP rate)")
-    e2e_batch_size: int = Field(1, description="end-to-end phase: windows per optimizer step")
-    e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
-                                 "next to the KL to the original model's logits")
-    text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "
-                             "calibration text")
-    seq_len: int | None = Field(None, description="end-to-end phase: tokens per window; null: the calibration seq_len")
-    checkpoint_every: int = Field(50, description="end-to-end phase: optimizer steps between resumable "
-                                  "checkpoints (the block phase saves after every layer); 0: never")
-    seed: int | None = Field(None, description="micro-batch order and training seed; null: the recipe's seed")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.epochs < 0 or self.e2e_steps < 0:
-            raise ValueError("epochs and e2e_steps must be 0 (off) or positive")
-        if self.epochs == 0 and self.e2e_steps == 0:
-            raise ValueError("epochs = 0 and e2e_steps = 0 train nothing: give epochs (block phase) "
-                             "or e2e_steps (end-to-end phase)")
-        if self.lr <= 0 or self.e2e_lr <= 0:
-            raise ValueError("lr and e2e_lr must be positive")
-        if self.batch_size < 1 or self.e2e_batch_size < 1:
-            raise ValueError("batch_size and e2e_batch_size must be at least 1")
-        if self.e2e_ce_weight < 0:
-            raise ValueError("e2e_ce_weight must be non-negative")
-        if self.checkpoint_every < 0:
-            raise ValueError("checkpoint_every must be 0 (never) or positive")
-        return self
 
 
 # --------------------------------------------------------------------------- pure functions

@@ -11,41 +11,37 @@
 
 Thresholds survive later stages: a quantizer after ``activation-sparsity`` replaces the linears,
 and the ``compress`` wrapper below puts the thresholds back on the replacements.
+
+Registering imports no torch: options, size effect, plans and the loader's detection live in
+:mod:`.options`, and the code that works on tensors is imported when first called
+(:func:`pocketlm.lazy`).
 """
 
 from __future__ import annotations
 
-from pocketlm import PHASE_SPARSIFY, Exporter, Loader, Method, hookimpl
-from pocketlm.checkpoint import ModuleType, register_module_type
+import importlib
 
-from . import export, sparsity
+from pocketlm import PHASE_SPARSIFY, Exporter, Loader, Method, ModuleType, hookimpl, lazy, register_module_type
+
+from .options import ActivationSparsityOptions, DynamicExportOptions, effect, is_dynamic_export, plan
 
 __version__ = "0.1.2"
 POCKETLM_API = ">=1.6,<2"
 
+_SUBMODULES = ("decode", "export", "kernel", "sparsity")
 
-def _describe(module) -> dict:
-    return {where: float(module._buffers[where]) for where in (sparsity.INPUT, sparsity.OUTPUT)
-            if where in module._buffers}
-
-
-def _rebuild(spec: dict, module):
-    for where in (sparsity.INPUT, sparsity.OUTPUT):
-        if where in spec:
-            sparsity.set_threshold(module, where, spec[where])
-    return module
-
-
-register_module_type(ModuleType("thresholded", owns=lambda m: isinstance(m, sparsity.Thresholded),
-                                describe=_describe, rebuild=_rebuild, provider="pocketlm-dynamic"))
+register_module_type(ModuleType("thresholded", owns=lazy("pocketlm_dynamic.sparsity:is_thresholded"),
+                                describe=lazy("pocketlm_dynamic.sparsity:describe_thresholds"),
+                                rebuild=lazy("pocketlm_dynamic.sparsity:rebuild_thresholds"),
+                                provider="pocketlm-dynamic"))
 
 
 @hookimpl
 def register_methods(register):
     register(Method(
-        name="activation-sparsity", kind="prune", options=sparsity.ActivationSparsityOptions,
-        compress=sparsity.compress, needs_calibration=True, effect=sparsity.effect, phase=PHASE_SPARSIFY,
-        plan=sparsity.plan,
+        name="activation-sparsity", kind="prune", options=ActivationSparsityOptions,
+        compress=lazy("pocketlm_dynamic.sparsity:compress"), needs_calibration=True, effect=effect,
+        phase=PHASE_SPARSIFY, plan=plan,
         summary="skip small input channels at run time (TEAL / CATS thresholds); size unchanged, "
                 "batch-1 decoding reads fewer weight columns"))
 
@@ -53,23 +49,32 @@ def register_methods(register):
 @hookimpl
 def register_exporters(register):
     register(Exporter(
-        "dynamic", export.DynamicExportOptions, export.export_dynamic,
+        "dynamic", DynamicExportOptions, lazy("pocketlm_dynamic.export:export_dynamic"),
         represents=frozenset({"dense", "masked", "restructured", "quantized", "thresholds"}),
-        packs=frozenset({"thresholds"}), check=export.check,
+        packs=frozenset({"thresholds"}), check=lazy("pocketlm_dynamic.export:check"),
         summary="the weights in another installed format plus activation thresholds (sidecar JSON, GGUF metadata)"))
 
 
 @hookimpl
 def register_loaders(register):
-    register(Loader("dynamic", export.is_dynamic_export, export.load_dynamic,
+    register(Loader("dynamic", is_dynamic_export, lazy("pocketlm_dynamic.export:load_dynamic"),
                     summary="a `dynamic` export: its weights with the activation thresholds applied"))
 
 
 @hookimpl(wrapper=True)
 def compress(model, method, options, context):
     # A later stage may replace thresholded linears (a quantizer does); put the thresholds back.
-    before = sparsity.thresholds(model)
+    from .sparsity import carry, thresholds
+
+    before = thresholds(model)
     result = yield
     if before:
-        sparsity.carry(before, model if result is None else result)
+        carry(before, model if result is None else result)
     return result
+
+
+def __getattr__(name: str):
+    # the tensor modules were attributes of the package before: load them on use
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

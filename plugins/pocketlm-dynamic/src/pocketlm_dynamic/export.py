@@ -19,31 +19,24 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, PocketError
+from pocketlm import PocketError
 from pocketlm.modules import get_module
 from pocketlm.weights import is_linear, linear_shape
 
+# the options and the loader's detection live in the light module (registration reads them without torch)
+from .options import SIDECAR, DynamicExportOptions, is_dynamic_export  # noqa: F401
 from .sparsity import INPUT, OUTPUT, clear_threshold, install, thresholds
 
-SIDECAR = "activation-thresholds.json"
 GGUF_KEY = "pocketlm.activation_sparsity.thresholds"
 FORMAT = "pocketlm-activation-thresholds"
 VERSION = 1
 RULE = {"input": "the module computes f(x * (|x| > threshold)): input entries at or below the threshold are zero",
         "output": "the module's output y becomes y * (|y| > threshold) (an MLP gate activation, CATS)"}
 _PLACE = {INPUT: "input", OUTPUT: "output"}
-
-
-class DynamicExportOptions(Options):
-    base: str = Field("auto", description="exporter that writes the weights (hf, gguf, compressed-tensors, ...); "
-                                          "auto: the installed one that packs most of the model")
-    base_options: dict[str, Any] = Field(default_factory=dict, description="options of the base exporter")
 
 
 # ------------------------------------------------------------------------------ sidecar
@@ -204,10 +197,6 @@ def read_gguf_metadata(path: Path) -> dict | None:
 
 
 # ------------------------------------------------------------------------------- loader
-
-
-def is_dynamic_export(source: str) -> bool:
-    return (Path(source) / SIDECAR).is_file()
 
 
 def load_dynamic(source: str, options):

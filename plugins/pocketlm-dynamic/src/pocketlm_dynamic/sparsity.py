@@ -25,16 +25,16 @@ core's checkpoint).
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect
+from pocketlm import PocketError
 from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import is_linear, linear_shape, linear_weight
+
+# the options, effect and plan live in the light module (registration reads them without torch)
+from .options import ActivationSparsityOptions, effect, plan  # noqa: F401
 
 #: Where a threshold sits: on a linear's input, or on the output of an MLP activation (CATS).
 INPUT, OUTPUT = "input_threshold", "output_threshold"
@@ -42,48 +42,6 @@ INPUT, OUTPUT = "input_threshold", "output_threshold"
 GREEDY_STEP = 0.05
 #: Calibration tokens kept per linear for the greedy error curves.
 GREEDY_TOKENS = 512
-
-
-class ActivationSparsityOptions(Options):
-    """Options of ``activation-sparsity``.
-
-    * ``sparsity``: model-wide fraction of input channels skipped, weighted by the weight bytes
-      each channel's column holds (what decoding saves); 0 is the dense model.
-    * ``allocation``: ``uniform`` (every thresholded input at ``sparsity``) or ``greedy``
-      (TEAL's block-wise greedy allocation; each decoder layer still reaches ``sparsity``).
-    * ``mode``: ``teal`` (every linear's input) or ``cats`` (the MLP gate activation only).
-    * ``targets`` / ``ignore``: module-name patterns of the linears to threshold (``teal``) or
-      of the down projections whose gate activation is thresholded (``cats``)."""
-
-    sparsity: float = Field(0.4, description="model-wide fraction of input channels skipped, in [0, 0.95]")
-    allocation: Literal["uniform", "greedy"] = Field(
-        "uniform", description="uniform: every input at `sparsity`; greedy: TEAL's block-wise greedy allocation")
-    mode: Literal["teal", "cats"] = Field(
-        "teal", description="teal: threshold every linear's input; cats: threshold the MLP gate activation only")
-    targets: list[str] = Field(["*"], description="module-name patterns of the linears to threshold")
-    ignore: list[str] = Field(["lm_head"], description="module-name patterns left dense (the head by default)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if not 0.0 <= self.sparsity <= 0.95:
-            raise ValueError(f"sparsity must lie in [0, 0.95] (a fraction of input channels skipped), "
-                             f"not {self.sparsity}")
-        if self.mode == "cats" and self.allocation == "greedy":
-            raise ValueError("mode='cats' has one threshold per decoder layer (the gate activation), so there "
-                             "is nothing to allocate within a layer: use allocation='uniform'")
-        return self
-
-
-def effect(options: ActivationSparsityOptions) -> SizeEffect:
-    # Nothing is stored smaller: the size effect is zero. The speed effect is at run time
-    # (about 1/(1 - sparsity) fewer weight bytes read per decoded token on the thresholded
-    # linears), which only an exporter that keeps the thresholds preserves.
-    return SizeEffect(features=frozenset({"thresholds"}) if options.sparsity > 0 else frozenset())
-
-
-def plan(budget) -> list[dict]:
-    """Proposed beside weight methods: size unchanged, decoding faster (TEAL's 40%)."""
-    return [{"sparsity": 0.4, "allocation": "greedy"}]
 
 
 # ------------------------------------------------------------------------- pure tensors
@@ -215,6 +173,24 @@ def thresholds(model: nn.Module) -> dict[str, tuple[str, float]]:
                 if where in module._buffers:
                     found[name] = (where, float(module._buffers[where]))
     return found
+
+
+def is_thresholded(module: nn.Module) -> bool:
+    """Whether ``module`` carries a threshold (the checkpoint's module type ``thresholded``)."""
+    return isinstance(module, Thresholded)
+
+
+def describe_thresholds(module: nn.Module) -> dict:
+    """A thresholded module's thresholds, as its checkpoint manifest entry records them."""
+    return {where: float(module._buffers[where]) for where in (INPUT, OUTPUT) if where in module._buffers}
+
+
+def rebuild_thresholds(spec: dict, module: nn.Module) -> nn.Module:
+    """``module`` thresholded again as its manifest entry ``spec`` describes (before its weights load)."""
+    for where in (INPUT, OUTPUT):
+        if where in spec:
+            set_threshold(module, where, spec[where])
+    return module
 
 
 def _device(module: nn.Module) -> torch.device:

@@ -8,71 +8,16 @@ so a new mask only ever adds zeros.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect
+from pocketlm import PocketError
 from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import get_mask, is_linear, is_quantized, linear_weight
 
-PATTERNS = {"2:4": (2, 4), "4:8": (4, 8)}
-
-
-# ------------------------------------------------------------------------------- options
-
-
-class PruneOptions(Options):
-    """Options every unstructured method takes.
-
-    * ``sparsity``: fraction of each targeted weight matrix set to zero (unstructured);
-    * ``pattern``: ``"2:4"`` or ``"4:8"``: keep N of every M consecutive weights along the input
-      dimension (semi-structured; replaces ``sparsity``, which is then N/M);
-    * ``targets`` / ``ignore``: module-name patterns (``lm_head`` is ignored by default: with tied
-      embeddings, pruning the head would prune the input embedding too);
-    * ``layer_sparsity``: ``"uniform"`` (every decoder layer gets ``sparsity``) or ``"owl"``
-      (outlier-weighted layer-wise sparsity: layers with more activation outliers keep more
-      weights, the mean over layers stays ``sparsity``); ``owl_threshold`` (M) and
-      ``owl_lambda`` (largest deviation from the mean) are the OWL paper's defaults."""
-
-    sparsity: float = Field(0.5, ge=0.0, lt=1.0, description="fraction of each targeted weight matrix set to zero")
-    pattern: Literal["2:4", "4:8"] | None = Field(
-        None, description='"2:4" or "4:8": keep N of every M consecutive weights along the input dimension '
-        "(replaces sparsity, which is then N/M); None: unstructured")
-    targets: list[str] = Field(["*"], description="module-name patterns of the layer linears to prune")
-    ignore: list[str] = Field(["lm_head"], description="module-name patterns left dense (the head: with tied "
-                              "embeddings, pruning it would prune the input embedding)")
-    layer_sparsity: Literal["uniform", "owl"] = Field(
-        "uniform", description='"uniform": every layer gets sparsity; "owl": layers with more activation '
-        "outliers keep more weights, the mean stays sparsity")
-    owl_threshold: float = Field(5.0, gt=0, description="OWL: a score above this many times the layer's mean "
-                                 "counts as an outlier")
-    owl_lambda: float = Field(0.08, ge=0, lt=0.5, description="OWL: largest deviation of a layer's sparsity "
-                              "from the mean")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.pattern is not None and self.layer_sparsity != "uniform":
-            raise ValueError("layer_sparsity='owl' varies sparsity per layer; an N:M pattern fixes it, "
-                             "so use one or the other")
-        if self.layer_sparsity == "owl" and self.sparsity - self.owl_lambda < 0:
-            raise ValueError("owl_lambda must not exceed sparsity")
-        return self
-
-    @property
-    def nm(self) -> tuple[int, int] | None:
-        return PATTERNS[self.pattern] if self.pattern else None
-
-    @property
-    def target_sparsity(self) -> float:
-        return 1 - self.nm[0] / self.nm[1] if self.nm else self.sparsity
-
-
-def prune_effect(options: PruneOptions) -> SizeEffect:
-    return SizeEffect(sparsity=options.target_sparsity, features=frozenset({"masked"}))
+# the options, effect and plan live in the light module (registration reads them without torch)
+from .options import PATTERNS, PruneOptions, prune_effect, sparsity_plan  # noqa: F401
 
 
 # ---------------------------------------------------------------- mask selection (pure)
@@ -294,8 +239,3 @@ class CalibratedPruner(LayerHandler):
 
     def free(self) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def sparsity_plan(budget=None) -> list[dict]:
-    """Option sets the hybrid planner may try for an unstructured method."""
-    return [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.3}]

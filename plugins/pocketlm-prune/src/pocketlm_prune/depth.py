@@ -20,72 +20,20 @@ key/value caching keeps working and the result loads with plain transformers.
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect, require_whole_model
+from pocketlm import PocketError, require_whole_model
 from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, set_module
 from pocketlm.sentence import last_hidden, pool, pooling
 
-SCORED_FIELDS = ("layers", "metric", "samples")
-
-
-class DepthOptions(Options):
-    """Remove the ``layers`` lowest-scoring layers by ``metric``, or the layers named by ``drop`` /
-    ``keep`` (then nothing is scored and ``layers``, ``metric`` and ``samples`` stay unset)."""
-
-    layers: int = Field(1, ge=1, description="how many layers to remove, the lowest-scoring ones by metric")
-    metric: Literal["block-influence", "perplexity", "embedding"] = Field(
-        "block-influence", description='how layers are scored: "block-influence" (1 - cos of a layer\'s input and '
-        'output hidden state), "perplexity" (calibration-loss increase without the layer; causal LMs) or '
-        '"embedding" (1 - cos of the sentence embedding with and without the layer; encoders)')
-    samples: int = Field(8, ge=1, description="calibration windows per evaluation for metric = perplexity or "
-                         "embedding")
-    drop: list[int] | None = Field(None, description="zero-based indices of the layers to remove, chosen by hand "
-                                   "(no scoring), e.g. [1, 3, 5]")
-    keep: Literal["every-other"] | None = Field(
-        None, description='"every-other": keep layers 0, 2, 4, ... and remove the odd ones, chosen by hand (a '
-        "DistilBERT-style student)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.drop is not None and self.keep is not None:
-            raise ValueError("give drop or keep, not both")
-        scored = sorted(set(SCORED_FIELDS) & self.model_fields_set)
-        if self.chosen_by_hand and scored:
-            raise ValueError(f"{', '.join(scored)} score layers, drop/keep choose them by hand: give one or the other")
-        if self.drop is not None:
-            if not self.drop:
-                raise ValueError("drop names no layer")
-            if min(self.drop) < 0:
-                raise ValueError("drop takes zero-based layer indices (0 is the first layer)")
-            if len(set(self.drop)) != len(self.drop):
-                raise ValueError("drop names a layer twice")
-        return self
-
-    @property
-    def chosen_by_hand(self) -> bool:
-        return self.drop is not None or self.keep is not None
-
-
-REFERENCE_DEPTH = 30  # used only to estimate the size effect before a model is known
-
-
-def effect(options: DepthOptions) -> SizeEffect:
-    if options.keep == "every-other":
-        removed = 0.5
-    else:
-        removed = min(1.0, (len(options.drop) if options.drop is not None else options.layers) / REFERENCE_DEPTH)
-    return SizeEffect(params_removed=removed, features=frozenset({"restructured"}))
-
-
-def plan(budget=None) -> list[dict]:
-    return [{"layers": 2}, {"layers": 4}, {"layers": 6}]
+# the options, effect and plan live in the light module (registration reads them without torch)
+from .options import REFERENCE_DEPTH, SCORED_FIELDS, DepthOptions  # noqa: F401
+from .options import depth_effect as effect, depth_plan as plan  # noqa: F401
 
 
 # ------------------------------------------------------------------------- pure tensors

@@ -7,24 +7,16 @@ No calibration data is needed (except for ``layer_sparsity="owl"``, which measur
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from pocketlm import PocketError, require_whole_model
 
-from .common import (PruneOptions, Targeting, apply_mask, check_prunable, layer_sparsities, nm_mask, old_mask,
+from .common import (Targeting, apply_mask, check_prunable, layer_sparsities, nm_mask, old_mask,
                      prune_lowest, protect, select_mask)
+from .options import MagnitudeOptions, sparsity_plan
 from pocketlm.modules import get_module
 from pocketlm.weights import linear_weight
-
-
-class MagnitudeOptions(PruneOptions):
-    scope: Literal["layer", "global"] = Field(
-        "layer", description='"layer": rank each weight matrix on its own; "global": one threshold over every '
-        "targeted weight of the model (layers with small weights lose more)")
 
 
 # ------------------------------------------------------------------------- pure tensors
@@ -99,5 +91,4 @@ def compress(model: nn.Module, options: MagnitudeOptions, context) -> nn.Module:
     return MagnitudePruner(options, context)(model)
 
 
-def plan(budget=None) -> list[dict]:
-    return [{"sparsity": 0.5}, {"pattern": "2:4"}, {"sparsity": 0.3}]
+plan = sparsity_plan

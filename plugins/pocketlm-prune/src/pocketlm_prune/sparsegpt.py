@@ -12,19 +12,12 @@ weights compensate for it.
 from __future__ import annotations
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from pocketlm.weights import linear_weight
 
-from .common import CalibratedPruner, PruneOptions, Targeting, layer_sparsities, old_mask, sparsity_plan
-
-
-class SparseGPTOptions(PruneOptions):
-    block_size: int = Field(128, gt=0, description="columns whose mask is chosen together before their error "
-                            "is spread over the columns to their right")
-    damp: float = Field(0.01, gt=0, description="added to the Hessian's diagonal, as a fraction of its mean, so "
-                        "it inverts stably")
+from .common import CalibratedPruner, Targeting, layer_sparsities, old_mask
+from .options import SparseGPTOptions, sparsity_plan
 
 
 # ------------------------------------------------------------------------- pure tensors

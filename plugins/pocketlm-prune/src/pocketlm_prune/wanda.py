@@ -12,12 +12,8 @@ from torch import nn
 
 from pocketlm.weights import linear_weight
 
-from .common import (CalibratedPruner, InputNorms, PruneOptions, Targeting, layer_sparsities, old_mask, protect,
-                     select_mask, sparsity_plan)
-
-
-class WandaOptions(PruneOptions):
-    pass
+from .common import CalibratedPruner, InputNorms, Targeting, layer_sparsities, old_mask, protect, select_mask
+from .options import WandaOptions, sparsity_plan
 
 
 # ------------------------------------------------------------------------- pure tensors

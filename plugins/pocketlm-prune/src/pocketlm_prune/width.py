@@ -20,48 +20,16 @@ from __future__ import annotations
 import copy
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect, require_whole_model
+from pocketlm import PocketError, require_whole_model
 from pocketlm.calibration import LayerHandler, module_input
 from pocketlm.modules import decoder_layers, get_module, set_module
 from pocketlm.weights import get_mask, is_quantized, is_transposed, linear_bias, linear_shape, linear_weight, set_mask
 
-
-class WidthOptions(Options):
-    """Give ``mlp_ratio`` (fraction of MLP channels removed) or ``intermediate_size`` (channels
-    kept), and/or ``head_ratio`` (fraction of key/value groups removed, each with its query
-    heads) or ``kv_heads`` (groups kept)."""
-
-    mlp_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of MLP intermediate channels removed "
-                                    "from every layer")
-    intermediate_size: int | None = Field(None, gt=0, description="MLP intermediate channels kept in every layer "
-                                          "(instead of mlp_ratio)")
-    head_ratio: float | None = Field(None, ge=0, lt=1, description="fraction of key/value head groups removed "
-                                     "from every layer, each with its query heads")
-    kv_heads: int | None = Field(None, gt=0, description="key/value head groups kept in every layer (instead "
-                                 "of head_ratio)")
-
-    @model_validator(mode="after")
-    def _check(self):
-        if self.mlp_ratio is not None and self.intermediate_size is not None:
-            raise ValueError("give mlp_ratio or intermediate_size, not both")
-        if self.head_ratio is not None and self.kv_heads is not None:
-            raise ValueError("give head_ratio or kv_heads, not both")
-        if all(v is None for v in (self.mlp_ratio, self.intermediate_size, self.head_ratio, self.kv_heads)):
-            raise ValueError("give at least one of mlp_ratio, intermediate_size, head_ratio, kv_heads")
-        return self
-
-
-def effect(options: WidthOptions) -> SizeEffect:
-    # Estimate for a llama-shaped decoder: the MLP holds about 2/3 of a layer's weights.
-    removed = (options.mlp_ratio or 0) * 2 / 3 + (options.head_ratio or 0) / 3
-    return SizeEffect(params_removed=removed, features=frozenset({"restructured"}))
-
-
-def plan(budget=None) -> list[dict]:
-    return [{"mlp_ratio": 0.25}, {"mlp_ratio": 0.5}, {"mlp_ratio": 0.25, "head_ratio": 0.34}]
+# the options, effect and plan live in the light module (registration reads them without torch)
+from .options import WidthOptions
+from .options import width_effect as effect, width_plan as plan  # noqa: F401
 
 
 # ------------------------------------------------------------------------- pure tensors
