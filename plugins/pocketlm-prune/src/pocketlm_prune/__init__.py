@@ -21,8 +21,8 @@ from pocketlm import PHASE_RESTRUCTURE, PHASE_SPARSIFY, Method, hookimpl, lazy
 from .options import (DepthOptions, MagnitudeOptions, SparseGPTOptions, WandaOptions, WidthOptions, depth_effect,
                       depth_plan, prune_effect, sparsity_plan, width_effect, width_plan)
 
-__version__ = "0.3.0"
-POCKETLM_API = ">=1.7,<2"
+__version__ = "0.3.1"
+POCKETLM_API = ">=1.8,<2"
 
 _NOT_AFTER = frozenset({"quantize"})
 _SUBMODULES = ("common", "depth", "magnitude", "sparsegpt", "translate_llmc", "wanda", "width")
