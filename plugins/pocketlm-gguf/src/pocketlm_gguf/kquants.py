@@ -17,8 +17,9 @@ Then gguf-py (and llama.cpp) compute ``d * sc_j * q - dmin * m_j`` with exact fl
 which is ``(q - zero) * scale_j`` exactly. :func:`two_level_grid` fits such grids: ``d`` keeps
 few enough significant bits that every ``d * sc_j`` is itself a float16.
 
-The ``q2_k`` ... ``q6_k`` grid rules (:data:`RULES`) fit those grids; :func:`encode_grid` finds
-``d`` back from a stored grid and packs the blocks.
+The ``q2_k`` ... ``q6_k`` grid rules (``fit_q2_k`` ... ``fit_q6_k``) fit those grids;
+:func:`encode_grid` finds ``d`` back from a stored grid and packs the blocks. The table of types
+(:data:`KQUANTS`) is :mod:`pocketlm_gguf.kquant_types`, which registration reads without numpy.
 """
 
 from __future__ import annotations
