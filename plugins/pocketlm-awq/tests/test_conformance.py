@@ -3,7 +3,8 @@ options, every tiny architecture, masks, ignore, determinism, allocations on the
 CUDA against the CPU (where there is a GPU), the core checkpoint and the hf round trip; the
 exporter's folder contract; the loader's contract on an exported checkpoint."""
 
-from pocketlm.testing.conformance import ExporterConformance, LoaderConformance, MethodConformance, export_model
+from pocketlm.testing.conformance import (ExporterConformance, LoaderConformance, MethodConformance,
+                                          check_light_registration, export_model)
 from pocketlm.testing.models import tiny_tokenizer
 
 FAST = {"bits": 4, "group_size": 32, "n_grid": 4, "clip_grid": 4}
@@ -25,3 +26,8 @@ class TestAWQCheckpointLoaderConformance(LoaderConformance):
 
     def source(self, tmp_path):
         return str(export_model("awq", tmp_path / "awq", method="awq", method_options=FAST, tokenizer=tiny_tokenizer()))
+
+
+def test_registration_is_light():
+    # `pocketlm validate` loads every plugin: registering this one must import no tensor library
+    check_light_registration("pocketlm_awq")

@@ -6,7 +6,7 @@ deterministic, on the weight's device, a round-trip error within the kit's bound
 import pytest
 
 from pocketlm.plugins import get_plugins
-from pocketlm.testing.conformance import ExporterConformance, GridRuleConformance
+from pocketlm.testing.conformance import ExporterConformance, GridRuleConformance, check_light_registration
 
 needs_rtn = pytest.mark.skipif("rtn" not in get_plugins().methods, reason="the quantized model is made by "
                                "pocketlm-gptq's rtn")
@@ -47,3 +47,8 @@ class TestQ5KConformance(GridRuleConformance):
 class TestQ6KConformance(GridRuleConformance):
     grid_rule = "q6_k"
     cols = 512          # two 256-weight super-blocks (narrower rows take a plain grid)
+
+
+def test_registration_is_light():
+    # `pocketlm validate` loads every plugin: registering this one must import no tensor library
+    check_light_registration("pocketlm_gguf")

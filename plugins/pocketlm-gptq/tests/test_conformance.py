@@ -1,6 +1,7 @@
 """The core's conformance kit on both methods, both exporters and both checkpoint loaders."""
 
-from pocketlm.testing.conformance import ExporterConformance, LoaderConformance, MethodConformance, export_model
+from pocketlm.testing.conformance import (ExporterConformance, LoaderConformance, MethodConformance,
+                                          check_light_registration, export_model)
 from pocketlm.testing.models import tiny_tokenizer
 
 
@@ -41,3 +42,8 @@ class TestCompressedTensorsCheckpointLoaderConformance(LoaderConformance):
     def source(self, tmp_path):
         return str(export_model("compressed-tensors", tmp_path / "ct", method="rtn",
                                 method_options={"bits": 4, "group_size": 32}, tokenizer=tiny_tokenizer()))
+
+
+def test_registration_is_light():
+    # `pocketlm validate` loads every plugin: registering this one must import no tensor library
+    check_light_registration("pocketlm_gptq")

@@ -1,7 +1,7 @@
 """The pocketlm conformance kit on the ``lm-eval`` evaluator: a flat dict of finite numbers, the
 model left as it was found (weights and train/eval mode), on the local task of conftest.py."""
 
-from pocketlm.testing.conformance import check_evaluator
+from pocketlm.testing.conformance import check_evaluator, check_light_registration
 
 
 def test_evaluator_conformance(task_folder, monkeypatch):
@@ -11,3 +11,8 @@ def test_evaluator_conformance(task_folder, monkeypatch):
     result = check_evaluator("lm-eval", {"tasks": ["tinycloze"], "include_path": str(task_folder), "batch_size": 4,
                                          "recovery": False})
     assert list(result) == ["tinycloze:acc"] and 0 <= result["tinycloze:acc"] <= 1
+
+
+def test_registration_is_light():
+    # `pocketlm validate` loads every plugin: registering this one must import no tensor library
+    check_light_registration("pocketlm_lmeval")

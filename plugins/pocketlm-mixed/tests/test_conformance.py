@@ -6,7 +6,7 @@ pruned is refused (the allocation measures dense weights), so the mask check ass
 import pytest
 
 from pocketlm import PocketError
-from pocketlm.testing.conformance import MethodConformance, check_masks
+from pocketlm.testing.conformance import MethodConformance, check_light_registration, check_masks
 
 
 class TestMixedConformance(MethodConformance):
@@ -19,3 +19,7 @@ class TestMixedConformance(MethodConformance):
         with pytest.raises(PocketError, match="carries a pruning mask; allocate bits before pruning is not supported"):
             check_masks(self.method, self.options, family)
 
+
+def test_registration_is_light():
+    # `pocketlm validate` loads every plugin: registering this one must import no tensor library
+    check_light_registration("pocketlm_mixed")

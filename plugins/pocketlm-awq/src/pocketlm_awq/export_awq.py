@@ -22,21 +22,17 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, streaming
+from pocketlm import streaming
 from pocketlm import weights as W
+
+from .options import AWQExportOptions  # noqa: F401  (kept importable from here)
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 PACK = 8  # 4-bit values per int32 word
-
-
-class AWQExportOptions(Options):
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
 
 
 def pack_awq(values: torch.Tensor) -> torch.Tensor:

@@ -17,52 +17,19 @@ Then gguf-py (and llama.cpp) compute ``d * sc_j * q - dmin * m_j`` with exact fl
 which is ``(q - zero) * scale_j`` exactly. :func:`two_level_grid` fits such grids: ``d`` keeps
 few enough significant bits that every ``d * sc_j`` is itself a float16.
 
-The ``q2_k`` ... ``q6_k`` grid rules (:data:`RULES`) fit those grids; :func:`encode_grid` finds
-``d`` back from a stored grid and packs the blocks.
+The ``q2_k`` ... ``q6_k`` grid rules (``fit_q2_k`` ... ``fit_q6_k``) fit those grids;
+:func:`encode_grid` finds ``d`` back from a stored grid and packs the blocks. The table of types
+(:data:`KQUANTS`) is :mod:`pocketlm_gguf.kquant_types`, which registration reads without numpy.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType
 
 from pocketlm.grids import weighted_error, weighted_group_grid
 
-QK_K = 256
-Q = GGMLQuantizationType
-
-
-@dataclass(frozen=True)
-class KQuant:
-    """One k-quant type: its bits per weight in the grid, sub-block length, largest sub-block
-    scale used, its ggml type, and the type llama.cpp's quantizer falls back to for rows that
-    are not a multiple of 256 (``llama-quant.cpp``)."""
-
-    name: str
-    bits: int
-    sub: int
-    sc_max: int
-    qtype: GGMLQuantizationType
-    llama_fallback: str
-
-    @property
-    def d_bits(self) -> int:
-        """Significant bits ``d`` may keep so that ``d * sc`` fits float16's 11 for every ``sc``."""
-        return 11 - self.sc_max.bit_length()
-
-
-KQUANTS = {
-    "q2_k": KQuant("q2_k", 2, 16, 15, Q.Q2_K, "iq4_nl"),
-    "q3_k": KQuant("q3_k", 3, 16, 31, Q.Q3_K, "iq4_nl"),
-    "q4_k": KQuant("q4_k", 4, 32, 63, Q.Q4_K, "q5_0"),
-    "q5_k": KQuant("q5_k", 5, 32, 63, Q.Q5_K, "q5_1"),
-    "q6_k": KQuant("q6_k", 6, 16, 127, Q.Q6_K, "q8_0"),
-}
-BY_BITS = {k.bits: k for k in KQUANTS.values()}
+from .kquant_types import BY_BITS, KQUANTS, QK_K, KQuant, bits_per_weight, block_bytes  # noqa: F401
 
 
 # --------------------------------------------------------------------------- fitting
@@ -138,6 +105,14 @@ def grid_rule_fit(name: str):
 
     fit.__name__ = f"fit_{name}"
     return fit
+
+
+# the grid rules' fits, by name: registration names them as pocketlm.lazy("pocketlm_gguf.kquants:fit_q4_k")
+fit_q2_k = grid_rule_fit("q2_k")
+fit_q3_k = grid_rule_fit("q3_k")
+fit_q4_k = grid_rule_fit("q4_k")
+fit_q5_k = grid_rule_fit("q5_k")
+fit_q6_k = grid_rule_fit("q6_k")
 
 
 # ----------------------------------------------------------- finding d back from a grid
@@ -253,14 +228,3 @@ def encode_grid(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, kind
     d, sc = found
     blocks = pack_kquant(kind, q.numpy().reshape(-1, QK_K), d, sc)
     return blocks.reshape(rows, -1)
-
-
-def block_bytes(kind: KQuant) -> int:
-    return {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}[kind.name]
-
-
-def bits_per_weight(kind: KQuant) -> float:
-    return block_bytes(kind) * 8 / QK_K
-
-
-assert all(math.isclose(bits_per_weight(k), b) for k, b in zip(KQUANTS.values(), (2.625, 3.4375, 4.5, 5.5, 6.5625)))

@@ -19,24 +19,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, PocketError, streaming
+from pocketlm import PocketError, streaming
 from pocketlm.weights import QuantizedLinear, is_linear, is_transposed
 
 from .export_gptq import DTYPES, _quantized_linears
-
-
-class CTExportOptions(Options):
-    """``dtype``: dtype of the dense tensors (norms, embeddings, unquantized layers). Scales are
-    float16 values (the dtype pocketlm's grids hold them in), stored as float16, or as float32 in
-    a float32 export."""
-
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the dense tensors (norms, embeddings, unquantized layers)")
+from .options import CTExportOptions  # noqa: F401  (kept importable from here)
 
 
 def check_compressed_tensors(model: nn.Module, options: CTExportOptions) -> list[str]:

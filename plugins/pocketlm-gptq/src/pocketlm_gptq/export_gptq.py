@@ -26,28 +26,17 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from pocketlm import Options, streaming
+from pocketlm import streaming
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, group_index, is_linear, pack, tied_heads
 
 from . import __version__
+from .options import GPTQExportOptions  # noqa: F401  (kept importable from here)
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class GPTQExportOptions(Options):
-    """``checkpoint_format``: ``"gptq"`` (v1: zero - 1, the widest support) or ``"gptq_v2"``
-    (zero as is; holds any asymmetric grid). ``dtype``: dtype of the tensors that are not
-    quantized (norms, embeddings, biases)."""
-
-    checkpoint_format: Literal["gptq", "gptq_v2"] = Field(
-        "gptq", description="gptq (v1: zero points stored minus one, what vLLM assumes) or gptq_v2")
-    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of scales and dense tensors")
 
 
 def _quantized_linears(model: nn.Module) -> dict[str, QuantizedLinear]:

@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from pocketlm.calibration import LayerHandler, module_input
@@ -33,39 +31,8 @@ from pocketlm.quant import (Grid, check_group_size, grid_rule, group_grid, quant
                             round_to_grid, select_targets)
 from pocketlm.weights import get_mask, linear_weight, minmax_grid
 
-from .common import QuantOptions
-
-
-class GPTQOptions(QuantOptions):
-    """GPTQ options (the paper's defaults) on top of the shared quantizer options.
-
-    * ``damp``: fraction of the mean Hessian diagonal added to the diagonal (0.01).
-    * ``block_size``: columns quantized before a lazy batch update of the rest (128).
-    * ``act_order``: process columns by descending Hessian diagonal, with static groups (on by
-      default, as in llm-compressor: it costs nothing at inference because the groups keep their
-      plain order, and on the reference model W4 g64 it took perplexity from 38.49 to 34.63).
-    * ``true_sequential``: observe each group of linears after quantizing the previous group.
-    * ``backend``: ``"pocketlm"`` (this implementation) or ``"llmcompressor"`` (llm-compressor's
-      GPTQModifier run in its own environment on the same windows, loaded back as grids).
-    """
-
-    damp: float = Field(0.01, description="Hessian dampening: fraction of the mean diagonal added to the "
-                        "diagonal so it inverts stably (paper default 0.01)")
-    block_size: int = Field(128, description="columns quantized before a lazy batch update of the rest "
-                            "(paper default 128)")
-    act_order: bool = Field(True, description="quantize columns by descending Hessian diagonal (static groups)")
-    true_sequential: bool = Field(True, description="observe each group of linears after quantizing the previous one")
-    backend: Literal["pocketlm", "llmcompressor"] = Field(
-        "pocketlm", description="this implementation, or llm-compressor's GPTQModifier in its own environment")
-
-    def model_post_init(self, __context) -> None:  # pydantic hook: cross-field checks
-        if not 0 < self.damp < 1:
-            raise ValueError(f"damp must be in (0, 1), not {self.damp}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be positive, not {self.block_size}")
-        if self.backend == "llmcompressor" and self.grid != "minmax":
-            raise ValueError(f"backend 'llmcompressor' fits min-max grids only, not grid {self.grid!r}; "
-                             "use backend = 'pocketlm'")
+from .options import GPTQOptions
+from .options import plan_gptq as plan  # noqa: F401  (kept importable from here)
 
 
 # ----------------------------------------------------------------------- pure functions
@@ -361,16 +328,3 @@ def compress_gptq(model: nn.Module, options: GPTQOptions, context) -> nn.Module:
     context.log(f"gptq: {len(in_layers)} linears to {options.bits} bits, group {options.group_size}"
                 f"{', act-order' if options.act_order else ''}{'' if fit is None else ', grid ' + rule.name}")
     return model
-
-
-def plan(budget=None) -> list[dict]:
-    """Option sets the hybrid planner may try for ``gptq``: 4-bit g64 with act-order (the usual
-    sweet spot), 4-bit g32 (GGUF's Q4_0 block exactly), 3-bit g64 (smaller, with visible loss)
-    and 8-bit g32 (near lossless, GGUF's Q8_0 block exactly: the default hybrid's decoder step).
-    Each needs calibration data. ``budget`` is not consulted."""
-    return [
-        {"bits": 4, "group_size": 64, "act_order": True},
-        {"bits": 4, "group_size": 32, "act_order": True},
-        {"bits": 3, "group_size": 64, "act_order": True},
-        {"bits": 8, "group_size": 32, "default": True},
-    ]

@@ -20,14 +20,11 @@ from pocketlm.grids import input_importance
 from pocketlm.quant import (check_group_size, dequantize_grid, grid_rule, group_grid, quantize_linears, round_to_grid,
                             select_targets)
 
-from .common import QuantOptions
+from .options import RTNOptions
+from .options import plan_rtn as plan  # noqa: F401  (kept importable from here)
 
 rtn_quantize = round_to_grid          # the names before the kit; kept for code that imports them
 __all__ = ["RTNOptions", "compress_rtn", "dequantize_grid", "group_grid", "plan", "rtn_quantize"]
-
-
-class RTNOptions(QuantOptions):
-    """Round-to-nearest options: exactly the shared quantizer options (see ``QuantOptions``)."""
 
 
 def linear_importance(model: nn.Module, names, context) -> dict[str, torch.Tensor]:
@@ -53,19 +50,3 @@ def compress_rtn(model: nn.Module, options: RTNOptions, context) -> nn.Module:
                 + (", weighted by calibration activations" if importance else
                    ", every input channel weighted alike (no calibration data)" if rule.uses_importance else ""))
     return model
-
-
-def plan(budget=None) -> list[dict]:
-    """Option sets the hybrid planner may try for ``rtn``, cheapest loss first: 8-bit per channel
-    (near lossless), 4-bit g64, 3-bit g64, and the token embedding (with its tied head) at 8 or
-    4 bits in groups of 32, which on small models with tied embeddings is where a fifth of the
-    weights sit. Groups of 32 with symmetric grids are exactly GGUF's Q8_0 and Q4_0 blocks, the
-    formats that pack an embedding. ``budget`` (a ``PlanBudget``) is not consulted: every set is
-    sensible on any decoder model."""
-    return [
-        {"bits": 8, "group_size": -1},
-        {"bits": 4, "group_size": 64},
-        {"bits": 3, "group_size": 64},
-        {"bits": 8, "group_size": 32, "targets": ["embed"], "ignore": [], "default": True},
-        {"bits": 4, "group_size": 32, "targets": ["embed"], "ignore": []},
-    ]

@@ -5,9 +5,9 @@ recipes stay fast."""
 
 from __future__ import annotations
 
-from pocketlm import Evaluator, hookimpl
+from pocketlm import Evaluator, hookimpl, lazy
 
-from .lmeval import LMEvalOptions, evaluate_tasks, local_task_configs, task_metrics
+from .options import LMEvalOptions
 
 __version__ = "0.1.0"
 POCKETLM_API = ">=1.0,<2"
@@ -15,7 +15,16 @@ POCKETLM_API = ">=1.0,<2"
 __all__ = ["LMEvalOptions", "evaluate_tasks", "local_task_configs", "register_evaluators", "task_metrics"]
 
 
+def __getattr__(name: str):
+    # the evaluator's functions live in .lmeval (yaml), imported on first use (PEP 562)
+    if name in ("evaluate_tasks", "local_task_configs", "task_metrics"):
+        from . import lmeval
+
+        return getattr(lmeval, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 @hookimpl
 def register_evaluators(register):
-    register(Evaluator("lm-eval", LMEvalOptions, evaluate_tasks,
+    register(Evaluator("lm-eval", LMEvalOptions, lazy("pocketlm_lmeval.lmeval:evaluate_tasks"),
                        "lm-evaluation-harness tasks (registry or local YAML + JSONL): accuracy and recovery"))

@@ -23,18 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field
 
-from pocketlm import Options, PocketError
+from pocketlm import PocketError
 
-
-class LMEvalOptions(Options):
-    tasks: list[str] = Field(min_length=1, description="lm-eval task names: from its registry, or local tasks in include_path")
-    include_path: str | None = Field(None, description="folder of lm-eval task YAML files, relative to the recipe's folder")
-    num_fewshot: int = Field(0, ge=0, description="few-shot examples per question")
-    limit: int | None = Field(None, ge=1, description="evaluate at most this many documents per task (None: all)")
-    batch_size: int = Field(8, ge=1, description="requests per forward pass")
-    recovery: bool = Field(True, description="also evaluate the original model and report accuracy after / original")
+from .options import LMEvalOptions
 
 
 class _Tagged:

@@ -7,9 +7,9 @@ allocation is also saved as a recipe of those stages (``mixed-recipe.toml`` in t
 
 from __future__ import annotations
 
-from pocketlm import PHASE_QUANTIZE, Method, hookimpl
+from pocketlm import PHASE_QUANTIZE, Method, hookimpl, lazy
 
-from . import mixed
+from . import options
 
 __version__ = "0.2.0"
 POCKETLM_API = ">=1.5,<2"
@@ -20,7 +20,8 @@ __all__ = ["POCKETLM_API", "__version__", "register_methods"]
 @hookimpl
 def register_methods(register):
     register(Method(
-        name="mixed", kind="quantize", options=mixed.MixedOptions, compress=mixed.compress_mixed,
+        name="mixed", kind="quantize", options=options.MixedOptions,
+        compress=lazy("pocketlm_mixed.mixed:compress_mixed"),
         summary="mixed precision: bits per matrix (2-8) by measured sensitivity under a byte budget (exact "
                 "knapsack), run as rtn/gptq stages",
-        needs_calibration=True, effect=mixed.effect, phase=PHASE_QUANTIZE, exclusive=True, plan=mixed.plan))
+        needs_calibration=True, effect=options.effect, phase=PHASE_QUANTIZE, exclusive=True, plan=options.plan))

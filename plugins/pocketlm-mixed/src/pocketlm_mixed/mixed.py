@@ -24,49 +24,24 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
-from pocketlm import Options, PocketError, SizeEffect
+from pocketlm import PocketError
 from pocketlm.grids import input_importance
 from pocketlm.modules import get_module, select_linears
 from pocketlm.weights import (QuantizedEmbedding, get_mask, linear_shape, linear_weight, minmax_grid,
                               packed_bits_per_weight, quantize)
 
-BITS = (2, 3, 4, 5, 6, 8)
-EMBEDDING_BITS = (4, 8)
+from .options import BITS, EMBEDDING_BITS, MixedOptions, effect, plan  # noqa: F401  (kept importable from here)
+
 # bits -> (group size, grid rule) of the stage that quantizes at that width, per size model
 GGUF_STAGES = {2: (16, "q2_k"), 3: (16, "q3_k"), 4: (32, "q4_k"), 5: (32, "q5_k"), 6: (16, "q6_k"), 8: (32, "minmax")}
 GRID_STAGES = {b: (32, "weighted-mse") for b in BITS}
 KQUANT_BPW = {2: 2.625, 3: 3.4375, 4: 4.5, 5: 5.5, 6: 6.5625}
 BLOCK32_BPW = {2: 4.5, 3: 4.5, 4: 4.5, 5: 5.5, 6: 8.5, 8: 8.5}
-
-
-class MixedOptions(Options):
-    """Options of the ``mixed`` method (one byte budget, the widths to choose from, the method
-    that runs the allocation)."""
-
-    bits_per_weight: float = Field(..., gt=1, le=16, description="the byte budget, as the average storage bits per "
-                                   "weight (scales included) over the matrices that take part")
-    bits: list[Literal[2, 3, 4, 5, 6, 8]] = Field(list(BITS), description="the widths a linear may take")
-    quantizer: Literal["rtn", "gptq"] = Field("gptq", description="the method whose stages run the allocation")
-    size_model: Literal["gguf", "grid"] = Field("gguf", description="how bytes are counted: the gguf file "
-                                                "(k-quant grids) or bits + 16 / group_size (weighted-mse grids)")
-    embedding_bits: list[Literal[4, 8]] = Field([], description="widths the token embedding (and a tied head) "
-                                                "may take besides float16; empty: it is left as it is")
-    targets: list[str] = Field(["*"], description="linears that take part (module-name patterns)")
-    ignore: list[str] = Field(["lm_head"], description="linears left as they are")
-    resolution: int = Field(4000, ge=10, le=1_000_000, description="budget units of the knapsack's table")
-
-    @model_validator(mode="after")
-    def _some_bits(self):
-        if not self.bits:
-            raise ValueError("bits is empty; list the widths a linear may take, such as [2, 3, 4, 5, 6, 8]")
-        return self
 
 
 # ----------------------------------------------------------------------- pure functions
@@ -290,21 +265,3 @@ def compress_mixed(model: nn.Module, options: MixedOptions, context) -> nn.Modul
         stage_options = method.options.model_validate({k: v for k, v in stage.items() if k != "method"})
         method.compress(model, stage_options, context)
     return model
-
-
-def plan(budget=None) -> list[dict]:
-    """Budgets the planner may try, allocated by GPTQ: 4.75 bits per weight counted as GGUF
-    blocks (every matrix at least Q4_0's 4.5, the sensitive ones wider), and 3.5 counted as
-    integer grids (below what GGUF's fallbacks for rows 256 does not divide can hold); the
-    user's ``target_bits`` instead, where given."""
-    target = getattr(budget, "target_bits", None)
-    if target:
-        target = round(float(target), 2)
-        return [{"bits_per_weight": target} if target >= 4.75 else {"bits_per_weight": target, "size_model": "grid"}]
-    return [{"bits_per_weight": 4.75}, {"bits_per_weight": 3.5, "size_model": "grid"}]
-
-
-def effect(options: MixedOptions) -> SizeEffect:
-    features = {"quantized"} | ({"quantized-embedding"} if options.embedding_bits else set())
-    return SizeEffect(bits=options.bits_per_weight, covers="all" if options.embedding_bits else "decoder",
-                      features=frozenset(features))
