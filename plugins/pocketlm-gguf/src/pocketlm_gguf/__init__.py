@@ -12,8 +12,8 @@ from pocketlm import Exporter, GridRule, hookimpl, lazy
 from .kquant_types import KQUANTS, bits_per_weight
 from .options import GGUFOptions
 
-__version__ = "0.3.5"
-POCKETLM_API = ">=1.5,<2"
+__version__ = "0.3.6"
+POCKETLM_API = ">=1.8,<2"
 
 __all__ = ["GGUFOptions", "check", "export_gguf", "register_exporters", "register_grid_rules"]
 

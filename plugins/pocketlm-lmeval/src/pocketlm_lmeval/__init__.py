@@ -9,8 +9,8 @@ from pocketlm import Evaluator, hookimpl, lazy
 
 from .options import LMEvalOptions
 
-__version__ = "0.1.0"
-POCKETLM_API = ">=1.0,<2"
+__version__ = "0.1.1"
+POCKETLM_API = ">=1.8,<2"
 
 __all__ = ["LMEvalOptions", "evaluate_tasks", "local_task_configs", "register_evaluators", "task_metrics"]
 

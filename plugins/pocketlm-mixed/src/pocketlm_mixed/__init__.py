@@ -11,8 +11,8 @@ from pocketlm import PHASE_QUANTIZE, Method, hookimpl, lazy
 
 from . import options
 
-__version__ = "0.2.0"
-POCKETLM_API = ">=1.5,<2"
+__version__ = "0.2.1"
+POCKETLM_API = ">=1.8,<2"
 
 __all__ = ["POCKETLM_API", "__version__", "register_methods"]
 
