@@ -234,6 +234,21 @@ def test_what_has_no_counterpart_is_refused_by_name_and_nothing_is_written(tmp_p
     assert not output.exists()
 
 
+def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path):
+    """A recipe written earlier may hold the user's edits (its model source, for one)."""
+    _needs_first_party_translators()
+    output = tmp_path / "out.toml"
+    output.write_text("# my edited recipe\n")
+    code, out, err = _import(RECIPES / "new_quant_channel.yaml", "-o", output)
+    assert code == 2 and out == ""
+    assert err.splitlines() == [f"error: --output: {output} already exists",
+                                "  fix: choose another file, or pass --overwrite to replace it"]
+    assert output.read_text() == "# my edited recipe\n"
+    code, out, err = _import(RECIPES / "new_quant_channel.yaml", "-o", output, "--overwrite")
+    assert code == 0 and out.startswith(f"wrote {output} (1 stage: gptq)")
+    assert output.read_text().startswith("# pocketlm recipe translated by `pocketlm import-recipe`")
+
+
 def test_a_modifier_no_plugin_translates_is_refused_with_the_installed_list(tmp_path):
     _needs_first_party_translators()
     path = _write(tmp_path, "stage:\n  modifiers:\n    LogarithmicEqualizationModifier: {}\n")

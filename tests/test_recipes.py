@@ -116,6 +116,21 @@ def test_schema_lists_installed_methods(cli):
     assert {"toy-round", "toy-mask"} <= names
 
 
+def test_schema_output_replaces_its_own_earlier_schema_but_no_other_file(cli, tmp_path):
+    output = tmp_path / "recipe.schema.json"
+    assert cli("schema", "-o", str(output)).exit_code == 0
+    assert cli("schema", "-o", str(output)).exit_code == 0          # regenerating is routine
+    mine = tmp_path / "notes.json"
+    mine.write_text('{"title": "my notes"}')
+    result = cli("schema", "-o", str(mine))
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [f"error: --output: {mine} already exists",
+                                          "  fix: choose another file, or pass --overwrite to replace it"]
+    assert mine.read_text() == '{"title": "my notes"}'
+    assert cli("schema", "-o", str(mine), "--overwrite").exit_code == 0
+    assert '"title": "pocketlm recipe"' in mine.read_text()
+
+
 def test_yaml_recipe_runs_through_the_same_validation(cli, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"model:\n  source: {cli.model}\nstages:\n  - method: toy-round\n    bits: 9000\n")

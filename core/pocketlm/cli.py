@@ -183,16 +183,42 @@ def validate(recipe, run_dir):
     click.echo(f"{recipe}: valid ({listed if stages else 'no stages'})")
 
 
+def _keep_existing(output: Path, overwrite: bool, ours=None) -> None:
+    """Refuse to replace a file the user has at ``output`` unless ``--overwrite`` says so; a file
+    ``ours(text)`` recognises as this command's own earlier output may be replaced."""
+    if overwrite or not output.exists():
+        return
+    if output.is_file() and ours is not None:
+        try:
+            if ours(output.read_text(encoding="utf-8")):
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+    raise PocketError(f"{output} already exists", field="--output",
+                      fix="choose another file, or pass --overwrite to replace it")
+
+
+def _is_recipe_schema(text: str) -> bool:
+    from .recipe import RECIPE_SCHEMA_TITLE
+
+    try:
+        return json.loads(text).get("title") == RECIPE_SCHEMA_TITLE
+    except (ValueError, AttributeError):
+        return False
+
+
 @main.command()
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="write to a file instead of stdout")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT even if it is not an earlier recipe schema")
 @_handle_errors
-def schema(output):
+def schema(output, overwrite):
     """Print the JSON Schema of recipes for the installed plugins."""
     from . import atomic
     from .recipe import json_schema
 
     text = json.dumps(json_schema(_plugins()), indent=2)
     if output:
+        _keep_existing(output, overwrite, ours=_is_recipe_schema)  # regenerating a schema is routine
         atomic.write_text(output, text + "\n")
     else:
         click.echo(text)
@@ -366,8 +392,9 @@ def plan(model, target_size_mb, target_bits, min_retention, evaluate_k, out_dir,
 @click.argument("recipe", type=click.Path(path_type=Path))
 @click.option("--model", help="model source to write into [model] (default: a placeholder to fill in)")
 @click.option("--output", "-o", type=click.Path(path_type=Path), help="write the pocketlm recipe here instead of stdout")
+@click.option("--overwrite", is_flag=True, help="replace OUTPUT if it exists")
 @_handle_errors
-def import_recipe(recipe, model, output):
+def import_recipe(recipe, model, output, overwrite):
     """Translate an llm-compressor (or SparseML) recipe YAML into a pocketlm recipe.
 
     Each modifier goes to the installed plugin that translates it; one that has no pocketlm
@@ -376,6 +403,8 @@ def import_recipe(recipe, model, output):
     from .recipe import parse_recipe
     from .translate import PLACEHOLDER_SOURCE, translate_recipe
 
+    if output is not None:  # a recipe written earlier may hold the user's edits since
+        _keep_existing(output, overwrite)
     plugins = _plugins()
     imported = translate_recipe(recipe, plugins, model)
     text = imported.toml(Path(recipe).name)

@@ -38,6 +38,9 @@ from .components import Method, NoOptions, unrepresented
 from .data import DEFAULT_CALIBRATION_TEXT, resolve_text, sha256
 from .errors import PocketError
 
+#: The title of the JSON Schema ``pocketlm schema`` writes (it recognises its own earlier output by it).
+RECIPE_SCHEMA_TITLE = "pocketlm recipe"
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -832,5 +835,5 @@ def json_schema(plugins) -> dict:
         "format": {"enum": sorted(plugins.exporters)}, "path": {"type": "string"}}}
     evaluate = schema.get("$defs", {}).get("EvaluateSection", {})
     evaluate.setdefault("properties", {})["metrics"] = {"type": "array", "items": {"enum": sorted(plugins.evaluators)}}
-    schema["title"] = "pocketlm recipe"
+    schema["title"] = RECIPE_SCHEMA_TITLE
     return json.loads(json.dumps(schema, default=str))
