@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from pocketlm import rundir
+from pocketlm.rundir import PLAN_MARKER, write_marker
 from pocketlm.errors import PocketError
 
 
@@ -139,13 +140,33 @@ def test_plan_writes_no_chosen_recipe_when_no_candidate_meets_the_retention(tmp_
 
     found = [c for c in candidates(toy_plugins, DEMO_STATS, PlanBudget()) if c.label.startswith("toy-round")][:1]
     console = Console(record=True, markup=False, width=200)
-    (tmp_path / "chosen.toml").write_text("stale")
-    points = evaluate_candidates(found, str(tiny_folder), toy_plugins, tmp_path, PlanBudget(min_retention=10.0),
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    write_marker(plan, PLAN_MARKER)                  # an earlier plan's folder, with its choice
+    (plan / "chosen.toml").write_text("stale")
+    points = evaluate_candidates(found, str(tiny_folder), toy_plugins, plan, PlanBudget(min_retention=10.0),
                                  console)
-    assert points and not (tmp_path / "chosen.toml").exists()
+    assert points and not (plan / "chosen.toml").exists()
     assert "warning: no candidate meets --min-retention 10.0" in console.export_text()
-    evaluate_candidates(found, str(tiny_folder), toy_plugins, tmp_path, PlanBudget(), console)
-    assert (tmp_path / "chosen.toml").read_text() == points[0]["recipe"]
+    evaluate_candidates(found, str(tiny_folder), toy_plugins, plan, PlanBudget(), console)
+    assert (plan / "chosen.toml").read_text() == points[0]["recipe"]
+
+
+def test_plan_refuses_a_folder_it_did_not_make(tmp_path, tiny_folder, toy_plugins):
+    from rich.console import Console
+
+    from pocketlm.plan_eval import evaluate_candidates
+    from pocketlm.planner import DEMO_STATS, PlanBudget, candidates
+
+    found = [c for c in candidates(toy_plugins, DEMO_STATS, PlanBudget()) if c.label.startswith("toy-round")][:1]
+    folder = tmp_path / "documents"
+    folder.mkdir()
+    (folder / "chosen.toml").write_text("my own recipe")
+    with pytest.raises(PocketError, match="holds files that pocketlm did not write") as caught:
+        evaluate_candidates(found, str(tiny_folder), toy_plugins, folder, PlanBudget(), Console())
+    assert caught.value.field == "--out"
+    assert sorted(p.name for p in folder.iterdir()) == ["chosen.toml"]
+    assert (folder / "chosen.toml").read_text() == "my own recipe"
 
 
 def test_every_candidate_the_planner_proposes_is_a_valid_strict_recipe(tiny_folder):

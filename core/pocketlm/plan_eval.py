@@ -100,8 +100,10 @@ def evaluate_candidates(candidates: list[Candidate], model: str, plugins, out_di
     """Run each candidate, measure its size and ``quality`` (perplexity, or retrieval for an
     encoder: :func:`quality_of`), and write the Pareto table, plot and chosen recipe."""
     from .pipeline import Run
+    from .rundir import claim_plan_folder
 
     out_dir = Path(out_dir)
+    claim_plan_folder(out_dir)
     points = []
     baseline = None
     for number, candidate in enumerate(candidates, 1):

@@ -38,6 +38,7 @@ from .errors import PocketError
 
 RUN_MARKER = ".pocketlm-run"
 EXPORT_MARKER = ".pocketlm-export"
+PLAN_MARKER = ".pocketlm-plan"
 LOCK_FILE = ".pocketlm-lock"
 CHECKSUMS = "pocketlm-sha256.json"
 # What a run writes at the top of its folder; an export path may not land on any of them.
@@ -70,6 +71,13 @@ def is_run_folder(folder: Path) -> bool:
 
 def is_export(folder: Path) -> bool:
     return (Path(folder) / EXPORT_MARKER).is_file()
+
+
+def is_plan_folder(folder: Path) -> bool:
+    """A folder ``pocketlm plan --evaluate`` made: the marker, or the Pareto table of a plan
+    written before the marker existed."""
+    folder = Path(folder)
+    return (folder / PLAN_MARKER).is_file() or (folder / "pareto.json").is_file()
 
 
 def _is_empty_folder(path: Path) -> bool:
@@ -114,6 +122,21 @@ def check_run_folder(run_dir: Path) -> None:
     if read_only is not None:
         raise PocketError(f"the run folder {run_dir} cannot be written: {read_only} is read-only", field="--run-dir",
                           fix="choose a folder you can write to with --run-dir")
+
+
+def claim_plan_folder(out_dir: Path) -> None:
+    """Refuse a plan folder that holds files pocketlm did not write (the plan writes
+    ``pareto.md``, ``pareto.json``, ``pareto.png`` and ``chosen.toml`` at its top and removes a
+    stale ``chosen.toml``); else mark it as a plan's."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PocketError(f"the plan folder {out_dir} is a file", field="--out", fix="choose a folder with --out")
+    if out_dir.is_dir() and not _is_empty_folder(out_dir) and not is_plan_folder(out_dir):
+        raise PocketError(f"the plan folder {out_dir} holds files that pocketlm did not write", field="--out",
+                          fix="choose an empty or new folder with --out; pocketlm never writes over a folder "
+                          "it did not create")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(out_dir, PLAN_MARKER)
 
 
 def _read_only_ancestor(path: Path) -> Path | None:
