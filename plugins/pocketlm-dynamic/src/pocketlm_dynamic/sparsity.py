@@ -23,17 +23,21 @@ magnitudes the walk observed (the dense layer's inputs, as TEAL's histograms).
   level, so one threshold and one set of surviving channels: the decode path then gathers one
   set of columns for the three (or two) reads, and there are 4 candidates per step in a Llama
   layer instead of 7. TEAL's reference code gives each projection its own level, with steps
-  scaled by its weight share; on a CPU that is about ten times the layer runs.
+  scaled so that each adds the same weighted sparsity: 7 candidates and some 85 steps at 0.4
+  on a SmolLM2 layer, about five times the layer runs of the shared levels below.
 * The error is measured on a fixed subset of the calibration windows: the first
   ``max(1, GREEDY_TOKENS // seq_len)`` windows the layer receives (the walk keeps the layer's
   hidden states and keyword arguments with a forward pre-hook for those), over each window's
   positions after its first quarter (:data:`GREEDY_SKIP`; TEAL measures the last quarter), so the
   attention-sink position's outsized hidden state does not dominate a squared error.
-* Cost per layer, in runs of the layer over those windows (512 tokens at the default
-  ``seq_len``): 1 dense run, then one run per candidate per step, ``candidates x steps``. A Llama
-  layer has 4 candidates; at ``sparsity = 0.4`` the steps number 8 when the levels rise evenly and
-  at most ``0.95 / GREEDY_STEP`` per candidate (76 in all), about 10 to 20 in practice: some 40 to
-  80 runs of 512 tokens per layer, against the walk's one run of all the calibration windows.
+* Cost per layer, in runs of the layer over those windows (one window of 512 tokens at the
+  default ``seq_len``): 1 dense run, then one run per candidate below its top level per step.
+  The steps number the sum of the candidates' levels, about ``candidates * sparsity / 0.05``:
+  a Llama layer has 4 candidates, so at ``sparsity = 0.4`` some 26 to 32 steps, about 130 runs
+  (the tiny test models: 104 to 124), and at 0.5 about 150. For a 135M model (30 layers, each
+  run about 4 GFLOP) that is some 16 TFLOP, minutes on two CPU cores: about as many tokens
+  through each layer as the walk itself runs (about five passes over the 32 x 512 default
+  calibration tokens).
 
 ``allocation = "greedy-proxy"`` is the earlier, cheaper stand-in: the same greedy search on the
 sum of each linear's own relative output error ``‖W(x - x_s)‖² / ‖Wx‖²`` (one matmul per level,
