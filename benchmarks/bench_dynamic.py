@@ -48,8 +48,8 @@ GPTQ = {"bits": 4, "group_size": 64}
 
 def parse_config(config: str) -> tuple[bool, dict]:
     gptq = config.startswith("gptq-")
-    mode, allocation, percent = config.removeprefix("gptq-").split("-")
-    return gptq, {"mode": mode, "allocation": allocation, "sparsity": int(percent) / 100}
+    mode, *allocation, percent = config.removeprefix("gptq-").split("-")  # teal-greedy-proxy-40 too
+    return gptq, {"mode": mode, "allocation": "-".join(allocation), "sparsity": int(percent) / 100}
 
 
 def gptq_model(model, calibration, log):

@@ -19,6 +19,12 @@ class TestGreedyConformance(MethodConformance):
     architectures = ("llama", "gpt2")
 
 
+class TestGreedyProxyConformance(MethodConformance):
+    method = "activation-sparsity"
+    options = {"sparsity": 0.5, "allocation": "greedy-proxy"}
+    architectures = ("llama",)
+
+
 def test_exporter_conformance():
     check_exporter("dynamic", {"base": "hf"}, method="activation-sparsity", method_options={"sparsity": 0.5})
 

@@ -4,8 +4,8 @@ import torch
 
 from pocketlm_dynamic.decode import gather_matvec
 from pocketlm_dynamic.kernel import gather_matvec as compiled_gather, load
-from pocketlm_dynamic.sparsity import (greedy_allocation, relative_error, skipped_fraction, sparsify, threshold_for,
-                                       thresholds_at)
+from pocketlm_dynamic.sparsity import (greedy_allocation, greedy_search, relative_error, skipped_fraction, sparsify,
+                                       threshold_for, thresholds_at)
 
 
 def _x(seed=0):
@@ -47,6 +47,33 @@ def test_greedy_allocation_spends_sparsity_where_it_costs_least():
     # Equal costs, unequal sizes: the weighted mean still lands on the target.
     got = greedy_allocation({"a": cheap, "b": cheap}, {"a": 100, "b": 300}, 0.33)
     assert abs((got["a"] * 100 + got["b"] * 300) / 400 - 0.33) < 1e-9
+
+
+def test_greedy_search_keeps_the_cheapest_candidate_per_weight_on_the_block_error():
+    # The block error is not a sum: raising "a" once makes every step of "b" dear, so the search
+    # must measure each candidate on the block as it stands, not on a per-candidate curve.
+    calls = []
+
+    def error(levels):
+        calls.append(dict(levels))
+        return 10.0 * levels["a"] * levels["b"] + 0.1 * levels["a"] + 0.1 * levels["b"]
+
+    got = greedy_search({"a": 100, "b": 100}, error, 0.49)
+    # a tie at the first step goes to the first candidate; after that "a" is always cheaper,
+    # up to its top level (0.95), and the last step, on "b", is taken in part to land on 0.49
+    assert abs(got["a"] - 0.95) < 1e-9 and abs(got["b"] - 0.03) < 1e-9
+    assert abs((got["a"] + got["b"]) / 2 - 0.49) < 1e-9
+    # each step tries every candidate below the top once: 19 steps of two, then one for the last
+    assert len(calls) == 19 * 2 + 1 and calls[1] == {"a": 0, "b": 1} and calls[-1] == {"a": 19, "b": 1}
+
+
+def test_greedy_search_weighs_the_added_error_by_the_weights_skipped():
+    # "big" adds twice the error of "small" per step but skips four times the weights: it is the
+    # cheaper per weight, and it takes every step until the target
+    got = greedy_search({"small": 100, "big": 400}, lambda lv: 1.0 * lv["small"] + 2.0 * lv["big"], 0.4)
+    assert got == {"small": 0.0, "big": 0.5}
+    # an oracle with no cost left anywhere (every candidate at its top) stops short of the target
+    assert greedy_search({"x": 10}, lambda lv: 0.0, 0.95, top=0.5) == {"x": 0.5}
 
 
 def test_gather_matvec_reads_only_surviving_rows_and_matches_the_rule():

@@ -22,15 +22,18 @@ class ActivationSparsityOptions(Options):
 
     * ``sparsity``: model-wide fraction of input channels skipped, weighted by the weight bytes
       each channel's column holds (what decoding saves); 0 is the dense model.
-    * ``allocation``: ``uniform`` (every thresholded input at ``sparsity``) or ``greedy``
-      (TEAL's block-wise greedy allocation; each decoder layer still reaches ``sparsity``).
+    * ``allocation``: ``uniform`` (every thresholded input at ``sparsity``), ``greedy`` (TEAL's
+      block-wise greedy allocation on each decoder layer's output error; each layer still reaches
+      ``sparsity``) or ``greedy-proxy`` (the same search on each linear's own output error: no
+      layer reruns, cheaper, less faithful).
     * ``mode``: ``teal`` (every linear's input) or ``cats`` (the MLP gate activation only).
     * ``targets`` / ``ignore``: module-name patterns of the linears to threshold (``teal``) or
       of the down projections whose gate activation is thresholded (``cats``)."""
 
     sparsity: float = Field(0.4, description="model-wide fraction of input channels skipped, in [0, 0.95]")
-    allocation: Literal["uniform", "greedy"] = Field(
-        "uniform", description="uniform: every input at `sparsity`; greedy: TEAL's block-wise greedy allocation")
+    allocation: Literal["uniform", "greedy", "greedy-proxy"] = Field(
+        "uniform", description="uniform: every input at `sparsity`; greedy: TEAL's block-wise greedy allocation "
+                               "on each layer's output error; greedy-proxy: the same on each linear's own error")
     mode: Literal["teal", "cats"] = Field(
         "teal", description="teal: threshold every linear's input; cats: threshold the MLP gate activation only")
     targets: list[str] = Field(["*"], description="module-name patterns of the linears to threshold")
@@ -41,7 +44,7 @@ class ActivationSparsityOptions(Options):
         if not 0.0 <= self.sparsity <= 0.95:
             raise ValueError(f"sparsity must lie in [0, 0.95] (a fraction of input channels skipped), "
                              f"not {self.sparsity}")
-        if self.mode == "cats" and self.allocation == "greedy":
+        if self.mode == "cats" and self.allocation != "uniform":
             raise ValueError("mode='cats' has one threshold per decoder layer (the gate activation), so there "
                              "is nothing to allocate within a layer: use allocation='uniform'")
         return self

@@ -10,11 +10,38 @@ never needed: in batch-1 decoding, which is memory-bound, that column need not b
 Calibration runs through the core's layer walker: for each decoder layer, the inputs of the
 targeted linears (or the gate activations) over the calibration windows give, for a target
 sparsity ``s``, the threshold ``t`` below which a fraction ``s`` of the magnitudes lie.
-``allocation = "greedy"`` is TEAL's block-wise greedy allocation: within each decoder layer it
-raises the sparsity of whichever linear costs the least added output error per weight byte
-skipped, step by step, until the layer skips ``s`` of its weight bytes. The error of a linear at
-a sparsity is its relative output error ``‖W(x - x_s)‖² / ‖Wx‖²`` on calibration tokens, a
-per-linear stand-in for TEAL's block output error that costs one matmul per step.
+
+``allocation = "greedy"`` is TEAL's block-wise greedy allocation (:func:`greedy_search`). Per
+decoder layer, starting from all-dense, each step tries raising each input's sparsity by one
+step (:data:`GREEDY_STEP`), reruns the layer with that change and measures the squared error of
+the layer's output hidden states against the dense layer's; it keeps the candidate that adds
+the least error per weight skipped, until the layer skips ``s`` of its weight bytes (the last
+step is taken in part, to land on ``s`` exactly). The thresholds of each level come from the
+magnitudes the walk observed (the dense layer's inputs, as TEAL's histograms).
+
+* Linears that read one tensor (q/k/v; gate/up, found by comparing what they read) share one
+  level, so one threshold and one set of surviving channels: the decode path then gathers one
+  set of columns for the three (or two) reads, and there are 4 candidates per step in a Llama
+  layer instead of 7. TEAL's reference code gives each projection its own level, with steps
+  scaled so that each adds the same weighted sparsity: 7 candidates and some 85 steps at 0.4
+  on a SmolLM2 layer, about five times the layer runs of the shared levels below.
+* The error is measured on a fixed subset of the calibration windows: the first
+  ``max(1, GREEDY_TOKENS // seq_len)`` windows the layer receives (the walk keeps the layer's
+  hidden states and keyword arguments with a forward pre-hook for those), over each window's
+  positions after its first quarter (:data:`GREEDY_SKIP`; TEAL measures the last quarter), so the
+  attention-sink position's outsized hidden state does not dominate a squared error.
+* Cost per layer, in runs of the layer over those windows (one window of 512 tokens at the
+  default ``seq_len``): 1 dense run, then one run per candidate below its top level per step.
+  The steps number the sum of the candidates' levels, about ``candidates * sparsity / 0.05``:
+  a Llama layer has 4 candidates, so at ``sparsity = 0.4`` some 26 to 32 steps, about 130 runs
+  (the tiny test models: 104 to 124), and at 0.5 about 150. For a 135M model (30 layers, each
+  run about 4 GFLOP) that is some 16 TFLOP, minutes on two CPU cores: about as many tokens
+  through each layer as the walk itself runs (about five passes over the 32 x 512 default
+  calibration tokens).
+
+``allocation = "greedy-proxy"`` is the earlier, cheaper stand-in: the same greedy search on the
+sum of each linear's own relative output error ``‖W(x - x_s)‖² / ‖Wx‖²`` (one matmul per level,
+no layer runs), each linear on its own level.
 
 The rule lives in the modules themselves (:class:`Thresholded`): the thresholded linear is the
 model's own linear class (``nn.Linear``, ``QuantizedLinear``, GPT-2's ``Conv1D``) with an
@@ -29,7 +56,7 @@ import torch
 from torch import nn
 
 from pocketlm import PocketError
-from pocketlm.calibration import LayerHandler, module_input
+from pocketlm.calibration import LayerHandler, batch_rows, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import is_linear, linear_shape, linear_weight
 
@@ -40,8 +67,13 @@ from .options import ActivationSparsityOptions, effect, plan  # noqa: F401
 INPUT, OUTPUT = "input_threshold", "output_threshold"
 #: Sparsity steps of the greedy allocation (TEAL uses 0.05 steps too).
 GREEDY_STEP = 0.05
-#: Calibration tokens kept per linear for the greedy error curves.
+#: Calibration tokens the greedy error is measured on: rows per linear for ``greedy-proxy``, and
+#: for ``greedy`` whole windows, ``max(1, GREEDY_TOKENS // seq_len)`` of them.
 GREEDY_TOKENS = 512
+#: ``greedy``: the leading fraction of each window's positions left out of the block error.
+GREEDY_SKIP = 0.25
+#: The highest sparsity the greedy allocation gives one input (as the options' upper bound).
+GREEDY_TOP = 0.95
 
 
 # ------------------------------------------------------------------------- pure tensors
@@ -87,33 +119,51 @@ def relative_error(weight: torch.Tensor, x: torch.Tensor, threshold: float) -> f
     return float(dropped.pow(2).sum() / dense.pow(2).sum().clamp_min(1e-30))
 
 
-def greedy_allocation(curves: dict[str, list[float]], sizes: dict[str, int], target: float,
-                      step: float = GREEDY_STEP) -> dict[str, float]:
-    """TEAL's greedy allocation within one block: ``curves[name][i]`` is the error of linear
-    ``name`` at sparsity ``i * step`` and ``sizes[name]`` its weight count. Starting from zero,
-    raise by one step the linear with the smallest added error per weight skipped until the
-    size-weighted sparsity reaches ``target``. Returns each linear's sparsity."""
-    level = {name: 0 for name in curves}
+def greedy_search(sizes: dict[str, int], error, target: float, step: float = GREEDY_STEP,
+                  top: float = GREEDY_TOP) -> dict[str, float]:
+    """TEAL's greedy allocation within one block. ``sizes[name]`` is the weight count a
+    candidate's sparsity applies to and ``error(levels)`` the block's error with each candidate
+    at sparsity ``levels[name] * step`` (the all-zero levels, the dense block, have error zero).
+    Starting from zero, each step tries raising each candidate by one level (up to ``top``) and
+    keeps the one that adds the least error per weight skipped, until the size-weighted sparsity
+    reaches ``target``; the step that would pass the target is taken in part, to land on it.
+    Returns each candidate's sparsity. ``error`` is called once per candidate per step."""
+    level = {name: 0 for name in sizes}
+    highest = int(round(top / step))
     total = sum(sizes.values())
-    reached = 0.0
+    reached, current = 0.0, 0.0
     while reached < target - 1e-9:
-        best, best_cost = None, float("inf")
-        for name, curve in curves.items():
-            if level[name] + 1 >= len(curve):
+        best, best_cost, best_error = None, float("inf"), 0.0
+        for name in sizes:
+            if level[name] >= highest:
                 continue
-            cost = (curve[level[name] + 1] - curve[level[name]]) / sizes[name]
+            tried = error({**level, name: level[name] + 1})
+            cost = (tried - current) / sizes[name]
             if cost < best_cost:
-                best, best_cost = name, cost
+                best, best_cost, best_error = name, cost, tried
         if best is None:
             break
         gained = step * sizes[best] / total
         if reached + gained > target + 1e-9:
             # The last step overshoots: take the fraction of it that lands on the target.
             partial = (target - reached) * total / sizes[best]
-            return {n: level[n] * step + (partial if n == best else 0.0) for n in curves}
+            return {n: level[n] * step + (partial if n == best else 0.0) for n in sizes}
         level[best] += 1
         reached += gained
-    return {name: level[name] * step for name in curves}
+        current = best_error
+    return {name: level[name] * step for name in sizes}
+
+
+def greedy_allocation(curves: dict[str, list[float]], sizes: dict[str, int], target: float,
+                      step: float = GREEDY_STEP) -> dict[str, float]:
+    """:func:`greedy_search` on errors that add up over the candidates: ``curves[name][i]`` is
+    the error of linear ``name`` alone at sparsity ``i * step`` (``greedy-proxy``)."""
+    top = (min(len(curve) for curve in curves.values()) - 1) * step
+
+    def error(levels):
+        return sum(curves[name][i] for name, i in levels.items())
+
+    return greedy_search(sizes, error, target, step, top)
 
 
 # ------------------------------------------------------------------------------ modules
@@ -236,8 +286,12 @@ class ThresholdCalibrator(LayerHandler):
         self.prefix = arch.layers
         self.last_group = arch.sequential[-1]
         self.seen: dict[str, list[torch.Tensor]] = {}
-        self.pending: dict[str, torch.Tensor] = {}  # greedy: inputs of the layer's linears so far
+        # greedy: the layer's inputs so far, one tensor per set of linears that read it
+        self.pending: dict[str, torch.Tensor] = {}          # first reader -> what it read
+        self.readers: dict[str, list[str]] = {}             # first reader -> every reader
         self.pending_layer: tuple[int, nn.Module] | None = None
+        self.kept: list[tuple[torch.Tensor, dict]] = []     # greedy: (hidden, kwargs) of the layer
+        self.keeping = None                                 # the pre-hook that fills ``kept``
         self.generator = torch.Generator().manual_seed(0)
         self.report: list[tuple[str, float, float]] = []  # (name, sparsity, threshold)
 
@@ -251,17 +305,23 @@ class ThresholdCalibrator(LayerHandler):
 
     def select(self, index, layer, names):
         if self.pending and self.pending_layer[0] != index:
-            self.flush()  # the previous layer's last group was not targeted
+            self.flush()  # the previous layer ended without a solve that flushed it
         if self.options.mode == "cats":
             act, down = cats_sites(self.arch, layer)
             return [act] if self.arch.mlp_in[0] in names and self._wanted(index, down) else []
-        return [n for n in names if is_linear(get_module(layer, n)) and self._wanted(index, n)]
+        chosen = [n for n in names if is_linear(get_module(layer, n)) and self._wanted(index, n)]
+        if self.options.allocation == "greedy" and chosen and self.pending_layer is None:
+            self._keep_layer_inputs(layer)  # the first targeted group's pass runs the layer on them
+        if not chosen and tuple(names) == tuple(self.last_group):
+            self.flush()  # allocate before the walker runs the layer for the next one's inputs
+        return chosen
 
     def observe(self, name, module, args, kwargs, output):
         x = output if self.options.mode == "cats" else module_input(args, kwargs)
         self.seen.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]))
 
     def solve(self, index, layer, names):
+        self._stop_keeping()
         if self.options.mode == "cats" or self.options.allocation == "uniform":
             where = OUTPUT if self.options.mode == "cats" else INPUT
             for name in names:
@@ -271,35 +331,123 @@ class ThresholdCalibrator(LayerHandler):
                 self.report.append((f"{self.prefix}.{index}.{name}", skipped_fraction(values, t), t))
             self.seen.clear()
             return
-        for name in names:  # greedy: keep the inputs; allocate once the layer's last group is seen
-            self.pending[name] = torch.cat(self.seen.pop(name))
+        firsts = []  # greedy: keep the inputs; allocate once the layer's last group is seen
+        for name in names:
+            values = torch.cat(self.seen.pop(name))
+            first = next((f for f in firsts if torch.equal(self.pending[f], values)), None)
+            if first is None:
+                firsts.append(name)
+                self.pending[name], self.readers[name] = values, [name]
+            else:
+                self.readers[first].append(name)  # reads the same tensor (q/k/v, gate/up)
         self.pending_layer = (index, layer)
         if set(names) & set(self.last_group):
             self.flush()
 
     def flush(self):
-        """Run the greedy allocation over the linears of the layer seen so far."""
+        """Run the greedy allocation over the linears of the layer seen so far, then free what
+        the layer kept."""
         if self.pending:
-            self._allocate(*self.pending_layer)
+            if self.options.allocation == "greedy":
+                self._allocate_on_block(*self.pending_layer)
+            else:
+                self._allocate_on_proxy(*self.pending_layer)
+        self._stop_keeping()
+        self.pending.clear()
+        self.readers.clear()
+        self.kept.clear()
+        self.pending_layer = None
 
-    def _allocate(self, index, layer):
+    # -- greedy: the layer's own inputs
+
+    def _keep_layer_inputs(self, layer):
+        """Hook ``layer`` to keep the first windows it is run on (hidden states and keyword
+        arguments, cut to whole windows): the inputs the block error is measured on."""
+        self.kept.clear()
+
+        def keep(module, args, kwargs):
+            kwargs = dict(kwargs)
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            have = sum(h.shape[0] for h, _ in self.kept)
+            wanted = max(1, GREEDY_TOKENS // hidden.shape[1])
+            if have < wanted:
+                rows = slice(0, wanted - have)
+                self.kept.append((hidden[rows].detach().clone(), batch_rows(kwargs, rows, hidden.shape[0])))
+
+        self.keeping = layer.register_forward_pre_hook(keep, with_kwargs=True)
+
+    def _stop_keeping(self):
+        if self.keeping is not None:
+            self.keeping.remove()
+            self.keeping = None
+
+    def _allocate_on_block(self, index, layer):
+        """TEAL's greedy on the layer's output error (:func:`greedy_search`): one level per set
+        of linears that read one tensor, thresholds from the magnitudes observed."""
+        if not self.kept:
+            raise PocketError("activation-sparsity (greedy) saw no input of a decoder layer to measure its "
+                              "output on", fix="use allocation = \"uniform\" for this model")
+        steps = int(round(GREEDY_TOP / GREEDY_STEP))
+        magnitudes = {first: values.abs() for first, values in self.pending.items()}
+        table = {first: thresholds_at(m, [i * GREEDY_STEP for i in range(steps + 1)], self.generator)
+                 for first, m in magnitudes.items()}
+        sizes = {first: sum(_size(get_module(layer, n)) for n in readers) for first, readers in self.readers.items()}
+        dense = _run_block(layer, self.kept)
+        skip = int(dense[0].shape[1] * GREEDY_SKIP)
+
+        def error(levels):
+            for first, level in levels.items():
+                for name in self.readers[first]:
+                    set_threshold(get_module(layer, name), INPUT, table[first][level])
+            try:
+                return sum(float((out - ref)[:, skip:].float().pow(2).sum())
+                           for out, ref in zip(_run_block(layer, self.kept), dense))
+            finally:
+                for readers in self.readers.values():
+                    for name in readers:
+                        clear_threshold(get_module(layer, name))
+
+        allocated = greedy_search(sizes, error, self.options.sparsity)
+        del dense
+        for first, s in allocated.items():
+            t = thresholds_at(magnitudes[first], [s], self.generator)[0]
+            fraction = skipped_fraction(self.pending[first], t)
+            for name in self.readers[first]:
+                set_threshold(get_module(layer, name), INPUT, t)
+                self.report.append((f"{self.prefix}.{index}.{name}", fraction, t))
+
+    # -- greedy-proxy: each linear's own relative output error
+
+    def _allocate_on_proxy(self, index, layer):
         curves, sizes, samples = {}, {}, {}
-        levels = [i * GREEDY_STEP for i in range(int(round(0.95 / GREEDY_STEP)) + 1)]
-        for name, values in self.pending.items():
-            module = get_module(layer, name)
-            rows = torch.randperm(values.shape[0], generator=self.generator, device="cpu")[:GREEDY_TOKENS]
-            sample = values[rows.to(values.device)].float()
-            weight = linear_weight(module).float()
-            samples[name] = values.abs()
-            at = thresholds_at(samples[name], levels, self.generator)
-            curves[name] = [relative_error(weight, sample, t) for t in at]
-            out_features, in_features = linear_shape(module)
-            sizes[name] = out_features * in_features
+        levels = [i * GREEDY_STEP for i in range(int(round(GREEDY_TOP / GREEDY_STEP)) + 1)]
+        for first, readers in self.readers.items():
+            magnitudes = self.pending[first].abs()
+            for name in readers:
+                values = self.pending[first]
+                rows = torch.randperm(values.shape[0], generator=self.generator, device="cpu")[:GREEDY_TOKENS]
+                sample = values[rows.to(values.device)].float()
+                weight = linear_weight(get_module(layer, name)).float()
+                samples[name] = magnitudes
+                at = thresholds_at(magnitudes, levels, self.generator)
+                curves[name] = [relative_error(weight, sample, t) for t in at]
+                sizes[name] = _size(get_module(layer, name))
         for name, s in greedy_allocation(curves, sizes, self.options.sparsity).items():
             t = thresholds_at(samples[name], [s], self.generator)[0]
             set_threshold(get_module(layer, name), INPUT, t)
             self.report.append((f"{self.prefix}.{index}.{name}", skipped_fraction(samples[name], t), t))
-        self.pending.clear()
+
+
+def _size(module: nn.Module) -> int:
+    out_features, in_features = linear_shape(module)
+    return out_features * in_features
+
+
+def _run_block(layer: nn.Module, kept: list[tuple[torch.Tensor, dict]]) -> list[torch.Tensor]:
+    """The layer's output hidden states on each kept (hidden, kwargs)."""
+    with torch.no_grad():
+        outputs = [layer(hidden, **kwargs) for hidden, kwargs in kept]
+    return [o[0] if isinstance(o, (tuple, list)) else o for o in outputs]
 
 
 def compress(model: nn.Module, options: ActivationSparsityOptions, context) -> nn.Module:
@@ -367,5 +515,5 @@ def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: st
 
 
 __all__ = ["ActivationSparsityOptions", "Thresholded", "carry", "clear_threshold", "compress", "effect",
-           "greedy_allocation", "install", "plan", "relative_error", "set_threshold", "skipped_fraction",
+           "greedy_allocation", "greedy_search", "install", "plan", "relative_error", "set_threshold", "skipped_fraction",
            "sparsify", "threshold_for", "thresholded_class", "thresholds", "thresholds_at"]
