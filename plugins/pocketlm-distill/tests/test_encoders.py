@@ -300,7 +300,7 @@ def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
         set_mask(module, weight.abs() > weight.abs().median())
     kept = {name: mask.clone() for name, mask in masks(base).items()}
     opts = options(corpus, steps=6, checkpoint_every=2, batch_size=4, hidden_weight=1.0, layer_map={"0": 0, "1": 2},
-                   embedding_weight=1.0, ce_weight=0.5)  # all four terms of a masked-LM encoder
+                   embedding_weight=1.0, ce_weight=0.5, similarity_weight=1.0)  # every term of a masked-LM encoder
     straight = copy.deepcopy(base)
     distill(straight, opts, context(corpus, teacher, tmp_path / "a"))
 

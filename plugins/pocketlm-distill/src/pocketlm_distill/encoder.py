@@ -190,12 +190,13 @@ def similarity_loss(student: torch.Tensor, teachers: list[torch.Tensor]) -> torc
     are the teacher's up to a positive scale per text; unchanged by reordering the batch; the
     widths of student and teacher may differ.
 
-    Why this form and not a KL between row-wise softmaxes of similarities at a temperature
-    (contrastive distillation): a micro-batch of chunks drawn at random holds few related
-    texts, and a low temperature spends the loss on the nearest one of each row, while a
-    high one flattens it; the result turns on a temperature that would need tuning per model.
-    The squared difference has no such knob, weighs every pair, and is in the units of the
-    cosine embedding loss beside it (similarity-preserving distillation, Tung & Mori, 2019)."""
+    The form of similarity-preserving distillation (Tung & Mori, 2019: the batch's normalized
+    Gram matrices matched by squared difference), on cosines. Why not a KL between row-wise
+    softmaxes of the similarities at a temperature (contrastive distillation): a micro-batch of
+    chunks drawn at random holds few related texts, so a low temperature spends the loss on
+    each row's nearest text and a high one flattens it; the result would turn on a temperature
+    to tune per model. The squared difference has no such knob, weighs every pair, and is in the
+    units of the cosine embedding loss beside it."""
     target = teachers[0] if len(teachers) == 1 else torch.stack(teachers).mean(0)
     ours, theirs = similarity_matrix(student), similarity_matrix(target)
     different = ~torch.eye(ours.shape[0], dtype=torch.bool, device=ours.device)
