@@ -18,8 +18,9 @@ what the model is for: pooled sentence embeddings (cosine or MSE) for a bare enc
 cross-entropy on BERT-style masked positions for a masked-LM encoder, hidden states compared per
 real token (cosine, as DistilBERT); optionally (``similarity_weight``) the cosine similarities
 between the texts of each micro-batch against the teacher's, a relational loss for retrieval,
-over the *global* micro-batch (gathered from every process, see :func:`gathered`); ``student_layers`` first cuts the student to some of the
-teacher's layers (DistilBERT: half of them, spread from first to last). See :mod:`.encoder`.
+over the *global* micro-batch (gathered from every process, see :func:`gathered`);
+``student_layers`` first cuts the student to some of the teacher's layers (DistilBERT: half of
+them, spread from first to last). See :mod:`.encoder`.
 
 Defaults follow Minitron ("LLM Pruning and Distillation in Practice", Sreenivas et al., 2024),
 which recovers pruned LLMs by logit-only KD: temperature 1, KL on logits only, AdamW with a
