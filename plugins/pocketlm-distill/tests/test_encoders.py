@@ -27,6 +27,7 @@ from pocketlm_distill.encoder import (
     Examples,
     Masking,
     embedding_loss,
+    similarity_loss,
     spread_half,
     text_chunks,
     token_loss,
@@ -116,6 +117,35 @@ def test_losses_match_definitions():
     assert torch.isclose(token_loss(hs, ht, None, "mse"), F.mse_loss(hs, ht))
 
 
+def test_similarity_loss_compares_how_texts_relate():
+    torch.manual_seed(0)
+    s, t, u = torch.randn(6, 16), torch.randn(6, 16), torch.randn(6, 16)
+    scale = torch.rand(6, 1) * 5 + 0.1
+    assert similarity_loss(t * scale, [t]) < 1e-10  # cosine: a positive scale per text changes nothing
+    flipped = t.clone()
+    flipped[2] *= -1
+    assert similarity_loss(flipped, [t]) > 0.05 and similarity_loss(s, [t]) > 0.05
+    unit = lambda x: F.normalize(x, dim=-1)  # noqa: E731
+    differences = (unit(s) @ unit(s).T - unit(t) @ unit(t).T).pow(2)
+    pairs = differences.sum() - differences.diagonal().sum()
+    assert torch.isclose(similarity_loss(s, [t]), pairs / 30)  # 6 * 5 ordered pairs of different texts
+    order = torch.randperm(6)
+    assert torch.isclose(similarity_loss(s[order], [t[order]]), similarity_loss(s, [t]))
+    assert not torch.isclose(similarity_loss(s[order], [t]), similarity_loss(s, [t]))  # pairs must match
+    assert torch.isclose(similarity_loss(s, [t, u]), similarity_loss(s, [(t + u) / 2]))  # averaged teacher
+    assert similarity_loss(s, [torch.randn(6, 40)]) > 0  # the widths may differ
+
+
+def test_similarity_weight_options():
+    assert DistillOptions(steps=1, kl_weight=0, similarity_weight=1).similarity_weight == 1
+    with pytest.raises(ValidationError, match="similarity_weight"):
+        DistillOptions(steps=1, kl_weight=0)  # named among the weights of which one must be positive
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        DistillOptions(steps=1, similarity_weight=-1)
+    with pytest.raises(ValidationError, match="batch_size must be at least 2"):
+        DistillOptions(steps=1, similarity_weight=1, batch_size=1)
+
+
 def test_spread_half_is_distilberts_choice():
     assert spread_half(12) == [0, 2, 4, 7, 9, 11]  # the layers DistilBERT kept of BERT-base
     assert spread_half(6) == [0, 2, 5] and spread_half(4) == [0, 3] and spread_half(3) == [0, 2]
@@ -179,6 +209,42 @@ def test_sentence_embeddings_move_toward_the_teacher(family, corpus, tmp_path):
     assert len(decoder_layers(student, ctx.architecture(student))) == 2
 
 
+def similarity_gap(student, teacher, corpus) -> float:
+    """Mean squared difference of the student's and the teacher's cosine similarities between
+    different held-out texts."""
+    a = embed(student, corpus["tokenizer"], corpus["held"], max_length=SEQ_LEN)
+    b = embed(teacher, corpus["tokenizer"], corpus["held"], max_length=SEQ_LEN)
+    return similarity_loss(a, [b]).item()
+
+
+def test_similarity_loss_brings_the_similarity_matrix_closer(corpus, tmp_path):
+    """The same steps from the same half-depth student, with and without similarity_weight: with
+    it, how held-out texts relate to each other is clearly closer to how they relate in the teacher."""
+    teacher = teacher_of("bert", corpus)
+    # A random BERT embeds every text almost alike (pairwise cosine 0.99): its token-type and
+    # position embeddings, the same for every text, dominate the mean. Without them its texts
+    # are distinct (cosine 0.88 +- 0.05), so there are relations to learn, as in a trained encoder.
+    with torch.no_grad():
+        teacher.embeddings.token_type_embeddings.weight.zero_()
+        teacher.embeddings.position_embeddings.weight.mul_(0.1)
+    gaps = {}
+    for weight in (0.0, 4.0):
+        student = copy.deepcopy(teacher)
+        messages = []
+        ctx = context(corpus, teacher, tmp_path / str(weight))
+        ctx.logger = messages.append
+        distill(student, options(corpus, steps=25, student_layers="spread", similarity_weight=weight), ctx)
+        gaps[weight] = similarity_gap(student, teacher, corpus)
+        rows = curve(tmp_path / str(weight))
+        if weight:
+            assert any("losses: embedding 1, similarity 4" in m for m in messages), messages
+            assert float(rows[-1]["similarity"]) < float(rows[0]["similarity"])
+        else:
+            assert all(float(r["similarity"]) == 0 for r in rows)
+    print("similarity gap after 25 steps without / with similarity_weight 4:", gaps)
+    assert gaps[4.0] < 0.5 * gaps[0.0], gaps
+
+
 @pytest.mark.parametrize("family", ["bert-mlm", "distilbert-mlm"])
 def test_masked_lm_distillation_lowers_the_masked_kl(family, corpus, tmp_path):
     teacher = teacher_of(family, corpus)
@@ -235,7 +301,7 @@ def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
         set_mask(module, weight.abs() > weight.abs().median())
     kept = {name: mask.clone() for name, mask in masks(base).items()}
     opts = options(corpus, steps=6, checkpoint_every=2, batch_size=4, hidden_weight=1.0, layer_map={"0": 0, "1": 2},
-                   embedding_weight=1.0, ce_weight=0.5)  # all four terms of a masked-LM encoder
+                   embedding_weight=1.0, ce_weight=0.5, similarity_weight=1.0)  # every term of a masked-LM encoder
     straight = copy.deepcopy(base)
     distill(straight, opts, context(corpus, teacher, tmp_path / "a"))
 
@@ -279,6 +345,9 @@ def test_options_that_cannot_apply_are_refused(corpus, tmp_path):
     causal = tiny_model("llama", vocab_size=len(corpus["tokenizer"]))
     with pytest.raises(PocketError, match="causal LM makes none"):
         distill(causal, options(corpus, steps=2, embedding_weight=1.0), context(corpus, causal, tmp_path))
+    with pytest.raises(PocketError, match="causal LM makes none") as error:
+        distill(causal, options(corpus, steps=2, similarity_weight=1.0), context(corpus, causal, tmp_path))
+    assert error.value.field == "similarity_weight" and "remove similarity_weight" in error.value.fix
     with pytest.raises(ValidationError, match="mlm_probability"):
         DistillOptions(steps=1, mlm_probability=1.5)
     with pytest.raises(ValidationError, match="student_layers"):
@@ -349,12 +418,9 @@ def _encoder_rank(rank, port, student, teacher, corpus, opts, stage, out):
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out)
 
 
-@pytest.mark.parametrize("family", ["bert", "bert-mlm"])
-def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
-    """The same global batch on 2 gloo CPU processes (DDP through accelerate) and on 1 gives the
-    same weights, for the sentence-embedding loss and for the masked-LM loss, whose per-token means
-    are weighted by each process's share of the batch's masked tokens (the halves of a batch hold
-    different counts)."""
+def one_and_two_processes(family, corpus, tmp_path, **extra):
+    """Weights before, after 1 process and after 2 gloo CPU processes (DDP through accelerate) of
+    the same run on the same global batches."""
     import multiprocessing
 
     from safetensors.torch import load_file
@@ -370,7 +436,7 @@ def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
     for module in student.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    opts = options(corpus, steps=4, batch_size=4, grad_accum=2)
+    opts = options(corpus, steps=4, batch_size=4, grad_accum=2, **extra)
     one = copy.deepcopy(student)
     distill(one, opts, context(corpus, teacher, tmp_path / "one"))
 
@@ -384,10 +450,33 @@ def test_two_processes_match_one_on_an_encoder(family, corpus, tmp_path):
     for process in processes:
         process.join(180)
     assert [p.exitcode for p in processes] == [0, 0]
-    two = load_file(str(out))
+    return student.state_dict(), one.state_dict(), load_file(str(out))
+
+
+@pytest.mark.parametrize("family, extra", [("bert", {}), ("bert-mlm", {}),
+                                           ("bert", {"embedding_weight": 1.0, "similarity_weight": 1.0})])
+def test_two_processes_match_one_on_an_encoder(family, extra, corpus, tmp_path):
+    """The same global batch on 2 processes and on 1 gives the same weights: for the
+    sentence-embedding loss; for the masked-LM loss, whose per-token means are weighted by each
+    process's share of the batch's masked tokens (the halves of a batch hold different counts);
+    and for the similarity loss, whose matrix spans the texts of both processes (gathered)."""
+    before, one, two = one_and_two_processes(family, corpus, tmp_path, **extra)
     moved_one = moved_two = 0.0
-    for name, a in one.state_dict().items():
-        moved_one = max(moved_one, (a - student.state_dict()[name]).abs().max().item())
-        moved_two = max(moved_two, (two[name] - student.state_dict()[name]).abs().max().item())
+    for name, a in one.items():
+        moved_one = max(moved_one, (a - before[name]).abs().max().item())
+        moved_two = max(moved_two, (two[name] - before[name]).abs().max().item())
         assert torch.allclose(a, two[name], atol=1e-5, rtol=1e-4), (name, (a - two[name]).abs().max())
     assert moved_one > 1e-3 and moved_two > 1e-3  # both runs really trained
+
+
+def test_two_processes_differ_from_one_without_the_gather(corpus, tmp_path, monkeypatch):
+    """The check above can fail: each process's similarity matrix over its own half of the batch
+    (no gather) trains other weights than one process does."""
+    import sys
+
+    module = sys.modules["pocketlm_distill.distill"]  # (the package's `distill` is the function)
+    monkeypatch.setattr(module, "gathered", lambda rows: rows)  # the forked processes inherit it
+    _, one, two = one_and_two_processes("bert", corpus, tmp_path, embedding_weight=1.0, similarity_weight=1.0)
+    gap = max((a - two[name]).abs().max().item() for name, a in one.items())
+    print("largest difference without the gather:", gap)
+    assert gap > 1e-3, gap  # a hundred times the tolerance above

@@ -16,8 +16,11 @@ Encoders (the BERT family, ``Architecture.encoder``) train on sentence and passa
 their special tokens and an attention mask instead of causal windows, and their loss is chosen for
 what the model is for: pooled sentence embeddings (cosine or MSE) for a bare encoder, KL and MLM
 cross-entropy on BERT-style masked positions for a masked-LM encoder, hidden states compared per
-real token (cosine, as DistilBERT); ``student_layers`` first cuts the student to some of the
-teacher's layers (DistilBERT: half of them, spread from first to last). See :mod:`.encoder`.
+real token (cosine, as DistilBERT); optionally (``similarity_weight``) the cosine similarities
+between the texts of each micro-batch against the teacher's, a relational loss for retrieval,
+over the *global* micro-batch (gathered from every process, see :func:`gathered`);
+``student_layers`` first cuts the student to some of the teacher's layers (DistilBERT: half of
+them, spread from first to last). See :mod:`.encoder`.
 
 Defaults follow Minitron ("LLM Pruning and Distillation in Practice", Sreenivas et al., 2024),
 which recovers pruned LLMs by logit-only KD: temperature 1, KL on logits only, AdamW with a
@@ -106,6 +109,7 @@ from .encoder import (
     keep_layers,
     masking_for,
     sentence_embedding,
+    similarity_loss,
     text_chunks,
     token_loss,
     tokenize_chunks,
@@ -509,6 +513,8 @@ def csv_text(header: list[str] | None, rows: list[list]) -> str:
 
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
+    if not options.similarity_weight:  # unset, it leaves the fingerprint of earlier versions: their states resume
+        del described["similarity_weight"]
     described["seed"] = seed
     described["windows"] = n_windows
     described["params"] = [(n, list(p.shape)) for n, p in model.named_parameters()]
@@ -541,10 +547,11 @@ def curve_png(history: list[dict]) -> bytes:
     axes = figure.add_subplot()
     steps = [row["step"] for row in history]
     axes.plot(steps, [row["loss"] for row in history], label="loss (weighted sum)")
-    parts = [key for key in ("kl", "ce", "hidden", "embedding") if any(row[key] != 0 for row in history)]
+    parts = [key for key in ("kl", "ce", "hidden", "embedding", "similarity")
+             if any(row.get(key, 0) != 0 for row in history)]  # (a history resumed from an older run lacks similarity)
     if len(parts) > 1:  # with a single term the total is that term
         for key in parts:
-            axes.plot(steps, [row[key] for row in history], label=key, linewidth=0.8)
+            axes.plot(steps, [row.get(key, 0) for row in history], label=key, linewidth=0.8)
     axes.set_xlabel("optimizer step")
     axes.set_ylabel("loss")
     axes.set_title("distill")
@@ -571,10 +578,16 @@ class Losses:
     hidden: float
     embedding: float
     hidden_loss: str
+    similarity: float = 0.0
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kl > 0 or self.hidden > 0 or self.embedding > 0
+        return self.kl > 0 or self.hidden > 0 or self.embedding > 0 or self.similarity > 0
+
+    @property
+    def pooled(self) -> bool:
+        """Whether a term compares pooled sentence embeddings."""
+        return self.embedding > 0 or self.similarity > 0
 
 
 def resolve_losses(options: DistillOptions, architecture) -> Losses:
@@ -584,6 +597,10 @@ def resolve_losses(options: DistillOptions, architecture) -> Losses:
         if options.embedding_weight:
             raise PocketError("embedding_weight compares sentence embeddings, and this causal LM makes none",
                               field="embedding_weight", fix="remove embedding_weight (it applies to encoders)")
+        if options.similarity_weight:
+            raise PocketError("similarity_weight compares the sentence embeddings of a batch's texts, and this "
+                              "causal LM makes none", field="similarity_weight",
+                              fix="remove similarity_weight (it applies to encoders)")
         kind, kl, embedding = "causal", 1.0 if options.kl_weight is None else options.kl_weight, 0.0
     elif architecture.lm_head:
         kind, kl = "masked-lm", 1.0 if options.kl_weight is None else options.kl_weight
@@ -594,15 +611,16 @@ def resolve_losses(options: DistillOptions, architecture) -> Losses:
                 raise PocketError(f"{name} is a loss on the logits of a head, and this bare encoder has none "
                                   "(it makes sentence embeddings)", field=name,
                                   fix=f"remove {name}: a sentence encoder is distilled through embedding_weight "
-                                  "(default 1) and hidden_weight")
+                                  "(default 1), similarity_weight and hidden_weight")
         kind, kl = "sentence", 0.0
         embedding = 1.0 if options.embedding_weight is None else options.embedding_weight
     losses = Losses(kind, kl, options.ce_weight, options.hidden_weight, embedding,
-                    options.hidden_loss or ("cosine" if architecture.encoder else "mse"))
-    if losses.kl + losses.ce + losses.hidden + losses.embedding == 0:
+                    options.hidden_loss or ("cosine" if architecture.encoder else "mse"), options.similarity_weight)
+    if losses.kl + losses.ce + losses.hidden + losses.embedding + losses.similarity == 0:
         raise PocketError("every loss weight is 0 for this model, so there is nothing to train",
                           field="embedding_weight" if kind == "sentence" else "kl_weight",
-                          fix="give a positive embedding_weight or hidden_weight" if kind == "sentence"
+                          fix="give a positive embedding_weight, similarity_weight or hidden_weight"
+                          if kind == "sentence"
                           else "give a positive kl_weight, ce_weight or hidden_weight")
     if architecture.encoder and options.teacher_correction_steps:
         raise PocketError("teacher correction fine-tunes the teacher with next-token cross-entropy, which an "
@@ -668,7 +686,8 @@ def check_embedding_widths(model: nn.Module, teachers: list[nn.Module], losses: 
 
 
 def causal_losses(prepared, teachers, ids, losses: Losses, layer_map, options: DistillOptions, vocab):
-    """``[total, kl, ce, hidden, embedding]`` of one micro-batch of token windows."""
+    """``[total, kl, ce, hidden, embedding, similarity]`` of one micro-batch of token windows (the
+    last two are encoders' terms: 0)."""
     teacher_logits, teacher_hidden = [], None
     if losses.needs_teacher:
         with torch.no_grad():
@@ -686,25 +705,43 @@ def causal_losses(prepared, teachers, ids, losses: Losses, layer_map, options: D
     ce = ce_loss(logits, ids) if losses.ce > 0 else zero
     hidden = hidden if hidden is not None else zero
     total = losses.kl * kl + losses.ce * ce + losses.hidden * hidden
-    return torch.stack([total, kl, ce, hidden, zero])
+    return torch.stack([total, kl, ce, hidden, zero, zero])
+
+
+def gathered(rows: torch.Tensor) -> torch.Tensor:
+    """The rows of every process, in rank order: the whole global micro-batch (``split_batches``
+    gives rank r the r-th slice of it), with autograd. ``rows`` itself on one process.
+
+    Every process then computes the same loss L over the global batch. The backward pass of the
+    gather sums the gradients all processes send back to this process's rows, N * dL/d(rows);
+    DDP's average over the N processes of those parameter gradients is dL/d(parameters), what
+    one process computes, so no further weighting is needed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return rows
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(rows.contiguous()))
 
 
 def encoder_losses(prepared, teachers, batch: dict, losses: Losses, layer_map, options: DistillOptions,
                    poolings: list[dict], shares=(1.0, 1.0)):
-    """``[total, kl, ce, hidden, embedding]`` of one micro-batch of padded examples: logits on the
-    masked positions (masked-LM), hidden states over real tokens, pooled sentence embeddings.
+    """``[total, kl, ce, hidden, embedding, similarity]`` of one micro-batch of padded examples:
+    logits on the masked positions (masked-LM), hidden states over real tokens, pooled sentence
+    embeddings, and their similarities over the global micro-batch (:func:`gathered`).
     ``poolings``: the student's pooling, then each teacher's. ``shares``: this process's masked
     and real token counts over their mean per process (see :meth:`Trainer._token_shares`); the
     per-token means are weighted by them."""
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     keep = batch["attention_mask"]
-    states = bool(layer_map) or (losses.embedding > 0 and losses.kind == "masked-lm")
+    states = bool(layer_map) or (losses.pooled and losses.kind == "masked-lm")
     with torch.no_grad():
         outs = [teacher(**inputs, output_hidden_states=states) for teacher in teachers]
     teacher_hidden = tuple(h.detach() for h in outs[0].hidden_states) if layer_map else None
     output, hidden = prepared(inputs, teacher_hidden, keep)
     zero = keep.new_zeros((), dtype=torch.float32)
-    kl = ce = embedding = zero
+    kl = ce = embedding = similarity = zero
     if losses.kl > 0 or losses.ce > 0:
         predicted = batch["labels"] != IGNORE
         logits = output.logits[predicted]
@@ -715,15 +752,21 @@ def encoder_losses(prepared, teachers, batch: dict, losses: Losses, layer_map, o
             kl = kd_loss(logits, [out.logits[predicted] for out in outs], options.temperature)
         if losses.ce > 0:
             ce = F.cross_entropy(logits.float(), batch["labels"][predicted])
-    if losses.embedding > 0:
+    if losses.pooled:
         mask = batch["attention_mask"]
         targets = [sentence_embedding(out, mask, pooling) for out, pooling in zip(outs, poolings[1:])]
-        embedding = embedding_loss(sentence_embedding(output, mask, poolings[0]), targets, options.embedding_loss)
+        pooled = sentence_embedding(output, mask, poolings[0])
+        if losses.embedding > 0:
+            embedding = embedding_loss(pooled, targets, options.embedding_loss)
+        if losses.similarity > 0:
+            similarity = similarity_loss(gathered(pooled), [gathered(t) for t in targets])
     hidden = hidden if hidden is not None else zero
     masked_share, real_share = shares
     kl, ce, hidden = kl * masked_share, ce * masked_share, hidden * real_share
     total = losses.kl * kl + losses.ce * ce + losses.hidden * hidden + losses.embedding * embedding
-    return torch.stack([total, kl, ce, hidden, embedding])
+    if losses.similarity > 0:  # (a branch, not a term times 0: runs without it stay bit for bit the same)
+        total = total + losses.similarity * similarity
+    return torch.stack([total, kl, ce, hidden, embedding, similarity])
 
 
 def distill(model: nn.Module, options: DistillOptions, context) -> nn.Module:
@@ -821,7 +864,7 @@ class Trainer:
         projections = build_projections(model, self.teachers[0], self.layer_map, self.context) \
             if self.layer_map else nn.ModuleDict()
         self.student = Student(model, self.layer_map, projections, self.losses.hidden_loss,
-                               states=self.losses.kind == "masked-lm" and self.losses.embedding > 0)
+                               states=self.losses.kind == "masked-lm" and self.losses.pooled)
         for name, parameter in self.student.named_parameters():
             frozen = options.freeze and matches(name.removeprefix("model."), options.freeze)
             parameter.requires_grad_(not frozen)
@@ -900,7 +943,8 @@ class Trainer:
                 f"{len(self.masked)} masks kept) on {self.accelerator.num_processes} process(es)")
         if not self.encoder:
             return line
-        terms = (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden), ("embedding", losses.embedding))
+        terms = (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden), ("embedding", losses.embedding),
+                 ("similarity", losses.similarity))
         return (line + f"; {losses.kind} encoder on {self.n_examples} text chunks, losses: "
                 + ", ".join(f"{name} {weight:g}" for name, weight in terms if weight > 0))
 
@@ -922,15 +966,15 @@ class Trainer:
         weights); appends the step's row to the loss history and returns it, with its tokens."""
         options, accelerator = self.options, self.accelerator
         began = time.perf_counter()
-        sums = torch.zeros(6, device=self.device)  # loss, kl, ce, hidden, embedding; real tokens
+        sums = torch.zeros(7, device=self.device)  # loss, kl, ce, hidden, embedding, similarity; real tokens
         for micro in range(options.grad_accum):
             batch = next(self.batches)
             sync = micro == options.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(self.prepared):
                 terms, count = self._losses(batch)
                 accelerator.backward(terms[0] / options.grad_accum)
-            sums[:5] += terms.detach().float() / options.grad_accum
-            sums[5] += count.float()
+            sums[:6] += terms.detach().float() / options.grad_accum
+            sums[6] += count.float()
         for parameter, mask in self.masked:
             if parameter.grad is not None:
                 parameter.grad.mul_(mask.to(parameter.grad.dtype))
@@ -945,12 +989,13 @@ class Trainer:
                 parameter.mul_(mask.to(parameter.dtype))
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="mean")
-            sums[5] *= accelerator.num_processes  # a count: the sum over processes
+            sums[6] *= accelerator.num_processes  # a count: the sum over processes
         seconds = time.perf_counter() - began
-        loss, kl, ce, hidden, embedding, step_tokens = sums.tolist()
+        loss, kl, ce, hidden, embedding, similarity, step_tokens = sums.tolist()
         tokens = (self.history[-1]["tokens"] if self.history else 0) + int(round(step_tokens))
         self.history.append({"step": step + 1, "loss": loss, "kl": kl, "ce": ce, "hidden": hidden,
-                             "embedding": embedding, "lr": lr, "tokens": tokens, "seconds": seconds})
+                             "embedding": embedding, "similarity": similarity, "lr": lr, "tokens": tokens,
+                             "seconds": seconds})
         return {**self.history[-1], "step_tokens": step_tokens}
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -13,8 +13,10 @@ directions, so it is trained on text chunks rather than causal windows:
   in BERT, 80% of them replaced by ``[MASK]``, 10% by a random token, 10% left as they are. The
   choice is drawn from the seed and the example's position in the training order, so it is the
   same for any process count and after a resume.
-* **losses**: the student's pooled sentence embedding against the teacher's (cosine or MSE), and
-  hidden states compared token by token over the real tokens (cosine, as DistilBERT, or MSE).
+* **losses**: the student's pooled sentence embedding against the teacher's (cosine or MSE), the
+  cosine similarities between the batch's texts against the teacher's (relational: how the
+  embeddings of *different* texts relate, which retrieval ranks by), and hidden states compared
+  token by token over the real tokens (cosine, as DistilBERT, or MSE).
 
 Everything here runs on the host (text, token ids, masking: data preparation), except the loss
 functions, which work on the model's tensors where they are.
@@ -173,6 +175,32 @@ def embedding_loss(student: torch.Tensor, teachers: list[torch.Tensor], kind: st
     if kind == "cosine":
         return (1 - F.cosine_similarity(student, target, dim=-1)).mean()
     return F.mse_loss(student, target)
+
+
+def similarity_matrix(embeddings: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every pair of rows of ``[batch, width]``: ``[batch, batch]``."""
+    unit = F.normalize(embeddings.float(), dim=-1)
+    return unit @ unit.T
+
+
+def similarity_loss(student: torch.Tensor, teachers: list[torch.Tensor]) -> torch.Tensor:
+    """Relational loss of a batch's sentence embeddings: the mean squared difference between the
+    student's and the averaged teacher's cosine similarities of every pair of *different* texts
+    (the off-diagonal entries; the diagonal is 1 for both). Zero when the student's embeddings
+    are the teacher's up to a positive scale per text; unchanged by reordering the batch; the
+    widths of student and teacher may differ.
+
+    The form of similarity-preserving distillation (Tung & Mori, 2019: the batch's normalized
+    Gram matrices matched by squared difference), on cosines. Why not a KL between row-wise
+    softmaxes of the similarities at a temperature (contrastive distillation): a micro-batch of
+    chunks drawn at random holds few related texts, so a low temperature spends the loss on
+    each row's nearest text and a high one flattens it; the result would turn on a temperature
+    to tune per model. The squared difference has no such knob, weighs every pair, and is in the
+    units of the cosine embedding loss beside it."""
+    target = teachers[0] if len(teachers) == 1 else torch.stack(teachers).mean(0)
+    ours, theirs = similarity_matrix(student), similarity_matrix(target)
+    different = ~torch.eye(ours.shape[0], dtype=torch.bool, device=ours.device)
+    return (ours - theirs)[different].pow(2).mean()
 
 
 def token_loss(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor | None, kind: str) -> torch.Tensor:

@@ -45,6 +45,9 @@ class DistillOptions(Options):
     embedding_loss: Literal["cosine", "mse"] = Field(
         "cosine", description="How sentence embeddings are compared: cosine (1 - cos, the direction "
         "retrieval uses) or mse (per coordinate, after the model's own normalization if it has one).")
+    similarity_weight: float = Field(
+        0.0, ge=0, description="Weight of the relational loss (encoders only): the cosine similarities between the "
+        "texts of each micro-batch, student's against teacher's (mean squared difference over pairs).")
     hidden_loss: Literal["mse", "cosine"] | None = Field(
         None, description="How the hidden states of layer_map are compared: mse, or cosine per token "
         "(DistilBERT). None: mse for a causal LM, cosine for an encoder. Encoders compare real tokens only.")
@@ -80,13 +83,16 @@ class DistillOptions(Options):
             raise ValueError("batch_size and grad_accum must be at least 1")
         if self.temperature <= 0:
             raise ValueError("temperature must be positive")
-        weights = [w for w in (self.kl_weight, self.ce_weight, self.hidden_weight, self.embedding_weight)
-                   if w is not None]
+        weights = [w for w in (self.kl_weight, self.ce_weight, self.hidden_weight, self.embedding_weight,
+                               self.similarity_weight) if w is not None]
         if min(weights) < 0:
             raise ValueError("loss weights must be non-negative")
         if self.kl_weight is not None and sum(weights) == 0:  # (a default kl_weight is 1 where it applies)
-            raise ValueError("at least one of kl_weight, ce_weight, hidden_weight and embedding_weight "
-                             "must be positive")
+            raise ValueError("at least one of kl_weight, ce_weight, hidden_weight, embedding_weight and "
+                             "similarity_weight must be positive")
+        if self.similarity_weight > 0 and self.batch_size < 2:
+            raise ValueError("similarity_weight compares the texts of a micro-batch with each other: "
+                             "batch_size must be at least 2")
         if self.hidden_weight > 0 and not self.layer_map and self.student_layers is None:
             raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2} (or student_layers)")
         if self.hidden_weight > 0 and self.teachers is not None and len(self.teachers) > 1:
