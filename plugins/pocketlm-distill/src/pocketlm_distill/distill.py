@@ -42,8 +42,11 @@ What stays fixed:
   the same grid and written back into the same packed storage, so the layer keeps its format,
   bits and size and every exporter still reads it. ``quantized="freeze"`` keeps them as they
   are and trains the rest. ``quantized="scales"`` keeps the integer grid and trains only the
-  layers' scales (:class:`pocketlm_distill.recovery.ScaleLinear`, what ``qat`` uses). Quantized
-  embeddings and the heads tied to them are always frozen.
+  layers' scales (:class:`pocketlm_distill.recovery.ScaleLinear`, what ``qat`` uses); there a
+  quantized token embedding trains its scales too, one set shared with the head tied to it
+  (:class:`pocketlm_distill.recovery.ScaleEmbedding`), unless ``freeze`` names its
+  ``<embedding>.step``. Under ``"ste"`` and ``"freeze"`` quantized embeddings and the heads tied
+  to them stay frozen.
 
 Training runs through :class:`accelerate.Accelerator` (model, optimizer and dataloader are
 prepared; ``accelerator.backward``, ``accelerator.clip_grad_norm_``), so the same code runs on
@@ -98,7 +101,7 @@ from pocketlm.weights import (
     tied_heads,
 )
 
-from .recovery import ScaleLinear, open_scales, trainable_quantized
+from .recovery import ScaleLinear, open_embedding_scales, open_scales, trainable_embeddings, trainable_quantized
 from .encoder import (
     IGNORE,
     Collate,
@@ -341,13 +344,18 @@ def load_teachers(options: DistillOptions, context) -> list[nn.Module]:
     return teachers
 
 
-def open_quantized(model: nn.Module, mode: str) -> dict[str, nn.Module]:
+def open_quantized(model: nn.Module, mode: str, freeze: list[str] | None = None) -> dict[str, nn.Module]:
     """Replace trainable quantized linears with :class:`STELinear` (``mode="ste"``) or
-    :class:`~pocketlm_distill.recovery.ScaleLinear` (``mode="scales"``); ``"freeze"`` opens none."""
+    :class:`~pocketlm_distill.recovery.ScaleLinear` (``mode="scales"``); ``"freeze"`` opens none.
+    ``"scales"`` also opens each quantized embedding whose ``<name>.step`` ``freeze`` does not
+    name (:class:`~pocketlm_distill.recovery.ScaleEmbedding`), with the head tied to it."""
     if mode == "freeze":
         return {}
     if mode == "scales":
-        return open_scales(model, trainable_quantized(model, ["*"], []))
+        embeddings = [name for name in trainable_embeddings(model, ["*"], [])
+                      if not matches(f"{name}.step", freeze or [])]
+        opened = open_scales(model, trainable_quantized(model, ["*"], []))
+        return {**opened, **open_embedding_scales(model, embeddings)}
     tied = tied_heads(model)
     opened = {}
     for name, module in list(model.named_modules()):
@@ -858,7 +866,7 @@ class Trainer:
     def _setup_student(self, model: nn.Module, kept: list[int] | None) -> None:
         """Quantized layers opened, projections built, frozen parameters set, masks applied."""
         options = self.options
-        self.opened = open_quantized(model, options.quantized)
+        self.opened = open_quantized(model, options.quantized, options.freeze)
         torch.manual_seed(self.seed)   # the projections' initialisation
         self.layer_map = build_layer_map(options, self.losses, kept)
         projections = build_projections(model, self.teachers[0], self.layer_map, self.context) \

@@ -70,7 +70,7 @@ from pocketlm import PocketError, atomic, distributed
 from pocketlm.calibration import LayerHandler, batch_rows, capture_inputs, module_input
 from pocketlm.devices import to_device
 from pocketlm.modules import decoder_layers, get_module, matches, set_module
-from pocketlm.weights import QuantizedLinear, get_mask, tied_heads
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask, tied_heads
 
 # the options live in the light module (registration reads them without torch)
 from .options import QATOptions
@@ -80,6 +80,8 @@ SUPER_BLOCK = 256        # columns under one float16 step in GGUF's k-quants
 MAX_MULTIPLIER = 127     # the largest integer sub-block scale a k-quant stores (Q6_K's int8)
 FP16_BITS = 11           # significant bits of a float16
 FP16_TINY = 2.0**-24     # float16's smallest step (its subnormals)
+EMBED_ALIAS = "embed"    # names the token embedding in targets/ignore, as quantizers take it
+ROW_BLOCK = 1 << 22      # weights of a [vocab, hidden] matrix built at once by the tied head
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -155,6 +157,15 @@ def round_steps(step: torch.Tensor, top_multiplier: torch.Tensor) -> torch.Tenso
     return torch.minimum(rounded.clamp(min=FP16_TINY), torch.floor(65504 / top_multiplier / quantum) * quantum)
 
 
+def block_tops(structure: Structure) -> torch.Tensor:
+    """The largest multiplier of each block (``[rows, blocks]``). The trained parameter is the
+    block's largest scale (``step * top``), so one learning rate means the same for free groups
+    and k-quant blocks."""
+    return torch.zeros_like(structure.step).scatter_reduce(
+        1, structure.block.expand(structure.multiplier.shape[0], -1), structure.multiplier, "amax",
+        include_self=False)
+
+
 def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of a layer's output against its float target."""
     return F.mse_loss(output.float(), target.float())
@@ -168,7 +179,35 @@ def cosine_factor(step: int, total: int) -> float:
 # --------------------------------------------------------------------------- the module
 
 
-class ScaleLinear(nn.Module):
+class OpenScales(nn.Module):
+    """What a quantized module opened to train its scales shares: the trainable ``step`` of its
+    :class:`Structure`, the scales built from it, and ``close()``, which rounds the steps
+    (:func:`round_steps`) and writes the scales back into the source's storage."""
+
+    def _open_steps(self, storage) -> None:
+        self.structure = structure = scale_structure(storage.scales, storage.group_size, storage.cols)
+        top = block_tops(structure)
+        self.register_buffer("top", top, persistent=False)
+        self.step = nn.Parameter(structure.step * top)
+
+    def scales(self) -> torch.Tensor:
+        return self.structure.scales(self.step / self.top)
+
+    def rounded_scales(self) -> torch.Tensor:
+        """The trained scales as they will be stored: each one a float16, the structure kept."""
+        scales = self.structure.scales(round_steps(self.step.detach() / self.top, self.top))
+        if not bool((scales.half().float() == scales).all()):
+            raise AssertionError("rounded scales left float16")   # round_steps guarantees it
+        return scales
+
+    @torch.no_grad()
+    def close(self) -> nn.Module:
+        """Write the rounded scales into the source's storage (grid, zeros, g_idx unchanged)."""
+        self.source.storage.scales.copy_(self.rounded_scales().to(self.source.storage.scales.dtype))
+        return self.source
+
+
+class ScaleLinear(OpenScales):
     """A :class:`QuantizedLinear` opened to train its scales: ``w = (q - zero) * scale`` with
     ``q - zero`` a fixed buffer and ``scale`` built from a trainable ``step`` (:class:`Structure`).
     ``close()`` rounds the steps (:func:`round_steps`) and writes the scales back into the
@@ -186,35 +225,118 @@ class ScaleLinear(nn.Module):
                               "so training its scales would move them",
                               fix="quantize after pruning with a quantizer that keeps pruned weights at zero (rtn, gptq)")
         self.register_buffer("centered", centered, persistent=False)   # integers; exactly 0 where pruned
-        self.structure = structure = scale_structure(storage.scales, storage.group_size, storage.cols)
-        # The largest multiplier of each block: the parameter is the block's largest scale
-        # (step * top), so one learning rate means the same for free groups and k-quant blocks.
-        top = torch.zeros_like(structure.step).scatter_reduce(
-            1, structure.block.expand(structure.multiplier.shape[0], -1), structure.multiplier, "amax",
-            include_self=False)
-        self.register_buffer("top", top, persistent=False)
-        self.step = nn.Parameter(structure.step * top)
+        self._open_steps(storage)
         self.register_buffer("groups", groups, persistent=False)
         self.bias = source.bias   # the same Parameter (frozen by the caller)
-
-    def scales(self) -> torch.Tensor:
-        return self.structure.scales(self.step / self.top)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.centered * self.scales()[:, self.groups]
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
-    def rounded_scales(self) -> torch.Tensor:
-        """The trained scales as they will be stored: each one a float16, the structure kept."""
-        scales = self.structure.scales(round_steps(self.step.detach() / self.top, self.top))
-        if not bool((scales.half().float() == scales).all()):
-            raise AssertionError("rounded scales left float16")   # round_steps guarantees it
-        return scales
 
-    @torch.no_grad()
+def row_blocks(rows: int, cols: int) -> list[slice]:
+    """Slices of about :data:`ROW_BLOCK` weights of a ``[rows, cols]`` matrix."""
+    step = max(1, ROW_BLOCK // cols)
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+def centered_integers(storage) -> torch.Tensor:
+    """``q - zero`` of every weight as int8 (int16 for 8 bits, whose differences reach 255),
+    unpacked a block of rows at a time: a quarter of the float32 matrix, and no full-size int64
+    temporaries of the unpacking."""
+    dtype = torch.int8 if storage.bits < 8 else torch.int16
+    centered = torch.empty(storage.rows, storage.cols, dtype=dtype, device=storage.qweight.device)
+    groups = storage.column_groups()
+    for rows in row_blocks(storage.rows, storage.cols):
+        index = torch.arange(rows.start, rows.stop, device=storage.qweight.device)
+        centered[rows] = (storage.grid(index).to(torch.int16) - storage.zeros[rows].to(torch.int16)[:, groups]).to(dtype)
+    return centered
+
+
+def weight_rows(centered: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor, rows: slice,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``rows`` of the weight ``(q - zero) * scale``, in ``dtype``."""
+    return (centered[rows].float() * scales[rows][:, groups]).to(dtype)
+
+
+class TiedLogits(torch.autograd.Function):
+    """``x @ W.T`` for the tied head's ``W = (q - zero) * scale`` ``[vocab, hidden]``, with the
+    gradient of the scales. ``W`` is built a block of :data:`ROW_BLOCK` weights at a time, in the
+    forward pass and again in the backward pass, and never kept: autograd on the plain product
+    would hold a float copy of ``(q - zero)`` and of ``W`` from the forward to the backward pass,
+    and make a third (the weight's gradient) there."""
+
+    @staticmethod
+    def forward(ctx, x, scales, centered, groups):
+        ctx.save_for_backward(x, scales)
+        ctx.centered, ctx.groups = centered, groups
+        out = x.new_empty(*x.shape[:-1], centered.shape[0])
+        for rows in row_blocks(*centered.shape):
+            out[..., rows] = x @ weight_rows(centered, scales, groups, rows, x.dtype).T
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scales = ctx.saved_tensors
+        centered, groups = ctx.centered, ctx.groups
+        flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
+        grad_x = torch.zeros_like(flat_x) if ctx.needs_input_grad[0] else None
+        grad_scales = torch.zeros_like(scales) if ctx.needs_input_grad[1] else None
+        for rows in row_blocks(*centered.shape):
+            block = flat_grad[:, rows]
+            if grad_x is not None:
+                grad_x += block @ weight_rows(centered, scales, groups, rows, x.dtype)
+            if grad_scales is not None:   # dL/dscale[r, g] = sum over the group's columns of dL/dW * (q - zero)
+                grad_weight = (block.T @ flat_x).float() * centered[rows].float()
+                grad_scales[rows] = torch.zeros_like(grad_scales[rows]).index_add_(1, groups, grad_weight)
+        return None if grad_x is None else grad_x.view_as(x), grad_scales, None, None
+
+
+class ScaleEmbedding(OpenScales):
+    """A :class:`QuantizedEmbedding` opened to train its scales, with the structure rules of
+    :class:`ScaleLinear`. The lookup builds only the rows it reads; a tied head
+    (:meth:`tied_head`) reads the same ``step``, so embedding and head train one set of scales.
+
+    Memory: ``q - zero`` is kept as int8 (a quarter of the float32 ``[vocab, hidden]`` matrix;
+    int16 at 8 bits), the steps and their AdamW state are one float per group, and the head
+    builds its float weight a block at a time (:class:`TiedLogits`): no float copy of the whole
+    matrix is made or kept beyond the logits the head returns anyway."""
+
+    def __init__(self, source: QuantizedEmbedding, name: str = ""):
+        super().__init__()
+        self.__dict__["source"] = source   # not a submodule: its buffers must not be trained or saved twice
+        self.embedding_dim = source.embedding_dim
+        storage = source.storage
+        self.register_buffer("centered", centered_integers(storage), persistent=False)
+        self._open_steps(storage)
+        self.register_buffer("groups", storage.column_groups(), persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        rows = self.centered[unique].float() * self.scales()[unique][:, self.groups]
+        return rows[inverse].view(*ids.shape, self.embedding_dim)
+
+    def tied_head(self, source: QuantizedLinear) -> "ScaleHead":
+        return ScaleHead(source, self)
+
+
+class ScaleHead(nn.Module):
+    """The head tied to a :class:`ScaleEmbedding`: its logits read the embedding's scales (one
+    shared parameter). It owns nothing; ``close()`` gives back the source head, whose storage
+    is the embedding's (written by the embedding's ``close()``)."""
+
+    def __init__(self, source: QuantizedLinear, embedding: ScaleEmbedding):
+        super().__init__()
+        self.__dict__["source"] = source
+        self.__dict__["embedding"] = embedding   # not a submodule: the embedding's step is registered once
+        self.bias = source.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        embedding = self.embedding
+        logits = TiedLogits.apply(x, embedding.scales(), embedding.centered, embedding.groups)
+        return logits if self.bias is None else logits + self.bias.to(logits.dtype)
+
     def close(self) -> QuantizedLinear:
-        """Write the rounded scales into the source's storage (grid, zeros, g_idx unchanged)."""
-        self.source.storage.scales.copy_(self.rounded_scales().to(self.source.storage.scales.dtype))
         return self.source
 
 
@@ -234,6 +356,39 @@ def trainable_quantized(model: nn.Module, targets: list[str], ignore: list[str],
     return [name for name, module in model.named_modules()
             if isinstance(module, QuantizedLinear) and name not in tied
             and matches(prefix + name, targets) and not matches(prefix + name, ignore)]
+
+
+def open_embedding_scales(model: nn.Module, names: list[str]) -> dict[str, nn.Module]:
+    """Replace the quantized embeddings ``names`` of ``model`` with :class:`ScaleEmbedding`, and
+    the heads tied to them with :class:`ScaleHead`; returns both, by name (embeddings first)."""
+    heads = tied_heads(model)
+    opened: dict[str, nn.Module] = {}
+    for name in names:
+        opened[name] = ScaleEmbedding(get_module(model, name), name)
+        set_module(model, name, opened[name])
+    for head, owner in heads.items():
+        if owner in names:
+            opened[head] = opened[owner].tied_head(get_module(model, head))
+            set_module(model, head, opened[head])
+    return opened
+
+
+def trainable_embeddings(model: nn.Module, targets: list[str], ignore: list[str]) -> list[str]:
+    """Names of ``model``'s quantized embeddings whose scales may train: selected by their name,
+    the name of a head tied to them, or the alias ``"embed"`` in ``targets`` (``"*"`` selects
+    them), and none of those names in ``ignore``: ignoring a tied head keeps its embedding's
+    scales too, as they are one grid."""
+    heads = tied_heads(model)
+    chosen = []
+    for name, module in model.named_modules():
+        if not isinstance(module, QuantizedEmbedding):
+            continue
+        names = [name] + [head for head, owner in heads.items() if owner == name]
+        if EMBED_ALIAS in ignore or any(matches(n, ignore) for n in names):
+            continue
+        if EMBED_ALIAS in targets or any(matches(n, targets) for n in names):
+            chosen.append(name)
+    return chosen
 
 
 # --------------------------------------------------------------------------- block phase
@@ -414,7 +569,8 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
     """Recover ``model``'s quantization error by training its scales; in place, returns it."""
     seed = context.seed if options.seed is None else options.seed
     names = trainable_quantized(model, options.targets, options.ignore)
-    if not names:
+    embeddings = trainable_embeddings(model, options.targets, options.ignore) if options.e2e_steps else []
+    if not names and not embeddings:
         raise PocketError("qat trains the scales of quantized linears, and none of this model's match targets "
                           f"{options.targets} (ignore {options.ignore})",
                           fix="put qat after a quantize stage (rtn, gptq), and check targets and ignore")
@@ -442,6 +598,10 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
         # everything but the steps of the opened scales is frozen: the only parameters with new names
         frozen = [name for name, _ in model.named_parameters()]
         frozen += [f"{name}.step" for name in trainable_quantized(model, ["*"], []) if name not in names]
+        frozen += [f"{name}.step" for name in trainable_embeddings(model, ["*"], []) if name not in embeddings]
+        if embeddings:
+            context.log(f"qat: the end-to-end phase also trains the scales of {', '.join(embeddings)} "
+                        "(and of the head tied to it)")
         distill_options = DistillOptions(
             steps=options.e2e_steps, lr=options.e2e_lr, batch_size=options.e2e_batch_size, text=options.text,
             seq_len=options.seq_len, kl_weight=1.0, ce_weight=options.e2e_ce_weight, quantized="scales",
