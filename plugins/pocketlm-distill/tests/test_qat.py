@@ -9,17 +9,19 @@ import json
 
 import pytest
 import torch
-from conftest import SEQ_LEN, kl_to
+import torch.nn.functional as F
+from conftest import SEQ_LEN, kl_to, train_ce
 from pydantic import ValidationError
 
-from pocketlm import PocketError
+from pocketlm import PocketError, Progress
 from pocketlm.plugins import get_plugins
 from pocketlm.testing import make_context
 from pocketlm.testing.models import tiny_model
-from pocketlm.weights import QuantizedLinear, get_mask, linear_weight, set_mask
+from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask, linear_weight, set_mask
 from pocketlm_distill import QATOptions, qat
 from pocketlm_distill import recovery as qat_module
-from pocketlm_distill.recovery import STATE_FILE, ScaleLinear, round_steps, scale_structure, two_level
+from pocketlm_distill.recovery import (STATE_FILE, ScaleEmbedding, ScaleLinear, round_steps, scale_structure,
+                                      two_level)
 
 
 def quantize(model, windows, **options):
@@ -190,7 +192,7 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(teacher, calibration, t
 
 
 def test_end_to_end_phase_trains_only_the_scales(teacher, corpus, calibration, tmp_path):
-    # the embedding and the head quantized too: they stay as they are, the head has no .weight
+    # the embedding and the (untied) head quantized too: both train their scales, the head has no .weight
     student = quantize(copy.deepcopy(teacher), calibration, bits=3, group_size=16, ignore=[])
     assert isinstance(student.lm_head, QuantizedLinear)
     before = grids(student)
@@ -280,3 +282,182 @@ def test_compressed_tensors_export_reloads_with_the_trained_grid_bit_for_bit(cor
     assert ours.keys() == theirs.keys() and len(ours) == 14
     for name in ours:
         assert torch.equal(ours[name], theirs[name]), name
+
+
+# ------------------------------------------------------------------------------ a tied quantized embedding
+
+
+def test_scale_embedding_and_tied_head_read_one_step_and_match_the_quantized_pair(monkeypatch):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (300, 64), generator=generator)
+    scales = (torch.rand(300, 2, generator=generator) * 0.05 + 1e-3).half().float()
+    zeros = torch.randint(0, 16, (300, 2), generator=generator).float()
+    embedding = QuantizedEmbedding.from_grid(q, scales, zeros, bits=4, group_size=32, symmetric=False)
+    head = embedding.tied_head()
+    opened = ScaleEmbedding(embedding)
+    opened_head = opened.tied_head(head)
+    assert [n for n, _ in opened.named_parameters()] == ["step"] and not list(opened_head.parameters())
+    assert opened.centered.dtype == torch.int8
+    ids = torch.randint(0, 300, (3, 7), generator=generator)
+    x = torch.randn(3, 7, 64, generator=generator, requires_grad=True)
+    assert torch.equal(opened(ids), embedding(ids))
+    assert torch.allclose(opened_head(x), head(x), rtol=0, atol=1e-5)
+    # the head's blockwise gradient (5 blocks of 70 rows) equals autograd's on the whole weight
+    monkeypatch.setattr(qat_module, "ROW_BLOCK", 64 * 70)
+    (opened_head(x).sin().sum() + opened(ids).square().sum()).backward()
+    ours = opened.step.grad.clone(), x.grad.clone()
+    opened.step.grad, x.grad = None, None
+    weight = opened.centered.float() * opened.scales()[:, opened.groups]
+    (F.linear(x, weight).sin().sum() + weight[ids].square().sum()).backward()
+    assert ours[0].abs().max() > 1 and torch.allclose(ours[0], opened.step.grad, rtol=1e-5, atol=1e-4)
+    assert torch.allclose(ours[1], x.grad, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        opened.step.mul_(1.01)
+    assert opened_head.close() is head and opened.close() is embedding
+    assert head.storage is embedding.storage and torch.equal(embedding.storage.grid(), q.to(torch.uint8))
+    assert not torch.equal(embedding.storage.scales.float(), scales)
+
+
+def _tied_llama(vocab, seed=0, **sizes):
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.testing.models import tiny_config
+
+    config = tiny_config("llama", vocab_size=vocab, **sizes)
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0, 0.08)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tied_trained(corpus):
+    """A tiny tied llama trained for 50 CE steps (seconds)."""
+    return train_ce(_tied_llama(len(corpus["tokenizer"])), corpus["train_windows"], 50)
+
+
+@pytest.fixture
+def tied_teacher(tied_trained):
+    model = copy.deepcopy(tied_trained)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return model.eval()
+
+
+def _quantized_with_embedding(teacher, windows, **options):
+    student = quantize(copy.deepcopy(teacher), windows, **{"targets": ["*", "embed"], "ignore": ["lm_head"], **options})
+    embedding, head = student.model.embed_tokens, student.lm_head
+    assert isinstance(embedding, QuantizedEmbedding) and head.storage is embedding.storage
+    return student
+
+
+def _embedding_grid(model):
+    storage = model.model.embed_tokens.storage
+    return storage.qweight.clone(), storage.scales.clone(), storage.zeros.clone()
+
+
+def test_end_to_end_phase_trains_the_tied_embeddings_scales_and_lowers_the_kl(tied_teacher, corpus, calibration,
+                                                                              tmp_path):
+    quantized = _quantized_with_embedding(tied_teacher, calibration, bits=3, group_size=16)
+    qweight, scales, zeros = _embedding_grid(quantized)
+    e2e = dict(epochs=0, e2e_steps=8, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=0)
+    trained = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "a", **e2e)
+    frozen = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "b", ignore=["embed"], **e2e)
+    embedding = trained.model.embed_tokens
+    assert isinstance(embedding, QuantizedEmbedding) and isinstance(trained.lm_head, QuantizedLinear)
+    assert trained.lm_head.storage is embedding.storage                  # still one grid for both uses
+    assert torch.equal(embedding.storage.qweight, qweight) and torch.equal(embedding.storage.zeros, zeros)
+    assert embedding.storage.scales.dtype == torch.float16
+    changed = (embedding.storage.scales != scales).float().mean().item()
+    assert changed > 0.5, changed
+    assert torch.equal(frozen.model.embed_tokens.storage.scales, scales)   # ignore = ["embed"]: as it was
+    # the same steps, the embedding's scales trained too: closer to the teacher
+    kl = {name: kl_to(tied_teacher, model, corpus["held"]) for name, model in
+          [("quantized", quantized), ("frozen", frozen), ("trained", trained)]}
+    assert kl["trained"] < 0.8 * kl["frozen"] < kl["quantized"], kl
+
+
+def test_distill_scales_mode_freezes_the_embedding_it_is_told_to(tied_teacher, calibration, tmp_path):
+    from pocketlm_distill import DistillOptions, distill
+
+    student = _quantized_with_embedding(tied_teacher, calibration, bits=4, group_size=32)
+    _, scales, _ = _embedding_grid(student)
+    options = dict(steps=2, lr=2e-3, batch_size=4, quantized="scales", checkpoint_every=0, seed=0)
+    context = make_context(calibration, teacher=tied_teacher, stage_dir=tmp_path / "a")
+    distill(student, DistillOptions(freeze=["model.embed_tokens"], **options), context)
+    assert torch.equal(student.model.embed_tokens.storage.scales, scales)
+    distill(student, DistillOptions(**options), make_context(calibration, teacher=tied_teacher,
+                                                             stage_dir=tmp_path / "b"))
+    assert not torch.equal(student.model.embed_tokens.storage.scales, scales)
+    assert student.lm_head.storage is student.model.embed_tokens.storage
+
+
+def test_end_to_end_resume_with_the_embedding_equals_an_uninterrupted_run(tied_teacher, calibration, tmp_path):
+    quantized = _quantized_with_embedding(tied_teacher, calibration, bits=4, group_size=32)
+    e2e = dict(epochs=0, e2e_steps=6, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=2)
+    whole = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "whole", **e2e)
+
+    class Killed(Exception):
+        pass
+
+    class KillAfter(Progress):
+        def task(self, description, total):
+            import contextlib
+
+            @contextlib.contextmanager
+            def run():
+                done = [0]
+
+                def advance(steps=1, **fields):
+                    done[0] += steps
+                    if done[0] >= 3:
+                        raise Killed()
+                yield advance
+            return run()
+
+    context = make_context(calibration, teacher=tied_teacher, stage_dir=tmp_path / "resumed")
+    context.progress = KillAfter()
+    with pytest.raises(Killed):
+        qat(copy.deepcopy(quantized), QATOptions(lr=2e-3, batch_size=4, **e2e), context)
+    resumed = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "resumed", **e2e)
+    assert not torch.equal(_embedding_grid(whole)[1], _embedding_grid(quantized)[1])
+    for ours, theirs in zip(_embedding_grid(resumed), _embedding_grid(whole)):
+        assert torch.equal(ours, theirs)
+    for name, (qweight, scales, zeros) in grids(resumed).items():
+        assert torch.equal(scales, grids(whole)[name][1]), name
+
+
+@pytest.mark.parametrize("grid,symmetric,kind", [("minmax", True, "Q4_0"), ("minmax", False, "Q4_1"), ("q4_k", True, "Q4_K")])
+def test_gguf_export_of_a_trained_tied_embedding_equals_it_bit_for_bit(corpus, calibration, tmp_path, grid,
+                                                                        symmetric, kind):
+    pytest.importorskip("pocketlm_gguf", reason="pocketlm-gguf is not installed")
+    from gguf import GGUFReader, quants
+
+    from pocketlm_gguf import GGUFOptions, export_gguf
+
+    teacher = _tied_llama(len(corpus["tokenizer"]), seed=1, hidden=256, intermediate=512, heads=4, kv_heads=2)
+    student = _quantized_with_embedding(teacher, calibration[:8], bits=4, group_size=32, grid=grid,
+                                        symmetric=symmetric)
+    _, scales, _ = _embedding_grid(student)
+    run_qat(student, teacher, calibration[:8], tmp_path / "stage", epochs=0, e2e_steps=3, e2e_lr=2e-3,
+            e2e_batch_size=2, checkpoint_every=0)
+    trained = student.model.embed_tokens.storage.scales
+    assert not torch.equal(trained, scales)
+    if grid == "q4_k":   # k-quant super-blocks before and after: only their float16 steps trained
+        assert scale_structure(scales, 32, 256).kind == scale_structure(trained, 32, 256).kind == "two-level"
+    export_gguf(student, tmp_path / "out", GGUFOptions(dtype="f32", tokenizer=False), make_context())
+    tensors = {t.name: t for t in GGUFReader(tmp_path / "out" / "model.gguf").tensors}
+    assert "output.weight" not in tensors                                 # the head reads token_embd
+    tensor = tensors["token_embd.weight"]
+    assert tensor.tensor_type.name == kind
+    ours = student.model.embed_tokens.dequantize()
+    back = torch.from_numpy(quants.dequantize(tensor.data, tensor.tensor_type).reshape(ours.shape).copy())
+    if symmetric:
+        assert torch.equal(back, ours)
+    else:   # Q4_1 stores the offset -zero * scale as a float16: the grid is exact, the weights close
+        assert (back - ours).abs().max() <= ours.abs().max() * 2.0**-9
