@@ -350,7 +350,8 @@ def tied_teacher(tied_trained):
 
 
 def _quantized_with_embedding(teacher, windows, **options):
-    student = quantize(copy.deepcopy(teacher), windows, **{"targets": ["*", "embed"], "ignore": ["lm_head"], **options})
+    options = {"targets": ["*", "embed"], "ignore": ["lm_head"], **options}
+    student = quantize(copy.deepcopy(teacher), windows, **options)
     embedding, head = student.model.embed_tokens, student.lm_head
     assert isinstance(embedding, QuantizedEmbedding) and head.storage is embedding.storage
     return student

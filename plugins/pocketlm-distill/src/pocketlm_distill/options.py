@@ -61,7 +61,8 @@ class DistillOptions(Options):
         "layer_map then defaults to student layer i -> kept teacher layer. None: the model keeps its layers.")
     quantized: Literal["ste", "freeze", "scales"] = Field(
         "ste", description="quantized linears: train through a straight-through estimator on their own grid (ste), "
-        "keep them fixed (freeze), or train only their scales with the integer grid fixed (scales, as qat does)")
+        "keep them fixed (freeze), or train only their scales with the integer grid fixed (scales, as qat does; "
+        "there a quantized embedding trains its scales too, shared with its tied head, unless freeze names it)")
     freeze: list[str] = Field([], description="parameter name patterns kept fixed (e.g. model.embed_tokens)")
     teacher_correction_steps: int = Field(0, description="cross-entropy steps on a copy of the teacher first "
                                           "(Minitron's teacher correction); 0: off")
@@ -129,8 +130,11 @@ class QATOptions(Options):
     lr: float = Field(1e-4, description="block phase: peak AdamW rate of the scales (EfficientQAT's rate for "
                       "quantization parameters), cosine decay to zero")
     batch_size: int = Field(2, description="block phase: calibration windows per optimizer step (EfficientQAT: 2)")
-    targets: list[str] = Field(["*"], description="module-name patterns of the quantized linears whose scales train")
-    ignore: list[str] = Field([], description="module-name patterns left as they are")
+    targets: list[str] = Field(["*"], description="module-name patterns of the quantized linears whose scales "
+                               "train; a quantized token embedding (\"embed\", its name or its tied head's; "
+                               "\"*\" too) trains in the end-to-end phase")
+    ignore: list[str] = Field([], description="module-name patterns left as they are (\"embed\" or a tied "
+                              "head's name: the quantized embedding keeps its scales)")
     e2e_steps: int = Field(0, description="end-to-end phase: optimizer steps of distillation from the original "
                            "model, training only the scales (EfficientQAT's E2E-QP); 0: off")
     e2e_lr: float = Field(2e-5, description="end-to-end phase: peak rate (EfficientQAT's E2E-QP rate)")

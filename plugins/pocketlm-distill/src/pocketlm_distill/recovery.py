@@ -22,7 +22,8 @@ Two phases:
    was, so this phase never makes a layer worse on its calibration windows.
 2. **End-to-end distillation** (optional, ``e2e_steps > 0``; EfficientQAT's E2E-QP): ``distill``
    from the original model with ``quantized = "scales"`` and every other parameter frozen: only
-   the scales train, on the KL to the teacher's logits.
+   the scales train, on the KL to the teacher's logits. A quantized token embedding trains its
+   scales here too (below).
 
 Scales are stored as float16 by every exporter. The trained values are rounded once at the end
 so that each stored scale is a float16 and the model in memory is bit for bit the exported one.
@@ -41,11 +42,25 @@ integer multipliers ``m`` fixed, found from the grid (:func:`scale_structure`):
 Zero points are not trained: they are integers in the grid's storage, and a trained, re-rounded
 zero point would change which integer every weight of the group sits on.
 
+**A quantized token embedding** (:class:`~pocketlm.weights.QuantizedEmbedding`; on a small model
+with a tied head it is the largest single loss of a 4-bit export) trains its scales in the
+end-to-end phase only (the block phase walks decoder layers): by default whenever it is quantized,
+unless ``ignore`` names it (the alias ``"embed"``, its module name, or the name of the head tied
+to it, which is the same grid); ``targets`` selects it by the same names (``"*"`` does).
+:class:`ScaleEmbedding` applies the structure rules above to its ``[vocab, hidden]`` grid, and the
+tied head (:class:`ScaleHead`) reads the *same* ``step`` parameter, so the lookup and the logits
+train one set of scales, written back into the one storage the two share; the exported
+``token_embd`` (Q4_0, Q4_1, k-quant) is the model in memory bit for bit. Cost: ``q - zero`` held
+as int8 (a quarter of the float32 matrix; int16 at 8 bits), one float and its AdamW state per
+group; the head builds its float weight a block of :data:`ROW_BLOCK` weights at a time in the
+forward and backward passes (:class:`TiedLogits`), so no float copy of the whole matrix is made
+or kept beyond the logits themselves, at the price of building it twice per step. An untied
+quantized head is a quantized linear and trains as one.
+
 What stays fixed: the integer grid (so a pruned weight, stored as ``q = zero``, stays exactly
 zero: masks survive by construction, and a mask whose weights are not zero on the grid is
-refused), zero points, ``g_idx``, biases, norms and embeddings (a quantized embedding and the head
-tied to it keep their scales: the walker only visits decoder layers, and ``distill`` freezes
-them).
+refused), zero points, ``g_idx``, biases, norms, dense embeddings, and a quantized embedding in
+the block phase.
 
 Resumable: after each layer the block phase writes the scales of every layer done so far to
 ``qat-blocks.pt`` in the stage folder (atomically); a killed run with the same options restores
@@ -249,7 +264,8 @@ def centered_integers(storage) -> torch.Tensor:
     groups = storage.column_groups()
     for rows in row_blocks(storage.rows, storage.cols):
         index = torch.arange(rows.start, rows.stop, device=storage.qweight.device)
-        centered[rows] = (storage.grid(index).to(torch.int16) - storage.zeros[rows].to(torch.int16)[:, groups]).to(dtype)
+        zeros = storage.zeros[rows].to(torch.int16)[:, groups]
+        centered[rows] = (storage.grid(index).to(torch.int16) - zeros).to(dtype)
     return centered
 
 
