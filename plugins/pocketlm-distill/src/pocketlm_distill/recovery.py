@@ -296,16 +296,16 @@ class TiedLogits(torch.autograd.Function):
         x, scales = ctx.saved_tensors
         centered, groups = ctx.centered, ctx.groups
         flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grad_x = torch.zeros_like(flat_x) if ctx.needs_input_grad[0] else None
+        grad_x = torch.zeros_like(flat_x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_scales = torch.zeros_like(scales) if ctx.needs_input_grad[1] else None
         for rows in row_blocks(*centered.shape):
             block = flat_grad[:, rows]
             if grad_x is not None:
-                grad_x += block @ weight_rows(centered, scales, groups, rows, x.dtype)
+                grad_x += (block @ weight_rows(centered, scales, groups, rows, x.dtype)).float()   # summed in float32
             if grad_scales is not None:   # dL/dscale[r, g] = sum over the group's columns of dL/dW * (q - zero)
                 grad_weight = (block.T @ flat_x).float() * centered[rows].float()
                 grad_scales[rows] = torch.zeros_like(grad_scales[rows]).index_add_(1, groups, grad_weight)
-        return None if grad_x is None else grad_x.view_as(x), grad_scales, None, None
+        return None if grad_x is None else grad_x.to(x.dtype).view_as(x), grad_scales, None, None
 
 
 class ScaleEmbedding(OpenScales):
