@@ -202,15 +202,21 @@ class OpenScales(nn.Module):
     def _open_steps(self, storage) -> None:
         self.structure = structure = scale_structure(storage.scales, storage.group_size, storage.cols)
         top = block_tops(structure)
+        # buffers, so that they follow the module to another device (accelerate's prepare)
         self.register_buffer("top", top, persistent=False)
+        self.register_buffer("multiplier", structure.multiplier, persistent=False)
+        self.register_buffer("block", structure.block, persistent=False)
         self.step = nn.Parameter(structure.step * top)
 
+    def _scales(self, step: torch.Tensor) -> torch.Tensor:
+        return step[:, self.block] * self.multiplier   # Structure.scales, on the module's device
+
     def scales(self) -> torch.Tensor:
-        return self.structure.scales(self.step / self.top)
+        return self._scales(self.step / self.top)
 
     def rounded_scales(self) -> torch.Tensor:
         """The trained scales as they will be stored: each one a float16, the structure kept."""
-        scales = self.structure.scales(round_steps(self.step.detach() / self.top, self.top))
+        scales = self._scales(round_steps(self.step.detach() / self.top, self.top))
         if not bool((scales.half().float() == scales).all()):
             raise AssertionError("rounded scales left float16")   # round_steps guarantees it
         return scales
