@@ -154,6 +154,19 @@ def test_tied_heads_and_distinct_storages():
     assert tied_heads(tiny_model("llama")) == {} and distinct_storages(tiny_model("llama")) == {}
 
 
+def test_a_bare_encoder_whose_config_says_tied_has_no_head_to_tie():
+    """BERT's config says tie_word_embeddings = True (all-MiniLM-L6-v2's does) while a bare
+    encoder has no head: quantizing its embedding must not invent a head module named ''."""
+    model = tiny_model("bert", seed=1)
+    model.config.tie_word_embeddings = True
+    scheme = QuantScheme(bits=8, group_size=-1, targets=["*", "embed"], ignore=[])
+    selection = select_targets(model, scheme, make_context().architecture(model))
+    assert not selection.tied
+    assert quantize_embedding(model, selection, scheme) == "quantized embeddings.word_embeddings to 8 bits"
+    assert "" not in dict(model.named_children())
+    assert not [key for key in model.state_dict() if key.startswith(".")]
+
+
 def test_packed_grid_is_public_and_the_old_name_stays():
     assert _PackedGrid is PackedGrid and pocketlm.API_VERSION >= "1.5"
     storage = PackedGrid(64, 64, 4, 32, True, False)

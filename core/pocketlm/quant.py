@@ -71,6 +71,16 @@ def _resolve(patterns: list[str], embed: str) -> list[str]:
     return [embed if p == EMBED_ALIAS else p for p in patterns]
 
 
+def _has_module(model: nn.Module, name: str) -> bool:
+    if not name:
+        return False
+    try:
+        get_module(model, name)
+    except AttributeError:
+        return False
+    return True
+
+
 def select_targets(model: nn.Module, scheme: QuantScheme, architecture, method: str = "quantize") -> Selection:
     """Resolve ``targets``/``ignore`` on ``model``. Tied embeddings are one weight: naming either
     the embedding or the head quantizes the shared grid, used by both. A selected layer that is
@@ -78,7 +88,8 @@ def select_targets(model: nn.Module, scheme: QuantScheme, architecture, method: 
     embed, head = architecture.embed, architecture.lm_head
     targets = _resolve(scheme.targets, embed)
     ignore = _resolve(scheme.ignore, embed)
-    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    # a bare encoder's config may say tied (BERT's default) while the model has no head at all
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False)) and _has_module(model, head)
     linears = select_linears(model, targets, ignore)
     # An exact name in targets beats the default ignore: targets = ["embed"] is enough.
     want_embed = embed in targets or (matches(embed, targets) and not matches(embed, ignore))
