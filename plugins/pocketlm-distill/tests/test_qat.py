@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import SEQ_LEN, kl_to, train_ce
 from pydantic import ValidationError
 
-from pocketlm import PocketError, Progress
+from pocketlm import PocketError
 from pocketlm.plugins import get_plugins
 from pocketlm.testing import make_context
 from pocketlm.testing.models import tiny_model
@@ -403,27 +403,11 @@ def test_end_to_end_resume_with_the_embedding_equals_an_uninterrupted_run(tied_t
     e2e = dict(epochs=0, e2e_steps=6, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=2)
     whole = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "whole", **e2e)
 
-    class Killed(Exception):
-        pass
-
-    class KillAfter(Progress):
-        def task(self, description, total):
-            import contextlib
-
-            @contextlib.contextmanager
-            def run():
-                done = [0]
-
-                def advance(steps=1, **fields):
-                    done[0] += steps
-                    if done[0] >= 3:
-                        raise Killed()
-                yield advance
-            return run()
+    from test_distill import _Killed, _KillAfter
 
     context = make_context(calibration, teacher=tied_teacher, stage_dir=tmp_path / "resumed")
-    context.progress = KillAfter()
-    with pytest.raises(Killed):
+    context.progress = _KillAfter(3)
+    with pytest.raises(_Killed):
         qat(copy.deepcopy(quantized), QATOptions(lr=2e-3, batch_size=4, **e2e), context)
     resumed = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "resumed", **e2e)
     assert not torch.equal(_embedding_grid(whole)[1], _embedding_grid(quantized)[1])
