@@ -60,13 +60,17 @@ def trained_teacher(corpus):
     return train_ce(model, corpus["train_windows"], 50)
 
 
-@pytest.fixture
-def teacher(trained_teacher):
-    """A fresh copy per test, so no test can leak changes into another."""
-    model = copy.deepcopy(trained_teacher)
+def frozen_copy(model):
+    """A fresh, frozen copy of a trained teacher, so no test can leak changes into another."""
+    model = copy.deepcopy(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     return model.eval()
+
+
+@pytest.fixture
+def teacher(trained_teacher):
+    return frozen_copy(trained_teacher)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import SEQ_LEN, kl_to, train_ce
+from conftest import SEQ_LEN, frozen_copy, kl_to, train_ce
 from pydantic import ValidationError
 
 from pocketlm import PocketError
@@ -343,10 +343,7 @@ def tied_trained(corpus):
 
 @pytest.fixture
 def tied_teacher(tied_trained):
-    model = copy.deepcopy(tied_trained)
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model.eval()
+    return frozen_copy(tied_trained)
 
 
 def _quantized_with_embedding(teacher, windows, **options):
