@@ -39,6 +39,21 @@ magnitudes the walk observed (the dense layer's inputs, as TEAL's histograms).
   through each layer as the walk itself runs (about five passes over the 32 x 512 default
   calibration tokens).
 
+Data parallel (``torchrun`` / ``accelerate launch``: each process walks its shard of the
+windows) ends with the same thresholds in every process, those of one process on all the
+windows, up to float summation order:
+
+* A threshold is the k-th smallest magnitude of every process's together, found exactly by
+  :func:`kth_smallest_across` (a bisection on the float's bits that all-reduces one count per
+  step). One process with more than 2^20 magnitudes takes the quantile of a random sample
+  (:func:`thresholds_at`, within about 0.1%); several take the exact one, as a sample of the
+  union in one process's order cannot be drawn from the shards.
+* ``greedy``: the block error is summed over the processes before each decision, and each
+  process keeps only its part of the first windows one process would keep (the shards are
+  rows ``rank, rank + world, ...``), so the sum is that of one process.
+* ``greedy-proxy`` averages the processes' error curves (each on rows sampled from its own
+  shard): every process allocates alike, but not exactly as one process would.
+
 ``allocation = "greedy-proxy"`` is the earlier, cheaper stand-in: the same greedy search on the
 sum of each linear's own relative output error ``‖W(x - x_s)‖² / ‖Wx‖²`` (one matmul per level,
 no layer runs), each linear on its own level.
@@ -55,7 +70,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pocketlm import PocketError
+from pocketlm import PocketError, distributed
 from pocketlm.calibration import LayerHandler, batch_rows, module_input
 from pocketlm.modules import decoder_layers, get_module, matches
 from pocketlm.weights import is_linear, linear_shape, linear_weight
@@ -105,6 +120,25 @@ def thresholds_at(magnitudes: torch.Tensor, levels: list[float], generator: torc
     ordered = flat.sort().values
     return [0.0 if s <= 0 else float(ordered[min(int(round(ordered.numel() * s)), ordered.numel()) - 1])
             for s in levels]
+
+
+def kth_smallest_across(ordered: torch.Tensor, ranks: list[int], all_reduce) -> list[float]:
+    """The ``ranks[i]``-th smallest (from 1) of the non-negative float32 values that the
+    processes hold together, exactly; ``ordered``: this process's, sorted; ``all_reduce``: sums
+    a tensor over the processes in place. Exact like gathering every value, but moving one count
+    per rank and step: non-negative floats order as their bit patterns do, so a bisection on the
+    pattern, counting the values at or below the midpoint in every process, ends on the value
+    itself after 31 halvings of [0, +inf]."""
+    device = ordered.device
+    wanted = torch.tensor(ranks, dtype=torch.int64, device=device)
+    low = torch.zeros_like(wanted)
+    high = torch.full_like(wanted, 0x7F800000)  # +inf: every value lies at or below it
+    for _ in range(31):
+        middle = (low + high) // 2
+        counts = all_reduce(torch.searchsorted(ordered, middle.to(torch.int32).view(torch.float32), right=True))
+        enough = counts >= wanted
+        high, low = torch.where(enough, middle, high), torch.where(enough, low, middle + 1)
+    return [float(v) for v in high.to(torch.int32).view(torch.float32).cpu()]
 
 
 def skipped_fraction(x: torch.Tensor, threshold: float) -> float:
@@ -281,8 +315,9 @@ class ThresholdCalibrator(LayerHandler):
 
     changes_only_selected = False  # the greedy allocation sets a group's thresholds at the layer's end
 
-    def __init__(self, model: nn.Module, options: ActivationSparsityOptions, arch, log):
+    def __init__(self, model: nn.Module, options: ActivationSparsityOptions, arch, log, context=None):
         self.model, self.options, self.arch, self.log = model, options, arch, log
+        self.context = context  # its all_reduce shares the statistics of a data-parallel run
         self.prefix = arch.layers
         self.last_group = arch.sequential[-1]
         self.seen: dict[str, list[torch.Tensor]] = {}
@@ -326,9 +361,9 @@ class ThresholdCalibrator(LayerHandler):
             where = OUTPUT if self.options.mode == "cats" else INPUT
             for name in names:
                 values = torch.cat(self.seen.pop(name))
-                t = threshold_for(values.abs(), self.options.sparsity)
+                t = self._thresholds(values.abs(), [self.options.sparsity], sampled=False)[0]
                 set_threshold(get_module(layer, name), where, t)
-                self.report.append((f"{self.prefix}.{index}.{name}", skipped_fraction(values, t), t))
+                self.report.append((f"{self.prefix}.{index}.{name}", self._fraction(values, t), t))
             self.seen.clear()
             return
         firsts = []  # greedy: keep the inputs; allocate once the layer's last group is seen
@@ -358,18 +393,55 @@ class ThresholdCalibrator(LayerHandler):
         self.kept.clear()
         self.pending_layer = None
 
+    # -- data parallel: every process's observations together (one process: its own, as before)
+
+    @property
+    def processes(self) -> int:
+        return 1 if self.context is None else self.context.processes
+
+    def _total(self, number: float, device: torch.device) -> float:
+        """``number`` summed over the processes (in one process ``number`` itself, untouched)."""
+        return number if self.processes == 1 else self.context.all_reduce_count(number, device)
+
+    def _thresholds(self, magnitudes: torch.Tensor, levels: list[float], sampled: bool = True) -> list[float]:
+        """The threshold at each sparsity of ``levels`` over every process's ``magnitudes``. One
+        process: :func:`thresholds_at` (a sample) or, not ``sampled``, :func:`threshold_for`.
+        Several: the exact quantile of all of them (:func:`kth_smallest_across`), which is what
+        one process computes unless it samples. Exact rather than gathered or merged sketches:
+        the bisection moves 31 small count vectors, never the magnitudes (tens of MB a layer)."""
+        if self.processes == 1:
+            if sampled:
+                return thresholds_at(magnitudes, levels, self.generator)
+            return [threshold_for(magnitudes, s) for s in levels]
+        flat = magnitudes.detach().flatten().float()
+        count = int(self._total(flat.numel(), flat.device))
+        ranks = [min(int(round(count * s)), count) if s > 0 else 0 for s in levels]
+        found = kth_smallest_across(flat.sort().values, [max(r, 1) for r in ranks], self.context.all_reduce)
+        return [t if r > 0 else 0.0 for r, t in zip(ranks, found)]
+
+    def _fraction(self, x: torch.Tensor, threshold: float) -> float:
+        """:func:`skipped_fraction` over every process's ``x``."""
+        if self.processes == 1:
+            return skipped_fraction(x, threshold)
+        skipped = (x.abs() <= threshold) if threshold > 0 else (x == 0)
+        return self._total(int(skipped.sum()), x.device) / self._total(x.numel(), x.device)
+
     # -- greedy: the layer's own inputs
 
     def _keep_layer_inputs(self, layer):
         """Hook ``layer`` to keep the first windows it is run on (hidden states and keyword
-        arguments, cut to whole windows): the inputs the block error is measured on."""
+        arguments, cut to whole windows): the inputs the block error is measured on. In a
+        data-parallel run, this process's part of the first windows of all: its shard holds the
+        windows ``rank, rank + world, ...``, so it keeps those numbered below the count."""
         self.kept.clear()
 
         def keep(module, args, kwargs):
             kwargs = dict(kwargs)
             hidden = args[0] if args else kwargs.pop("hidden_states")
             have = sum(h.shape[0] for h, _ in self.kept)
-            wanted = max(1, GREEDY_TOKENS // hidden.shape[1])
+            first_windows = max(1, GREEDY_TOKENS // hidden.shape[1])
+            # the context gives no rank: the core's distributed helpers do (rank 0 of 1 alone)
+            wanted = len(range(distributed.rank(), first_windows, distributed.world_size()))
             if have < wanted:
                 rows = slice(0, wanted - have)
                 self.kept.append((hidden[rows].detach().clone(), batch_rows(kwargs, rows, hidden.shape[0])))
@@ -384,24 +456,26 @@ class ThresholdCalibrator(LayerHandler):
     def _allocate_on_block(self, index, layer):
         """TEAL's greedy on the layer's output error (:func:`greedy_search`): one level per set
         of linears that read one tensor, thresholds from the magnitudes observed."""
-        if not self.kept:
+        device = _device(layer)
+        if not self._total(len(self.kept), device):  # another process may hold all of them
             raise PocketError("activation-sparsity (greedy) saw no input of a decoder layer to measure its "
                               "output on", fix="use allocation = \"uniform\" for this model")
         steps = int(round(GREEDY_TOP / GREEDY_STEP))
         magnitudes = {first: values.abs() for first, values in self.pending.items()}
-        table = {first: thresholds_at(m, [i * GREEDY_STEP for i in range(steps + 1)], self.generator)
+        table = {first: self._thresholds(m, [i * GREEDY_STEP for i in range(steps + 1)])
                  for first, m in magnitudes.items()}
         sizes = {first: sum(_size(get_module(layer, n)) for n in readers) for first, readers in self.readers.items()}
         dense = _run_block(layer, self.kept)
-        skip = int(dense[0].shape[1] * GREEDY_SKIP)
+        skip = int(dense[0].shape[1] * GREEDY_SKIP) if dense else 0
 
         def error(levels):
             for first, level in levels.items():
                 for name in self.readers[first]:
                     set_threshold(get_module(layer, name), INPUT, table[first][level])
             try:
-                return sum(float((out - ref)[:, skip:].float().pow(2).sum())
-                           for out, ref in zip(_run_block(layer, self.kept), dense))
+                # summed over the processes: every one then takes the same step
+                return self._total(sum(float((out - ref)[:, skip:].float().pow(2).sum())
+                                       for out, ref in zip(_run_block(layer, self.kept), dense)), device)
             finally:
                 for readers in self.readers.values():
                     for name in readers:
@@ -410,8 +484,8 @@ class ThresholdCalibrator(LayerHandler):
         allocated = greedy_search(sizes, error, self.options.sparsity)
         del dense
         for first, s in allocated.items():
-            t = thresholds_at(magnitudes[first], [s], self.generator)[0]
-            fraction = skipped_fraction(self.pending[first], t)
+            t = self._thresholds(magnitudes[first], [s])[0]
+            fraction = self._fraction(self.pending[first], t)
             for name in self.readers[first]:
                 set_threshold(get_module(layer, name), INPUT, t)
                 self.report.append((f"{self.prefix}.{index}.{name}", fraction, t))
@@ -429,13 +503,20 @@ class ThresholdCalibrator(LayerHandler):
                 sample = values[rows.to(values.device)].float()
                 weight = linear_weight(get_module(layer, name)).float()
                 samples[name] = magnitudes
-                at = thresholds_at(magnitudes, levels, self.generator)
-                curves[name] = [relative_error(weight, sample, t) for t in at]
+                at = self._thresholds(magnitudes, levels)
+                curves[name] = self._mean([relative_error(weight, sample, t) for t in at], weight.device)
                 sizes[name] = _size(get_module(layer, name))
         for name, s in greedy_allocation(curves, sizes, self.options.sparsity).items():
-            t = thresholds_at(samples[name], [s], self.generator)[0]
+            t = self._thresholds(samples[name], [s])[0]
             set_threshold(get_module(layer, name), INPUT, t)
-            self.report.append((f"{self.prefix}.{index}.{name}", skipped_fraction(samples[name], t), t))
+            self.report.append((f"{self.prefix}.{index}.{name}", self._fraction(samples[name], t), t))
+
+    def _mean(self, curve: list[float], device: torch.device) -> list[float]:
+        """``curve`` averaged over the processes (each measured it on rows of its own shard)."""
+        if self.processes == 1:
+            return curve
+        total = self.context.all_reduce(torch.tensor(curve, dtype=torch.float64, device=device))
+        return (total / self.processes).tolist()
 
 
 def _size(module: nn.Module) -> int:
@@ -457,7 +538,7 @@ def compress(model: nn.Module, options: ActivationSparsityOptions, context) -> n
     if options.sparsity == 0:
         context.log("activation-sparsity: sparsity 0 is the dense model; nothing to calibrate")
         return model
-    handler = ThresholdCalibrator(model, options, arch, context.log)
+    handler = ThresholdCalibrator(model, options, arch, context.log, context)
     context.walk(model, handler, sequential=True, description="activation thresholds")
     handler.flush()
     if not handler.report:
@@ -515,5 +596,6 @@ def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: st
 
 
 __all__ = ["ActivationSparsityOptions", "Thresholded", "carry", "clear_threshold", "compress", "effect",
-           "greedy_allocation", "greedy_search", "install", "plan", "relative_error", "set_threshold", "skipped_fraction",
-           "sparsify", "threshold_for", "thresholded_class", "thresholds", "thresholds_at"]
+           "greedy_allocation", "greedy_search", "install", "kth_smallest_across", "plan", "relative_error",
+           "set_threshold", "skipped_fraction", "sparsify", "threshold_for", "thresholded_class", "thresholds",
+           "thresholds_at"]
