@@ -43,6 +43,17 @@ def test_two_processes_end_with_the_thresholds_of_one(options):
     assert _worst(half, one) > 100 * TOLERANCE   # the magnitudes really were shared
 
 
+def test_greedy_measured_on_one_window_that_process_1_does_not_hold():
+    # 512 // 512 = 1 window measured: process 0 holds it, process 1 adds zero error to each sum
+    ids = windows(4, seq_len=512)
+    options = {"sparsity": 0.4, "allocation": "greedy"}
+    one = _thresholds(run_data_parallel("activation-sparsity", options, processes=1, windows=ids))
+    two = _thresholds(run_data_parallel("activation-sparsity", options, processes=2, windows=ids))
+    assert one and one.keys() == two.keys()
+    print(f"greedy on 4 x 512 tokens, 2 processes against 1: {_worst(two, one):.2e} at most")
+    assert _worst(two, one) <= TOLERANCE
+
+
 def test_greedy_proxy_processes_agree():
     # greedy-proxy averages the processes' error curves: the same allocation in both (checked
     # by run_data_parallel), though measured on other sampled rows than 1 process's
