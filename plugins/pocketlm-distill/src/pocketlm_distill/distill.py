@@ -111,11 +111,13 @@ from .encoder import (
     embedding_loss,
     keep_layers,
     masking_for,
+    query_passage_pairs,
     sentence_embedding,
     similarity_loss,
     text_chunks,
     token_loss,
     tokenize_chunks,
+    tokenize_pairs,
 )
 # the options live in the light module (registration reads them without torch)
 from .options import DistillOptions
@@ -164,6 +166,16 @@ def batch_order(n_windows: int, batch_size: int, count: int, seed: int) -> list[
     while len(flat) < count * batch_size:
         flat.extend(torch.randperm(n_windows, generator=generator, device="cpu").tolist())  # host-side indices
     return [flat[i * batch_size:(i + 1) * batch_size] for i in range(count)]
+
+
+def pair_order(n_pairs: int, batch_size: int, count: int, seed: int) -> list[list[int]]:
+    """``count`` micro-batches of example indices for ``texts = "pairs"``: :func:`batch_order` over
+    the pairs, ``batch_size / 2`` of them a batch, each pair ``i`` as its query ``2i`` followed
+    by its passage ``2i + 1``. A batch holds whole pairs; cut over processes in order, a pair
+    is torn only where a process's share is odd, and the relational loss still sees it whole
+    (it is computed over the gathered global batch)."""
+    pairs = batch_order(n_pairs, batch_size // 2, count, seed)
+    return [[index for pair in batch for index in (2 * pair, 2 * pair + 1)] for batch in pairs]
 
 
 # --------------------------------------------------------------------------- modules
@@ -302,22 +314,40 @@ def encoder_max_length(options: DistillOptions, model: nn.Module, tokenizer) -> 
     return int(min(limit for limit in limits if limit < 1_000_000))
 
 
-def encoder_chunks(options: DistillOptions, context, model: nn.Module, seed: int) -> list[list[int]]:
-    """The tokenized training examples of an encoder (see :mod:`.encoder`): chunks of the
-    training text, or of the calibration windows decoded back to text."""
+def encoder_text(options: DistillOptions, context) -> str:
+    """An encoder's training text: the training text file, or the calibration windows decoded
+    back to text."""
     if context.tokenizer is None:
         raise PocketError("distill needs the model's tokenizer to train an encoder on text")
     path = training_text(options, context)
     if path is not None:
-        text = data.read_text(path)
-    else:
-        text = "\n".join(context.tokenizer.decode(w, skip_special_tokens=True) for w in context.calibration_windows())
+        return data.read_text(path)
+    return "\n".join(context.tokenizer.decode(w, skip_special_tokens=True) for w in context.calibration_windows())
+
+
+def encoder_chunks(options: DistillOptions, context, model: nn.Module, seed: int) -> list[list[int]]:
+    """The tokenized training examples of an encoder for ``texts = "chunks"`` (see :mod:`.encoder`)."""
+    text = encoder_text(options, context)
     max_length = encoder_max_length(options, model, context.tokenizer)
     chunks = tokenize_chunks(context.tokenizer, text_chunks(text, seed), max_length)
     if len(chunks) < options.batch_size:
         raise PocketError(f"the training text holds {len(chunks)} sentences or passages, fewer than "
                           f"batch_size {options.batch_size}", fix="use a longer text or a smaller batch_size")
     return chunks
+
+
+def encoder_pairs(options: DistillOptions, context, model: nn.Module) -> list[list[int]]:
+    """The tokenized (query, passage) pairs of an encoder for ``texts = "pairs"``, flattened:
+    example ``2i`` is pair ``i``'s query, ``2i + 1`` its passage (:func:`~.encoder.tokenize_pairs`)."""
+    text = encoder_text(options, context)
+    max_length = encoder_max_length(options, model, context.tokenizer)
+    examples = tokenize_pairs(context.tokenizer, query_passage_pairs(text), max_length)
+    if len(examples) // 2 < options.batch_size // 2:
+        raise PocketError(f"the training text holds {len(examples) // 2} (query, passage) pairs (paragraphs of "
+                          f"3 or more sentences), fewer than the {options.batch_size // 2} a micro-batch of "
+                          f"batch_size {options.batch_size} holds", field="texts",
+                          fix="use a longer text, a smaller batch_size, or texts = 'chunks'")
+    return examples
 
 
 def encoder_loader(chunks: list[list[int]], order: list[list[int]], start: int, options: DistillOptions,
@@ -523,6 +553,8 @@ def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed
     described = options.model_dump(exclude={"checkpoint_every"})
     if not options.similarity_weight:  # unset, it leaves the fingerprint of earlier versions: their states resume
         del described["similarity_weight"]
+    if options.texts == "chunks":  # the same for the default texts
+        del described["texts"]
     described["seed"] = seed
     described["windows"] = n_windows
     described["params"] = [(n, list(p.shape)) for n, p in model.named_parameters()]
@@ -609,6 +641,10 @@ def resolve_losses(options: DistillOptions, architecture) -> Losses:
             raise PocketError("similarity_weight compares the sentence embeddings of a batch's texts, and this "
                               "causal LM makes none", field="similarity_weight",
                               fix="remove similarity_weight (it applies to encoders)")
+        if options.texts != "chunks":
+            raise PocketError(f"texts = {options.texts!r} chooses the texts an encoder trains on, and this causal "
+                              "LM trains on token windows of the text", field="texts",
+                              fix="remove texts (it applies to encoders)")
         kind, kl, embedding = "causal", 1.0 if options.kl_weight is None else options.kl_weight, 0.0
     elif architecture.lm_head:
         kind, kl = "masked-lm", 1.0 if options.kl_weight is None else options.kl_weight
@@ -847,12 +883,13 @@ class Trainer:
         self.teacher_devices = [next(t.parameters()).device for t in self.teachers]
 
     def _setup_data(self, model: nn.Module) -> None:
-        """The training examples (token windows, or an encoder's text chunks), the step count and
+        """The training examples (token windows, or an encoder's text chunks or pairs), the step count and
         the warm-up."""
         options = self.options
         self.windows, self.chunks = None, None
         if self.encoder:
-            self.chunks = encoder_chunks(options, self.context, model, self.seed)
+            self.chunks = encoder_pairs(options, self.context, model) if options.texts == "pairs" \
+                else encoder_chunks(options, self.context, model, self.seed)
             self.n_examples = len(self.chunks)
             mean_length = sum(map(len, self.chunks)) / len(self.chunks)
             self.tokens_per_step = round(options.batch_size * options.grad_accum * mean_length)
@@ -911,7 +948,7 @@ class Trainer:
         """The loader from the resumed step on; student, optimizer and loader prepared by the
         accelerator; the resumed state (or the seed) loaded."""
         options, accelerator, state = self.options, self.accelerator, self.state
-        order = batch_order(self.n_examples, options.batch_size, self.total * options.grad_accum, self.seed)
+        order = self._order()
         skipped = self.start * options.grad_accum
         if self.encoder:
             tokenizer = self.context.tokenizer
@@ -943,6 +980,13 @@ class Trainer:
         self.prepared.train()
         self.context.log(self._describe())
 
+    def _order(self) -> list[list[int]]:
+        """Every micro-batch of the run, as indices of the training examples (seeded)."""
+        options, count = self.options, self.total * self.options.grad_accum
+        if self.encoder and options.texts == "pairs":
+            return pair_order(self.n_examples // 2, options.batch_size, count, self.seed)
+        return batch_order(self.n_examples, options.batch_size, count, self.seed)
+
     def _describe(self) -> str:
         options, losses = self.options, self.losses
         line = (f"distill: {self.total} steps of {self.tokens_per_step} tokens ({len(self.teachers)} teacher(s), "
@@ -953,7 +997,9 @@ class Trainer:
             return line
         terms = (("kl", losses.kl), ("ce", losses.ce), ("hidden", losses.hidden), ("embedding", losses.embedding),
                  ("similarity", losses.similarity))
-        return (line + f"; {losses.kind} encoder on {self.n_examples} text chunks, losses: "
+        examples = f"{self.n_examples // 2} (query, passage) pairs" if options.texts == "pairs" \
+            else f"{self.n_examples} text chunks"
+        return (line + f"; {losses.kind} encoder on {examples}, losses: "
                 + ", ".join(f"{name} {weight:g}" for name, weight in terms if weight > 0))
 
     def train(self) -> None:

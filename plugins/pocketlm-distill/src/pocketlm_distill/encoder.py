@@ -5,7 +5,11 @@ directions, so it is trained on text chunks rather than causal windows:
 
 * **data**: the training text cut into paragraphs, each paragraph into sentences, and runs of
   1 to ``MAX_SENTENCES`` consecutive sentences (the count drawn with the seed) make the
-  examples: single sentences and short passages, the two things a sentence encoder embeds.
+  examples: single sentences and short passages, the two things a sentence encoder embeds
+  (``texts = "chunks"``). With ``texts = "pairs"`` each paragraph of at least
+  ``MIN_PAIR_SENTENCES`` sentences gives a (query, passage) pair instead, its first sentence and
+  the rest of it, the pairs the ``retrieval`` evaluator ranks; a micro-batch then holds whole
+  pairs, so the relational loss sees a query next to its own passage and beside unrelated texts.
   Each is tokenized with the model's tokenizer *with* its special tokens (``[CLS] ... [SEP]``)
   and truncated to the maximum length; a batch is padded to its longest example and carries an
   attention mask.
@@ -41,6 +45,7 @@ from .options import removed_fraction  # noqa: F401  (its home before options.py
 
 MAX_SENTENCES = 4      # an example holds 1..MAX_SENTENCES consecutive sentences of one paragraph
 MIN_CHARACTERS = 16    # shorter fragments (stray headings, numbers) teach nothing
+MIN_PAIR_SENTENCES = 3  # a pair: a query sentence and a passage of 2 or more (as retrieval's)
 IGNORE = -100          # label of a position that is not predicted (transformers' convention)
 
 # A sentence ends at ., ! or ? followed by space and a capital, digit or opening quote.
@@ -77,11 +82,41 @@ def text_chunks(text: str, seed: int) -> list[str]:
     return chunks
 
 
+def query_passage_pairs(text: str) -> list[tuple[str, str]]:
+    """(first sentence, rest of the paragraph) of each paragraph of at least
+    ``MIN_PAIR_SENTENCES`` sentences, in the text's order: the construction of the ``retrieval``
+    evaluator's pairs, on this module's paragraphs and sentences. A pair with a query or passage
+    shorter than ``MIN_CHARACTERS`` is left out."""
+    pairs = []
+    for paragraph in paragraphs(text):
+        sentences = _SENTENCE_END.split(paragraph)
+        if len(sentences) < MIN_PAIR_SENTENCES:
+            continue
+        query, passage = sentences[0], " ".join(sentences[1:])
+        if len(query) >= MIN_CHARACTERS and len(passage) >= MIN_CHARACTERS:
+            pairs.append((query, passage))
+    return pairs
+
+
 def tokenize_chunks(tokenizer, chunks: list[str], max_length: int) -> list[list[int]]:
     """Token ids of each chunk with the tokenizer's special tokens, truncated to ``max_length``."""
     encoded = tokenizer(chunks, add_special_tokens=True, truncation=True, max_length=max_length,
                         return_attention_mask=False)["input_ids"]
     return [ids for ids in encoded if len(ids) > 2]  # more than [CLS] [SEP]
+
+
+def tokenize_pairs(tokenizer, pairs: list[tuple[str, str]], max_length: int) -> list[list[int]]:
+    """Token ids of query 0, passage 0, query 1, passage 1, ... (example ``2i`` is pair ``i``'s
+    query, ``2i + 1`` its passage), as :func:`tokenize_chunks` makes them; a pair with a side of
+    no real token is left out whole."""
+    texts = [text for pair in pairs for text in pair]
+    encoded = tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length,
+                        return_attention_mask=False)["input_ids"]
+    kept = []
+    for query, passage in zip(encoded[0::2], encoded[1::2]):
+        if len(query) > 2 and len(passage) > 2:  # more than [CLS] [SEP]
+            kept += [query, passage]
+    return kept
 
 
 # --------------------------------------------------------------------------- masking and batches

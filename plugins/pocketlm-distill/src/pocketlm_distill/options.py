@@ -48,6 +48,13 @@ class DistillOptions(Options):
     similarity_weight: float = Field(
         0.0, ge=0, description="Weight of the relational loss (encoders only): the cosine similarities between the "
         "texts of each micro-batch, student's against teacher's (mean squared difference over pairs).")
+    texts: Literal["chunks", "pairs"] = Field(
+        "chunks", description="What an encoder trains on (encoders only). chunks: runs of 1 to 4 consecutive "
+        "sentences of each paragraph of the training text, shuffled, so a micro-batch holds mostly unrelated "
+        "texts. pairs: each paragraph of 3 or more sentences as a (query, passage) pair, its first sentence and "
+        "the rest of it (the retrieval evaluator's pairs), whole pairs shuffled with the seed, so each "
+        "micro-batch holds batch_size / 2 queries each beside its own passage and similarity_weight learns how "
+        "related texts relate; needs an even batch_size.")
     hidden_loss: Literal["mse", "cosine"] | None = Field(
         None, description="How the hidden states of layer_map are compared: mse, or cosine per token "
         "(DistilBERT). None: mse for a causal LM, cosine for an encoder. Encoders compare real tokens only.")
@@ -94,6 +101,9 @@ class DistillOptions(Options):
         if self.similarity_weight > 0 and self.batch_size < 2:
             raise ValueError("similarity_weight compares the texts of a micro-batch with each other: "
                              "batch_size must be at least 2")
+        if self.texts == "pairs" and self.batch_size % 2:
+            raise ValueError(f"texts = 'pairs' puts whole (query, passage) pairs in each micro-batch: batch_size "
+                             f"must be even, not {self.batch_size}")
         if self.hidden_weight > 0 and not self.layer_map and self.student_layers is None:
             raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2} (or student_layers)")
         if self.hidden_weight > 0 and self.teachers is not None and len(self.teachers) > 1:
