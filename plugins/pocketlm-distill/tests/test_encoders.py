@@ -20,17 +20,19 @@ from pocketlm.testing import make_context
 from pocketlm.testing.models import save_tiny_model, tiny_model, tiny_tokenizer
 from pocketlm.weights import linear_weight, masks, set_mask
 from pocketlm_distill import DistillOptions, distill
-from pocketlm_distill.distill import STATE_FILE, make_student_layers
+from pocketlm_distill.distill import STATE_FILE, Trainer, make_student_layers, pair_order
 from pocketlm_distill.encoder import (
     IGNORE,
     Collate,
     Examples,
     Masking,
     embedding_loss,
+    query_passage_pairs,
     similarity_loss,
     spread_half,
     text_chunks,
     token_loss,
+    tokenize_pairs,
 )
 
 SEQ_LEN = 48
@@ -84,6 +86,98 @@ def test_chunks_are_sentences_and_passages_reproducibly():
     long_text = "\n".join("First one here. Second one here. Third one here. Fourth one here." for _ in range(30))
     counts = {len(c.split(". ")) for c in text_chunks(long_text, seed=0)}
     assert len(counts) > 1  # single sentences and passages of several
+
+
+PAIRS_TEXT = ("= Title =\n\nFirst sentence here. Second one follows. Third ends it.\n"
+              "Only two sentences. Not a pair.\n"
+              "Short. Then a longer second sentence. And a third one too.\n"
+              " = = Section = = \n"
+              "Another opening line! Is this the second? Yes, \"quoted\" third. Fourth here.\n")
+
+
+def test_pairs_are_a_paragraphs_first_sentence_and_the_rest():
+    """As the retrieval evaluator builds them: paragraphs of 3 sentences or more, headings and
+    fragments (a query shorter than 16 characters) left out."""
+    assert query_passage_pairs(PAIRS_TEXT) == [
+        ("First sentence here.", "Second one follows. Third ends it."),
+        ("Another opening line!", 'Is this the second? Yes, "quoted" third. Fourth here.'),
+    ]
+    tokenizer = tiny_tokenizer(encoder=True)
+    ids = tokenize_pairs(tokenizer, query_passage_pairs(PAIRS_TEXT), max_length=12)
+    assert [tokenizer.decode(i) for i in ids] == [  # query, its passage, query, its passage; truncated
+        "[CLS]First sent[SEP]", "[CLS]Second one[SEP]", "[CLS]Another op[SEP]", "[CLS]Is this th[SEP]"]
+    empty = tokenize_pairs(tokenizer, [("A query that is long.", ""), ("Kept query here.", "Kept passage.")], 40)
+    assert [tokenizer.decode(i) for i in empty] == ["[CLS]Kept query here.[SEP]", "[CLS]Kept passage.[SEP]"]
+
+
+def test_pair_order_keeps_pairs_whole_in_a_seeded_order():
+    order = pair_order(n_pairs=5, batch_size=4, count=6, seed=3)
+    assert order == pair_order(5, 4, 6, 3) and order != pair_order(5, 4, 6, 4)
+    assert all(len(batch) == 4 for batch in order)
+    for batch in order:
+        for query, passage in zip(batch[0::2], batch[1::2]):
+            assert query % 2 == 0 and passage == query + 1  # a query, then its own passage
+    firsts = [i // 2 for batch in order for i in batch[0::2]]
+    assert sorted(firsts[:5]) == list(range(5))  # an epoch is a permutation of the pairs
+    with pytest.raises(ValidationError, match="batch_size must be even"):
+        DistillOptions(steps=1, texts="pairs", batch_size=5)
+    with pytest.raises(ValidationError):
+        DistillOptions(steps=1, texts="sentences")
+    assert DistillOptions(steps=1).texts == "chunks"
+
+
+def test_the_loader_gives_each_query_beside_its_passage(corpus, tmp_path):
+    teacher = teacher_of("bert", corpus)
+    tokenizer = corpus["tokenizer"]
+    trainer = Trainer(copy.deepcopy(teacher), options(corpus, steps=3, grad_accum=2, texts="pairs",
+                                                      similarity_weight=1.0), context(corpus, teacher, tmp_path))
+    trainer.prepare()
+    pairs = {query: passage for query, passage in query_passage_pairs(corpus["train"].read_text(encoding="utf-8"))}
+    truncated = {tokenizer.decode(tokenizer(q, truncation=True, max_length=SEQ_LEN)["input_ids"],
+                                  skip_special_tokens=True): q for q in pairs}
+    seen = []
+    for _ in range(6):  # 3 steps of 2 micro-batches
+        batch = next(trainer.batches)
+        texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+        assert len(texts) == 8
+        for query, passage in zip(texts[0::2], texts[1::2]):
+            assert pairs[truncated[query]].startswith(passage)  # the passage (truncated) of that very query
+            seen.append(query)
+    assert len(set(seen)) == len(seen) == 24  # 24 different pairs of the first epoch
+    assert trainer.n_examples == 2 * len(pairs)
+
+
+def test_chunks_are_unchanged_by_the_texts_option(corpus):
+    """texts = "chunks" (the default) trains on exactly the batches of the versions before the
+    option, and keeps their fingerprint, so their checkpoints resume: values recorded then."""
+    import hashlib
+
+    from pocketlm_distill.distill import _fingerprint
+
+    batches = {"bert": "7b6ac16c3310c4ccc95ab382cb19500e642da465384862da47e4154cf009ca9e",
+               "bert-mlm": "2ccdff768a5451e05b77133f46bdf592fa87444dec2b43f38926f52b53440610"}
+    for family, expected in batches.items():
+        model = teacher_of(family, corpus)
+        for texts in ({}, {"texts": "chunks"}):
+            trainer = Trainer(model, options(corpus, steps=6, grad_accum=2, **texts),
+                              make_context(None, tokenizer=corpus["tokenizer"], teacher=model))
+            trainer.prepare()
+            digest = hashlib.sha256()
+            for _ in range(12):
+                batch = next(trainer.batches)
+                for key in sorted(batch):
+                    digest.update(key.encode())
+                    digest.update(batch[key].numpy().tobytes())
+            assert digest.hexdigest() == expected, (family, texts)
+    model = teacher_of("bert-mlm", corpus)
+    fixed = dict(text="train.txt", seq_len=48, batch_size=8, lr=2e-3, checkpoint_every=0, steps=6, grad_accum=2)
+    for texts in ({}, {"texts": "chunks"}):
+        assert _fingerprint(DistillOptions(**fixed, **texts), model, 152, 0) == \
+            "c957f21c5e5be3c528d15a44461d22581fd21e6b74848cdca57e240544d2e44f"
+        assert _fingerprint(DistillOptions(**fixed, similarity_weight=1.0, **texts), model, 152, 0) == \
+            "7fdf77004430e1cef8ed7f06b0f74aab71bd2f4df116c678691f9c07a85c8301"
+    assert _fingerprint(DistillOptions(**fixed, texts="pairs"), model, 152, 0) != \
+        "c957f21c5e5be3c528d15a44461d22581fd21e6b74848cdca57e240544d2e44f"  # pairs: another run
 
 
 def test_bert_masking_and_padding():
