@@ -367,7 +367,8 @@ def test_masked_lm_distillation_lowers_the_masked_kl(family, corpus, tmp_path):
     assert all(float(r["embedding"]) == 0 and float(r["ce"]) == 0 for r in rows)
 
 
-def test_multi_teacher_embeddings_are_averaged(corpus, tmp_path):
+@pytest.mark.parametrize("texts", ["chunks", "pairs"])
+def test_multi_teacher_embeddings_are_averaged(texts, corpus, tmp_path):
     first, second = teacher_of("bert", corpus, seed=0), teacher_of("bert", corpus, seed=2)
     loaded = {"a": first, "b": second}
     student = teacher_of("bert", corpus, seed=3)
@@ -382,7 +383,7 @@ def test_multi_teacher_embeddings_are_averaged(corpus, tmp_path):
         return F.cosine_similarity(embed(student, tokenizer, held, max_length=SEQ_LEN), target, dim=-1).mean().item()
 
     before = to_target()
-    distill(student, options(corpus, steps=20, teachers=["a", "b"]), ctx)
+    distill(student, options(corpus, steps=20, teachers=["a", "b"], texts=texts), ctx)
     after = to_target()
     assert 1 - after < 0.5 * (1 - before), (before, after)
 
@@ -417,6 +418,33 @@ def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
     assert moved.abs().max() > 1e-4  # the kept weights trained
 
 
+def test_pairs_resume_exactly_with_masking(corpus, tmp_path):
+    """texts = "pairs" on a masked-LM encoder with every term: killed after a checkpoint and
+    resumed, it ends with the weights of the uninterrupted run, bit for bit."""
+    teacher = teacher_of("bert-mlm", corpus)
+    opts = options(corpus, steps=6, checkpoint_every=2, batch_size=4, hidden_weight=1.0, layer_map={"0": 0, "1": 2},
+                   embedding_weight=1.0, ce_weight=0.5, similarity_weight=1.0, texts="pairs")
+    straight = copy.deepcopy(teacher)
+    messages = []
+    ctx = context(corpus, teacher, tmp_path / "a")
+    ctx.logger = messages.append
+    distill(straight, opts, ctx)
+    assert any("masked-lm encoder on 47 (query, passage) pairs" in m for m in messages), messages
+
+    from test_distill import _Killed, _KillAfter
+
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.progress = _KillAfter(3)  # the last checkpoint holds step 2
+    with pytest.raises(_Killed):
+        distill(copy.deepcopy(teacher), opts, ctx)
+    assert torch.load(tmp_path / "b" / "stage" / STATE_FILE, weights_only=True)["step"] == 2
+    resumed = copy.deepcopy(teacher)
+    distill(resumed, opts, context(corpus, teacher, tmp_path / "b"))
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), teacher.state_dict().values()))
+
+
 # ------------------------------------------------------------------------------ refused
 
 
@@ -442,6 +470,15 @@ def test_options_that_cannot_apply_are_refused(corpus, tmp_path):
     with pytest.raises(PocketError, match="causal LM makes none") as error:
         distill(causal, options(corpus, steps=2, similarity_weight=1.0), context(corpus, causal, tmp_path))
     assert error.value.field == "similarity_weight" and "remove similarity_weight" in error.value.fix
+    with pytest.raises(PocketError, match="causal LM trains on token windows") as error:
+        distill(causal, options(corpus, steps=2, texts="pairs"), context(corpus, causal, tmp_path))
+    assert error.value.field == "texts" and "remove texts" in error.value.fix
+    with pytest.raises(PocketError, match=r"holds 2 \(query, passage\) pairs") as error:
+        short = tmp_path / "short.txt"
+        short.write_text(PAIRS_TEXT, encoding="utf-8")
+        distill(copy.deepcopy(teacher), options(corpus, steps=2, texts="pairs", text=str(short)),
+                context(corpus, teacher, tmp_path))
+    assert error.value.field == "texts"
     with pytest.raises(ValidationError, match="mlm_probability"):
         DistillOptions(steps=1, mlm_probability=1.5)
     with pytest.raises(ValidationError, match="student_layers"):
@@ -530,7 +567,7 @@ def one_and_two_processes(family, corpus, tmp_path, **extra):
     for module in student.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    opts = options(corpus, steps=4, batch_size=4, grad_accum=2, **extra)
+    opts = options(corpus, **{"steps": 4, "batch_size": 4, "grad_accum": 2, **extra})
     one = copy.deepcopy(student)
     distill(one, opts, context(corpus, teacher, tmp_path / "one"))
 
@@ -547,13 +584,17 @@ def one_and_two_processes(family, corpus, tmp_path, **extra):
     return student.state_dict(), one.state_dict(), load_file(str(out))
 
 
-@pytest.mark.parametrize("family, extra", [("bert", {}), ("bert-mlm", {}),
-                                           ("bert", {"embedding_weight": 1.0, "similarity_weight": 1.0})])
+@pytest.mark.parametrize("family, extra", [
+    ("bert", {}), ("bert-mlm", {}), ("bert", {"embedding_weight": 1.0, "similarity_weight": 1.0}),
+    ("bert-mlm", {"texts": "pairs", "similarity_weight": 1.0}),  # each process holds a whole pair
+    ("bert", {"texts": "pairs", "similarity_weight": 1.0, "batch_size": 2}),  # a query here, its passage there
+])
 def test_two_processes_match_one_on_an_encoder(family, extra, corpus, tmp_path):
     """The same global batch on 2 processes and on 1 gives the same weights: for the
     sentence-embedding loss; for the masked-LM loss, whose per-token means are weighted by each
     process's share of the batch's masked tokens (the halves of a batch hold different counts);
-    and for the similarity loss, whose matrix spans the texts of both processes (gathered)."""
+    and for the similarity loss, whose matrix spans the texts of both processes (gathered); with
+    texts = "pairs" too, also where a pair's query and passage fall on different processes."""
     before, one, two = one_and_two_processes(family, corpus, tmp_path, **extra)
     moved_one = moved_two = 0.0
     for name, a in one.items():
