@@ -12,8 +12,9 @@ independent of T (Hinton et al., 2015). ``P_i`` is a learned linear projection w
 student's width differs from the teacher's (trained with the student, never exported), and the
 identity otherwise.
 
-Encoders (the BERT family, ``Architecture.encoder``) train on sentence and passage chunks with
-their special tokens and an attention mask instead of causal windows, and their loss is chosen for
+Encoders (the BERT family, ``Architecture.encoder``) train on sentence and passage chunks (or,
+``texts = "pairs"``, each paragraph's first sentence beside the rest of it, whole pairs per
+micro-batch: :func:`pair_order`) with their special tokens and an attention mask instead of causal windows, and their loss is chosen for
 what the model is for: pooled sentence embeddings (cosine or MSE) for a bare encoder, KL and MLM
 cross-entropy on BERT-style masked positions for a masked-LM encoder, hidden states compared per
 real token (cosine, as DistilBERT); optionally (``similarity_weight``) the cosine similarities

@@ -51,8 +51,9 @@ class DistillOptions(Options):
     texts: Literal["chunks", "pairs"] = Field(
         "chunks", description="What an encoder trains on (encoders only). chunks: runs of 1 to 4 consecutive "
         "sentences of each paragraph of the training text, shuffled, so a micro-batch holds mostly unrelated "
-        "texts. pairs: each paragraph of 3 or more sentences as a (query, passage) pair, its first sentence and "
-        "the rest of it (the retrieval evaluator's pairs), whole pairs shuffled with the seed, so each "
+        "texts. pairs: each paragraph of 3 or more sentences of the training text as a (query, passage) pair, its "
+        "first sentence and the rest of it (built as the retrieval evaluator builds its pairs, from the "
+        "training text, not the evaluation text), whole pairs shuffled with the seed, so each "
         "micro-batch holds batch_size / 2 queries each beside its own passage and similarity_weight learns how "
         "related texts relate; needs an even batch_size.")
     hidden_loss: Literal["mse", "cosine"] | None = Field(
