@@ -14,8 +14,8 @@ identity otherwise.
 
 Encoders (the BERT family, ``Architecture.encoder``) train on sentence and passage chunks (or,
 ``texts = "pairs"``, each paragraph's first sentence beside the rest of it, whole pairs per
-micro-batch: :func:`pair_order`) with their special tokens and an attention mask instead of causal windows, and their loss is chosen for
-what the model is for: pooled sentence embeddings (cosine or MSE) for a bare encoder, KL and MLM
+micro-batch: :func:`pair_order`) with their special tokens and an attention mask instead of
+causal windows, and their loss is chosen for what the model is for: pooled sentence embeddings (cosine or MSE) for a bare encoder, KL and MLM
 cross-entropy on BERT-style masked positions for a masked-LM encoder, hidden states compared per
 real token (cosine, as DistilBERT); optionally (``similarity_weight``) the cosine similarities
 between the texts of each micro-batch against the teacher's, a relational loss for retrieval,
@@ -884,8 +884,8 @@ class Trainer:
         self.teacher_devices = [next(t.parameters()).device for t in self.teachers]
 
     def _setup_data(self, model: nn.Module) -> None:
-        """The training examples (token windows, or an encoder's text chunks or pairs), the step count and
-        the warm-up."""
+        """The training examples (token windows, or an encoder's text chunks or pairs), the step
+        count and the warm-up."""
         options = self.options
         self.windows, self.chunks = None, None
         if self.encoder:
