@@ -204,10 +204,9 @@ def load_checkpoint_streamed(folder: Path, layers_path_of=find_layers_path) -> L
         rest = {name: spec for name, spec in manifest.items() if not name.startswith(inside)}
         _load_rest(shell, layers_path, rest, weights, masks, folder)
         tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    except PocketError:
-        raise
     except Exception as exc:  # noqa: BLE001 - any damage is reported as load_checkpoint reports it
-        raise PocketError(f"the checkpoint in {folder} cannot be loaded: {type(exc).__name__}: {exc}",
+        cause = exc.message if isinstance(exc, PocketError) else f"{type(exc).__name__}: {exc}"
+        raise PocketError(f"the checkpoint in {folder} cannot be loaded: {cause}",
                           fix="delete this stage folder and rerun with --resume to recompute it",
                           exit_code=1) from None
     stream = streaming.LayerStream(shell, layers_path, source=weights, masks=masks, shard_per_part=False)
