@@ -115,3 +115,50 @@ def test_compressed_tensors_streams_the_same_tensors_layer_by_layer(source, plug
     outputs = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export", dtype=torch.float32,
                quantization_config=CompressedTensorsConfig(run_compressed=False))(ids).logits for run in ("none", "disk")]
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _export_command(stage, fmt, out, monkeypatch, *, whole=False) -> tuple[dict[str, str], list]:
+    """``pocketlm export STAGE --format FMT -o OUT``: the sha256 of each file, and the
+    materialized decoder layers counted each time the stream opened one. ``whole``: the stage
+    loaded whole, as before exporters that stream got a checkpoint's layers one at a time."""
+    import hashlib
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pocketlm import streaming
+    from pocketlm.cli import main
+
+    opened = []
+    original_open, original_load = streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        opened.append((index, sum(streaming.is_materialized(each)
+                                  for each in streaming.get_module(self.model, self.layers_path))))
+        return layer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.LayerStream, "open", counting_open)
+        if whole:
+            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
+        result = CliRunner().invoke(main, ["export", str(stage), "--format", fmt, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    shutil.rmtree(out)
+    return files, opened
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(source, plugins, tmp_path, monkeypatch,
+                                                                         fmt):
+    """``pocketlm export`` of a stage written with offload = "none" reads its decoder layers one
+    at a time into an exporter that streams, and writes the files of the whole model in memory."""
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "")
+    Run(parse_recipe(recipe.format(model=source, offload="none", method="rtn"), plugins, file="recipe.toml"),
+        tmp_path / "run", plugins, echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "01-rtn"
+    streamed, opened = _export_command(stage, fmt, tmp_path / "out", monkeypatch)
+    whole, opened_whole = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(0, 1), (1, 1), (2, 1)] and opened_whole == []
+    assert streamed == whole and "model.safetensors" in streamed
