@@ -186,3 +186,30 @@ def test_a_tensor_missing_from_a_layer_is_named_when_the_export_reaches_it(stage
     assert result.stderr == (f"exporting (hf) to {tmp_path / 'out'}\nerror: model.source: the weights in {folder} lack "
                              "model.layers.2.mlp.up_proj.storage.qweight\n  fix: check that the folder is complete\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]     # no export, no unfinished copy of one
+
+
+def test_a_whole_checkpoint_as_the_source_of_a_disk_run_streams_and_gives_the_run_of_none(stages, tmp_path):
+    """``offload = "disk"`` with a whole stage checkpoint as the source: its layers stream from
+    the checkpoint's files (masks included) and the run ends where ``offload = "none"`` ends."""
+    import torch
+    from safetensors.torch import load_file
+
+    from pocketlm.plugins import Plugins
+
+    from .conftest import make_toy_plugin
+
+    plugins = Plugins(entry_points=False, extra=[("toy", make_toy_plugin())])
+    recipe = RECIPE.split("[[stages]]")[0].replace("[model]\n", "[model]\noffload = \"{offload}\"\n") + \
+        '[[stages]]\nmethod = "toy-round"\nbits = 4\n[evaluate]\nmetrics = ["sparsity"]\nbefore = false\n' \
+        'per_stage = []\n[export]\nformat = "hf"\n'
+    lines = {}
+    for offload in ("none", "disk"):
+        lines[offload] = []
+        Run(parse_recipe(recipe.format(model=stages["masked"], offload=offload), plugins, file="recipe.toml"),
+            tmp_path / offload, plugins, echo=lines[offload].append).execute()
+    assert f"offload disk: {LAYERS} decoder layers stream from {stages['masked']}, one at a time" in lines["disk"]
+    assert (tmp_path / "disk" / "stages" / "01-toy-round" / "layers").is_dir()
+    a, b = (load_file(str(tmp_path / offload / "export" / "model.safetensors")) for offload in ("none", "disk"))
+    assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+    reports = [json.loads((tmp_path / offload / "report.json").read_text()) for offload in ("none", "disk")]
+    assert reports[0]["after"]["sparsity"] == reports[1]["after"]["sparsity"] > 0.2   # the masks came along
