@@ -91,6 +91,30 @@ def test_an_hf_export_of_a_whole_checkpoint_streams_and_writes_the_same_bytes(st
     assert opened_whole == []
 
 
+def save_tied_model(folder):
+    """The tiny llama with its head tied to the token embedding (stored once)."""
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model(folder, "llama", layers=LAYERS)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(source)
+    return source
+
+
+def test_a_tied_head_streams_into_the_same_export(tmp_path, toy_plugins, monkeypatch):
+    source = save_tied_model(tmp_path / "tied")
+    recipe = RECIPE.replace('[[stages]]\nmethod = "toy-mask"\nsparsity = 0.5\n', "")
+    Run(parse_recipe(recipe.format(model=source), toy_plugins, file="recipe.toml"), tmp_path / "run", toy_plugins,
+        echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "01-toy-round"
+    assert json.loads((stage / "config.json").read_text())["tie_word_embeddings"] is True
+    streamed, opened = export(stage, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(stage, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+
+
 def test_joined_shards_are_the_shards_of_the_whole_model(stages, tmp_path, monkeypatch):
     """With a shard limit below the model's size, the part files of the streamed export are
     joined into the shards the export of the whole model has: same names, index and bytes."""

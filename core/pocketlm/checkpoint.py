@@ -153,7 +153,11 @@ def _load_rest(shell: nn.Module, layers_path: str, manifest: dict, weights: Safe
         for name in sorted(manifest, key=lambda n: manifest[n]["type"] != "QuantizedEmbedding"):
             set_module(shell, name, rebuild_module(manifest[name], shell))
         targets = dict(shell.state_dict(keep_vars=True))
-        missing = [k for k in targets if k not in weights and not _tied_alias(shell, k)]
+        stored = {id(targets[k]) for k in targets if k in weights}
+        # a tensor held under two names (a tied head: the embedding's weight, tied again below,
+        # or a quantized embedding's storage) is stored once, under the first
+        missing = [k for k in targets if k not in weights and id(targets[k]) not in stored
+                   and not _tied_alias(shell, k)]
         if missing:
             raise PocketError(f"the checkpoint in {folder} lacks {missing[:4]}", exit_code=1,
                               fix="delete this stage folder and rerun with --resume to recompute it")

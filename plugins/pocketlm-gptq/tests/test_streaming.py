@@ -162,3 +162,28 @@ def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(sourc
     whole, opened_whole = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
     assert opened == [(0, 1), (1, 1), (2, 1)] and opened_whole == []
     assert streamed == whole and "model.safetensors" in streamed
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf"])
+def test_a_quantized_embedding_with_its_tied_head_streams_into_the_same_files(plugins, tmp_path, monkeypatch, fmt):
+    """The head reads the 8-bit embedding's storage, stored once in the checkpoint: the streamed
+    checkpoint rebuilds the sharing and writes what the whole model does."""
+    from transformers import AutoModelForCausalLM
+
+    tied = save_tiny_model(tmp_path / "tied", "llama", layers=3)
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tied)
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "") + \
+        '[[stages]]\nmethod = "rtn"\nbits = 8\ngroup_size = 32\ntargets = ["embed"]\nignore = []\n'
+    Run(parse_recipe(recipe.format(model=tied, offload="none", method="rtn"), plugins, file="recipe.toml"),
+        tmp_path / "run", plugins, echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "02-rtn"
+    import json
+
+    assert json.loads((stage / "pocketlm-modules.json").read_text())["lm_head"]["shares"] == "model.embed_tokens"
+    streamed, opened = _export_command(stage, fmt, tmp_path / "out", monkeypatch)
+    whole, _ = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(0, 1), (1, 1), (2, 1)]
+    assert streamed == whole
