@@ -237,3 +237,22 @@ def test_a_whole_checkpoint_as_the_source_of_a_disk_run_streams_and_gives_the_ru
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
     reports = [json.loads((tmp_path / offload / "report.json").read_text()) for offload in ("none", "disk")]
     assert reports[0]["after"]["sparsity"] == reports[1]["after"]["sparsity"] > 0.2   # the masks came along
+
+
+def test_joined_safetensors_are_the_bytes_of_one_save(tmp_path):
+    import torch
+
+    from pocketlm.tensorfiles import join_safetensors, save_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    parts = [{"a.weight": torch.randn(3, 5, generator=generator), "a.empty": torch.zeros(0, 4)},
+             {"b.qweight": torch.randint(-8, 8, (7, 2), dtype=torch.int8, generator=generator),
+              "b.scales": torch.randn(7, generator=generator).to(torch.bfloat16)},
+             {"c.mask": torch.rand(3, 3, generator=generator) > 0.5}]
+    files = []
+    for number, part in enumerate(parts):
+        files.append(tmp_path / f"part-{number}.safetensors")
+        save_tensors(part, files[-1])
+    join_safetensors(files, tmp_path / "joined.safetensors")
+    save_tensors({k: v for part in parts for k, v in part.items()}, tmp_path / "whole.safetensors")
+    assert (tmp_path / "joined.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
