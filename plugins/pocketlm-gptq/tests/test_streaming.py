@@ -164,17 +164,22 @@ def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(sourc
     assert streamed == whole and "model.safetensors" in streamed
 
 
-@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf"])
-def test_a_quantized_embedding_with_its_tied_head_streams_into_the_same_files(plugins, tmp_path, monkeypatch, fmt):
-    """The head reads the 8-bit embedding's storage, stored once in the checkpoint: the streamed
-    checkpoint rebuilds the sharing and writes what the whole model does."""
+def _save_tied(folder):
     from transformers import AutoModelForCausalLM
 
-    tied = save_tiny_model(tmp_path / "tied", "llama", layers=3)
+    tied = save_tiny_model(folder, "llama", layers=3)
     model = AutoModelForCausalLM.from_pretrained(tied)
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
     model.save_pretrained(tied)
+    return tied
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf"])
+def test_a_quantized_embedding_with_its_tied_head_streams_into_the_same_files(plugins, tmp_path, monkeypatch, fmt):
+    """The head reads the 8-bit embedding's storage, stored once in the checkpoint: the streamed
+    checkpoint rebuilds the sharing and writes what the whole model does."""
+    tied = _save_tied(tmp_path / "tied")
     recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "") + \
         '[[stages]]\nmethod = "rtn"\nbits = 8\ngroup_size = 32\ntargets = ["embed"]\nignore = []\n'
     Run(parse_recipe(recipe.format(model=tied, offload="none", method="rtn"), plugins, file="recipe.toml"),
@@ -187,3 +192,21 @@ def test_a_quantized_embedding_with_its_tied_head_streams_into_the_same_files(pl
     whole, _ = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
     assert opened == [(0, 1), (1, 1), (2, 1)]
     assert streamed == whole
+
+
+def test_a_disk_stage_whose_head_shares_the_quantized_embedding_loads_again(plugins, tmp_path):
+    """A streamed stage checkpoint stores the shared storage once, under the embedding: loading
+    it back (``pocketlm export``, ``--resume``) ties the head to it again."""
+    from pocketlm.checkpoint import load_checkpoint
+
+    tied = _save_tied(tmp_path / "tied")
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "").replace(
+        "group_size = 32\n", 'group_size = 32\ntargets = ["embed"]\nignore = []\n').replace("bits = 4", "bits = 8")
+    for offload in ("none", "disk"):
+        Run(parse_recipe(recipe.format(model=tied, offload=offload, method="rtn"), plugins, file="recipe.toml"),
+            tmp_path / offload, plugins, echo=lambda m: None).execute()
+    whole = load_checkpoint(tmp_path / "none" / "stages" / "01-rtn").model
+    streamed = load_checkpoint(tmp_path / "disk" / "stages" / "01-rtn").model
+    assert streamed.lm_head.storage is streamed.model.embed_tokens.storage
+    assert torch.equal(streamed.lm_head.storage.qweight, whole.lm_head.storage.qweight)
+    assert torch.equal(streamed.lm_head.storage.scales, whole.lm_head.storage.scales)
