@@ -14,6 +14,9 @@
   grids, tensor by tensor.
   After the run, the GPTQ stage is exported again as GGUF (``pocketlm export STAGE --format
   gguf``) in a second sampled child.
+* ``export --offload disk|none``: only the second step of ``memory``: ``pocketlm export STAGE
+  --format gguf`` of the GPTQ stage an earlier ``memory`` run with that offload left under
+  ``--cache`` (made first when it is missing), in a sampled child.
 * ``peer --offload disk|none``: llm-compressor 0.14's GPTQ (W4 g128, act-order static, damp 0.01,
   block 128) on the same model and the same 8 x 512 windows (pocketlm's own calibration windows
   handed over as token ids), in its own venv (``benchmarks/peers/setup_llmcompressor.sh``):
@@ -189,8 +192,8 @@ def run_recipe(recipe: str, run_dir: Path, name: str) -> dict:
 
 
 def export_gguf(stage: Path, out: Path) -> dict:
-    """``pocketlm export STAGE --format gguf`` in a sampled child (a streamed stage checkpoint is
-    loaded as a streamed model and written one layer at a time)."""
+    """``pocketlm export STAGE --format gguf`` in a sampled child (the stage checkpoint, streamed
+    or whole, is loaded as a streamed model and written one layer at a time)."""
     import shutil
 
     shutil.rmtree(out, ignore_errors=True)
@@ -339,6 +342,28 @@ def memory(model: Path, cache: Path, offload: str, invocation: str) -> None:
             "gguf_export": {**gguf, "peak_over_model": round(gguf["peak_rss_mb"] * 2**20 / float_bytes, 3)}})
 
 
+def export_only(model: Path, cache: Path, offload: str, invocation: str) -> None:
+    """The GGUF export of the stage a ``memory`` run left, measured alone (the run first when
+    its stage is missing)."""
+    import hashlib
+
+    write_synthetic(model)
+    stage = cache / f"run-{offload}" / "stages" / "01-gptq"
+    if not (stage / "stage.json").is_file():
+        run_recipe(MEMORY_RECIPE.format(model=model, offload=offload), cache / f"run-{offload}", f"memory-{offload}")
+    float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
+    gguf = export_gguf(stage, cache / f"gguf-{offload}")
+    digest = hashlib.sha256()
+    with open(cache / f"gguf-{offload}" / "model.gguf", "rb") as handle:
+        while chunk := handle.read(1 << 24):
+            digest.update(chunk)
+    record({"benchmark": "gguf-export", "invocation": invocation, "offload": offload,
+            "stage": "streamed (layers/)" if (stage / "layers").is_dir() else "whole (model.safetensors)",
+            "model": "synthetic TinyLlama-1.1B shape, float32", "model_mb": round(float_bytes / 2**20, 1),
+            "peak_over_model": round(gguf["peak_rss_mb"] * 2**20 / float_bytes, 3), **gguf,
+            "gguf_sha256": digest.hexdigest()})
+
+
 def peer(model: Path, cache: Path, offload: str, invocation: str) -> None:
     write_synthetic(model)
     float_bytes = sum(p.stat().st_size for p in model.glob("*.safetensors"))
@@ -357,7 +382,8 @@ def compare(cache: Path, invocation: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["synthetic", "memory", "compare", "cost", "profile", "peer", "side-by-side"])
+    parser.add_argument("what", choices=["synthetic", "memory", "export", "compare", "cost", "profile", "peer",
+                                         "side-by-side"])
     parser.add_argument("--layers", type=int, default=2, help="profile: decoder layers to walk")
     parser.add_argument("--offload", choices=["disk", "none"], default="disk")
     parser.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / ".cache" / "scale")
@@ -368,6 +394,8 @@ def main() -> None:
         print(write_synthetic(model))
     elif args.what == "memory":
         memory(model, args.cache, args.offload, invocation)
+    elif args.what == "export":
+        export_only(model, args.cache, args.offload, invocation)
     elif args.what == "peer":
         peer(model, args.cache, args.offload, invocation)
     elif args.what == "side-by-side":  # the issue's memory table in one invocation, one run after another

@@ -41,7 +41,7 @@ import torch
 
 from . import __version__, atomic, calibration, devices, distributed, rundir, streaming
 from .builtins.evaluators import check_context_length
-from .checkpoint import load_checkpoint, save_checkpoint, save_rest
+from .checkpoint import is_checkpoint, load_checkpoint, save_checkpoint, save_rest
 from .components import LoadedModel
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
@@ -227,13 +227,18 @@ class Run:
         first, last = getattr(tokenizer, "cls_token_id", None), getattr(tokenizer, "sep_token_id", None)
         return None if first is None or last is None else (int(first), int(last))
 
-    def load(self, source: str) -> LoadedModel:
+    def load(self, source: str, *, stream: bool = False) -> LoadedModel:
         """Load the model ``source`` names (a folder, a file, a run's stage folder, ``demo:NAME``)
         with the recipe's ``[model]`` options, through the loaders, placed where ``[model]
-        device`` and ``offload`` say once the run has started."""
+        device`` and ``offload`` say once the run has started. ``stream``: what follows reads
+        the model a decoder layer at a time (an exporter that ``streams``), so a stage
+        checkpoint loads as ``offload = "disk"`` loads it, its layers read only when reached,
+        whatever the recipe's offload (the model is the same; the recipe is left as it is)."""
+        options = self.recipe.file.model
+        if stream and is_checkpoint(Path(source).expanduser()):
+            options = options.model_copy(update={"offload": "disk"})
         with self._guard(f"loading {source}", "loaders", self._loader_name(source)):
-            loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
-                                                  context=self._context(None))
+            loaded = self.plugins.hook.load_model(source=source, options=options, context=self._context(None))
         if loaded is not None and self.device is not None:
             loaded = dataclasses.replace(loaded, model=self._place(loaded.model))
         return loaded

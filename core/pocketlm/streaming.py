@@ -46,7 +46,7 @@ from . import atomic
 from .errors import PocketError
 from .module_types import describe_modules, rebuild_module
 from .modules import build_shell, find_layers_path, get_module, parameters_on_meta, set_module  # noqa: F401
-from .tensorfiles import SafetensorsFolder, read_header, save_tensors, write_safetensors  # noqa: F401
+from .tensorfiles import SafetensorsFolder, join_safetensors, read_header, save_tensors, write_safetensors  # noqa: F401
 from .weights import MASK_BUFFER, QuantizedEmbedding, QuantizedLinear, is_transposed, linear_weight
 
 AUTO_DISK_SHARE = 0.5
@@ -207,17 +207,24 @@ def load_layer_shard(layer: nn.Module, file: Path) -> None:
 class LayerStream:
     """Where each decoder layer of a streamed model lives, and the open/close seam.
 
-    * ``source``: the original weights (dense, HF names): a :class:`SafetensorsFolder` or a
-      :class:`pocketlm.gguf_source.GGUFSource`, or None;
+    * ``source``: the original weights (HF names): a :class:`SafetensorsFolder` or a
+      :class:`pocketlm.gguf_source.GGUFSource`, or None; a whole-model stage checkpoint's
+      ``model.safetensors`` (its layers' quantized modules already rebuilt on meta), with
+      ``masks`` its ``masks.safetensors``;
     * ``store``: a folder of layer shards from the last finished stage, or None (then ``source``);
     * ``sink``: while a stage runs, the folder its layer shards go to; a layer written there is
       read back from there;
-    * ``scratch``: the stage's scratch folder (activations saved for resuming, memmaps)."""
+    * ``scratch``: the stage's scratch folder (activations saved for resuming, memmaps).
+
+    ``shard_per_part``: exports through :func:`write_sharded` hold one shard per part (rest,
+    each layer). False for a stream over a whole-model checkpoint: its exports keep the shards
+    of the model exported from memory, so they are the same files whichever way it was loaded."""
 
     def __init__(self, model: nn.Module, layers_path: str, source: SafetensorsFolder | None = None,
-                 store: Path | None = None):
+                 store: Path | None = None, masks: SafetensorsFolder | None = None, shard_per_part: bool = True):
         self.model, self.layers_path = model, layers_path
-        self.source, self.store = source, store
+        self.source, self.store, self.masks = source, store, masks
+        self.shard_per_part = shard_per_part
         self.sink: Path | None = None
         self.scratch: Path | None = None
         self.open_layers: set[int] = set()
@@ -254,6 +261,7 @@ class LayerStream:
                                       field="model.source", fix="check that the folder is complete", exit_code=1)
                 tensors = self.source.read_many([prefix + n for n in names])
                 _assign(layer, {n: tensors.pop(prefix + n) for n in names}, f"layer {index} of {self.source.folder}")
+                self._load_masks(layer, prefix)
             else:
                 raise PocketError(f"no stored copy of decoder layer {index} was found", exit_code=1,
                                   fix="rerun without --resume")
@@ -263,6 +271,14 @@ class LayerStream:
             # quantized form) and still hold the old one; closing frees them all the same.
             self._loaded[index] = list(layer.modules())
         return layer
+
+    def _load_masks(self, layer: nn.Module, prefix: str) -> None:
+        """The masks ``self.masks`` holds for the layer at ``prefix`` (a checkpoint's), as buffers."""
+        if self.masks is None:
+            return
+        names = [name for name in self.masks.where if name.startswith(prefix)]
+        for name, mask in self.masks.read_many(names).items():
+            get_module(layer, name[len(prefix):]).register_buffer(MASK_BUFFER, mask, persistent=False)
 
     def close(self, index: int, *, write: bool = True) -> None:
         """Write layer ``index`` to the sink (when a stage is writing and ``write``) and free it."""
@@ -555,20 +571,24 @@ def dense_tensors(module: nn.Module, prefix: str, dtype: torch.dtype | None,
 MAX_SHARD_BYTES = 2 * 2**30
 
 
-def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int | None = None) -> None:
     """Write ``model`` as safetensors, a part at a time: everything outside the decoder layers,
     then each layer. ``tensors_of(module, prefix)`` gives a part's tensors to store, full names.
     A tied head is left out (transformers ties it again on load).
 
-    A streamed model gets one shard per part, each layer materialized in turn, with
-    ``model.safetensors.index.json``. An in-memory model's parts are gathered into shards of at
-    most ``max_shard_bytes`` (one ``model.safetensors`` when the export fits), so the writer never
-    holds a converted copy of the whole model, as ``save_pretrained`` of a dense copy would."""
+    An in-memory model's parts are gathered into shards of at most ``max_shard_bytes`` (default
+    :data:`MAX_SHARD_BYTES`; one ``model.safetensors`` when the export fits), so the writer never
+    holds a converted copy of the whole model, as ``save_pretrained`` of a dense copy would. A
+    streamed model's layers are materialized in turn, each part written to its own shard as it
+    comes; these stay the export's shards, with ``model.safetensors.index.json``, or (a stream
+    without ``shard_per_part``) are joined into the in-memory model's shards, the same files."""
     stream = stream_of(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    max_shard_bytes = MAX_SHARD_BYTES if max_shard_bytes is None else max_shard_bytes
     layers_path = stream.layers_path if stream is not None else find_layers_path(model)
     shards: list[tuple[str, list[str]]] = []   # (temporary file, tensor names)
+    sizes: list[int] = []                      # a streamed model's: the bytes of each part
     pending: dict[str, torch.Tensor] = {}
     total = 0
 
@@ -589,6 +609,8 @@ def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int
         pending.update(tensors)
         total += size
         if stream is not None:
+            if pending:            # flush writes a shard of it
+                sizes.append(size)
             flush()
 
     with without_layers(model, layers_path):
@@ -603,7 +625,9 @@ def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int
     for index, layer in (stream.each() if stream is not None else enumerate(get_module(model, layers_path))):
         add(tensors_of(layer, f"{layers_path}.{index}."))
     flush()
-    if len(shards) == 1 and stream is None:
+    if stream is not None and not stream.shard_per_part:
+        shards = _join_parts(path, shards, sizes, max_shard_bytes)
+    if len(shards) == 1 and (stream is None or not stream.shard_per_part):
         os.replace(path / shards[0][0], path / "model.safetensors")
         return
     weight_map = {}
@@ -612,6 +636,31 @@ def write_sharded(model: nn.Module, path: Path, tensors_of, max_shard_bytes: int
         os.replace(path / temporary, path / final)
         weight_map.update({name: final for name in names})
     atomic.write_json(path / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+def _join_parts(path: Path, parts: list[tuple[str, list[str]]], sizes: list[int],
+                max_shard_bytes: int) -> list[tuple[str, list[str]]]:
+    """The part shards of a streamed model joined into the shards :func:`write_sharded` gathers
+    for a model in memory: a part starts a new shard where the shard would pass the limit."""
+    groups: list[list[int]] = []
+    held = 0
+    for number, size in enumerate(sizes):
+        if not groups or (held and held + size > max_shard_bytes):
+            groups.append([])
+            held = 0
+        groups[-1].append(number)
+        held += size
+    shards = []
+    for members in groups:
+        if len(members) == 1:
+            shards.append(parts[members[0]])
+            continue
+        name = f".joined-{len(shards):05d}.tmp"
+        join_safetensors([path / parts[m][0] for m in members], path / name)
+        for m in members:
+            (path / parts[m][0]).unlink()
+        shards.append((name, [n for m in members for n in parts[m][1]]))
+    return shards
 
 
 def write_config(model: nn.Module, path: Path, dtype: torch.dtype | None) -> None:

@@ -66,6 +66,40 @@ def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict[st
     return write_safetensors(Path(file), layout, tensors.__getitem__, metadata)
 
 
+def join_safetensors(files: list[Path], out: Path) -> None:
+    """One safetensors file of the tensors of ``files``, in order: byte for byte what
+    :func:`save_tensors` writes for their tensors gathered in one dict (each file written by it).
+    The headers are merged and the data copied a chunk at a time, so memory holds no tensor."""
+    header: dict = {}
+    ranges, offset = [], 0
+    for file in files:
+        part = read_header(Path(file))
+        header.setdefault("__metadata__", part.get("__metadata__", {"format": "pt"}))
+        size = 0
+        for name, info in part.items():
+            if name != "__metadata__":
+                first, last = info["data_offsets"]
+                header[name] = {"dtype": info["dtype"], "shape": info["shape"],
+                                "data_offsets": [offset + first, offset + last]}
+                size = max(size, last)
+        with open(file, "rb") as handle:
+            ranges.append((8 + struct.unpack("<Q", handle.read(8))[0], size))
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # as write_safetensors pads it
+    with open(out, "wb") as sink:
+        sink.write(struct.pack("<Q", len(blob)) + blob)
+        for file, (start, size) in zip(files, ranges):
+            with open(file, "rb") as source:
+                source.seek(start)
+                while size:
+                    chunk = source.read(min(size, 1 << 24))
+                    if not chunk:
+                        raise PocketError(f"{file} ended early while joining shards", exit_code=1)
+                    sink.write(chunk)
+                    size -= len(chunk)
+
+
 def read_header(file: Path) -> dict:
     """The header of a safetensors file, after checking that the file holds every byte it
     announces (a truncated download or copy is caught here, naming the file)."""
@@ -93,12 +127,15 @@ def read_header(file: Path) -> dict:
 
 class SafetensorsFolder:
     """The tensors of a transformers folder: one ``*.safetensors`` file, or shards named by
-    ``model.safetensors.index.json``. Tensors are read one at a time."""
+    ``model.safetensors.index.json``; or only the ``files`` named (a stage checkpoint's
+    ``model.safetensors``, apart from its masks). Tensors are read one at a time."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, files: list[str] | None = None):
         self.folder = Path(folder)
         index = self.folder / "model.safetensors.index.json"
-        if index.is_file():
+        if files is not None:
+            files = list(files)
+        elif index.is_file():
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         else:
             files = sorted(p.name for p in self.folder.glob("*.safetensors"))

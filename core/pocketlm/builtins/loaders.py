@@ -46,8 +46,8 @@ def load_folder(source: str, options) -> LoadedModel:
     folder = Path(source).expanduser()
     if is_streamed_checkpoint(folder):
         return load_streamed_checkpoint(folder, streaming.find_layers_path)
-    if is_checkpoint(folder):
-        return load_checkpoint(folder)
+    if is_checkpoint(folder):  # offload = "disk": its decoder layers are read when reached
+        return load_checkpoint(folder, stream=_offload(options) == "disk")
     if not (folder / "config.json").is_file():
         raise PocketError(f"{folder} is not a transformers model folder: it has no config.json",
                           field="model.source", fix="point model.source at the folder save_pretrained wrote")

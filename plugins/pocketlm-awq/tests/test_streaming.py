@@ -58,3 +58,42 @@ def test_disk_gives_the_grids_of_none(tmp_path):
     assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
     config = lambda folder: json.loads((folder / "config.json").read_text())["quantization_config"]
     assert config(exports["none"]) == config(exports["disk"])
+
+
+def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(tmp_path, monkeypatch):
+    """``pocketlm export --format awq`` of a stage written with offload = "none" reads its
+    decoder layers one at a time and writes the files of the whole model in memory."""
+    import hashlib
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pocketlm import streaming
+    from pocketlm.cli import main
+
+    plugins = Plugins()
+    source = save_tiny_model(tmp_path / "llama", "llama", layers=2, outliers=True)
+    recipe = RECIPE.replace('[export]\nformat = "awq"\n', "")
+    Run(parse_recipe(recipe.format(model=source, offload="none"), plugins, file="recipe.toml"), tmp_path / "run",
+        plugins, echo=lambda m: None).execute()
+    stage, out = tmp_path / "run" / "stages" / "01-awq", tmp_path / "out"
+    opened, original_open, original_load = [], streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        opened.append((index, sum(streaming.is_materialized(each)
+                                  for each in streaming.get_module(self.model, self.layers_path))))
+        return layer
+
+    files = {}
+    for way in ("streamed", "whole"):
+        with monkeypatch.context() as patch:
+            patch.setattr(streaming.LayerStream, "open", counting_open)
+            if way == "whole":
+                patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
+            result = CliRunner().invoke(main, ["export", str(stage), "--format", "awq", "-o", str(out)])
+        assert result.exit_code == 0, result.output
+        files[way] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+        shutil.rmtree(out)
+    assert opened == [(0, 1), (1, 1)]          # the streamed export only, each layer alone in memory
+    assert files["streamed"] == files["whole"] and "model.safetensors" in files["streamed"]

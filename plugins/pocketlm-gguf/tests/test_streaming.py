@@ -1,7 +1,11 @@
-"""A model streamed from disk (offload = "disk") is written to GGUF one decoder layer at a time,
-and the file holds exactly what the export of the whole model in memory holds."""
+"""A model streamed from disk (offload = "disk"), or a whole stage checkpoint that ``pocketlm
+export`` reads a layer at a time, is written to GGUF one decoder layer at a time, and the file
+holds exactly what the export of the whole model in memory holds."""
 
 from __future__ import annotations
+
+import json
+import shutil
 
 import pytest
 from gguf import GGUFReader
@@ -60,3 +64,73 @@ def test_streamed_gguf_export_equals_the_whole_model_export(tmp_path, family):
     assert sum(name.startswith("blk.") and name.endswith("attn_q.weight") for name in disk[0]) == 3
     assert logs["none"] == logs["disk"] and any("Q4_0 exact" in line for line in logs["disk"])
     assert not [p for p in (tmp_path / "disk" / "export").iterdir() if p.name.startswith("tmp")]  # no scratch left
+
+
+STAGE_RECIPE = """[model]
+source = "{model}"
+[calibration]
+samples = 4
+seq_len = 32
+[[stages]]
+method = "rtn"
+bits = 4
+group_size = 32
+[evaluate]
+metrics = []
+before = false
+per_stage = []
+"""
+
+
+def _export(stage, out, monkeypatch, *, whole=False):
+    """``pocketlm export STAGE --format gguf -o OUT``: the file's bytes, and the materialized
+    decoder layers counted each time the stream opened one. ``whole``: the stage loaded whole,
+    as ``pocketlm export`` loaded it before the gguf exporter got a checkpoint's layers one at a time."""
+    from click.testing import CliRunner
+
+    from pocketlm import streaming
+    from pocketlm.cli import main
+
+    opened = []
+    original_open, original_load = streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        layers = streaming.get_module(self.model, self.layers_path)
+        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
+        return layer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.LayerStream, "open", counting_open)
+        if whole:
+            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
+        result = CliRunner().invoke(main, ["export", str(stage), "--format", "gguf", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    data = (out / "model.gguf").read_bytes()
+    moved = out.parent / f"{out.name}-{'whole' if whole else 'streamed'}.gguf"
+    (out / "model.gguf").rename(moved)
+    shutil.rmtree(out)
+    return data, moved, opened, result.stderr
+
+
+def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_file(tmp_path, monkeypatch):
+    """A stage written with offload = "none" (one model.safetensors) is exported by ``pocketlm
+    export --format gguf`` a decoder layer at a time: never more than one layer in memory, and
+    the file is byte for byte the one the whole model in memory gives."""
+    layers = 4
+    plugins = get_plugins()
+    source = save_tiny_model(tmp_path / "llama", "llama", layers=layers)
+    Run(parse_recipe(STAGE_RECIPE.format(model=source), plugins, file="recipe.toml"), tmp_path / "run", plugins,
+        echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "01-rtn"
+    assert (stage / "model.safetensors").is_file() and not (stage / "layers").exists()
+    streamed, streamed_file, opened, said = _export(stage, tmp_path / "out", monkeypatch)
+    whole, whole_file, opened_whole, said_whole = _export(stage, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(index, 1) for index in range(layers)]   # each layer once, alone in memory
+    assert opened_whole == []
+    assert streamed == whole
+    tensors, fields = _contents(streamed_file)
+    assert (tensors, fields) == _contents(whole_file)
+    assert sum(name.startswith("blk.") and name.endswith("attn_q.weight") for name in tensors) == layers
+    assert json.loads(fields["pocketlm.tensors"]) == {"F16 dense": 2, "Q4_0 exact": 7 * layers}
+    assert said == said_whole and "Q4_0 exact" in said

@@ -115,3 +115,98 @@ def test_compressed_tensors_streams_the_same_tensors_layer_by_layer(source, plug
     outputs = [AutoModelForCausalLM.from_pretrained(tmp_path / run / "export", dtype=torch.float32,
                quantization_config=CompressedTensorsConfig(run_compressed=False))(ids).logits for run in ("none", "disk")]
     assert torch.equal(outputs[0], outputs[1])
+
+
+def _export_command(stage, fmt, out, monkeypatch, *, whole=False) -> tuple[dict[str, str], list]:
+    """``pocketlm export STAGE --format FMT -o OUT``: the sha256 of each file, and the
+    materialized decoder layers counted each time the stream opened one. ``whole``: the stage
+    loaded whole, as before exporters that stream got a checkpoint's layers one at a time."""
+    import hashlib
+    import shutil
+
+    from click.testing import CliRunner
+
+    from pocketlm import streaming
+    from pocketlm.cli import main
+
+    opened = []
+    original_open, original_load = streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        opened.append((index, sum(streaming.is_materialized(each)
+                                  for each in streaming.get_module(self.model, self.layers_path))))
+        return layer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.LayerStream, "open", counting_open)
+        if whole:
+            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
+        result = CliRunner().invoke(main, ["export", str(stage), "--format", fmt, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    shutil.rmtree(out)
+    return files, opened
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(source, plugins, tmp_path, monkeypatch,
+                                                                         fmt):
+    """``pocketlm export`` of a stage written with offload = "none" reads its decoder layers one
+    at a time into an exporter that streams, and writes the files of the whole model in memory."""
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "")
+    Run(parse_recipe(recipe.format(model=source, offload="none", method="rtn"), plugins, file="recipe.toml"),
+        tmp_path / "run", plugins, echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "01-rtn"
+    streamed, opened = _export_command(stage, fmt, tmp_path / "out", monkeypatch)
+    whole, opened_whole = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(0, 1), (1, 1), (2, 1)] and opened_whole == []
+    assert streamed == whole and "model.safetensors" in streamed
+
+
+def _save_tied(folder):
+    from transformers import AutoModelForCausalLM
+
+    tied = save_tiny_model(folder, "llama", layers=3)
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tied)
+    return tied
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "hf"])
+def test_a_quantized_embedding_with_its_tied_head_streams_into_the_same_files(plugins, tmp_path, monkeypatch, fmt):
+    """The head reads the 8-bit embedding's storage, stored once in the checkpoint: the streamed
+    checkpoint rebuilds the sharing and writes what the whole model does."""
+    tied = _save_tied(tmp_path / "tied")
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "") + \
+        '[[stages]]\nmethod = "rtn"\nbits = 8\ngroup_size = 32\ntargets = ["embed"]\nignore = []\n'
+    Run(parse_recipe(recipe.format(model=tied, offload="none", method="rtn"), plugins, file="recipe.toml"),
+        tmp_path / "run", plugins, echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "02-rtn"
+    import json
+
+    assert json.loads((stage / "pocketlm-modules.json").read_text())["lm_head"]["shares"] == "model.embed_tokens"
+    streamed, opened = _export_command(stage, fmt, tmp_path / "out", monkeypatch)
+    whole, _ = _export_command(stage, fmt, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(0, 1), (1, 1), (2, 1)]
+    assert streamed == whole
+
+
+def test_a_disk_stage_whose_head_shares_the_quantized_embedding_loads_again(plugins, tmp_path):
+    """A streamed stage checkpoint stores the shared storage once, under the embedding: loading
+    it back (``pocketlm export``, ``--resume``) ties the head to it again."""
+    from pocketlm.checkpoint import load_checkpoint
+
+    tied = _save_tied(tmp_path / "tied")
+    recipe = RECIPE.replace("[export]\n", "").replace('format = "{format}"\n', "").replace(
+        "group_size = 32\n", 'group_size = 32\ntargets = ["embed"]\nignore = []\n').replace("bits = 4", "bits = 8")
+    for offload in ("none", "disk"):
+        Run(parse_recipe(recipe.format(model=tied, offload=offload, method="rtn"), plugins, file="recipe.toml"),
+            tmp_path / offload, plugins, echo=lambda m: None).execute()
+    whole = load_checkpoint(tmp_path / "none" / "stages" / "01-rtn").model
+    streamed = load_checkpoint(tmp_path / "disk" / "stages" / "01-rtn").model
+    assert streamed.lm_head.storage is streamed.model.embed_tokens.storage
+    assert torch.equal(streamed.lm_head.storage.qweight, whole.lm_head.storage.qweight)
+    assert torch.equal(streamed.lm_head.storage.scales, whole.lm_head.storage.scales)
