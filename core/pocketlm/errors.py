@@ -23,3 +23,9 @@ class PocketError(Exception):
         if self.fix:
             text += f"\n  fix: {self.fix}"
         return text
+
+
+class NotStreamable(PocketError):
+    """``offload = "disk"`` cannot stream this model (an architecture whose shell it cannot build,
+    or a GGUF architecture it does not read); nothing of the weights was read, so loading the
+    model whole may still work."""

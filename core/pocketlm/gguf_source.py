@@ -30,7 +30,7 @@ import torch
 from . import atomic
 from .modules import build_shell, find_layers_path
 from .tensorfiles import write_safetensors
-from .errors import PocketError
+from .errors import NotStreamable, PocketError
 
 STREAMABLE = ("llama", "qwen2")
 """GGUF architectures whose tensors map one to one onto the transformers model's. transformers'
@@ -91,7 +91,7 @@ class GGUFSource:
         field = reader.fields.get("general.architecture")
         architecture = field.contents() if field is not None else None
         if architecture not in STREAMABLE:
-            raise PocketError(f"offload = \"disk\" streams GGUF files of the architectures {', '.join(STREAMABLE)}; "
+            raise NotStreamable(f"offload = \"disk\" streams GGUF files of the architectures {', '.join(STREAMABLE)}; "
                               f"{self.folder.name} is {architecture!r}", field="model.offload",
                               fix="set offload = \"none\" in [model] to load it whole through transformers")
         self.config, self.processor, names = _transformers_view(self.folder, architecture)

@@ -233,15 +233,37 @@ class Run:
         device`` and ``offload`` say once the run has started. ``stream``: what follows reads
         the model a decoder layer at a time (an exporter that ``streams``), so a stage
         checkpoint loads as ``offload = "disk"`` loads it, its layers read only when reached,
-        whatever the recipe's offload (the model is the same; the recipe is left as it is)."""
+        whatever the recipe's offload (the model is the same; the recipe is left as it is). A
+        plain source the built-in loaders read (a transformers folder of safetensors, ``demo:``,
+        a ``.gguf`` file) streams too, as ``offload = "disk"`` streams it, into the same export
+        files as the whole model's; one that cannot stream (pickle weights, an architecture whose
+        shell the disk path cannot build) loads whole, as it did."""
         options = self.recipe.file.model
-        if stream and is_checkpoint(Path(source).expanduser()):
+        plain = stream and self._streams_plain(source)
+        if (stream and is_checkpoint(Path(source).expanduser())) or plain:
             options = options.model_copy(update={"offload": "disk"})
         with self._guard(f"loading {source}", "loaders", self._loader_name(source)):
-            loaded = self.plugins.hook.load_model(source=source, options=options, context=self._context(None))
+            try:
+                loaded = self.plugins.hook.load_model(source=source, options=options, context=self._context(None))
+            except streaming.NotStreamable:
+                if not plain:
+                    raise
+                loaded = self.plugins.hook.load_model(source=source, options=self.recipe.file.model,
+                                                      context=self._context(None))
+        if plain and loaded is not None and streaming.is_streamed(loaded.model):
+            # the export is written in the whole model's shards, so its files are the same
+            streaming.stream_of(loaded.model).shard_per_part = False
         if loaded is not None and self.device is not None:
             loaded = dataclasses.replace(loaded, model=self._place(loaded.model))
         return loaded
+
+    def _streams_plain(self, source: str) -> bool:
+        """Whether ``Run.load(source, stream=True)`` streams ``source`` as a plain model: a
+        source of the built-in folder, demo or GGUF loaders that is not a stage checkpoint, and a
+        recipe that does not already choose disk offload (then the recipe's own load applies)."""
+        if self.recipe.file.model.offload == "disk" or is_checkpoint(Path(source).expanduser()):
+            return False
+        return self._loader_name(source) in ("hf", "demo", "gguf")
 
     def _load_source(self, source: str) -> LoadedModel:
         """The old name of :meth:`load`."""

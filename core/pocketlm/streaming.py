@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import atomic
-from .errors import PocketError
+from .errors import NotStreamable, PocketError  # noqa: F401
 from .module_types import describe_modules, rebuild_module
 from .modules import build_shell, find_layers_path, get_module, parameters_on_meta, set_module  # noqa: F401
 from .tensorfiles import SafetensorsFolder, join_safetensors, read_header, save_tensors, write_safetensors  # noqa: F401
@@ -499,12 +499,26 @@ def choose_offload(offload: str, folder: Path, dtype: torch.dtype) -> str:
     return "disk" if model_float_bytes(folder, dtype) > AUTO_DISK_SHARE * available_memory() else "none"
 
 
+def _shell_of(folder: Path, dtype: torch.dtype, layers_path_of):
+    """The weights of ``folder``, its model's shell on meta, and where its decoder layers are.
+    A damaged weight file is reported as it is; a config that builds no shell is
+    :class:`NotStreamable`."""
+    source, config = open_source(folder)
+    try:
+        shell = build_shell(config, dtype)
+        return source, config, shell, layers_path_of(shell)
+    except PocketError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for an unknown model
+        raise NotStreamable(f"offload = \"disk\" cannot build the model of {folder} without its weights: "
+                            f"{type(exc).__name__}: {str(exc)[:300]}", field="model.offload",
+                            fix='set offload = "none" in [model] to load the model whole') from None
+
+
 def load_streamed(folder: Path, dtype: torch.dtype, layers_path_of=find_layers_path) -> nn.Module:
     """The shell of the transformers model in ``folder`` (or a GGUF file): every part but the
     decoder layers loaded (converted to ``dtype``), the layers streaming from the files."""
-    source, config = open_source(folder)
-    shell = build_shell(config, dtype)
-    layers_path = layers_path_of(shell)
+    source, config, shell, layers_path = _shell_of(folder, dtype, layers_path_of)
     check_memory(shell, layers_path, dtype)
     with without_layers(shell, layers_path):
         names = list(shell.state_dict())

@@ -35,6 +35,7 @@ def load_streamed_folder(folder: Path, options) -> LoadedModel:
     """``offload = "disk"``: the model's shell, its decoder layers read from the files on demand."""
     tokenizer = load_tokenizer(folder, bool(getattr(options, "trust_remote_code", False)))
     model = streaming.load_streamed(folder, _dtype(options), streaming.find_layers_path)
+    sentence.read_pooling(model, folder)   # as the whole load records it
     return LoadedModel(model, tokenizer, str(folder))
 
 
@@ -108,6 +109,7 @@ def load_gguf(source: str, options) -> LoadedModel:
     offload = _offload(options)
     if offload in ("disk", "auto") and streaming.choose_offload(offload, path, _dtype(options)) == "disk":
         model = streaming.load_streamed(path, _dtype(options), streaming.find_layers_path)
+        model.config._name_or_path = str(path.parent)   # as transformers' whole load records it
         return LoadedModel(model, _gguf_tokenizer(path), str(path))
     try:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=_dtype(options))

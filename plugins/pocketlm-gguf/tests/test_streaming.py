@@ -134,3 +134,26 @@ def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_file(tmp_pa
     assert sum(name.startswith("blk.") and name.endswith("attn_q.weight") for name in tensors) == layers
     assert json.loads(fields["pocketlm.tensors"]) == {"F16 dense": 2, "Q4_0 exact": 7 * layers}
     assert said == said_whole and "Q4_0 exact" in said
+
+
+def _export_source(source, out, monkeypatch, *, whole=False):
+    """``pocketlm export SOURCE --format gguf -o OUT`` of a plain model source: the file's bytes,
+    and the materialized decoder layers counted each time the stream opened one. ``whole``: the
+    source loaded whole, as before plain sources streamed."""
+    data, moved, opened, said = _export(source, out, monkeypatch, whole=whole)
+    moved.unlink()
+    return data, opened, said
+
+
+def test_exporting_a_safetensors_folder_streams_it_into_the_same_file(tmp_path, monkeypatch):
+    """An original model (a transformers folder of safetensors) converted to GGUF is read a
+    decoder layer at a time, into the same file the whole model in memory gives."""
+    layers = 3
+    source = save_tiny_model(tmp_path / "llama", "llama", layers=layers)
+    streamed, opened, said = _export_source(source, tmp_path / "out", monkeypatch)
+    whole, opened_whole, said_whole = _export_source(source, tmp_path / "out", monkeypatch, whole=True)
+    assert opened == [(index, 1) for index in range(layers)] and opened_whole == []
+    assert streamed == whole and said == said_whole
+    (tmp_path / "check.gguf").write_bytes(streamed)
+    tensors, _ = _contents(tmp_path / "check.gguf")
+    assert sum(name.startswith("blk.") and name.endswith("attn_q.weight") for name in tensors) == layers

@@ -1,0 +1,193 @@
+"""``pocketlm export`` of a plain model source (a transformers folder of safetensors, a ``.gguf``
+file) into an exporter that streams: the decoder layers are read from the source files one at a
+time, as ``offload = "disk"`` reads them, and the export holds the same bytes as the export of the
+whole model loaded in memory. Sources the disk path cannot stream load whole, as before."""
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from pocketlm import streaming
+from pocketlm.cli import main
+from pocketlm.pipeline import Run
+from pocketlm.testing.models import save_tiny_model
+
+LAYERS = 3
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("export-source") / "llama", "llama", layers=LAYERS)
+
+
+def _digest(folder) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def export(source, fmt, out, monkeypatch, *, whole=False):
+    """``pocketlm export SOURCE --format FMT -o OUT``; ``whole``: the model loaded whole, as before
+    plain sources streamed. Returns the files' sha256 and, at each layer the stream opened, the
+    materialized decoder layers counted."""
+    opened = []
+    original_open, original_load = streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        layers = streaming.get_module(self.model, self.layers_path)
+        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
+        return layer
+
+    with monkeypatch.context() as patch:
+        patch.setattr(streaming.LayerStream, "open", counting_open)
+        if whole:
+            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
+        result = CliRunner().invoke(main, ["export", str(source), "--format", fmt, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    digest = _digest(out)
+    shutil.rmtree(out)
+    return digest, opened
+
+
+def test_an_hf_export_of_a_safetensors_folder_streams_and_writes_the_same_bytes(llama, tmp_path, monkeypatch):
+    streamed, opened = export(llama, "hf", tmp_path / "out", monkeypatch)
+    whole, opened_whole = export(llama, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and "model.safetensors" in streamed and "tokenizer.json" in streamed
+    # each layer read once, in order, and never more than that one layer in memory
+    assert opened == [(index, 1) for index in range(LAYERS)]
+    assert opened_whole == []
+
+
+def test_a_float16_folder_streams_into_the_same_float32_export(tmp_path, monkeypatch):
+    """The source's storage dtype is converted to the load dtype as the whole load converts it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    source = save_tiny_model(tmp_path / "llama", "llama", layers=LAYERS)
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.float16).save_pretrained(source)
+    streamed, opened = export(source, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(source, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+
+
+def test_sharded_sources_export_into_the_whole_models_shards(llama, tmp_path, monkeypatch):
+    """A source in several shards, and an export above the shard limit: the streamed export's
+    files are the whole model's (same shard names, index and bytes)."""
+    from transformers import AutoModelForCausalLM
+
+    source = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(llama).save_pretrained(source, max_shard_size="60KB")
+    shutil.copy(llama / "tokenizer.json", source)
+    shutil.copy(llama / "tokenizer_config.json", source)
+    assert (source / "model.safetensors.index.json").is_file()
+    layer = sum(info["data_offsets"][1] - info["data_offsets"][0]
+                for name, (_, info) in streaming.SafetensorsFolder(llama).where.items() if ".layers.0." in name)
+    monkeypatch.setattr(streaming, "MAX_SHARD_BYTES", int(2.5 * layer))
+    streamed, opened = export(source, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(source, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+    assert "model.safetensors.index.json" in streamed and sum(n.startswith("model-") for n in streamed) >= 2
+
+
+def test_a_demo_source_streams_from_its_cached_folder(llama, tmp_path, monkeypatch):
+    """``demo:NAME`` resolves to its cached safetensors folder, which streams like any folder."""
+    shutil.copytree(llama, tmp_path / "cache" / "smollm2-135m")
+    monkeypatch.setenv("POCKETLM_CACHE", str(tmp_path / "cache"))
+    streamed, opened = export("demo:smollm2-135m", "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export("demo:smollm2-135m", "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+
+
+@pytest.mark.parametrize("spec", [dict(family="llama", kind="Q8_0", layers=LAYERS),
+                                  dict(family="qwen2", kind="F16", tied=True, layers=LAYERS)])
+def test_a_gguf_file_streams_into_the_same_hf_export(tmp_path, monkeypatch, spec):
+    """A ``.gguf`` source is dequantized a layer at a time from the file, into the files the
+    whole load through transformers gives."""
+    from .test_gguf_source import write_gguf
+
+    (tmp_path / "gguf").mkdir()
+    path = write_gguf(tmp_path / "gguf" / "model.gguf", **spec)
+    streamed, opened = export(path, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(path, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+
+
+def test_a_gguf_file_streams_into_the_same_gguf_file(tmp_path):
+    """A K-quant GGUF file converted to GGUF (as ``pocketlm export`` does, here without
+    the tiny tokenizer, which has more ids than the model has rows) streams into the same file."""
+    pytest.importorskip("pocketlm_gguf")
+    from pocketlm.plugins import get_plugins
+    from pocketlm.recipe import parse_recipe
+
+    from .test_gguf_source import write_gguf
+
+    (tmp_path / "gguf").mkdir()
+    path = write_gguf(tmp_path / "gguf" / "model.gguf", family="llama", kind="K", hidden=256, intermediate=512,
+                      layers=LAYERS)
+    plugins, files = get_plugins(), {}
+    for stream in (True, False):
+        out = tmp_path / "out"          # the same recipe text both times: the file records it
+        recipe = parse_recipe(f'[model]\nsource = "{path}"\n[evaluate]\nmetrics = []\nper_stage = []\n'
+                              f'[export]\nformat = "gguf"\ntokenizer = false\npath = "{out}"\n',
+                              plugins, file="<export>")
+        run = Run(recipe, tmp_path, plugins, owns_folder=False, echo=lambda m: None)
+        loaded = run.load(str(path), stream=stream)
+        assert streaming.is_streamed(loaded.model) is stream
+        files[stream] = (Path(run.export(loaded.model, loaded.tokenizer)) / "model.gguf").read_bytes()
+        shutil.rmtree(out)
+    assert files[True] == files[False]
+
+
+def test_a_pickle_folder_is_refused_as_before(llama, tmp_path, monkeypatch):
+    """Pickle weights never stream: the export refuses them with the same message as before."""
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickle"
+    shutil.copytree(llama, folder)
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", str(folder), "--format", "hf", "-o", "out"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.stderr.startswith(f"error: model.allow_pickle: {folder} holds only pickle weights "
+                                    "(pytorch_model.bin); loading pickle can run arbitrary code")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_model_the_disk_path_cannot_build_loads_whole_as_before(llama, tmp_path, monkeypatch):
+    """Where the disk path cannot build the model's shell, the export loads it whole and writes
+    what it wrote before; ``offload = "disk"`` itself names the reason."""
+    def refuse(config, dtype):
+        raise ValueError("no meta shell for this architecture")
+
+    monkeypatch.setattr(streaming, "build_shell", refuse)
+    streamed, opened = export(llama, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(llama, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == []
+    with pytest.raises(streaming.NotStreamable, match="offload = \"disk\" cannot build the model of .*: "
+                       "ValueError: no meta shell for this architecture"):
+        streaming.load_streamed(llama, __import__("torch").float32)
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[:len(data) // 2])
+
+
+def test_a_truncated_source_gives_one_message(llama, tmp_path, monkeypatch):
+    folder = tmp_path / "damaged"
+    shutil.copytree(llama, folder)
+    _truncate(folder / "model.safetensors")
+    size = (llama / "model.safetensors").stat().st_size
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(main, ["export", str(folder), "--format", "hf", "-o", "out"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stdout == ""
+    assert result.stderr == (f"error: model.source: the weight file {folder}/model.safetensors is truncated: it "
+                             f"holds {size // 2:,} bytes of the {size:,} its header "
+                             "announces\n  fix: copy or download it again\n")
+    assert not (tmp_path / "out").exists()
