@@ -73,6 +73,30 @@ def test_a_float16_folder_streams_into_the_same_float32_export(tmp_path, monkeyp
     assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
 
 
+def test_a_tied_head_streams_into_the_same_export(tmp_path, monkeypatch):
+    from .test_export_streaming import save_tied_model
+
+    source = save_tied_model(tmp_path / "tied")
+    streamed, opened = export(source, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(source, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+
+
+def test_a_sentence_transformers_encoder_streams_with_its_pooling(tmp_path, monkeypatch):
+    """An encoder folder with sentence-transformers pooling streams too, and its export keeps the
+    pooling the whole load records (config.json, modules.json)."""
+    folder = save_tiny_model(tmp_path / "bert", "bert", layers=LAYERS)
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]))
+    streamed, opened = export(folder, "hf", tmp_path / "out", monkeypatch)
+    whole, _ = export(folder, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == whole and opened == [(index, 1) for index in range(LAYERS)]
+    assert "modules.json" in streamed
+
+
 def test_sharded_sources_export_into_the_whole_models_shards(llama, tmp_path, monkeypatch):
     """A source in several shards, and an export above the shard limit: the streamed export's
     files are the whole model's (same shard names, index and bytes)."""
@@ -171,6 +195,19 @@ def test_a_model_the_disk_path_cannot_build_loads_whole_as_before(llama, tmp_pat
     with pytest.raises(streaming.NotStreamable, match="offload = \"disk\" cannot build the model of .*: "
                        "ValueError: no meta shell for this architecture"):
         streaming.load_streamed(llama, __import__("torch").float32)
+
+
+def test_a_config_transformers_does_not_know_is_not_streamable(llama, tmp_path):
+    """A model that needs its folder's own code (or an architecture transformers lacks) cannot
+    stream: that is NotStreamable, so ``pocketlm export`` leaves it to the whole load."""
+    import torch
+
+    folder = tmp_path / "custom"
+    shutil.copytree(llama, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "my-own-llama"}))
+    with pytest.raises(streaming.NotStreamable, match="offload = \"disk\" cannot build the model of "):
+        streaming.load_streamed(folder, torch.float32)
 
 
 def _truncate(file):

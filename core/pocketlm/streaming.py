@@ -501,10 +501,10 @@ def choose_offload(offload: str, folder: Path, dtype: torch.dtype) -> str:
 
 def _shell_of(folder: Path, dtype: torch.dtype, layers_path_of):
     """The weights of ``folder``, its model's shell on meta, and where its decoder layers are.
-    A damaged weight file is reported as it is; a config that builds no shell is
-    :class:`NotStreamable`."""
-    source, config = open_source(folder)
+    A damaged weight file is reported as it is; a config that builds no shell (an unknown
+    architecture, or one that needs the folder's own code) is :class:`NotStreamable`."""
     try:
+        source, config = open_source(folder)
         shell = build_shell(config, dtype)
         return source, config, shell, layers_path_of(shell)
     except PocketError:
