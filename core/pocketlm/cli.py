@@ -346,7 +346,8 @@ def export(model, format_, output):
     # what the exporter says (a block type that rounds, a fallback) goes to stderr; stdout keeps one line
     run_ = Run(recipe, output.parent, loaded_plugins, progress=RichProgress(), owns_folder=False,
                echo=lambda message: console.print(message, highlight=False, soft_wrap=True))
-    # an exporter that writes layer by layer gets a stage checkpoint's layers one at a time
+    # an exporter that writes layer by layer gets the layers one at a time (a stage checkpoint's,
+    # a safetensors folder's, a .gguf file's); a source that cannot stream loads whole
     exporter = loaded_plugins.exporters.get(format_)
     loaded = run_.load(model, stream=bool(exporter is not None and exporter.streams))
     path = run_.export(loaded.model, loaded.tokenizer)

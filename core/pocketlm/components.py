@@ -228,7 +228,8 @@ class Exporter:
         "export before anything is written", default=None)
     summary: str = _field("one line saying what it does", default="")
     streams: bool = _field("writes a model streamed from disk layer by layer (`pocketlm.streaming`); "
-                           "`pocketlm export` then reads a stage checkpoint's layers one at a time for it",
+                           "`pocketlm export` then reads a stage checkpoint's, a safetensors folder's or a `.gguf` "
+                           "file's layers one at a time for it",
                            default=False)
     library: str = _field("what reads the export: the model card's Hub `library_name`", default="transformers")
 
