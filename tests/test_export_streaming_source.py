@@ -165,6 +165,23 @@ def test_a_gguf_file_streams_into_the_same_gguf_file(tmp_path):
     assert files[True] == files[False]
 
 
+def test_a_streamed_stage_keeps_its_export_layout(llama, tmp_path, monkeypatch, toy_plugins):
+    """A stage written with offload = "disk" (a layer shard each) is not a plain source: its
+    export keeps one shard per part, as before."""
+    from pocketlm.recipe import parse_recipe
+
+    recipe = (f'[model]\nsource = "{llama}"\noffload = "disk"\n[calibration]\nsamples = 4\nseq_len = 32\n'
+              '[[stages]]\nmethod = "toy-round"\nbits = 4\n[evaluate]\nmetrics = []\nbefore = false\nper_stage = []\n')
+    Run(parse_recipe(recipe, toy_plugins, file="recipe.toml"), tmp_path / "run", toy_plugins,
+        echo=lambda m: None).execute()
+    stage = tmp_path / "run" / "stages" / "01-toy-round"
+    assert (stage / "layers").is_dir()
+    streamed, opened = export(stage, "hf", tmp_path / "out", monkeypatch)
+    before, _ = export(stage, "hf", tmp_path / "out", monkeypatch, whole=True)
+    assert streamed == before and opened == [(index, 1) for index in range(LAYERS)]
+    assert "model.safetensors.index.json" in streamed and sum(n.startswith("model-") for n in streamed) == LAYERS + 1
+
+
 def test_a_pickle_folder_is_refused_as_before(llama, tmp_path, monkeypatch):
     """Pickle weights never stream: the export refuses them with the same message as before."""
     import torch

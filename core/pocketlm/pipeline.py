@@ -41,7 +41,7 @@ import torch
 
 from . import __version__, atomic, calibration, devices, distributed, rundir, streaming
 from .builtins.evaluators import check_context_length
-from .checkpoint import is_checkpoint, load_checkpoint, save_checkpoint, save_rest
+from .checkpoint import is_checkpoint, is_streamed_checkpoint, load_checkpoint, save_checkpoint, save_rest
 from .components import LoadedModel
 from .context import CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
@@ -260,8 +260,10 @@ class Run:
     def _streams_plain(self, source: str) -> bool:
         """Whether ``Run.load(source, stream=True)`` streams ``source`` as a plain model: a
         source of the built-in folder, demo or GGUF loaders that is not a stage checkpoint, and a
-        recipe that does not already choose disk offload (then the recipe's own load applies)."""
-        if self.recipe.file.model.offload == "disk" or is_checkpoint(Path(source).expanduser()):
+        recipe that does not already choose disk offload (then the recipe's own load applies).
+        A streamed stage checkpoint streams whatever the options, in its own shards."""
+        folder = Path(source).expanduser()
+        if self.recipe.file.model.offload == "disk" or is_checkpoint(folder) or is_streamed_checkpoint(folder):
             return False
         return self._loader_name(source) in ("hf", "demo", "gguf")
 
