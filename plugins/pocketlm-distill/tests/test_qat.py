@@ -220,6 +220,21 @@ def test_refuses_a_model_with_nothing_quantized_or_reshaped(teacher, calibration
         run_qat(student, narrower, calibration, tmp_path / "b")
 
 
+def test_end_to_end_phase_alone_recovers_a_model_narrower_than_its_teacher(teacher, corpus, calibration, tmp_path):
+    # pruned MLP channels (prune-width) then quantized: the block phase has no layer to pair with,
+    # the end-to-end phase only needs the logits
+    narrower = tiny_model("llama", vocab_size=teacher.config.vocab_size, intermediate=64, seed=3)
+    student = quantize(narrower, calibration, bits=3, group_size=16)
+    before = grids(student)
+    kl_before = kl_to(teacher, student, corpus["held"])
+    run_qat(student, teacher, calibration, tmp_path / "stage", epochs=0, e2e_steps=8, e2e_lr=2e-3,
+            e2e_batch_size=4, checkpoint_every=0)
+    for name, module in student.named_modules():
+        if isinstance(module, QuantizedLinear):
+            assert torch.equal(module.storage.qweight, before[name][0])
+    assert kl_to(teacher, student, corpus["held"]) < 0.9 * kl_before
+
+
 # ------------------------------------------------------------------------------ exact exports
 
 

@@ -580,8 +580,8 @@ def check_teacher(model: nn.Module, teacher: nn.Module, names: list[str]) -> Non
         if original is None or linear_shape(original) != linear_shape(get_module(model, name)):
             raise PocketError(f"qat matches each quantized layer to the original model's, but {name} has no "
                               "counterpart of the same shape there (an earlier stage removed layers or channels)",
-                              fix="recover a restructured model with distill before quantizing, then run qat "
-                                  "on the quantized result of an unrestructured model")
+                              fix="run qat with epochs = 0 (its end-to-end phase matches the logits only), or "
+                                  "recover a restructured model with distill before quantizing")
 
 
 # --------------------------------------------------------------------------- the handler
@@ -597,7 +597,8 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
                           f"{options.targets} (ignore {options.ignore})",
                           fix="put qat after a quantize stage (rtn, gptq), and check targets and ignore")
     teacher = context.teacher()
-    check_teacher(model, teacher, names)
+    if options.epochs:  # the block phase pairs layers; the end-to-end phase only compares logits
+        check_teacher(model, teacher, names)
     stage_dir = Path(context.stage_dir) if context.stage_dir is not None else None
     began = time.perf_counter()
     summary = {"block_tokens": 0, "block_seconds": 0.0, "e2e_tokens": 0, "e2e_seconds": 0.0}
