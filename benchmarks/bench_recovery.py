@@ -12,6 +12,11 @@ One run, one process, in this order:
    distillation from the original model training only the scales (``--e2e-lr``), on windows of
    the calibration text (WikiText-2 validation).
 
+``--mixed B`` replaces step 1 by pocketlm-mixed's allocation at B bits per weight (counted as the
+GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
+N`` first removes MLP channels with pocketlm-prune's ``prune-width`` (N kept per layer): the way
+below the 4.5 bits per weight that GGUF's 32-weight blocks set for rows of 576.
+
 Each model is measured in memory on the first 32 x 512 windows of WikiText-2 test and of the
 second-domain text (the Python Language Reference extract bundled with pocketlm-dynamic's tests,
 which no stage trains or calibrates on), exported with the ``gguf`` exporter, and its file
@@ -21,7 +26,7 @@ the token embedding are bit-identical, the in-memory perplexity is the file's.
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
-      [--reuse-reference] [--reuse-gptq]
+      [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -112,6 +117,11 @@ def main() -> None:
                         help="take the float model's perplexities from the results file's last float32 row")
     parser.add_argument("--reuse-gptq", action="store_true",
                         help="load the GPTQ model an earlier run saved in --out (and skip its measurement)")
+    parser.add_argument("--mixed", type=float, default=None, metavar="BITS_PER_WEIGHT",
+                        help="start from pocketlm-mixed's allocation at this budget (GGUF bytes, the embedding "
+                             "4-bit or float16) instead of uniform GPTQ W4 g32")
+    parser.add_argument("--intermediate-size", type=int, default=None, metavar="N",
+                        help="first remove MLP channels with prune-width, keeping N per layer (the 10x point)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -132,20 +142,33 @@ def main() -> None:
     reference = {text: reference[text] for text in texts}
 
     plugins = get_plugins()
-    method = plugins.methods["gptq"]
-    options = method.options(**GPTQ)
-    context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
+    start = "gptq" if args.mixed is None else f"mixed-{args.mixed:g}"
+    pruned = []
+    if args.intermediate_size:
+        width = plugins.methods["prune-width"]
+        width_options = width.options(intermediate_size=args.intermediate_size)
+        pruned = [{"method": "prune-width", **width_options.model_dump(exclude_defaults=True)}]
+        start = f"width-{args.intermediate_size}-{start}"
+        if not (args.reuse_gptq and (out / f"{start}-model.pt").is_file()):
+            context = make_context(calibration, tokenizer=tokenizer, plugins=plugins)
+            context.logger = log
+            with torch.no_grad():
+                width.compress(model, width_options, context)
+    method = plugins.methods["gptq" if args.mixed is None else "mixed"]
+    options = method.options(**GPTQ) if args.mixed is None else method.options(
+        bits_per_weight=args.mixed, embedding_bits=[4], ignore=["lm_head"])
+    context = make_context(calibration, tokenizer=tokenizer, plugins=plugins, stage_dir=out / f"{start}-stage")
     context.logger = log
-    stages = [{"method": "gptq", **options.model_dump(exclude_defaults=True)}]
-    cached = out / "gptq-model.pt"
+    stages = pruned + [{"method": method.name, **options.model_dump(exclude_defaults=True)}]
+    cached = out / f"{start}-model.pt"
     if args.reuse_gptq and cached.is_file():   # the same GPTQ result, saved by an earlier run of this script
         model = torch.load(cached, weights_only=False)
-        log(f"gptq model loaded from {cached}")
+        log(f"{start} model loaded from {cached}")
     else:
         with common.Timer() as timer, torch.no_grad():
             method.compress(model, options, context)
         torch.save(model, cached)
-        measure("gptq", model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
+        measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
 
     qat = plugins.methods["qat"]
     phases = [("qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))] if args.epochs else []
@@ -153,6 +176,7 @@ def main() -> None:
         phases.append(("qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, checkpoint_every=0)))
     for name, settings in phases:
         qat_options = qat.options(**settings)
+        name = name if start == "gptq" else f"{start}-{name}"
         stage_dir = out / f"{name}-stage"
         context = make_context(calibration, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
         context.logger = log
