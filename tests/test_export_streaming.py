@@ -2,7 +2,6 @@
 that streams: the decoder layers are read from the checkpoint one at a time, when the exporter
 reaches them, and the export holds the same bytes as the export of the whole model in memory."""
 
-import hashlib
 import json
 import shutil
 
@@ -14,6 +13,7 @@ from pocketlm.checkpoint import load_checkpoint
 from pocketlm.cli import main
 from pocketlm.pipeline import Run
 from pocketlm.recipe import parse_recipe
+from pocketlm.testing import export_counting_layers, file_digests
 from pocketlm.testing.models import save_tiny_model
 from pocketlm.weights import MASK_BUFFER
 
@@ -53,30 +53,13 @@ def stages(tmp_path_factory):
     return folders
 
 
-def _digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def export(stage, fmt, out, monkeypatch, *, whole=False):
     """``pocketlm export STAGE --format FMT -o OUT``; ``whole``: the model loaded whole, as
     before exporters that stream got it a layer at a time. Returns the files' sha256 and the
     materialized decoder layers counted at each layer the stream opened."""
-    opened = []
-    original_open, original_load = streaming.LayerStream.open, Run.load
-
-    def counting_open(self, index):
-        layer = original_open(self, index)
-        layers = streaming.get_module(self.model, self.layers_path)
-        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
-        return layer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(streaming.LayerStream, "open", counting_open)
-        if whole:
-            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
-        result = CliRunner().invoke(main, ["export", str(stage), "--format", fmt, "-o", str(out)])
+    result, opened = export_counting_layers(stage, fmt, out, whole=whole)
     assert result.exit_code == 0, result.output
-    digest = _digest(out)
+    digest = file_digests(out)
     shutil.rmtree(out)
     return digest, opened
 

@@ -3,7 +3,6 @@ file) into an exporter that streams: the decoder layers are read from the source
 time, as ``offload = "disk"`` reads them, and the export holds the same bytes as the export of the
 whole model loaded in memory. Sources the disk path cannot stream load whole, as before."""
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ from click.testing import CliRunner
 from pocketlm import streaming
 from pocketlm.cli import main
 from pocketlm.pipeline import Run
+from pocketlm.testing import export_counting_layers, file_digests
 from pocketlm.testing.models import save_tiny_model
 
 LAYERS = 3
@@ -24,30 +24,13 @@ def llama(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("export-source") / "llama", "llama", layers=LAYERS)
 
 
-def _digest(folder) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
-
-
 def export(source, fmt, out, monkeypatch, *, whole=False):
     """``pocketlm export SOURCE --format FMT -o OUT``; ``whole``: the model loaded whole, as before
     plain sources streamed. Returns the files' sha256 and, at each layer the stream opened, the
     materialized decoder layers counted."""
-    opened = []
-    original_open, original_load = streaming.LayerStream.open, Run.load
-
-    def counting_open(self, index):
-        layer = original_open(self, index)
-        layers = streaming.get_module(self.model, self.layers_path)
-        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
-        return layer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(streaming.LayerStream, "open", counting_open)
-        if whole:
-            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
-        result = CliRunner().invoke(main, ["export", str(source), "--format", fmt, "-o", str(out)])
+    result, opened = export_counting_layers(source, fmt, out, whole=whole)
     assert result.exit_code == 0, result.output
-    digest = _digest(out)
+    digest = file_digests(out)
     shutil.rmtree(out)
     return digest, opened
 

@@ -53,3 +53,43 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def export_counting_layers(source, fmt: str, out: Path, *, whole: bool = False):
+    """Run ``pocketlm export SOURCE --format FMT -o OUT`` as a user would, and count, each time
+    the export opens a decoder layer of a streamed model, how many decoder layers are in memory
+    at that moment. Returns ``(result, opened)``: click's result (its ``exit_code`` and
+    ``output``) and the list of ``(layer index, layers materialized)``; an exporter that streams
+    gives ``[(0, 1), (1, 1), ...]``. ``whole``: load the model whole instead, as ``pocketlm
+    export`` did before exporters streamed, for comparing the bytes the two write."""
+    from click.testing import CliRunner
+
+    from .. import streaming
+    from ..cli import main
+    from ..pipeline import Run
+
+    opened = []
+    original_open, original_load = streaming.LayerStream.open, Run.load
+
+    def counting_open(self, index):
+        layer = original_open(self, index)
+        layers = streaming.get_module(self.model, self.layers_path)
+        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
+        return layer
+
+    streaming.LayerStream.open = counting_open
+    if whole:
+        Run.load = lambda self, source, stream=False: original_load(self, source)
+    try:
+        result = CliRunner().invoke(main, ["export", str(source), "--format", fmt, "-o", str(out)])
+    finally:
+        streaming.LayerStream.open, Run.load = original_open, original_load
+    return result, opened
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    """The sha256 of each file directly in ``folder``, by name: for tests that compare exports
+    byte for byte."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).iterdir()) if p.is_file()}

@@ -63,13 +63,9 @@ def test_disk_gives_the_grids_of_none(tmp_path):
 def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(tmp_path, monkeypatch):
     """``pocketlm export --format awq`` of a stage written with offload = "none" reads its
     decoder layers one at a time and writes the files of the whole model in memory."""
-    import hashlib
     import shutil
 
-    from click.testing import CliRunner
-
-    from pocketlm import streaming
-    from pocketlm.cli import main
+    from pocketlm.testing import export_counting_layers, file_digests
 
     plugins = Plugins()
     source = save_tiny_model(tmp_path / "llama", "llama", layers=2, outliers=True)
@@ -77,23 +73,11 @@ def test_exporting_a_whole_stage_checkpoint_streams_it_into_the_same_files(tmp_p
     Run(parse_recipe(recipe.format(model=source, offload="none"), plugins, file="recipe.toml"), tmp_path / "run",
         plugins, echo=lambda m: None).execute()
     stage, out = tmp_path / "run" / "stages" / "01-awq", tmp_path / "out"
-    opened, original_open, original_load = [], streaming.LayerStream.open, Run.load
-
-    def counting_open(self, index):
-        layer = original_open(self, index)
-        opened.append((index, sum(streaming.is_materialized(each)
-                                  for each in streaming.get_module(self.model, self.layers_path))))
-        return layer
-
-    files = {}
+    files, opened = {}, {}
     for way in ("streamed", "whole"):
-        with monkeypatch.context() as patch:
-            patch.setattr(streaming.LayerStream, "open", counting_open)
-            if way == "whole":
-                patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
-            result = CliRunner().invoke(main, ["export", str(stage), "--format", "awq", "-o", str(out)])
+        result, opened[way] = export_counting_layers(stage, "awq", out, whole=way == "whole")
         assert result.exit_code == 0, result.output
-        files[way] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+        files[way] = file_digests(out)
         shutil.rmtree(out)
-    assert opened == [(0, 1), (1, 1)]          # the streamed export only, each layer alone in memory
+    assert opened == {"streamed": [(0, 1), (1, 1)], "whole": []}   # each layer alone in memory
     assert files["streamed"] == files["whole"] and "model.safetensors" in files["streamed"]

@@ -86,25 +86,9 @@ def _export(stage, out, monkeypatch, *, whole=False):
     """``pocketlm export STAGE --format gguf -o OUT``: the file's bytes, and the materialized
     decoder layers counted each time the stream opened one. ``whole``: the stage loaded whole,
     as ``pocketlm export`` loaded it before the gguf exporter got a checkpoint's layers one at a time."""
-    from click.testing import CliRunner
+    from pocketlm.testing import export_counting_layers
 
-    from pocketlm import streaming
-    from pocketlm.cli import main
-
-    opened = []
-    original_open, original_load = streaming.LayerStream.open, Run.load
-
-    def counting_open(self, index):
-        layer = original_open(self, index)
-        layers = streaming.get_module(self.model, self.layers_path)
-        opened.append((index, sum(streaming.is_materialized(each) for each in layers)))
-        return layer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(streaming.LayerStream, "open", counting_open)
-        if whole:
-            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
-        result = CliRunner().invoke(main, ["export", str(stage), "--format", "gguf", "-o", str(out)])
+    result, opened = export_counting_layers(stage, "gguf", out, whole=whole)
     assert result.exit_code == 0, result.output
     data = (out / "model.gguf").read_bytes()
     moved = out.parent / f"{out.name}-{'whole' if whole else 'streamed'}.gguf"

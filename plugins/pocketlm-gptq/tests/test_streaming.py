@@ -121,30 +121,13 @@ def _export_command(stage, fmt, out, monkeypatch, *, whole=False) -> tuple[dict[
     """``pocketlm export STAGE --format FMT -o OUT``: the sha256 of each file, and the
     materialized decoder layers counted each time the stream opened one. ``whole``: the stage
     loaded whole, as before exporters that stream got a checkpoint's layers one at a time."""
-    import hashlib
     import shutil
 
-    from click.testing import CliRunner
+    from pocketlm.testing import export_counting_layers, file_digests
 
-    from pocketlm import streaming
-    from pocketlm.cli import main
-
-    opened = []
-    original_open, original_load = streaming.LayerStream.open, Run.load
-
-    def counting_open(self, index):
-        layer = original_open(self, index)
-        opened.append((index, sum(streaming.is_materialized(each)
-                                  for each in streaming.get_module(self.model, self.layers_path))))
-        return layer
-
-    with monkeypatch.context() as patch:
-        patch.setattr(streaming.LayerStream, "open", counting_open)
-        if whole:
-            patch.setattr(Run, "load", lambda self, source, stream=False: original_load(self, source))
-        result = CliRunner().invoke(main, ["export", str(stage), "--format", fmt, "-o", str(out)])
+    result, opened = export_counting_layers(stage, fmt, out, whole=whole)
     assert result.exit_code == 0, result.output
-    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.iterdir()) if p.is_file()}
+    files = file_digests(out)
     shutil.rmtree(out)
     return files, opened
 
