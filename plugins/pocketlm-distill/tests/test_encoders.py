@@ -428,6 +428,21 @@ def test_multi_teacher_embeddings_are_averaged(texts, corpus, tmp_path):
     assert 1 - after < 0.5 * (1 - before), (before, after)
 
 
+def killed_then_resumed(start, opts, corpus, teacher, folder):
+    """``distill`` from a copy of ``start``, killed after its step-2 checkpoint, then run again
+    in the same folder: the resumed model."""
+    from test_distill import _Killed, _KillAfter
+
+    ctx = context(corpus, teacher, folder)
+    ctx.progress = _KillAfter(3)  # the last checkpoint holds step 2
+    with pytest.raises(_Killed):
+        distill(copy.deepcopy(start), opts, ctx)
+    assert torch.load(folder / "stage" / STATE_FILE, weights_only=True)["step"] == 2
+    resumed = copy.deepcopy(start)
+    distill(resumed, opts, context(corpus, teacher, folder))
+    return resumed
+
+
 def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
     teacher = teacher_of("bert-mlm", corpus)
     base = copy.deepcopy(teacher)
@@ -440,15 +455,7 @@ def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
     straight = copy.deepcopy(base)
     distill(straight, opts, context(corpus, teacher, tmp_path / "a"))
 
-    from test_distill import _Killed, _KillAfter
-
-    ctx = context(corpus, teacher, tmp_path / "b")
-    ctx.progress = _KillAfter(3)  # the last checkpoint holds step 2
-    with pytest.raises(_Killed):
-        distill(copy.deepcopy(base), opts, ctx)
-    assert torch.load(tmp_path / "b" / "stage" / STATE_FILE, weights_only=True)["step"] == 2
-    resumed = copy.deepcopy(base)
-    distill(resumed, opts, context(corpus, teacher, tmp_path / "b"))
+    resumed = killed_then_resumed(base, opts, corpus, teacher, tmp_path / "b")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), name
     for name, mask in kept.items():
@@ -471,15 +478,7 @@ def test_pairs_resume_exactly_with_masking(corpus, tmp_path):
     distill(straight, opts, ctx)
     assert any("masked-lm encoder on 47 (query, passage) pairs" in m for m in messages), messages
 
-    from test_distill import _Killed, _KillAfter
-
-    ctx = context(corpus, teacher, tmp_path / "b")
-    ctx.progress = _KillAfter(3)  # the last checkpoint holds step 2
-    with pytest.raises(_Killed):
-        distill(copy.deepcopy(teacher), opts, ctx)
-    assert torch.load(tmp_path / "b" / "stage" / STATE_FILE, weights_only=True)["step"] == 2
-    resumed = copy.deepcopy(teacher)
-    distill(resumed, opts, context(corpus, teacher, tmp_path / "b"))
+    resumed = killed_then_resumed(teacher, opts, corpus, teacher, tmp_path / "b")
     for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, b) for a, b in zip(straight.state_dict().values(), teacher.state_dict().values()))

@@ -66,20 +66,8 @@ def test_streamed_gguf_export_equals_the_whole_model_export(tmp_path, family):
     assert not [p for p in (tmp_path / "disk" / "export").iterdir() if p.name.startswith("tmp")]  # no scratch left
 
 
-STAGE_RECIPE = """[model]
-source = "{model}"
-[calibration]
-samples = 4
-seq_len = 32
-[[stages]]
-method = "rtn"
-bits = 4
-group_size = 32
-[evaluate]
-metrics = []
-before = false
-per_stage = []
-"""
+# the same run without the export, its stage checkpoint written whole (offload = "none")
+STAGE_RECIPE = RECIPE.split("[export]")[0].replace('offload = "{offload}"', 'offload = "none"')
 
 
 def _export(stage, out, monkeypatch, *, whole=False):
