@@ -92,13 +92,14 @@ def test_int8_per_channel_runs_on_integer_kernels(tmp_path, tokenizer, family):
     stored = initializers(folder)
     for name, module in layers.items():
         codes = module.storage.grid().numpy().astype(np.int16)
-        # symmetric grid: int8 q - 128 with zero point 0, [in, out] as MatMulInteger reads it
-        weight = stored[f"{name}.weight_quantized"]
-        assert weight.dtype == np.int8 and np.array_equal(weight.T.astype(np.int16), codes - 128)
+        # symmetric grid: the uint8 codes with zero point 128 (never int8, which saturates on
+        # AVX2 CPUs without VNNI), [in, out] as MatMulInteger reads it
+        weight, zero = stored[f"{name}.weight_quantized"], stored[f"{name}.weight_zero_point"]
+        assert weight.dtype == np.uint8 and np.array_equal(weight.T.astype(np.int16), codes)
         assert np.array_equal(stored[f"{name}.weight_scale"], module.storage.scales.float().numpy()[:, 0])
-        assert not np.any(stored[f"{name}.weight_zero_point"])
+        assert zero.dtype == np.uint8 and np.all(zero == 128)
         # the stored grid dequantizes to exactly the in-memory weights
-        dequantized = weight.T.astype(np.float32) * stored[f"{name}.weight_scale"][:, None]
+        dequantized = (weight.T.astype(np.float32) - 128) * stored[f"{name}.weight_scale"][:, None]
         assert np.array_equal(dequantized, module.dequantize().numpy())
     ours, theirs = embeddings(model, folder, tokenizer)
     # Activations are quantized per tensor to uint8 at run time (DynamicQuantizeLinear), one

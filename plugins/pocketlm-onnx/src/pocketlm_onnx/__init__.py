@@ -12,7 +12,7 @@ from pocketlm import Exporter, hookimpl
 
 from .options import OnnxOptions
 
-__version__ = "0.1.2"
+__version__ = "0.1.3"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["OnnxOptions", "check", "export_onnx", "register_exporters"]

@@ -92,14 +92,14 @@ def grid_arrays(storage: PackedGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def integer_codes(codes: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(W_q [in, out], zero point [out])`` for ``MatMulInteger``: int8 ``q - 128`` with zero
-    point 0 for a symmetric 8-bit grid (ONNX Runtime's fast signed-weight kernels), else the
-    uint8 codes with their per-output-channel zero points. Either dequantizes to the same ``w``."""
-    zeros = zeros[:, 0]
-    if np.all(zeros == 128):
-        signed = (codes.astype(np.int16) - 128).astype(np.int8)
-        return signed.T, np.zeros(len(zeros), np.int8)
-    return codes.T, zeros
+    """``(W_q [in, out], zero point [out])`` for ``MatMulInteger``: the uint8 codes with their
+    per-output-channel zero points (128 for a symmetric grid), so they dequantize to exactly ``w``.
+
+    Never int8 ``q - 128``: ONNX Runtime multiplies uint8 activations by int8 weights with AVX2's
+    ``vpmaddubsw``, which saturates a pair of products at 16 bits on CPUs without VNNI (an error
+    of 0.5 on outputs of about 4, measured on a 384 x 1536 product); uint8 weights take a kernel
+    that widens first, exact on every CPU and as fast on AVX2."""
+    return codes.T, zeros[:, 0]
 
 
 # ------------------------------------------------------------------------- the rewrites
