@@ -45,6 +45,35 @@ def model_digest(model) -> str:
     return digest(state)
 
 
+def float_platform() -> str:
+    """What decides float32 rounding here: torch's version, the thread count and a digest of
+    matrix products and a long sum computed now. CPUs whose kernels differ (AVX2 against
+    AVX-512, say) sum in other orders and differ in the last bits, so a digest of a float
+    computation pinned on one machine only holds on a machine with the same platform string."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(*shape, generator=generator) for shape in ((67, 129), (129, 33), (1, 129), (4096,))]
+    a, b, row, long = tensors
+    results = [a @ b, row @ b, torch.nn.functional.linear(a, b.t()), long.sum().reshape(1), a.softmax(-1)]
+    return f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), products {digest(results)[:8]}"
+
+
+def assert_pinned(actual: str, recorded: dict[str, str]) -> None:
+    """Check a pinned :func:`digest` against those ``recorded`` per :func:`float_platform`.
+
+    On a recorded platform the digest must be that platform's. Elsewhere it passes when it equals
+    any recorded digest (an older entry may have no platform string), and otherwise skips, naming
+    this platform so that its digest can be recorded: the last bits of a float computation are
+    the machine's, not the code's."""
+    import pytest
+
+    here = float_platform()
+    if here in recorded:
+        assert actual == recorded[here], f"digest {actual} differs from {recorded[here]}, recorded on {here}"
+    elif actual not in recorded.values():
+        pytest.skip(f"digest {actual}: no digest recorded for this float platform ({here}); "
+                    f"recorded on: {'; '.join(recorded)}")
+
+
 def free_port() -> int:
     """A TCP port free on this machine now, for a test that starts ``torchrun`` (a fixed port
     fails whenever another run holds it)."""

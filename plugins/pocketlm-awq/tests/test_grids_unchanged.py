@@ -2,7 +2,10 @@
 (``pocketlm.quant``): the folded norms and linears, the grids, scales and zero points.
 
 The expected digests were produced by the code before the move (pocketlm-awq 0.2.4), on CPU in
-float32 with one thread.
+float32 with one thread. A whole model's digest depends on the CPU's float32 rounding too (awq
+searches its scales on the model's activations), so those are pinned per float platform
+(``pocketlm.testing.float_platform``): the move's on the machine it ran on, the same code's on
+each platform since.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pocketlm.testing import digest, make_context
+from pocketlm.testing import assert_pinned, digest, float_platform, make_context
 from pocketlm.testing.models import tiny_model, tiny_windows
 from pocketlm.quant import round_to_grid
 from pocketlm_awq.awq import AWQOptions, compress
@@ -30,6 +33,16 @@ EXPECTED = {
     'llama-w4g64-sym-no-clip': 'f1c4ec7aa188685b',
     'opt-w4g32-no-duo': '3896a42282e0a55e',
     'qwen2-w3g32-clip-qk': '77d79f8e569bcc27',
+}
+BEFORE = "pocketlm-awq 0.2.4, before the move (an AVX-512 CPU; no platform string kept)"
+EXPECTED_ON = {
+    "torch 2.13.0+cpu, 1 thread(s), products 7090f477": {
+        'gpt2-w8-channel': 'b3396f80c9f6e9d7',
+        'llama-w4g32-asym': '3f3b39ac03c8e2be',
+        'llama-w4g64-sym-no-clip': 'c2a551003cc88852',
+        'opt-w4g32-no-duo': '06f2e3ff9b61b5fe',
+        'qwen2-w3g32-clip-qk': 'f67029e7574e1d94',
+    },
 }
 EXPECTED_MATRIX = {
     'w3g64-sym': '967ee9e5da2b239d',
@@ -67,7 +80,8 @@ def run_matrix(case: str) -> str:
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_awq_models_are_those_of_before(case):
-    assert run(case) == EXPECTED[case]
+    recorded = {platform: digests[case] for platform, digests in EXPECTED_ON.items()}
+    assert_pinned(run(case), {BEFORE: EXPECTED[case], **recorded})
 
 
 @pytest.mark.parametrize("case", sorted(MATRIX_CASES))
@@ -77,5 +91,6 @@ def test_kit_group_grids_are_those_of_awq_before_on_a_random_matrix(case):
 
 if __name__ == "__main__":   # prints the expected digests of the code as it is
     torch.set_num_threads(1)
+    print("float platform:", float_platform())
     print("EXPECTED =", {case: run(case) for case in sorted(CASES)})
     print("EXPECTED_MATRIX =", {case: run_matrix(case) for case in sorted(MATRIX_CASES)})

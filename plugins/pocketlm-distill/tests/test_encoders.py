@@ -639,7 +639,9 @@ def test_two_processes_match_one_on_an_encoder(family, extra, corpus, tmp_path):
     for name, a in one.items():
         moved_one = max(moved_one, (a - before[name]).abs().max().item())
         moved_two = max(moved_two, (two[name] - before[name]).abs().max().item())
-        assert torch.allclose(a, two[name], atol=1e-5, rtol=1e-4), (name, (a - two[name]).abs().max())
+        # float sums in another order (the all-reduce): Adam turns a gradient near zero into a
+        # step of up to its rate, so a weight may move by a few 1e-5 either way
+        assert torch.allclose(a, two[name], atol=5e-5, rtol=1e-4), (name, (a - two[name]).abs().max())
     assert moved_one > 1e-3 and moved_two > 1e-3  # both runs really trained
 
 
@@ -653,4 +655,4 @@ def test_two_processes_differ_from_one_without_the_gather(corpus, tmp_path, monk
     _, one, two = one_and_two_processes("bert", corpus, tmp_path, embedding_weight=1.0, similarity_weight=1.0)
     gap = max((a - two[name]).abs().max().item() for name, a in one.items())
     print("largest difference without the gather:", gap)
-    assert gap > 1e-3, gap  # a hundred times the tolerance above
+    assert gap > 1e-3, gap  # twenty times the tolerance above

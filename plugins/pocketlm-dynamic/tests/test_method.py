@@ -162,7 +162,9 @@ def test_cats_thresholds_the_gate_activation_only():
 @pytest.mark.parametrize("compiled", [True, False])
 def test_decode_path_gives_the_thresholded_logits(family, options, compiled):
     model = run(tiny_model(family), sparsity=0.5, **options)
-    ids = WINDOWS[:1, :12]
+    # Text the thresholds were not calibrated on: a threshold is one of the calibration
+    # activations, which would sit exactly on it and flip with the last bit of rounding.
+    ids = tiny_windows(1, 12, seed=1)
     expected = logits(model, ids)
     fast = decode.to_decode(copy.deepcopy(model), compiled=compiled)
     assert any(isinstance(m, decode.SparseDecodeLinear) for m in fast.modules())

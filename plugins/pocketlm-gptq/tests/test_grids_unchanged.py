@@ -3,7 +3,10 @@ quantizer kit (``pocketlm.quant``).
 
 Each case compresses a tiny model (or one random matrix) and hashes every tensor of the result.
 The expected digests were produced by the code before the move (pocketlm-gptq 0.3.2), on CPU in
-float32; a change in any grid, scale, zero point, mask or bias changes the digest.
+float32; a change in any grid, scale, zero point, mask or bias changes the digest. GPTQ's
+digests of a whole model depend on the CPU's float32 rounding too (its Hessians come from the
+model's forward passes), so they are pinned per float platform (``pocketlm.testing.float_platform``):
+the move's on the machine it ran on, the same code's on each platform since.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pocketlm.testing import digest, make_context, model_digest
+from pocketlm.testing import assert_pinned, digest, float_platform, make_context, model_digest
 from pocketlm.testing.models import tiny_model, tiny_windows
 from pocketlm.weights import linear_shape, set_mask
 from pocketlm_gptq.gptq import GPTQOptions, compress_gptq, gptq_quantize, hessian_update
@@ -114,6 +117,25 @@ EXPECTED_GPTQ = {
     'w5g32-q5_k-natural': 'd7c04e27af148909',
     'w8-channel-natural': 'c3e2099f10480910',
 }
+BEFORE = "pocketlm-gptq 0.3.2, before the move (an AVX-512 CPU; no platform string kept)"
+EXPECTED_GPTQ_ON = {
+    "torch 2.13.0+cpu, 1 thread(s), products 7090f477": {
+        'w2g16-asym-pruned-natural': '705499dd7b66d674',
+        'w3g64-asym-act-order': 'f983b2566cdb44fa',
+        'w3g64-asym-natural': 'd12c171365c7cd9f',
+        'w4g32-act-order': '38a322a40b6cfd74',
+        'w4g32-embed-head-tied': '3a8a1d847de36e8d',
+        'w4g32-head-untied': '139dad67052c0997',
+        'w4g32-natural': 'db90e2e7d495f0f7',
+        'w4g32-not-sequential': '67171dbd7bf744c9',
+        'w4g32-pruned-act-order': '1767a25ad0d8d5c7',
+        'w4g32-q4_k-act-order': '0a80e54c76a7f7fd',
+        'w4g32-weighted-mse-act-order': '0a80e54c76a7f7fd',
+        'w4g32-weighted-mse-natural': '8924ce4120c51ff3',
+        'w5g32-q5_k-natural': 'd7c04e27af148909',
+        'w8-channel-natural': 'c3e2099f10480910',
+    },
+}
 EXPECTED_MATRIX = {
     'gptq-None-act-order-dense': '52b81071798e86bf',
     'gptq-None-act-order-masked': 'e1a55569af50fc05',
@@ -193,7 +215,8 @@ def test_rtn_grids_are_those_of_before(case):
 
 @pytest.mark.parametrize("case", sorted(GPTQ_CASES))
 def test_gptq_grids_are_those_of_before(case):
-    assert run_gptq(case) == EXPECTED_GPTQ[case]
+    recorded = {platform: digests[case] for platform, digests in EXPECTED_GPTQ_ON.items()}
+    assert_pinned(run_gptq(case), {BEFORE: EXPECTED_GPTQ[case], **recorded})
 
 
 @pytest.mark.parametrize("case", sorted(MATRIX_CASES))
@@ -201,8 +224,9 @@ def test_pure_functions_give_the_grids_of_before_on_a_random_matrix(case):
     assert run_matrix(case) == EXPECTED_MATRIX[case]
 
 
-if __name__ == "__main__":   # prints the expected digests of the code as it is
+if __name__ == "__main__":   # prints the expected digests of the code as it is, on this platform
     torch.set_num_threads(1)
+    print("float platform:", float_platform())
     for name, cases, run in (("RTN", RTN_CASES, run_rtn), ("GPTQ", GPTQ_CASES, run_gptq),
                              ("MATRIX", MATRIX_CASES, run_matrix)):
         print(f"EXPECTED_{name} =", {case: run(case) for case in sorted(cases)})
