@@ -20,7 +20,12 @@ rule, every result exported with the ``gguf`` exporter and measured from the fil
 * ``llamacpp-q4_k_m`` and ``llamacpp-q4_0``: llama.cpp's own quantizer (``llama_model_quantize``,
   ``benchmarks/peers/llamacpp_quantize.py`` in the environment ``--llama-python`` names) on the
   dense model exported as F32 GGUF; llama.cpp's rules choose every block type, the tied
-  embedding included (Q6_K under Q4_K_M). No importance matrix: the binding cannot pass one.
+  embedding included (Q6_K under Q4_K_M), without an importance matrix; ``llamacpp-q3_k_m`` the
+  same at Q3_K_M;
+* ``llamacpp-q4_k_m-imatrix`` and ``llamacpp-q3_k_m-imatrix``: the same with an importance
+  matrix from the 32 calibration windows (``importance_matrix``: llama-imatrix's statistic,
+  computed in PyTorch, because the Python package ships no ``llama-imatrix``; passed to
+  ``llama_model_quantize`` as its ``imatrix`` parameter, see ``peers/llamacpp_quantize.py``).
 
 The token embedding (tied with the head) stays F16 unless the part quantizes it (``-embed8``,
 and llama.cpp's own types), norms F32. Each file is read
@@ -30,8 +35,9 @@ of the file is compared with the in-memory grid.
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice .venv/bin/python benchmarks/bench_kquants.py \
       [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,gptq-q4k-embed8,gptq-q5_0-embed8,rtn-q4k,
-      llamacpp-q4_k_m,llamacpp-q4_0]
-      [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
+      llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-q3_k_m,llamacpp-q4_k_m-imatrix,llamacpp-q3_k_m-imatrix]
+      [--score FILE.gguf ...] [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
+``--score FILE.gguf ...`` scores existing files (another benchmark's exports) the same way.
 Rows are appended to benchmarks/results/kquants.jsonl.
 """
 
@@ -64,6 +70,10 @@ PARTS = {
     "rtn-q4k": None,
     "llamacpp-q4_k_m": "Q4_K_M",
     "llamacpp-q4_0": "Q4_0",
+    "llamacpp-q3_k_m": "Q3_K_M",
+    # with an importance matrix from the 32 calibration windows (see importance_matrix)
+    "llamacpp-q4_k_m-imatrix": "Q4_K_M+imatrix",
+    "llamacpp-q3_k_m-imatrix": "Q3_K_M+imatrix",
 }
 
 
@@ -76,6 +86,50 @@ def tensor_types(path: Path) -> dict[str, int]:
 
     return dict(Counter(t.tensor_type.name for t in GGUFReader(path).tensors if t.name.startswith("blk.")
                         and t.name.endswith(".weight") and "norm" not in t.name))
+
+
+def importance_matrix(model, windows) -> dict[str, "torch.Tensor"]:
+    """llama.cpp's importance matrix, the statistic its ``llama-imatrix`` tool collects, computed
+    here in PyTorch (the Python package ships no such tool): for each decoder matrix, the mean over
+    every calibration token of each input column's squared activation, keyed by the matrix's GGUF
+    tensor name. Like ``llama-imatrix`` by default, only the decoder's ``blk.*`` matrices; the
+    token embedding and the head are quantized without one."""
+    import gguf
+    import torch
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def collect(target):
+        def hook(module, inputs):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            sums[target] = sums.get(target, 0) + x.square().sum(0)
+            counts[target] = counts.get(target, 0) + x.shape[0]
+        return hook
+
+    hooks = []
+    for name, module in model.named_modules():
+        target = names.get_name(name, try_suffixes=(".weight",)) if isinstance(module, torch.nn.Linear) else None
+        if target and target.startswith("blk."):
+            hooks.append(module.register_forward_pre_hook(collect(target + ".weight")))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    for hook in hooks:
+        hook.remove()
+    return {name: sums[name] / counts[name] for name in sums}
+
+
+def write_importance_matrix(matrix: dict, path: Path) -> None:
+    """The flat layout ``peers/llamacpp_quantize.py`` reads."""
+    import struct
+
+    with open(path, "wb") as handle:
+        handle.write(struct.pack("<I", len(matrix)))
+        for name, values in matrix.items():
+            data = values.to(dtype=__import__("torch").float32).numpy().astype("<f4").tobytes()
+            handle.write(struct.pack("<I", len(name)) + name.encode() + struct.pack("<I", values.numel()) + data)
 
 
 def run(part: str, out: Path, reload: bool = True, llama_python: str | None = None) -> dict:
@@ -95,10 +149,20 @@ def run(part: str, out: Path, reload: bool = True, llama_python: str | None = No
             "source": "demo:smollm2-135m"}, "export": {"format": "gguf", "dtype": "f32"}}, dtype="f32")
         path = out / part / f"{part}.gguf"
         path.parent.mkdir(parents=True, exist_ok=True)
+        ftype, _, imatrix = settings.partition("+")
+        extra = []
+        if imatrix:
+            matrix = importance_matrix(model, calibration)
+            write_importance_matrix(matrix, out / part / "imatrix.bin")
+            extra = ["--imatrix", str(out / part / "imatrix.bin")]
+            row["imatrix_tensors"] = len(matrix)
         with common.Timer() as timer:
             done = subprocess.run([llama_python, str(HERE / "peers" / "llamacpp_quantize.py"), str(dense), str(path),
-                                   settings], capture_output=True, text=True, check=True)
-        row.update(method=f"llama.cpp llama_model_quantize {settings} (no importance matrix)",
+                                   ftype, *extra], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"llama.cpp's quantizer failed: {done.stderr.strip()[-800:]}")
+        how = ("an importance matrix from the calibration windows" if imatrix else "no importance matrix")
+        row.update(method=f"llama.cpp llama_model_quantize {ftype} ({how})",
                    **json.loads(done.stdout.strip().splitlines()[-1]), export_seconds=round(timer.seconds, 1))
         lines = []
     elif settings is None:
@@ -141,8 +205,37 @@ def run(part: str, out: Path, reload: bool = True, llama_python: str | None = No
     return row
 
 
+def score(path: Path, reload: bool, llama_python: str | None) -> dict:
+    """An existing GGUF file (another benchmark's export) scored like the parts: its tensor types,
+    bytes, perplexity read back by transformers and in llama.cpp, on the same evaluation windows."""
+    common.setup_torch()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(common.reference_folder())
+    evaluation, _ = common.windows(tokenizer, "quick")
+    row: dict = {"part": f"file:{path.parent.name}/{path.name}", "protocol": "quick",
+                 "eval_windows": int(evaluation.shape[0]), "seq_len": common.SEQ_LEN,
+                 "tensor_types": tensor_types(path), "token_embd": embedding_type(path),
+                 "file_bytes": path.stat().st_size, "file_mb": round(path.stat().st_size / 1e6, 2)}
+    if reload:
+        row["perplexity"] = round(bench_gguf.gguf_perplexity(path, evaluation), 3)
+    if llama_python:
+        row.update(bench_gguf.llama_cpp(path, evaluation, llama_python))
+    log(json.dumps(row))
+    common.append_result(RESULTS, row)
+    return row
+
+
+def embedding_type(path: Path) -> str:
+    from gguf import GGUFReader
+
+    return next(t.tensor_type.name for t in GGUFReader(path).tensors if t.name == "token_embd.weight")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--score", nargs="*", default=[], metavar="FILE.gguf",
+                        help="score these existing GGUF files instead of running parts")
     parser.add_argument("--parts", default=",".join(PARTS))
     parser.add_argument("--out", default="/tmp/pocketlm-kquants-bench")
     parser.add_argument("--no-reload", action="store_true", help="skip the perplexity of the file read back "
@@ -152,6 +245,10 @@ def main() -> None:
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.score:
+        for path in args.score:
+            score(Path(path), reload=not args.no_reload, llama_python=args.llama_python)
+        return
     needs_llama = [p for p in args.parts.split(",") if isinstance(PARTS.get(p), str)]
     if needs_llama and not args.llama_python:
         raise SystemExit(f"{', '.join(needs_llama)} need --llama-python (an environment with llama-cpp-python)")

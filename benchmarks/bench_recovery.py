@@ -10,7 +10,8 @@ One run, one process, in this order:
    calibration windows per layer, micro-batches of ``--batch-size`` windows, ``--lr``);
 3. ``qat-e2e`` (with ``--e2e-steps N``): the end-to-end phase on top of 2, N steps of KL
    distillation from the original model training only the scales (``--e2e-lr``), on windows of
-   the calibration text (WikiText-2 validation).
+   the calibration text (WikiText-2 validation); ``--e2e-windows N`` trains it on N windows of
+   that text (``random.Random(0)``) instead of the 32 GPTQ calibrates on.
 
 ``--mixed B`` replaces step 1 by pocketlm-mixed's allocation at B bits per weight (counted as the
 GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
@@ -26,7 +27,7 @@ the token embedding are bit-identical, the in-memory perplexity is the file's.
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
-      [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704]
+      [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -120,6 +121,13 @@ def main() -> None:
     parser.add_argument("--mixed", type=float, default=None, metavar="BITS_PER_WEIGHT",
                         help="start from pocketlm-mixed's allocation at this budget (GGUF bytes, the embedding "
                              "4-bit or float16) instead of uniform GPTQ W4 g32")
+    parser.add_argument("--bits", type=int, default=4, help="GPTQ's width (5: every matrix exactly Q5_0)")
+    parser.add_argument("--embedding-bits", type=int, default=None, metavar="B",
+                        help="quantize the token embedding (and its tied head) with rtn at B bits, group 32 "
+                             "(8: Q8_0, as llama.cpp's Q4_K_M writes it) instead of with GPTQ at --bits")
+    parser.add_argument("--e2e-windows", type=int, default=None, metavar="N",
+                        help="train the end-to-end phase on N windows of the calibration text (WikiText-2 "
+                             "validation, random.Random(0)) instead of the 32 that GPTQ calibrates on")
     parser.add_argument("--intermediate-size", type=int, default=None, metavar="N",
                         help="first remove MLP channels with prune-width, keeping N per layer (the 10x point)")
     args = parser.parse_args()
@@ -143,6 +151,8 @@ def main() -> None:
 
     plugins = get_plugins()
     start = "gptq" if args.mixed is None else f"mixed-{args.mixed:g}"
+    if args.mixed is None and (args.bits != 4 or args.embedding_bits):
+        start = f"gptq-w{args.bits}" + (f"-embed{args.embedding_bits}" if args.embedding_bits else "")
     pruned = []
     if args.intermediate_size:
         width = plugins.methods["prune-width"]
@@ -155,11 +165,18 @@ def main() -> None:
             with torch.no_grad():
                 width.compress(model, width_options, context)
     method = plugins.methods["gptq" if args.mixed is None else "mixed"]
-    options = method.options(**GPTQ) if args.mixed is None else method.options(
+    settings = dict(GPTQ, bits=args.bits, ignore=["lm_head", "embed"] if args.embedding_bits else ["lm_head"])
+    options = method.options(**settings) if args.mixed is None else method.options(
         bits_per_weight=args.mixed, embedding_bits=[4], ignore=["lm_head"])
+    embedding = None
+    if args.embedding_bits and args.mixed is None:   # the embedding on its own grid, as llama.cpp types it
+        embedding = plugins.methods["rtn"].options(bits=args.embedding_bits, group_size=32, symmetric=True,
+                                                   targets=["embed"], ignore=[])
     context = make_context(calibration, tokenizer=tokenizer, plugins=plugins, stage_dir=out / f"{start}-stage")
     context.logger = log
     stages = pruned + [{"method": method.name, **options.model_dump(exclude_defaults=True)}]
+    if embedding is not None:
+        stages.append({"method": "rtn", **embedding.model_dump(exclude_defaults=True)})
     cached = out / f"{start}-model.pt"
     if args.reuse_gptq and cached.is_file():   # the same GPTQ result, saved by an earlier run of this script
         model = torch.load(cached, weights_only=False)
@@ -167,6 +184,8 @@ def main() -> None:
     else:
         with common.Timer() as timer, torch.no_grad():
             method.compress(model, options, context)
+            if embedding is not None:
+                plugins.methods["rtn"].compress(model, embedding, context)
         torch.save(model, cached)
         measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
 
@@ -177,15 +196,20 @@ def main() -> None:
     for name, settings in phases:
         qat_options = qat.options(**settings)
         name = name if start == "gptq" else f"{start}-{name}"
+        windows = calibration
+        if name.endswith("e2e") and args.e2e_windows:   # more distinct windows of the same calibration text
+            windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), args.e2e_windows,
+                                               common.SEQ_LEN, 0)
+            name = f"{name}-{args.e2e_windows}w"
         stage_dir = out / f"{name}-stage"
-        context = make_context(calibration, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
+        context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
         context.logger = log
         with common.Timer() as timer:
             qat.compress(model, qat_options, context)
         stages = stages + [{"method": "qat", **qat_options.model_dump(exclude_defaults=True)}]
         summary = json.loads((stage_dir / "qat.json").read_text())
         measure(name, model, tokenizer, texts, reference, out, stages,
-                {"train_seconds": round(timer.seconds, 1), "block_tokens": summary["block_tokens"],
+                {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1), "block_tokens": summary["block_tokens"],
                  "e2e_tokens": summary["e2e_tokens"], "layers": summary.get("layers", [])})
 
 
