@@ -128,7 +128,7 @@ def write_importance_matrix(matrix: dict, path: Path) -> None:
     with open(path, "wb") as handle:
         handle.write(struct.pack("<I", len(matrix)))
         for name, values in matrix.items():
-            data = values.to(dtype=__import__("torch").float32).numpy().astype("<f4").tobytes()
+            data = values.float().numpy().astype("<f4").tobytes()
             handle.write(struct.pack("<I", len(name)) + name.encode() + struct.pack("<I", values.numel()) + data)
 
 
