@@ -10,7 +10,8 @@ windows of 128 tokens, seed 0.
 Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); the hybrid
 (depth 6 -> 3, distillation, int8 of every linear and of the token embedding) exported to ONNX,
 docs/examples/recipes/minilm-hybrid.toml, whose per-stage rows give depth alone and depth then
-distillation; and its 4-layer variant, docs/examples/recipes/minilm-hybrid-4layers.toml.
+distillation; and its 4- and 5-layer variants, docs/examples/recipes/minilm-hybrid-4layers.toml and
+minilm-hybrid-5layers.toml.
 
 ONNX Runtime rows: the original in float32 and the hybrid (pocketlm's `onnx` exporter), and the
 peers in their own environment (benchmarks/peers/encoder_peers.py): Optimum's export with ONNX
@@ -36,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / "benchmarks" / ".venvs" / "encoder-peers" / "bin" / "python"
 HYBRIDS = {"hybrid": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml",
-           "hybrid-4layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-4layers.toml"}
+           "hybrid-4layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-4layers.toml",
+           "hybrid-5layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-5layers.toml"}
 METRICS = '["embedding-fidelity", "retrieval", "size"]'
 HEADER = f"""[model]
 source = "demo:all-minilm-l6-v2"
@@ -82,7 +84,14 @@ def run_recipe(name: str, text: str, out: Path, export: str | None = None) -> di
     return _run(recipe, out / name)
 
 
+REUSE_RUNS = False   # --reuse-runs: a finished run directory (its report.json) is read, not run again
+
+
 def _run(recipe: Path, run_dir: Path) -> dict:
+    if REUSE_RUNS and (run_dir / "report.json").is_file() and (run_dir / "bench-wall-seconds.txt").is_file():
+        report = json.loads((run_dir / "report.json").read_text())
+        report["wall_s"] = float((run_dir / "bench-wall-seconds.txt").read_text())
+        return report
     started = time.perf_counter()
     result = subprocess.run([str(ROOT / ".venv" / "bin" / "pocketlm"), "run", str(recipe), "--run-dir", str(run_dir),
                              "--overwrite"], capture_output=True, text=True)
@@ -90,6 +99,7 @@ def _run(recipe: Path, run_dir: Path) -> dict:
         raise SystemExit(f"{recipe.name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     report = json.loads((run_dir / "report.json").read_text())
     report["wall_s"] = time.perf_counter() - started
+    (run_dir / "bench-wall-seconds.txt").write_text(f"{report['wall_s']:.1f}")
     return report
 
 
@@ -165,7 +175,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench-encoders")
     parser.add_argument("--only", default=None, help="comma-separated row names (default: all)")
     parser.add_argument("--report", action="store_true", help="print the tables of results.json and stop")
+    parser.add_argument("--reuse-runs", action="store_true", help="read the runs a previous call finished (their "
+                        "report.json and export) instead of running their recipes again: to time the ONNX rows "
+                        "again on a quiet machine")
     args = parser.parse_args()
+    global REUSE_RUNS
+    REUSE_RUNS = args.reuse_runs
     if args.report:
         print(tables(json.loads((args.out / "results.json").read_text())))
         return

@@ -38,7 +38,9 @@ Usage (heavy: run under the shared lock):
       llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-q3_k_m,llamacpp-q4_k_m-imatrix,llamacpp-q3_k_m-imatrix]
       [--score FILE.gguf ...] [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
 ``--score FILE.gguf ...`` scores existing files (another benchmark's exports) the same way.
-Rows are appended to benchmarks/results/kquants.jsonl.
+``--speed FILE.gguf ...`` measures their decode speed in llama.cpp side by side (batch 1, greedy, 64
+new tokens after a 32-token prompt, the files taking turns, best of 3; run it alone on the machine,
+under the lock). Rows are appended to benchmarks/results/kquants.jsonl.
 """
 
 from __future__ import annotations
@@ -226,6 +228,35 @@ def score(path: Path, reload: bool, llama_python: str | None) -> dict:
     return row
 
 
+def speed(paths: list[Path], llama_python: str | None, out: Path) -> dict:
+    """Decode tokens/s of these GGUF files in llama.cpp, measured side by side
+    (``peers/llamacpp_decode.py``): the prompt is the first 32 tokens of the first evaluation window."""
+    import numpy as np
+
+    if not llama_python:
+        raise SystemExit("--speed needs --llama-python (an environment with llama-cpp-python)")
+    common.setup_torch()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(common.reference_folder())
+    evaluation, _ = common.windows(tokenizer, "quick")
+    prompt = out / "decode-prompt.npy"
+    np.save(prompt, evaluation[0, :32].numpy().astype(np.int64))
+    result_file = out / "decode-speed.json"
+    subprocess.run([llama_python, str(HERE / "peers" / "llamacpp_decode.py"), str(prompt), str(result_file),
+                    *map(str, paths), "--threads", "2"], check=True)
+    result = json.loads(result_file.read_text())
+    row = {"part": "decode-speed", "llama_cpp_version": result["llama_cpp_version"], "threads": result["threads"],
+           "prompt_tokens": result["prompt_tokens"], "new_tokens": result["new_tokens"],
+           "repeats": result["repeats"], "files": {
+               f"{Path(path).parent.name}/{Path(path).name}": {"file_bytes": Path(path).stat().st_size,
+                                                              "token_embd": embedding_type(Path(path)), **figures}
+               for path, figures in result["files"].items()}}
+    log(json.dumps(row))
+    common.append_result(RESULTS, row)
+    return row
+
+
 def embedding_type(path: Path) -> str:
     from gguf import GGUFReader
 
@@ -242,9 +273,14 @@ def main() -> None:
                         "(the in-memory perplexity stands for it when every matrix is bit-identical)")
     parser.add_argument("--llama-python", help="python of an environment with llama-cpp-python (the llamacpp-* "
                         "parts, and llama.cpp's perplexity of every file)")
+    parser.add_argument("--speed", nargs="*", default=[], metavar="FILE.gguf",
+                        help="measure these GGUF files' decode speed in llama.cpp side by side instead of running parts")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.speed:
+        speed([Path(path) for path in args.speed], args.llama_python, out)
+        return
     if args.score:
         for path in args.score:
             score(Path(path), reload=not args.no_reload, llama_python=args.llama_python)

@@ -6,9 +6,13 @@ One run, one process, in this order:
 1. ``gptq``: GPTQ W4, group 32, symmetric, act-order, damp 0.01, ``grid = "weighted-mse"``, with
    the token embedding (tied with the head) quantized too (4-bit, group 32, the same grid rule),
    so that every matrix is a 4.5-bit Q4_0 block in the GGUF file;
-2. ``qat``: the block phase of ``qat`` on that model (``--epochs`` passes over the 32
+2. ``distill-ste`` (with ``--ste-steps N``): pocketlm-distill's ``distill`` with ``quantized =
+   "ste"``: N steps of KL distillation from the original model on 1 window of 512 tokens each,
+   training the weights through a straight-through estimator on their fixed grids (the integer
+   codes re-rounded, the scales kept; the quantized embedding stays fixed), at ``--ste-lr``;
+3. ``qat``: the block phase of ``qat`` on that model (``--epochs`` passes over the 32
    calibration windows per layer, micro-batches of ``--batch-size`` windows, ``--lr``);
-3. ``qat-e2e`` (with ``--e2e-steps N``): the end-to-end phase on top of 2, N steps of KL
+4. ``qat-e2e`` (with ``--e2e-steps N``): the end-to-end phase on top of 3, N steps of KL
    distillation from the original model training only the scales (``--e2e-lr``), on windows of
    the calibration text (WikiText-2 validation); ``--e2e-windows N`` trains it on N windows of
    that text (``random.Random(0)``) instead of the 32 GPTQ calibrates on.
@@ -27,7 +31,8 @@ the token embedding are bit-identical, the in-memory perplexity is the file's.
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
-      [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128]
+      [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128] \
+      [--ste-steps 64 --ste-lr 1e-5]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -130,6 +135,10 @@ def main() -> None:
                              "validation, random.Random(0)) instead of the 32 that GPTQ calibrates on")
     parser.add_argument("--intermediate-size", type=int, default=None, metavar="N",
                         help="first remove MLP channels with prune-width, keeping N per layer (the 10x point)")
+    parser.add_argument("--ste-steps", type=int, default=0, metavar="N",
+                        help="before qat, N steps of distill with quantized = \"ste\" (the weights re-rounded on "
+                             "their fixed grids), 1 window each")
+    parser.add_argument("--ste-lr", type=float, default=1e-5, help="distill's peak rate for --ste-steps")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,13 +198,19 @@ def main() -> None:
         torch.save(model, cached)
         measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
 
-    qat = plugins.methods["qat"]
-    phases = [("qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size))] if args.epochs else []
+    phases = [("distill", "distill-ste", dict(quantized="ste", steps=args.ste_steps, batch_size=1, lr=args.ste_lr,
+                                               checkpoint_every=0))] if args.ste_steps else []
+    if args.epochs:
+        phases.append(("qat", "qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)))
     if args.e2e_steps:
-        phases.append(("qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr, checkpoint_every=0)))
-    for name, settings in phases:
-        qat_options = qat.options(**settings)
+        phases.append(("qat", "qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
+                                              checkpoint_every=0)))
+    for method_name, name, settings in phases:
+        phase = plugins.methods[method_name]
+        phase_options = phase.options(**settings)
         name = name if start == "gptq" else f"{start}-{name}"
+        if args.ste_steps and method_name == "qat":
+            name = name.replace("qat", "ste-qat", 1)
         windows = calibration
         if name.endswith("e2e") and args.e2e_windows:   # more distinct windows of the same calibration text
             windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), args.e2e_windows,
@@ -205,12 +220,16 @@ def main() -> None:
         context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
         context.logger = log
         with common.Timer() as timer:
-            qat.compress(model, qat_options, context)
-        stages = stages + [{"method": "qat", **qat_options.model_dump(exclude_defaults=True)}]
-        summary = json.loads((stage_dir / "qat.json").read_text())
-        measure(name, model, tokenizer, texts, reference, out, stages,
-                {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1), "block_tokens": summary["block_tokens"],
-                 "e2e_tokens": summary["e2e_tokens"], "layers": summary.get("layers", [])})
+            phase.compress(model, phase_options, context)
+        stages = stages + [{"method": method_name, **phase_options.model_dump(exclude_defaults=True)}]
+        extra = {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1)}
+        if method_name == "qat":
+            summary = json.loads((stage_dir / "qat.json").read_text())
+            extra.update(block_tokens=summary["block_tokens"], e2e_tokens=summary["e2e_tokens"],
+                         layers=summary.get("layers", []))
+        else:
+            extra["ste_tokens"] = args.ste_steps * common.SEQ_LEN
+        measure(name, model, tokenizer, texts, reference, out, stages, extra)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
     python benchmarks/merge_docs.py
 """
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "migrate", "recovery", "scale", "large-model", "dynamic", "encoders", "plan", "lmeval", "startup"]
+ORDER = ["default", "gptq", "awq", "prune", "distill", "gguf", "kquants", "migrate", "recovery", "recovery-front", "scale", "large-model", "dynamic", "encoders", "plan", "lmeval", "startup"]
 HEADER = """# Benchmarks
 
 Every figure here was measured on a machine of the project's kind (2 CPU cores, no GPU,
@@ -47,7 +48,7 @@ def main() -> None:
         if path.exists():
             text = path.read_text().strip()
             text = demote_headings(text)
-            text = text.replace("](plan.png)", "](bench/plan.png)")
+            text = re.sub(r"\]\(([\w-]+\.png)\)", r"](bench/\1)", text)   # images sit beside the write-ups
             parts.append(text + "\n")
     (ROOT / "docs" / "benchmarks.md").write_text("\n".join(parts))
 
