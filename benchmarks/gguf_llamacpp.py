@@ -13,9 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "peers"))
+from llamacpp_decode import decode_once  # noqa: E402
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -52,18 +57,10 @@ def main() -> None:
 
     # generation speed: greedy decoding after a 64-token prompt from the first window, timed
     # from the first generated token (the prompt itself is evaluated in one batch before it)
-    llm.reset()
     prompt = windows[0, :min(64, seq_len // 4)].tolist()
     limit = min(args.gen_tokens, seq_len - len(prompt) - 1)
-    generated, first = 0, None
-    for _ in llm.generate(prompt, temp=0.0):
-        generated += 1
-        if first is None:
-            first = time.perf_counter()
-        if generated >= limit:
-            break
-    gen_seconds = time.perf_counter() - first
-    generated -= 1
+    _, gen_seconds = decode_once(llm, prompt, limit)
+    generated = limit - 1   # timed from the first new token on
     result = {
         "llama_cpp_version": llama_cpp.__version__,
         "threads": args.threads,
