@@ -74,21 +74,19 @@ ROWS = {
 }
 
 
-def run_recipe(name: str, text: str, out: Path, export: str | None = None) -> dict:
+def run_recipe(name: str, text: str, out: Path, export: str | None = None, reuse: bool = False) -> dict:
     """Run one recipe through the CLI; its report.json."""
     recipes = out / "recipes"
     recipes.mkdir(parents=True, exist_ok=True)
     recipe = recipes / f"{name}.toml"
     body = HEADER + text + (f'\n[export]\nformat = "{export}"\npath = "export"\n' if export else "")
     recipe.write_text(body)
-    return _run(recipe, out / name)
+    return _run(recipe, out / name, reuse)
 
 
-REUSE_RUNS = False   # --reuse-runs: a finished run directory (its report.json) is read, not run again
-
-
-def _run(recipe: Path, run_dir: Path) -> dict:
-    if REUSE_RUNS and (run_dir / "report.json").is_file() and (run_dir / "bench-wall-seconds.txt").is_file():
+def _run(recipe: Path, run_dir: Path, reuse: bool = False) -> dict:
+    """``pocketlm run`` the recipe; with ``reuse``, a run directory a previous call finished is read instead."""
+    if reuse and (run_dir / "report.json").is_file() and (run_dir / "bench-wall-seconds.txt").is_file():
         report = json.loads((run_dir / "report.json").read_text())
         report["wall_s"] = float((run_dir / "bench-wall-seconds.txt").read_text())
         return report
@@ -179,8 +177,6 @@ def main() -> None:
                         "report.json and export) instead of running their recipes again: to time the ONNX rows "
                         "again on a quiet machine")
     args = parser.parse_args()
-    global REUSE_RUNS
-    REUSE_RUNS = args.reuse_runs
     if args.report:
         print(tables(json.loads((args.out / "results.json").read_text())))
         return
@@ -197,18 +193,18 @@ def main() -> None:
 
     for name, text in ROWS.items():
         if want(name):
-            report = run_recipe(name, text, args.out)
+            report = run_recipe(name, text, args.out, reuse=args.reuse_runs)
             results[name] = {"after": report["after"], "stages": [s["metrics"] for s in report["stages"]],
                              "wall_s": report["wall_s"]}
             _save(results_file, results)
     sentences = texts()
     if want("original-onnx"):
-        run_recipe("original-onnx", "", args.out, export="onnx")
+        run_recipe("original-onnx", "", args.out, export="onnx", reuse=args.reuse_runs)
         results["original-onnx"] = onnx_row("original-onnx", args.out / "original-onnx" / "export", sentences)
         _save(results_file, results)
     for name, recipe in HYBRIDS.items():
         if want(name):
-            report = _run(recipe, args.out / name)
+            report = _run(recipe, args.out / name, args.reuse_runs)
             results[name] = {"stages": [{"method": s["method"], "seconds": s["seconds"], **s["metrics"]}
                                         for s in report["stages"]],
                              "after": report["after"], "wall_s": report["wall_s"],
