@@ -7,11 +7,12 @@ the rest of it, among all passages; 500 pairs) and `embedding-fidelity` (mean co
 original's sentence embeddings, 256 held-out sentences). Calibration: WikiText-2 valid, 64
 windows of 128 tokens, seed 0.
 
-Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); the hybrid
-(depth 6 -> 3, distillation, int8 of every linear and of the token embedding) exported to ONNX,
-docs/examples/recipes/minilm-hybrid.toml, whose per-stage rows give depth alone and depth then
-distillation; and its 4- and 5-layer variants, docs/examples/recipes/minilm-hybrid-4layers.toml and
-minilm-hybrid-5layers.toml.
+Rows: int8 and int4 (rtn, gptq); 50% unstructured (magnitude, Wanda, SparseGPT); the hybrids,
+depth pruning then distillation then 8- or 7-bit weights on every linear and the token
+embedding, exported to ONNX, whose per-stage rows give depth alone and depth then distillation:
+docs/examples/recipes/minilm-hybrid-3layers.toml (6 -> 3), minilm-hybrid-4layers.toml (6 -> 4) and
+minilm-hybrid.toml (6 -> 5, distilled on query/passage pairs, 7-bit: the one that meets the
+targets).
 
 ONNX Runtime rows: the original in float32 and the hybrid (pocketlm's `onnx` exporter), and the
 peers in their own environment (benchmarks/peers/encoder_peers.py): Optimum's export with ONNX
@@ -20,6 +21,8 @@ same pairs with the same scoring code, timed at batch 1 on the same 200 sentence
 
     bash benchmarks/peers/setup_encoder_peers.sh
     flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_encoders.py [--only NAME,...]
+    # time finished exports again, in turn with the original (one model loaded at a time)
+    flock /tmp/pocketlm-bench.lock .venv/bin/python benchmarks/bench_encoders.py --alternate 4 --only hybrid
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER_PYTHON = ROOT / "benchmarks" / ".venvs" / "encoder-peers" / "bin" / "python"
-HYBRIDS = {"hybrid": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml",
+HYBRIDS = {"hybrid-3layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-3layers.toml",
            "hybrid-4layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-4layers.toml",
-           "hybrid-5layers": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid-5layers.toml"}
+           "hybrid": ROOT / "docs" / "examples" / "recipes" / "minilm-hybrid.toml"}
 METRICS = '["embedding-fidelity", "retrieval", "size"]'
 HEADER = f"""[model]
 source = "demo:all-minilm-l6-v2"
@@ -148,6 +151,35 @@ def best_rate(encode, sentences: list[str], repeats: int = 3) -> float:
     return len(sentences) / best
 
 
+def alternating_rates(folders: dict[str, Path], sentences: list[str], rounds: int) -> dict:
+    """Batch-1 sentences/s of each ONNX export, the exports timed in turn (one of them loaded in ONNX Runtime
+    at a time, so no idle thread pool competes), best of ``rounds`` turns; with all threads
+    and with one."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from pocketlm_onnx import runtime
+
+    found = {}
+    for threads, key in ((None, "threads_all"), (1, "threads_1")):
+        best = {name: float("inf") for name in folders}
+        for _ in range(rounds):
+            for name, folder in folders.items():
+                tokenizer = AutoTokenizer.from_pretrained(folder)
+                ort_session = runtime.inference_session(folder, threads=threads)
+                runtime.embed(ort_session, tokenizer, sentences[:4], batch_size=1)
+                started = time.perf_counter()
+                for sentence in sentences:
+                    runtime.embed(ort_session, tokenizer, [sentence], batch_size=1)
+                best[name] = min(best[name], time.perf_counter() - started)
+                del ort_session
+                gc.collect()
+        for name, seconds in best.items():
+            found.setdefault(name, {})[f"sentences_per_s_batch1_{key}"] = len(sentences) / seconds
+    return found
+
+
 def peer_rows(model_folder: Path, sentences: dict, out: Path) -> list[dict]:
     if not PEER_PYTHON.exists():
         return [{"name": "peers", "error": "peer environment missing: bash benchmarks/peers/setup_encoder_peers.sh"}]
@@ -176,7 +208,19 @@ def main() -> None:
     parser.add_argument("--reuse-runs", action="store_true", help="read the runs a previous call finished (their "
                         "report.json and export) instead of running their recipes again: to time the ONNX rows "
                         "again on a quiet machine")
+    parser.add_argument("--alternate", type=int, default=0, metavar="ROUNDS",
+                        help="only time the finished ONNX exports of original-onnx and the --only rows, in turn, "
+                        "best of ROUNDS turns (no recipe runs)")
     args = parser.parse_args()
+    if args.alternate:
+        names = ["original-onnx"] + [n for n in (args.only or "").split(",") if n and n != "original-onnx"]
+        rates = alternating_rates({n: args.out / n / "export" for n in names}, texts()["timing"], args.alternate)
+        results_file = args.out / "results.json"
+        results = json.loads(results_file.read_text()) if results_file.exists() else {}
+        results.setdefault("alternating", []).append({"rounds": args.alternate, "rates": rates})
+        _save(results_file, results)
+        print(json.dumps(rates, indent=2))
+        return
     if args.report:
         print(tables(json.loads((args.out / "results.json").read_text())))
         return

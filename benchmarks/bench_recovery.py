@@ -15,7 +15,11 @@ One run, one process, in this order:
 4. ``qat-e2e`` (with ``--e2e-steps N``): the end-to-end phase on top of 3, N steps of KL
    distillation from the original model training only the scales (``--e2e-lr``), on windows of
    the calibration text (WikiText-2 validation); ``--e2e-windows N`` trains it on N windows of
-   that text (``random.Random(0)``) instead of the 32 GPTQ calibrates on.
+   that text (``random.Random(0)``) instead of the 32 GPTQ calibrates on; ``--e2e-generated N``
+   on N windows that the original model wrote itself (data-free, as LLM-QAT: a first token drawn
+   uniformly from the vocabulary, then the model's own distribution sampled at temperature 1,
+   ``torch.manual_seed(0)``), so the scales learn the model's distribution rather than one
+   text's.
 
 ``--mixed B`` replaces step 1 by pocketlm-mixed's allocation at B bits per weight (counted as the
 GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
@@ -32,7 +36,7 @@ Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
       [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128] \
-      [--ste-steps 64 --ste-lr 1e-5]
+      [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -79,6 +83,26 @@ def embedding_identical(model, path: Path) -> bool:
     embedding = model.get_input_embeddings()
     ours = embedding.dequantize() if hasattr(embedding, "dequantize") else embedding.weight.detach()
     return bool(torch.equal(torch.from_numpy(np.ascontiguousarray(values)), ours))
+
+
+def generated_windows(model, count: int, seq_len: int, seed: int = 0, batch: int = 16):
+    """``count`` windows of ``seq_len`` tokens sampled from ``model`` itself (LLM-QAT's data-free
+    distillation data): each starts from a token drawn uniformly from the vocabulary and goes on
+    with the model's own next-token distribution at temperature 1 (no top-k, no top-p)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    vocabulary = model.get_input_embeddings().weight.shape[0]
+    found = []
+    with torch.no_grad():
+        for first in range(0, count, batch):
+            size = min(batch, count - first)
+            start = torch.randint(0, vocabulary, (size, 1), generator=generator)
+            found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
+                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                        min_new_tokens=seq_len - 1, pad_token_id=0))
+    return torch.cat(found)[:, :seq_len]
 
 
 def measure(name: str, model, tokenizer, texts: dict, reference: dict, out: Path, stages: list[dict],
@@ -135,6 +159,8 @@ def main() -> None:
                              "validation, random.Random(0)) instead of the 32 that GPTQ calibrates on")
     parser.add_argument("--intermediate-size", type=int, default=None, metavar="N",
                         help="first remove MLP channels with prune-width, keeping N per layer (the 10x point)")
+    parser.add_argument("--e2e-generated", type=int, default=None, metavar="N",
+                        help="train the end-to-end phase on N windows the original model generated")
     parser.add_argument("--ste-steps", type=int, default=0, metavar="N",
                         help="before qat, N steps of distill with quantized = \"ste\" (the weights re-rounded on "
                              "their fixed grids), 1 window each")
@@ -216,6 +242,11 @@ def main() -> None:
             windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), args.e2e_windows,
                                                common.SEQ_LEN, 0)
             name = f"{name}-{args.e2e_windows}w"
+        if name.endswith("e2e") and args.e2e_generated:   # windows the original model wrote (data-free)
+            with common.Timer() as generating:
+                windows = generated_windows(teacher, args.e2e_generated, common.SEQ_LEN)
+            log(f"generated {windows.shape[0]} windows of {windows.shape[1]} tokens in {generating.seconds:.0f} s")
+            name = f"{name}-gen{args.e2e_generated}"
         stage_dir = out / f"{name}-stage"
         context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
         context.logger = log
@@ -223,6 +254,8 @@ def main() -> None:
             phase.compress(model, phase_options, context)
         stages = stages + [{"method": method_name, **phase_options.model_dump(exclude_defaults=True)}]
         extra = {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1)}
+        if name.endswith(f"gen{args.e2e_generated}"):
+            extra.update(train_text="generated by the original model", generate_seconds=round(generating.seconds, 1))
         if method_name == "qat":
             summary = json.loads((stage_dir / "qat.json").read_text())
             extra.update(block_tokens=summary["block_tokens"], e2e_tokens=summary["e2e_tokens"],

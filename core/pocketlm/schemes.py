@@ -21,8 +21,9 @@ class QuantScheme(Options):
     """The options every weight quantizer shares; a method's options model subclasses it (and
     may narrow a field, such as the bits it supports, by redeclaring it).
 
-    * ``bits``: 2, 3, 4, 5, 6 or 8 bits per weight (5 and 6 only where an installed exporter
-      stores them; an exporter's check refuses the rest).
+    * ``bits``: 2, 3, 4, 5, 6, 7 or 8 bits per weight (5, 6 and 7 only where an installed
+      exporter stores them; an exporter's check refuses the rest). 7 bits per output channel is
+      what integer kernels without VNNI multiply exactly as int8 (ONNX Runtime's "reduce range").
     * ``group_size``: -1 (one scale per output channel) or 16/32/64/128 input columns per scale.
     * ``symmetric``: zero point ``2**(bits-1)`` (an exact zero stays zero) or a fitted one.
     * ``targets`` / ``ignore``: module-name patterns (``pocketlm.modules.matches``); ``"embed"``
@@ -33,7 +34,7 @@ class QuantScheme(Options):
       (the last group is short).
     """
 
-    bits: Literal[2, 3, 4, 5, 6, 8] = Field(4, description="bits per weight (5 and 6: only exporters that store them)")
+    bits: Literal[2, 3, 4, 5, 6, 7, 8] = Field(4, description="bits per weight (5, 6 and 7: only exporters that store them)")
     group_size: Literal[-1, 16, 32, 64, 128] = Field(
         64, description="input columns sharing one scale; -1: one scale per output channel")
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)); false: asymmetric")

@@ -142,7 +142,7 @@ class PackedGrid(nn.Module):
     Fields (buffers are saved in state dicts under ``<module>.storage.<name>``):
 
     * ``rows``, ``cols``: the shape of the matrix (``[out, in]`` for a linear, ``[vocab, hidden]``
-      for an embedding); ``bits`` (2, 3, 4, 5, 6 or 8), ``group_size`` (-1: one group per row)
+      for an embedding); ``bits`` (2 to 8), ``group_size`` (-1: one group per row)
       and ``symmetric`` (the zero point is ``2**(bits-1)``) as the quantizer chose them;
     * ``qweight`` ``[rows, ceil(cols / 32) * bits]`` int32: the integer grid ``q``, each row one
       little-endian bit stream (:func:`pack`);
@@ -159,8 +159,8 @@ class PackedGrid(nn.Module):
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool,
                  device: torch.device | None = None):
         super().__init__()
-        if bits not in (2, 3, 4, 5, 6, 8):
-            raise ValueError(f"bits must be 2, 3, 4, 5, 6 or 8, not {bits}")
+        if bits not in (2, 3, 4, 5, 6, 7, 8):
+            raise ValueError(f"bits must be 2, 3, 4, 5, 6, 7 or 8, not {bits}")
         if group_size != -1 and group_size <= 0:
             raise ValueError(f"group_size must be -1 or positive, not {group_size}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric

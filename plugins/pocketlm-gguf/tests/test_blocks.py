@@ -22,9 +22,10 @@ def _linear(bits, group_size, symmetric, rows=12, cols=128, seed=0):
 
 @pytest.mark.parametrize("bits,group_size,symmetric,qtype", [
     (4, 32, True, Q.Q4_0), (4, 64, True, Q.Q4_0), (4, -1, True, Q.Q4_0), (3, 32, True, Q.Q4_0),
-    (2, 128, True, Q.Q4_0), (8, 32, True, Q.Q8_0), (8, -1, True, Q.Q8_0),
+    (2, 128, True, Q.Q4_0), (8, 32, True, Q.Q8_0), (8, -1, True, Q.Q8_0), (7, -1, True, Q.Q8_0),
+    (7, 32, False, Q.Q8_0),  # 7-bit codes centred on any zero point stay within int8
 ])
-def test_symmetric_grids_are_bit_exact(bits, group_size, symmetric, qtype):
+def test_grids_with_a_block_format_are_bit_exact(bits, group_size, symmetric, qtype):
     module = _linear(bits, group_size, symmetric)
     packed = blocks.exact_blocks(module.storage)
     assert packed.qtype == qtype and packed.exact

@@ -109,6 +109,8 @@ def test_gptq_export_refuses_what_it_cannot_hold(context, tmp_path):
     assert any("dense" in p for p in check_gptq(partial, GPTQExportOptions()))
     with pytest.raises(pocketlm.PocketError):
         export_gptq(partial, tmp_path, GPTQExportOptions(), None)
+    seven = compress_rtn(tiny_model("llama"), RTNOptions(bits=7, group_size=32), context)
+    assert "gptq kernels read 2, 3, 4 or 8 bits, not 7: export 7-bit grids with gguf" in check_gptq(seven, GPTQExportOptions())
 
 
 def test_gptq_export_writes_a_tied_quantized_embedding(context, tmp_path):
@@ -140,6 +142,7 @@ def _reload(path):
     ("llama", "gptq", 4, 32, True, "float32"), ("llama", "rtn", 4, 64, False, "float32"),
     ("llama", "rtn", 8, -1, True, "float32"), ("llama", "rtn", 3, 32, False, "float32"),
     ("llama", "rtn", 4, 32, True, "float16"), ("opt", "gptq", 4, 32, False, "float32"),
+    ("llama", "rtn", 7, -1, False, "float32"),
 ])
 def test_compressed_tensors_export_reloads_in_transformers(family, method, bits, group_size, symmetric, dtype, windows,
                                                           context, tmp_path):

@@ -93,7 +93,7 @@ def test_targets_and_ignore(context):
 
 
 @pytest.mark.parametrize("options,field", [
-    ({"bits": 7}, "bits"), ({"group_size": 48}, "group_size"), ({"damp": 0.0}, "damp"),
+    ({"bits": 9}, "bits"), ({"group_size": 48}, "group_size"), ({"damp": 0.0}, "damp"),
     ({"block_size": 0}, "block_size"), ({"targets": []}, "targets"), ({"bogus": 1}, "bogus"),
     ({"backend": "autogptq"}, "backend"),
 ])

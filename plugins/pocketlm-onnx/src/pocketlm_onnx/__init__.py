@@ -1,8 +1,9 @@
 """pocketlm-onnx: the ``onnx`` exporter, sentence encoders for ONNX Runtime with integer weights.
 
-An 8-bit per-channel grid (``rtn``/``gptq`` with ``bits = 8, group_size = -1``) is written as
-``DynamicQuantizeLinear -> MatMulInteger``, holding the layer's own codes, so ONNX Runtime runs it
-on its integer kernels; group-wise and 2/4-bit grids become com.microsoft ``MatMulNBits``; a
+An 8- or 7-bit per-channel grid (``rtn``/``gptq`` with ``bits = 8`` or ``7``,
+``group_size = -1``) is written as ``DynamicQuantizeLinear -> MatMulInteger``, holding the
+layer's own codes, so ONNX Runtime runs it on its integer kernels (7-bit codes as int8, the
+faster kernel on CPUs without VNNI); group-wise and 2/4-bit grids become com.microsoft ``MatMulNBits``; a
 quantized token embedding becomes a 1-byte-per-weight table. :mod:`pocketlm_onnx.runtime` opens
 and runs the export."""
 
@@ -12,7 +13,7 @@ from pocketlm import Exporter, hookimpl
 
 from .options import OnnxOptions
 
-__version__ = "0.1.3"
+__version__ = "0.1.4"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["OnnxOptions", "check", "export_onnx", "register_exporters"]

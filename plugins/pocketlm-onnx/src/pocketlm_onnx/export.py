@@ -147,7 +147,7 @@ def linear_form(module: QuantizedLinear, options: OnnxOptions) -> str:
     storage = module.storage
     if storage.g_idx is not None:
         return "float"     # act-order columns: neither operator takes a column permutation here
-    if storage.bits == 8 and storage.group_size == -1:
+    if storage.bits in (7, 8) and storage.group_size == -1:
         return "MatMulInteger"
     if options.contrib_ops and rewrite.runtime_runs_nbits(rewrite.nbits_width(storage.bits)):
         return "MatMulNBits"

@@ -91,14 +91,19 @@ def grid_arrays(storage: PackedGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return codes, storage.scales.float().cpu().numpy(), storage.zeros.cpu().numpy().astype(np.uint8)
 
 
-def integer_codes(codes: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(W_q [in, out], zero point [out])`` for ``MatMulInteger``: the uint8 codes with their
-    per-output-channel zero points (128 for a symmetric grid), so they dequantize to exactly ``w``.
+def integer_codes(codes: np.ndarray, zeros: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(W_q [in, out], zero point [out])`` for ``MatMulInteger``: the codes with their
+    per-output-channel zero points, so that they dequantize to exactly ``w``.
 
-    Never int8 ``q - 128``: ONNX Runtime multiplies uint8 activations by int8 weights with AVX2's
-    ``vpmaddubsw``, which saturates a pair of products at 16 bits on CPUs without VNNI (an error
-    of 0.5 on outputs of about 4, measured on a 384 x 1536 product); uint8 weights take a kernel
-    that widens first, exact on every CPU and as fast on AVX2."""
+    ONNX Runtime multiplies uint8 activations by int8 weights with AVX2's ``vpmaddubsw``, which
+    adds a pair of products in int16 and saturates on CPUs without VNNI unless every weight is
+    within 64 of zero (2 x 255 x 64 < 2**15). So a 7-bit grid is stored as int8 ``q - 64`` (zero
+    point ``zero - 64``): every value lies in [-64, 63], exact everywhere and on the faster
+    uint8 x int8 kernel. An 8-bit grid keeps its uint8 codes (zero point 128 when symmetric): int8
+    ``q - 128`` lost up to 0.5 on outputs of about 4 of a 384 x 1536 product on AVX2, and the
+    uint8 x uint8 kernel is exact on every CPU."""
+    if bits == 7:
+        return (codes.T.astype(np.int16) - 64).astype(np.int8), (zeros[:, 0].astype(np.int16) - 64).astype(np.int8)
     return codes.T, zeros[:, 0]
 
 
@@ -108,9 +113,9 @@ def integer_codes(codes: np.ndarray, zeros: np.ndarray) -> tuple[np.ndarray, np.
 def integer_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, name: str, storage: PackedGrid) -> None:
     """``MatMul(x, W)`` -> ``DynamicQuantizeLinear(x) -> MatMulInteger -> Cast -> Mul``: the
     activations are quantized to uint8 per tensor at run time, the weights are the grid's
-    8-bit codes with per-output-channel scale and zero point."""
+    7- or 8-bit codes with per-output-channel scale and zero point (see :func:`integer_codes`)."""
     codes, scales, zeros = grid_arrays(storage)
-    weight, zero = integer_codes(codes, zeros)
+    weight, zero = integer_codes(codes, zeros, storage.bits)
     x, out = node.input[0], node.output[0]
     w = _add(graph, weight, f"{name}.weight_quantized")
     wz = _add(graph, zero, f"{name}.weight_zero_point")
