@@ -163,20 +163,16 @@ def alternating_rates(folders: dict[str, Path], sentences: list[str], rounds: in
 
     found = {}
     for threads, key in ((None, "threads_all"), (1, "threads_1")):
-        best = {name: float("inf") for name in folders}
         for _ in range(rounds):
             for name, folder in folders.items():
                 tokenizer = AutoTokenizer.from_pretrained(folder)
                 ort_session = runtime.inference_session(folder, threads=threads)
-                runtime.embed(ort_session, tokenizer, sentences[:4], batch_size=1)
-                started = time.perf_counter()
-                for sentence in sentences:
-                    runtime.embed(ort_session, tokenizer, [sentence], batch_size=1)
-                best[name] = min(best[name], time.perf_counter() - started)
+                rate = best_rate(lambda batch: runtime.embed(ort_session, tokenizer, batch, batch_size=1), sentences,
+                                 repeats=1)
+                rates = found.setdefault(name, {})
+                rates[f"sentences_per_s_batch1_{key}"] = max(rate, rates.get(f"sentences_per_s_batch1_{key}", 0.0))
                 del ort_session
                 gc.collect()
-        for name, seconds in best.items():
-            found.setdefault(name, {})[f"sentences_per_s_batch1_{key}"] = len(sentences) / seconds
     return found
 
 
