@@ -169,6 +169,8 @@ def main() -> None:
                              "their fixed grids), 1 window each")
     parser.add_argument("--ste-lr", type=float, default=1e-5, help="distill's peak rate for --ste-steps")
     args = parser.parse_args()
+    if args.e2e_mix and not args.e2e_generated:
+        parser.error("--e2e-mix mixes generated windows into the calibration ones: give --e2e-generated N too")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 

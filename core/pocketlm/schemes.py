@@ -12,6 +12,7 @@ from pydantic import Field, field_validator
 
 from .components import Options, SizeEffect
 
+BITS = (2, 3, 4, 5, 6, 7, 8)
 GROUP_SIZES = (-1, 16, 32, 64, 128)
 EMBED_ALIAS = "embed"
 HEAD_ALIAS = "lm_head"
@@ -22,8 +23,8 @@ class QuantScheme(Options):
     may narrow a field, such as the bits it supports, by redeclaring it).
 
     * ``bits``: 2, 3, 4, 5, 6, 7 or 8 bits per weight (5, 6 and 7 only where an installed
-      exporter stores them; an exporter's check refuses the rest). 7 bits per output channel is
-      what integer kernels without VNNI multiply exactly as int8 (ONNX Runtime's "reduce range").
+      exporter stores them; an exporter's check refuses the rest). 7-bit codes centred on their
+      zero point fit in int8 within 64 of zero, which integer kernels without VNNI multiply exactly.
     * ``group_size``: -1 (one scale per output channel) or 16/32/64/128 input columns per scale.
     * ``symmetric``: zero point ``2**(bits-1)`` (an exact zero stays zero) or a fitted one.
     * ``targets`` / ``ignore``: module-name patterns (``pocketlm.modules.matches``); ``"embed"``
@@ -34,7 +35,7 @@ class QuantScheme(Options):
       (the last group is short).
     """
 
-    bits: Literal[2, 3, 4, 5, 6, 7, 8] = Field(4, description="bits per weight (5, 6 and 7: only exporters that store them)")
+    bits: Literal[BITS] = Field(4, description="bits per weight (5, 6 and 7: only exporters that store them)")
     group_size: Literal[-1, 16, 32, 64, 128] = Field(
         64, description="input columns sharing one scale; -1: one scale per output channel")
     symmetric: bool = Field(True, description="symmetric grid (zero point 2**(bits-1)); false: asymmetric")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .schemes import packed_bits_per_weight  # noqa: F401  (pure arithmetic, kept importable from here)
+from .schemes import BITS, packed_bits_per_weight  # noqa: F401  (packed_bits_per_weight: kept importable from here)
 
 MASK_BUFFER = "weight_mask"
 
@@ -159,8 +159,8 @@ class PackedGrid(nn.Module):
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, symmetric: bool, has_g_idx: bool,
                  device: torch.device | None = None):
         super().__init__()
-        if bits not in (2, 3, 4, 5, 6, 7, 8):
-            raise ValueError(f"bits must be 2, 3, 4, 5, 6, 7 or 8, not {bits}")
+        if bits not in BITS:
+            raise ValueError(f"bits must be one of {', '.join(map(str, BITS))}, not {bits}")
         if group_size != -1 and group_size <= 0:
             raise ValueError(f"group_size must be -1 or positive, not {group_size}")
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
