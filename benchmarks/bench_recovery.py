@@ -18,9 +18,10 @@ One run, one process, in this order:
    that text (``random.Random(0)``) instead of the 32 GPTQ calibrates on; ``--e2e-generated N``
    on N windows that the original model wrote itself (data-free, as LLM-QAT: a first token drawn
    uniformly from the vocabulary, then the model's own distribution sampled at temperature 1,
-   ``torch.manual_seed(0)``; cached in the output folder), so the scales learn the model's
-   distribution rather than one text's; ``--e2e-mix`` trains on the calibration windows and the
-   generated ones together.
+   seed 0: ``qat``'s ``e2e_generated_windows`` with ``e2e_generated_only``; saved in the stage
+   folder), so the scales learn the model's distribution rather than one text's; ``--e2e-mix``
+   trains on the calibration windows and the generated ones together (``e2e_generated_only``
+   false). ``train_seconds`` includes the generation, reported alone as ``generate_seconds``.
 
 ``--mixed B`` replaces step 1 by pocketlm-mixed's allocation at B bits per weight (counted as the
 GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
@@ -46,6 +47,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import sys
 import time
 from collections import Counter
@@ -84,26 +86,6 @@ def embedding_identical(model, path: Path) -> bool:
     embedding = model.get_input_embeddings()
     ours = embedding.dequantize() if hasattr(embedding, "dequantize") else embedding.weight.detach()
     return bool(torch.equal(torch.from_numpy(np.ascontiguousarray(values)), ours))
-
-
-def generated_windows(model, count: int, seq_len: int, seed: int = 0, batch: int = 16):
-    """``count`` windows of ``seq_len`` tokens sampled from ``model`` itself (LLM-QAT's data-free
-    distillation data): each starts from a token drawn uniformly from the vocabulary and goes on
-    with the model's own next-token distribution at temperature 1 (no top-k, no top-p)."""
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    vocabulary = model.get_input_embeddings().weight.shape[0]
-    found = []
-    with torch.no_grad():
-        for first in range(0, count, batch):
-            size = min(batch, count - first)
-            start = torch.randint(0, vocabulary, (size, 1), generator=generator)
-            found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
-                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                                        min_new_tokens=seq_len - 1, pad_token_id=0))
-    return torch.cat(found)[:, :seq_len]
 
 
 def measure(name: str, model, tokenizer, texts: dict, reference: dict, out: Path, stages: list[dict],
@@ -234,8 +216,10 @@ def main() -> None:
     if args.epochs:
         phases.append(("qat", "qat", dict(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size)))
     if args.e2e_steps:
+        generated = dict(e2e_generated_windows=args.e2e_generated, e2e_generated_only=not args.e2e_mix) \
+            if args.e2e_generated else {}
         phases.append(("qat", "qat-e2e", dict(epochs=0, e2e_steps=args.e2e_steps, e2e_lr=args.e2e_lr,
-                                              checkpoint_every=0)))
+                                              checkpoint_every=0, **generated)))
     for method_name, name, settings in phases:
         phase = plugins.methods[method_name]
         phase_options = phase.options(**settings)
@@ -247,28 +231,22 @@ def main() -> None:
             windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), args.e2e_windows,
                                                common.SEQ_LEN, 0)
             name = f"{name}-{args.e2e_windows}w"
-        if name.endswith("e2e") and args.e2e_generated:   # windows the original model wrote (data-free)
-            cached_windows = out / f"generated-{args.e2e_generated}x{common.SEQ_LEN}.pt"
-            with common.Timer() as generating:
-                if cached_windows.is_file():
-                    generated = torch.load(cached_windows)
-                else:
-                    generated = generated_windows(teacher, args.e2e_generated, common.SEQ_LEN)
-                    torch.save(generated, cached_windows)
-            log(f"{generated.shape[0]} generated windows of {generated.shape[1]} tokens in {generating.seconds:.0f} s")
-            windows = torch.cat([calibration, generated]) if args.e2e_mix else generated
+        if name.endswith("e2e") and args.e2e_generated:   # windows the original model writes (qat's option)
             name = f"{name}-gen{args.e2e_generated}" + ("-mix" if args.e2e_mix else "")
         stage_dir = out / f"{name}-stage"
         context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
-        context.logger = log
+        messages = []
+        context.logger = lambda message: (messages.append(message), log(message))
         with common.Timer() as timer:
             phase.compress(model, phase_options, context)
         stages = stages + [{"method": method_name, **phase_options.model_dump(exclude_defaults=True)}]
         extra = {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1)}
         if args.e2e_generated and "-gen" in name:
+            wrote = [re.search(r"the teacher wrote \d+ windows of \d+ tokens in (\d+) s", m) for m in messages]
             extra.update(train_text="generated by the original model" + (", after the calibration windows" if
                                                                          args.e2e_mix else ""),
-                         generate_seconds=round(generating.seconds, 1))
+                         train_windows=args.e2e_generated + (len(windows) if args.e2e_mix else 0),
+                         generate_seconds=next((float(w.group(1)) for w in wrote if w), None))
         if method_name == "qat":
             summary = json.loads((stage_dir / "qat.json").read_text())
             extra.update(block_tokens=summary["block_tokens"], e2e_tokens=summary["e2e_tokens"],

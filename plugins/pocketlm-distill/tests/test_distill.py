@@ -23,10 +23,12 @@ from pocketlm.weights import QuantizedLinear, get_mask, linear_weight, masks, mi
 from pocketlm.modules import select_linears, set_module
 from pocketlm_distill import DistillOptions, distill, kd_loss, lr_factor
 from pocketlm_distill.distill import (
+    GENERATED_FILE,
     STATE_FILE,
     TEACHER_FILE,
     batch_order,
     ce_loss,
+    sample_windows,
     correct_teacher,
     load_corrected,
     save_corrected,
@@ -77,6 +79,10 @@ def test_options_validation():
         DistillOptions(steps=10, kl_weight=0.0)
     with pytest.raises(ValidationError):
         DistillOptions(steps=10, bogus=1)
+    with pytest.raises(ValidationError, match="give generated_windows too"):
+        DistillOptions(steps=10, generated_only=True)
+    with pytest.raises(ValidationError, match="greater than or equal to 0"):
+        DistillOptions(steps=10, generated_windows=-1)
 
 
 def test_teacher_correction_options():
@@ -458,6 +464,79 @@ def test_resume_with_teacher_correction_equals_uninterrupted(corpus, teacher, tm
     assert not (stage / STATE_FILE).exists() and not (stage / TEACHER_FILE.format(0)).exists()
 
 
+# ------------------------------------------------------------------------------ text the teacher writes
+
+
+@torch.no_grad()
+def test_sampled_windows_follow_the_teachers_own_distribution(corpus, teacher):
+    # sampling at temperature 1: a sampled token's expected surprise is the distribution's entropy,
+    # where greedy decoding (or any sharpened sampling) would land far below it
+    windows = sample_windows(teacher, 12, SEQ_LEN, vocabulary=len(corpus["tokenizer"]), seed=0, batch=5)
+    assert windows.shape == (12, SEQ_LEN) and windows.dtype == torch.long
+    assert torch.equal(windows, sample_windows(teacher, 12, SEQ_LEN, len(corpus["tokenizer"]), seed=0, batch=5))
+    assert not torch.equal(windows, sample_windows(teacher, 12, SEQ_LEN, len(corpus["tokenizer"]), seed=1, batch=5))
+    assert len(set(windows[:, 0].tolist())) > 8   # first tokens drawn from the whole vocabulary
+    log_p = torch.log_softmax(teacher(input_ids=windows, use_cache=False).logits[:, :-1].double(), -1)
+    surprise = -log_p.gather(-1, windows[:, 1:, None]).mean().item()
+    entropy = -(log_p.exp() * log_p).sum(-1).mean().item()
+    assert abs(surprise - entropy) < 0.1 * entropy, (surprise, entropy)
+    greedy = log_p.argmax(-1) == windows[:, 1:]
+    assert greedy.float().mean() < 0.9
+
+
+def test_trains_on_generated_windows_and_a_resumed_run_reuses_them(corpus, teacher, tmp_path):
+    held = corpus["held"]
+    student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    before = kl_to(teacher, student, held)
+    messages = []
+    ctx = context(corpus, teacher, tmp_path)
+    ctx.logger = messages.append
+    # data-free: no text at all, only windows the teacher wrote; the KL on real held-out text still falls
+    distill(student, options(corpus, steps=12, generated_windows=8, generated_only=True), ctx)
+    assert kl_to(teacher, student, held) < 0.7 * before
+    assert any("the teacher wrote 8 windows of 64 tokens" in m for m in messages)
+    saved = load_file(str(tmp_path / "stage" / GENERATED_FILE))["windows"]
+    assert saved.shape == (8, SEQ_LEN)
+    # the same settings again (a resumed or repeated stage): read back, not sampled
+    messages.clear()
+    again = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    distill(again, options(corpus, steps=12, generated_windows=8, generated_only=True), ctx)
+    assert any("reusing the 8 generated windows" in m for m in messages)
+    assert params_hash(again) == params_hash(student)
+    # other settings (another seed): sampled anew
+    messages.clear()
+    distill(tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1),
+            options(corpus, steps=2, generated_windows=8, generated_only=True, seed=5), ctx)
+    assert any("the teacher wrote 8 windows" in m for m in messages)
+
+
+def test_generated_windows_follow_the_texts_windows(corpus, teacher, tmp_path, monkeypatch):
+    from pocketlm_distill.distill import Trainer
+
+    seen = {}
+    real = Trainer._setup_data
+
+    def spy(self, model):
+        real(self, model)
+        seen["windows"] = self.windows
+
+    monkeypatch.setattr(Trainer, "_setup_data", spy)
+    student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    distill(student, options(corpus, steps=1, generated_windows=3), context(corpus, teacher, tmp_path))
+    text = corpus["train_windows"]
+    assert torch.equal(seen["windows"][:len(text)], text)
+    assert torch.equal(seen["windows"][len(text):], load_file(str(tmp_path / "stage" / GENERATED_FILE))["windows"])
+
+
+def test_generated_windows_need_a_causal_teacher(corpus, tmp_path):
+    from pocketlm import PocketError
+
+    student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    with pytest.raises(PocketError, match="uses no teacher"):
+        distill(student, options(corpus, steps=2, kl_weight=0.0, ce_weight=1.0, generated_windows=2),
+                context(corpus, None, tmp_path))
+
+
 # ------------------------------------------------------------------------------ accelerate, 2 processes
 
 
@@ -484,8 +563,8 @@ def _rank(rank, port, student, teacher, windows, opts, out):
         save_file({k: v.contiguous() for k, v in student.state_dict().items()}, out)
 
 
-@pytest.mark.parametrize("correction", [0, 2])
-def test_two_processes_match_one(corpus, teacher, tmp_path, correction):
+@pytest.mark.parametrize("correction,generated", [(0, 0), (2, 0), (0, 6)])
+def test_two_processes_match_one(corpus, teacher, tmp_path, correction, generated):
     """The same global batch on 2 gloo CPU processes (DDP through accelerate) and on 1.
 
     The processes are forked from this one (no second import of torch and transformers);
@@ -493,8 +572,8 @@ def test_two_processes_match_one(corpus, teacher, tmp_path, correction):
     student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
     windows = corpus["train_windows"][:64].contiguous()
     opts = DistillOptions(steps=4, batch_size=4, grad_accum=2, lr=3e-3, ce_weight=0.3, checkpoint_every=0,
-                          teacher_correction_steps=correction)
-    one = copy.deepcopy(student)
+                          teacher_correction_steps=correction, generated_windows=generated)
+    one = copy.deepcopy(student)   # with generated windows: the main process samples, the other receives them
     distill(one, opts, make_context(windows, teacher=teacher))
 
     out = tmp_path / "two.safetensors"

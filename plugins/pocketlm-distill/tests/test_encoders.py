@@ -518,6 +518,9 @@ def test_options_that_cannot_apply_are_refused(corpus, tmp_path):
         distill(copy.deepcopy(teacher), options(corpus, steps=2, texts="pairs", text=str(short)),
                 context(corpus, teacher, tmp_path))
     assert error.value.field == "texts"
+    with pytest.raises(PocketError, match="an encoder writes none") as error:
+        distill(copy.deepcopy(teacher), options(corpus, steps=2, generated_windows=4), context(corpus, teacher, tmp_path))
+    assert error.value.field == "generated_windows"
     with pytest.raises(ValidationError, match="mlm_probability"):
         DistillOptions(steps=1, mlm_probability=1.5)
     with pytest.raises(ValidationError, match="student_layers"):

@@ -1,5 +1,6 @@
 """The pure tensor functions, each checked on a random 64x64 matrix."""
 
+import pytest
 import torch
 
 from pocketlm_dynamic.decode import gather_matvec
@@ -88,3 +89,43 @@ def test_gather_matvec_reads_only_surviving_rows_and_matches_the_rule():
     if fn is not None:  # the compiled kernel, where a C compiler is present
         assert torch.allclose(compiled_gather(fn, x, poisoned, t), expected, atol=1e-5)
         assert torch.allclose(compiled_gather(fn, x, w_t, 0.0), x @ w_t, atol=1e-5)
+
+
+@pytest.mark.parametrize("out_features", [1, 5, 64])
+def test_compiled_kernel_for_any_count_of_surviving_rows_and_any_split(out_features):
+    # the kernel adds surviving rows eight at a time and the rest one by one, and splits the
+    # output columns between threads: every count of survivors and every split must agree
+    fn = load()
+    if fn is None:
+        pytest.skip("no C compiler: the decode path uses PyTorch operations")
+    generator = torch.Generator().manual_seed(5)
+    w_t = torch.randn(64, out_features, generator=generator)
+    x = torch.randn(64, generator=generator)
+    ordered = x.abs().sort().values
+    threads = torch.get_num_threads()
+    try:
+        for survivors in (0, 1, 7, 8, 9, 16, 23, 63, 64):
+            t = 0.0 if survivors == 64 else float(ordered[63 - survivors])
+            assert int((x.abs() > t).sum()) == survivors
+            poisoned = w_t.clone()
+            poisoned[x.abs() <= t] = float("nan")
+            for count in (1, 2, 3):
+                torch.set_num_threads(count)
+                got = compiled_gather(fn, x, poisoned, t)
+                assert torch.allclose(got, sparsify(x, t) @ w_t, atol=1e-5), (survivors, count)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_decode_linear_reads_a_threshold_loaded_into_it(compiled):
+    # the decode path keeps its threshold as a Python float for speed: loading a state dict
+    # must still change what it skips
+    from pocketlm_dynamic.decode import SparseDecodeLinear
+
+    w_t, x = _x(3).contiguous(), _x(4)[0]
+    low, high = threshold_for(x.abs(), 0.25), threshold_for(x.abs(), 0.75)
+    module = SparseDecodeLinear(w_t, None, low, compiled=compiled)
+    assert torch.allclose(module(x[None, None]), (sparsify(x, low) @ w_t)[None, None], atol=1e-5)
+    module.load_state_dict({**module.state_dict(), "threshold": torch.tensor(float(high))})
+    assert torch.allclose(module(x[None, None]), (sparsify(x, high) @ w_t)[None, None], atol=1e-5)

@@ -304,6 +304,69 @@ def training_windows(options: DistillOptions, context) -> torch.Tensor:
     return windows
 
 
+GENERATED_FILE = "distill-generated.safetensors"
+
+
+def sample_windows(model: nn.Module, count: int, seq_len: int, vocabulary: int, seed: int,
+                   batch: int = 16) -> torch.Tensor:
+    """``[count, seq_len]`` token windows written by ``model`` itself (LLM-QAT's data-free data):
+    each starts from a token drawn uniformly from ``vocabulary`` and goes on by sampling the
+    model's own next-token distribution at temperature 1 (no top-k, no top-p), seeded."""
+    if not hasattr(model, "generate"):
+        raise PocketError(f"generated_windows samples text from the teacher, and {type(model).__name__} "
+                          "cannot generate", field="generated_windows", fix="use a transformers causal LM "
+                          "as the teacher, or set generated_windows = 0")
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)   # generate() samples from the global generator
+    found = []
+    with torch.no_grad():
+        for first in range(0, count, batch):
+            size = min(batch, count - first)
+            start = torch.randint(0, vocabulary, (size, 1), generator=generator).to(device)
+            found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
+                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                        min_new_tokens=seq_len - 1, pad_token_id=0).cpu())
+    return torch.cat(found)[:, :seq_len]
+
+
+def generated_windows(options: DistillOptions, teacher: nn.Module, seq_len: int, seed: int, context,
+                      accelerator) -> torch.Tensor:
+    """The ``generated_windows`` the first teacher writes (:func:`sample_windows`), read back from
+    the stage folder when a run with the same settings wrote them there. The main process samples
+    and every other process receives its windows, so all train on the same ones."""
+    from accelerate.utils import broadcast
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    vocabulary = teacher.get_input_embeddings().num_embeddings
+    if context.tokenizer is not None:   # padded embedding rows are no token the text can hold
+        vocabulary = min(vocabulary, len(context.tokenizer))
+    described = json.dumps({"count": options.generated_windows, "seq_len": seq_len, "seed": seed,
+                            "vocabulary": vocabulary, "teacher": options.teachers or options.teacher})
+    path = Path(context.stage_dir) / GENERATED_FILE if context.stage_dir is not None else None
+    windows = torch.zeros(options.generated_windows, seq_len, dtype=torch.long)
+    if accelerator.is_main_process:
+        found = None
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("described") == described:
+                    found = handle.get_tensor("windows")
+        if found is None:
+            began = time.perf_counter()
+            found = sample_windows(teacher, options.generated_windows, seq_len, vocabulary, seed)
+            context.log(f"distill: the teacher wrote {found.shape[0]} windows of {seq_len} tokens in "
+                        f"{time.perf_counter() - began:.0f} s")
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic.file(path) as temporary:
+                    save_file({"windows": found.contiguous()}, str(temporary), metadata={"described": described})
+        else:
+            context.log(f"distill: reusing the {found.shape[0]} generated windows in {path}")
+        windows = found
+    return broadcast(windows.to(accelerator.device), from_process=0).cpu()
+
+
 def encoder_max_length(options: DistillOptions, model: nn.Module, tokenizer) -> int:
     """``seq_len``, else the sentence pipeline's ``max_seq_length``, else 256; never more than the
     model has positions for (RoBERTa's first two are taken by its padding offset)."""
@@ -552,8 +615,9 @@ def csv_text(header: list[str] | None, rows: list[list]) -> str:
 
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
-    if not options.similarity_weight:  # unset, it leaves the fingerprint of earlier versions: their states resume
-        del described["similarity_weight"]
+    for unset in ("similarity_weight", "generated_windows", "generated_only"):
+        if not described[unset]:  # unset, they leave the fingerprint of earlier versions: their states resume
+            del described[unset]
     if options.texts == "chunks":  # the same for the default texts
         del described["texts"]
     described["seed"] = seed
@@ -888,6 +952,12 @@ class Trainer:
         count and the warm-up."""
         options = self.options
         self.windows, self.chunks = None, None
+        if self.encoder and options.generated_windows:
+            raise PocketError("generated_windows samples text from a causal LM teacher; an encoder writes none",
+                              field="generated_windows", fix="set generated_windows = 0 and train on a text")
+        if options.generated_windows and not self.teachers:
+            raise PocketError("generated_windows samples text from the teacher, and this run uses no teacher",
+                              field="generated_windows", fix="give a teacher loss (kl_weight or hidden_weight)")
         if self.encoder:
             self.chunks = encoder_pairs(options, self.context, model) if options.texts == "pairs" \
                 else encoder_chunks(options, self.context, model, self.seed)
@@ -896,6 +966,10 @@ class Trainer:
             self.tokens_per_step = round(options.batch_size * options.grad_accum * mean_length)
         else:
             self.windows = training_windows(options, self.context)
+            if options.generated_windows:
+                generated = generated_windows(options, self.teachers[0], self.windows.shape[1], self.seed,
+                                              self.context, self.accelerator)
+                self.windows = generated if options.generated_only else torch.cat([self.windows, generated])
             self.n_examples = self.windows.shape[0]
             self.tokens_per_step = options.batch_size * options.grad_accum * self.windows.shape[1]
         self.total = options.steps if options.steps is not None else math.ceil(options.tokens / self.tokens_per_step)

@@ -56,6 +56,14 @@ class DistillOptions(Options):
         "training text, not the evaluation text), whole pairs shuffled with the seed, so each "
         "micro-batch holds batch_size / 2 queries each beside its own passage and similarity_weight learns how "
         "related texts relate; needs an even batch_size.")
+    generated_windows: int = Field(
+        0, ge=0, description="Causal LMs: this many more windows of seq_len tokens that the (first) teacher "
+        "writes itself, LLM-QAT's data-free distillation data: each starts from a token drawn uniformly from the "
+        "vocabulary and goes on by sampling the teacher's own next-token distribution at temperature 1, "
+        "seeded. They follow the text's windows, so the student learns the teacher's distribution and not one "
+        "text's. Written once to the stage folder and reused by a resumed run. 0: none.")
+    generated_only: bool = Field(
+        False, description="Train on the generated windows alone, no text (data-free); needs generated_windows.")
     hidden_loss: Literal["mse", "cosine"] | None = Field(
         None, description="How the hidden states of layer_map are compared: mse, or cosine per token "
         "(DistilBERT). None: mse for a causal LM, cosine for an encoder. Encoders compare real tokens only.")
@@ -105,6 +113,8 @@ class DistillOptions(Options):
         if self.texts == "pairs" and self.batch_size % 2:
             raise ValueError(f"texts = 'pairs' puts whole (query, passage) pairs in each micro-batch: batch_size "
                              f"must be even, not {self.batch_size}")
+        if self.generated_only and not self.generated_windows:
+            raise ValueError("generated_only trains on the windows the teacher writes: give generated_windows too")
         if self.hidden_weight > 0 and not self.layer_map and self.student_layers is None:
             raise ValueError("hidden_weight needs a layer_map, e.g. {'0': 0, '1': 2} (or student_layers)")
         if self.hidden_weight > 0 and self.teachers is not None and len(self.teachers) > 1:
@@ -150,6 +160,11 @@ class QATOptions(Options):
                            "model, training only the scales (EfficientQAT's E2E-QP); 0: off")
     e2e_lr: float = Field(2e-5, description="end-to-end phase: peak rate (EfficientQAT's E2E-QP rate)")
     e2e_batch_size: int = Field(1, description="end-to-end phase: windows per optimizer step")
+    e2e_generated_windows: int = Field(0, ge=0, description="end-to-end phase: this many more windows "
+                                       "that the original model writes itself (distill's generated_windows, "
+                                       "LLM-QAT's data-free data); 0: none")
+    e2e_generated_only: bool = Field(False, description="end-to-end phase: train on the generated windows "
+                                     "alone (distill's generated_only)")
     e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
                                  "next to the KL to the original model's logits")
     text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "
@@ -174,6 +189,12 @@ class QATOptions(Options):
             raise ValueError("e2e_ce_weight must be non-negative")
         if self.checkpoint_every < 0:
             raise ValueError("checkpoint_every must be 0 (never) or positive")
+        if (self.e2e_generated_windows or self.e2e_generated_only) and not self.e2e_steps:
+            raise ValueError("e2e_generated_windows and e2e_generated_only shape the end-to-end phase's data: "
+                             "give e2e_steps too")
+        if self.e2e_generated_only and not self.e2e_generated_windows:
+            raise ValueError("e2e_generated_only trains on the windows the original model writes: "
+                             "give e2e_generated_windows too")
         return self
 
 

@@ -628,6 +628,7 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
         distill_options = DistillOptions(
             steps=options.e2e_steps, lr=options.e2e_lr, batch_size=options.e2e_batch_size, text=options.text,
             seq_len=options.seq_len, kl_weight=1.0, ce_weight=options.e2e_ce_weight, quantized="scales",
+            generated_windows=options.e2e_generated_windows, generated_only=options.e2e_generated_only,
             freeze=frozen, checkpoint_every=options.checkpoint_every, seed=seed)
         distill(model, distill_options, context)
         summary["e2e_seconds"] = time.perf_counter() - e2e_began

@@ -37,27 +37,38 @@ class SparseDecodeLinear(nn.Module):
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
                  compiled: bool = True):
         super().__init__()
-        self.compiled = compiled and kernel.load() is not None
+        # A token's products take 10 to 100 microseconds here, so what runs around the kernel
+        # matters: the kernel function and the threshold as a Python float are kept at hand
+        # (reading a tensor's value costs microseconds on every call).
+        self._kernel = kernel.load() if compiled else None
+        self.compiled = self._kernel is not None
         self.in_features, self.out_features = weight_t.shape
         self.register_buffer("weight_t", weight_t.contiguous())
         self.register_buffer("bias", None if bias is None else bias.clone())
         self.register_buffer("threshold", torch.tensor(float(threshold)))
+        self._threshold = float(threshold)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._threshold = float(self.threshold)
 
     @classmethod
     def from_linear(cls, module: nn.Module, threshold: float, compiled: bool = True) -> "SparseDecodeLinear":
         return cls(linear_weight(module).float().t().contiguous(), linear_bias(module), threshold, compiled)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == self.in_features and self.compiled and x.dtype == torch.float32 \
-                and x.device.type == "cpu":  # batch 1, one token: the compiled gather
-            y = kernel.gather_matvec(kernel.load(), x.reshape(-1), self.weight_t, float(self.threshold))
+        weight_t, bias = self._buffers["weight_t"], self._buffers["bias"]   # no nn.Module lookup per call
+        if x.numel() == self.in_features and self._kernel is not None and x.dtype == torch.float32 \
+                and x.is_cpu and weight_t.is_cpu:  # batch 1, one token: the compiled gather
+            y = kernel.gather_matvec(self._kernel, x.view(-1) if x.is_contiguous() else x.reshape(-1),
+                                     weight_t, self._threshold)
         elif x.numel() == self.in_features:  # the same with PyTorch operations
-            y = gather_matvec(x.reshape(-1), self.weight_t, self.threshold)
+            y = gather_matvec(x.reshape(-1), weight_t, self.threshold)
         else:
-            y = sparsify(x, self.threshold) @ self.weight_t
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
+            y = sparsify(x, self.threshold) @ weight_t
+        if bias is not None:
+            y = y + bias
+        return y.view(x.shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, threshold={float(self.threshold):.4g}"

@@ -55,8 +55,8 @@ def load():
 
 def gather_matvec(fn, x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> torch.Tensor:
     """``sparsify(x) @ weight_t`` through the compiled kernel (float32, contiguous, CPU)."""
-    y = torch.empty(weight_t.shape[1], dtype=torch.float32)
+    rows, columns = weight_t.shape
+    y = torch.empty(columns, dtype=torch.float32)
     x = x.contiguous()
-    fn(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), weight_t.shape[0], weight_t.shape[1], threshold,
-       torch.get_num_threads())
+    fn(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), rows, columns, threshold, torch.get_num_threads())
     return y
