@@ -53,6 +53,11 @@ def test_registered():
     method = get_plugins().methods["qat"]
     assert method.kind == "distill" and method.needs_calibration and method.phase == 45
     assert method.effect(QATOptions()).bits is None
+    # the planner's proposal is the end-to-end phase alone, and it validates
+    (proposal,) = method.plan(None)
+    options = method.options.model_validate(proposal)
+    assert options.epochs == 0 and options.e2e_steps == 64 and options.e2e_lr == 1e-4
+    assert method.effect(options).recovers == 0.32
 
 
 def test_bad_options_are_clear():
