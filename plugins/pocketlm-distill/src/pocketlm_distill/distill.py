@@ -70,6 +70,13 @@ through the same accelerator) and then distilled from; the teacher passed in is 
 Cost: one CE training step on the teacher (forward and backward, plus its AdamW state in
 memory) per correction step. With checkpoints on, each corrected teacher is saved to
 ``distill-teacher-{i}.safetensors`` in the stage folder and reused by a resumed run.
+
+Text the teacher writes (``generated_windows > 0``, causal LMs, off by default): LLM-QAT (Liu et
+al., 2023) distils on the full-precision model's own samples, so the student learns the teacher's
+distribution rather than one text's. The first teacher samples that many windows
+(:func:`sample_windows`), appended to the text's windows or, ``generated_only``, instead of
+them; they are saved to ``distill-generated.safetensors`` in the stage folder and read back by a
+resumed run, and with several processes the main process samples and broadcasts them.
 """
 
 from __future__ import annotations
