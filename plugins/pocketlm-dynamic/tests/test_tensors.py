@@ -1,5 +1,8 @@
 """The pure tensor functions, each checked on a random 64x64 matrix."""
 
+import copy
+import io
+
 import pytest
 import torch
 
@@ -129,3 +132,10 @@ def test_decode_linear_reads_a_threshold_loaded_into_it(compiled):
     assert torch.allclose(module(x[None, None]), (sparsify(x, low) @ w_t)[None, None], atol=1e-5)
     module.load_state_dict({**module.state_dict(), "threshold": torch.tensor(float(high))})
     assert torch.allclose(module(x[None, None]), (sparsify(x, high) @ w_t)[None, None], atol=1e-5)
+    copied = copy.deepcopy(module)   # a decode model copies and saves like any module
+    assert torch.allclose(copied(x[None, None]), (sparsify(x, high) @ w_t)[None, None], atol=1e-5)
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.allclose(loaded(x[None, None]), (sparsify(x, high) @ w_t)[None, None], atol=1e-5)

@@ -38,10 +38,10 @@ class SparseDecodeLinear(nn.Module):
                  compiled: bool = True):
         super().__init__()
         # A token's products take 10 to 100 microseconds here, so what runs around the kernel
-        # matters: the kernel function and the threshold as a Python float are kept at hand
-        # (reading a tensor's value costs microseconds on every call).
-        self._kernel = kernel.load() if compiled else None
-        self.compiled = self._kernel is not None
+        # matters: the threshold is kept as a Python float too (reading a tensor's value costs
+        # microseconds on every call). The kernel itself is fetched from kernel.load()'s cache
+        # per call: a ctypes function held here would make the module impossible to copy or save.
+        self.compiled = compiled and kernel.load() is not None
         self.in_features, self.out_features = weight_t.shape
         self.register_buffer("weight_t", weight_t.contiguous())
         self.register_buffer("bias", None if bias is None else bias.clone())
@@ -58,9 +58,9 @@ class SparseDecodeLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight_t, bias = self._buffers["weight_t"], self._buffers["bias"]   # no nn.Module lookup per call
-        if x.numel() == self.in_features and self._kernel is not None and x.dtype == torch.float32 \
+        if x.numel() == self.in_features and self.compiled and x.dtype == torch.float32 \
                 and x.is_cpu and weight_t.is_cpu:  # batch 1, one token: the compiled gather
-            y = kernel.gather_matvec(self._kernel, x.view(-1) if x.is_contiguous() else x.reshape(-1),
+            y = kernel.gather_matvec(kernel.load(), x.view(-1) if x.is_contiguous() else x.reshape(-1),
                                      weight_t, self._threshold)
         elif x.numel() == self.in_features:  # the same with PyTorch operations
             y = gather_matvec(x.reshape(-1), weight_t, self.threshold)
