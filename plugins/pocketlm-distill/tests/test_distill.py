@@ -28,9 +28,9 @@ from pocketlm_distill.distill import (
     TEACHER_FILE,
     batch_order,
     ce_loss,
-    sample_windows,
     correct_teacher,
     load_corrected,
+    sample_windows,
     save_corrected,
 )
 

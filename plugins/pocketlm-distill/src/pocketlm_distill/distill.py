@@ -352,8 +352,9 @@ def generated_windows(options: DistillOptions, teacher: nn.Module, seq_len: int,
     described = json.dumps({"count": options.generated_windows, "seq_len": seq_len, "seed": seed,
                             "vocabulary": vocabulary, "teacher": options.teachers or options.teacher})
     path = Path(context.stage_dir) / GENERATED_FILE if context.stage_dir is not None else None
-    windows = torch.zeros(options.generated_windows, seq_len, dtype=torch.long)
-    if accelerator.is_main_process:
+    if not accelerator.is_main_process:   # filled by the main process's broadcast
+        windows = torch.zeros(options.generated_windows, seq_len, dtype=torch.long)
+    else:
         found = None
         if path is not None and path.is_file():
             with safe_open(str(path), framework="pt") as handle:
@@ -365,7 +366,6 @@ def generated_windows(options: DistillOptions, teacher: nn.Module, seq_len: int,
             context.log(f"distill: the teacher wrote {found.shape[0]} windows of {seq_len} tokens in "
                         f"{time.perf_counter() - began:.0f} s")
             if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
                 with atomic.file(path) as temporary:
                     save_file({"windows": found.contiguous()}, str(temporary), metadata={"described": described})
         else:
