@@ -7,7 +7,16 @@
     nice .venv/bin/python benchmarks/bench_dynamic.py report
 
 A config is ``MODE-ALLOCATION-PERCENT`` with an optional ``gptq-`` prefix (GPTQ W4, group 64,
-first; thresholds calibrated on the quantized model; decode on its dequantized weights).
+first; thresholds calibrated on the quantized model; decode on its dequantized weights) and an
+optional ``+kdN`` suffix: N steps of pocketlm-distill's ``distill`` after the thresholds, the
+weights trained under them (KL to the original model's logits; ``--kd-lr``, ``--kd-batch``,
+``--kd-windows`` distinct windows of the calibration text, ``--kd-generated`` more windows the
+original model writes); the speed job reads the distilled model the quality run saved. At
+PERCENT 0 the speed job runs the decode path with every threshold at zero: its kernel against
+PyTorch's dense product, nothing skipped.
+
+    nice .venv/bin/python benchmarks/bench_dynamic.py quality --configs teal-greedy-40+kd128 \
+        --kd-batch 1 --kd-windows 64 --kd-generated 64
 
 * quality: perplexity on the first 32 x 512 windows of WikiText-2 test and of a second domain
   (the Python Language Reference extract bundled in plugins/pocketlm-dynamic/tests/data, which
@@ -46,10 +55,15 @@ SECOND_DOMAIN = common.ROOT / "plugins" / "pocketlm-dynamic" / "tests" / "data" 
 GPTQ = {"bits": 4, "group_size": 64}
 
 
-def parse_config(config: str) -> tuple[bool, dict]:
+def parse_config(config: str) -> tuple[bool, dict, int]:
+    """(GPTQ first?, activation-sparsity's options, distill steps after it: the ``+kdN`` suffix)."""
+    config, _, recovery = config.partition("+")
+    if recovery and not (recovery.startswith("kd") and recovery[2:].isdigit()):
+        raise SystemExit(f"{recovery!r}: a config ends in +kdN (N steps of distill after the thresholds)")
     gptq = config.startswith("gptq-")
     mode, *allocation, percent = config.removeprefix("gptq-").split("-")  # teal-greedy-proxy-40 too
-    return gptq, {"mode": mode, "allocation": "-".join(allocation), "sparsity": int(percent) / 100}
+    options = {"mode": mode, "allocation": "-".join(allocation), "sparsity": int(percent) / 100}
+    return gptq, options, int(recovery[2:] or 0)
 
 
 def gptq_model(model, calibration, log):
@@ -65,6 +79,26 @@ def gptq_model(model, calibration, log):
     log({"job": "gptq", "options": GPTQ, "seconds": round(time.perf_counter() - start, 1)})
     save_checkpoint(model, None, folder)
     return model
+
+
+def recover(model, teacher, steps: int, settings: dict, tokenizer, stage_dir, log) -> dict:
+    """``steps`` of pocketlm-distill's ``distill`` on ``model`` with its thresholds in the forward
+    pass (the weights learn to do without the skipped inputs; the thresholds stay), KL to
+    ``teacher``'s logits, on ``settings["windows"]`` distinct windows of the calibration text and
+    ``settings["generated"]`` more that the teacher writes (distill's ``generated_windows``)."""
+    plugins = get_plugins()
+    method = plugins.methods["distill"]
+    options = method.options(steps=steps, batch_size=settings["batch_size"], lr=settings["lr"], checkpoint_every=0,
+                             generated_windows=settings["generated"])
+    windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), settings["windows"],
+                                       common.SEQ_LEN, 0)
+    context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
+    context.logger = lambda message: log({"job": "distill", "message": message})
+    start = time.perf_counter()
+    plugins.hook.compress(model=model, method=method, options=options, context=context)
+    return {"distill": {"steps": steps, "batch_size": options.batch_size, "lr": options.lr,
+                        "windows": int(windows.shape[0]), "generated_windows": settings["generated"], "tokens": steps * options.batch_size * common.SEQ_LEN,
+                        "seconds": round(time.perf_counter() - start, 1)}}
 
 
 def calibrate(model, options: dict, calibration):
@@ -106,7 +140,8 @@ class SkipCounter:
 
 def skipped(model, counter: SkipCounter) -> dict:
     """Fraction of thresholded input channels skipped, weighted by the weight bytes of their
-    columns; and the fraction of all decoder-linear weight bytes a decode step skips."""
+    columns; the fraction of all decoder-linear weight bytes a decode step skips; and the mean
+    fraction per projection (the last part of the module name), unweighted."""
     modules = dict(model.named_modules())
     decoder = sum(o * i for n, m in modules.items() if is_linear(m) and ".layers." in n for o, i in [linear_shape(m)])
     saved = weight = 0.0
@@ -118,10 +153,14 @@ def skipped(model, counter: SkipCounter) -> dict:
         fraction = zeroed / counter.total[name]
         saved += fraction * out_features * in_features
         weight += out_features * in_features
-    return {"skipped_thresholded": saved / weight, "skipped_decoder": saved / decoder}
+    by_projection = {}   # q_proj, down_proj, ...: where the allocation put the sparsity
+    for name, zeroed in counter.zeroed.items():
+        by_projection.setdefault(name.rpartition(".")[2], []).append(zeroed / counter.total[name])
+    return {"skipped_thresholded": saved / weight, "skipped_decoder": saved / decoder,
+            "skipped_by_projection": {k: round(sum(v) / len(v), 4) for k, v in by_projection.items()}}
 
 
-def quality(configs, log):
+def quality(configs, log, recovery: dict):
     model, tokenizer = common.load_reference()
     evaluation, calibration = common.windows(tokenizer, "quick")
     second = data.evaluation_windows(tokenizer, SECOND_DOMAIN, 32, common.SEQ_LEN)
@@ -137,7 +176,7 @@ def quality(configs, log):
 
     gptq_base = None
     for config in configs:
-        gptq, options = parse_config(config)
+        gptq, options, steps = parse_config(config)
         if gptq and gptq_base is None:
             gptq_base = gptq_model(copy.deepcopy(model), calibration, log)
             log({"job": "quality", "config": "gptq-dense", "wikitext2": common.perplexity(gptq_base, evaluation),
@@ -146,6 +185,12 @@ def quality(configs, log):
         start = time.perf_counter()
         calibrate(work, options, calibration)
         seconds = time.perf_counter() - start
+        trained = {}
+        if steps:   # the distilled model is saved for the speed job (thresholds in its manifest)
+            # the stage folder keeps the windows the teacher wrote: runs with other steps reuse them
+            stage = RESULTS / "dynamic-distill" / f"{config.partition('+')[0]}-{recovery['windows']}w-gen{recovery['generated']}"
+            trained = recover(work, model, steps, recovery, tokenizer, stage, log)
+            save_checkpoint(work, None, RESULTS / "dynamic-distill" / config / "model")
         counter = SkipCounter(work)
         wiki = common.perplexity(work, evaluation)
         counter.close()
@@ -155,7 +200,7 @@ def quality(configs, log):
         table = {n: list(v) for n, v in sparsity.thresholds(work).items()}
         (RESULTS / "dynamic-thresholds").mkdir(parents=True, exist_ok=True)
         (RESULTS / "dynamic-thresholds" / f"{config}.json").write_text(json.dumps(table))
-        log({"job": "quality", "config": config, **options, "gptq": gptq, "calibration_s": round(seconds, 1),
+        log({"job": "quality", "config": config, **options, "gptq": gptq, "calibration_s": round(seconds, 1), **trained,
              "wikitext2": wiki, "python_reference": python, "retention_wikitext2": base["wikitext2"] / wiki,
              "retention_python_reference": base["python_reference"] / python, **measured})
         del work
@@ -176,14 +221,21 @@ def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool =
     evaluation, calibration = common.windows(tokenizer, "quick")
     prompt = evaluation[:1, :32]
     for config in configs:
-        gptq, options = parse_config(config)
+        gptq, options, steps = parse_config(config)
+        if steps and calibration_windows:
+            raise SystemExit(f"{config}: distilled weights come from a quality run; drop --calibration-windows")
         dense = gptq_model(copy.deepcopy(model), calibration, log) if gptq else model
         if gptq:  # the dense side of a GPTQ row runs the dequantized weights too
             from pocketlm.modules import dense_copy
             dense = dense_copy(dense)
         saved = RESULTS / "dynamic-thresholds" / f"{config}.json"
         sparse = copy.deepcopy(dense)
-        if calibration_windows:  # speed only: thresholds from the first N calibration windows
+        if steps:   # the quality run's distilled weights and thresholds
+            sparse = load_checkpoint(RESULTS / "dynamic-distill" / config / "model").model.eval()
+        elif options["sparsity"] == 0:   # the decode path skipping nothing: its kernel against PyTorch's
+            calibrate(sparse, {**options, "sparsity": 0.4}, calibration[:1])
+            sparsity.install(sparse, {n: (where, 0.0) for n, (where, _) in sparsity.thresholds(sparse).items()})
+        elif calibration_windows:  # speed only: thresholds from the first N calibration windows
             calibrate(sparse, options, calibration[:calibration_windows])
         else:
             table = json.loads(saved.read_text())
@@ -201,7 +253,7 @@ def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool =
             for name, m in (("dense", dense), ("sparse", sparse)):
                 best[name] = min(best[name], generate_seconds(m, prompt))
         row = {"job": "speed", "config": config, "compiled": compiled, "rounds": rounds,
-               "calibration_windows": calibration_windows or len(calibration), **measured,
+               "calibration_windows": 0 if options["sparsity"] == 0 else calibration_windows or len(calibration), **measured,
                "dense_tokens_per_s": 64 / best["dense"], "sparse_tokens_per_s": 64 / best["sparse"],
                "speedup": best["dense"] / best["sparse"]}
         if profile:
@@ -307,6 +359,12 @@ def main():
     parser.add_argument("--torch-gather", action="store_true", help="decode with PyTorch operations, no C kernel")
     parser.add_argument("--calibration-windows", type=int, default=0,
                         help="speed: calibrate on the first N calibration windows instead of reading saved thresholds")
+    parser.add_argument("--kd-lr", type=float, default=1e-4, help="quality, +kdN configs: distill's peak rate")
+    parser.add_argument("--kd-batch", type=int, default=2, help="quality, +kdN configs: windows per distill step")
+    parser.add_argument("--kd-windows", type=int, default=256,
+                        help="quality, +kdN configs: distinct calibration-text windows distill trains on")
+    parser.add_argument("--kd-generated", type=int, default=0,
+                        help="quality, +kdN configs: this many more windows the original model writes, after the text's")
     args = parser.parse_args()
     if args.job == "report":
         print(report())
@@ -324,7 +382,8 @@ def main():
     if args.job == "kernel":
         kernel_job(log)
     elif args.job == "quality":
-        quality(configs, log)
+        quality(configs, log, {"lr": args.kd_lr, "batch_size": args.kd_batch, "windows": args.kd_windows,
+                                 "generated": args.kd_generated})
     else:
         speed(configs, log, args.rounds, args.profile, compiled=not args.torch_gather,
               calibration_windows=args.calibration_windows)

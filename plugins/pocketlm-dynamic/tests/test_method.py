@@ -258,3 +258,35 @@ def test_both_orders_validate_with_gptq(order):
     assert combination_problems(stages, plugins.exporters["dynamic"]) == []
     problems = combination_problems(stages, plugins.exporters["hf"])
     assert problems and "cannot represent thresholds" in problems[0][1]
+
+
+needs_distill = pytest.mark.skipif("distill" not in get_plugins().methods,
+                                   reason="pocketlm-distill is not installed")
+
+
+def _kl_to(reference, model) -> float:
+    """Mean KL(reference || model) of the next-token distributions on WINDOWS."""
+    p, q = logits(reference).log_softmax(-1), logits(model).log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+@needs_distill
+def test_distill_after_activation_sparsity_trains_the_weights_under_the_thresholds():
+    from pocketlm.recipe import combination_problems
+
+    plugins = get_plugins()
+    distill = plugins.methods["distill"]
+    options = distill.options(steps=40, batch_size=2, lr=1e-3, checkpoint_every=0)
+    stages = [(plugins.methods["activation-sparsity"], plugins.methods["activation-sparsity"].options()),
+              (distill, options)]
+    assert combination_problems(stages, plugins.exporters["dynamic"]) == []
+    torch.manual_seed(0)
+    dense = tiny_model("llama")
+    model = run(copy.deepcopy(dense), sparsity=0.4)
+    before, lost = thresholds(model), _kl_to(dense, model)
+    plugins.hook.compress(model=model, method=distill, options=options,
+                          context=make_context(WINDOWS, teacher=copy.deepcopy(dense), plugins=plugins))
+    assert thresholds(model) == before      # the rule stays; the weights learn to do without the skipped inputs
+    assert _kl_to(dense, model) < 0.6 * lost
+    fractions = measured(model).values()
+    assert abs(sum(fractions) / len(fractions) - 0.4) <= 0.03

@@ -25,7 +25,7 @@ from pocketlm import PHASE_SPARSIFY, Exporter, Loader, Method, ModuleType, hooki
 
 from .options import ActivationSparsityOptions, DynamicExportOptions, effect, is_dynamic_export, plan
 
-__version__ = "0.2.2"
+__version__ = "0.2.3"
 POCKETLM_API = ">=1.8,<2"
 
 _SUBMODULES = ("decode", "export", "kernel", "sparsity")
