@@ -97,7 +97,8 @@ def recover(model, teacher, steps: int, settings: dict, tokenizer, stage_dir, lo
     start = time.perf_counter()
     plugins.hook.compress(model=model, method=method, options=options, context=context)
     return {"distill": {"steps": steps, "batch_size": options.batch_size, "lr": options.lr,
-                        "windows": int(windows.shape[0]), "generated_windows": settings["generated"], "tokens": steps * options.batch_size * common.SEQ_LEN,
+                        "windows": int(windows.shape[0]), "generated_windows": settings["generated"],
+                        "tokens": steps * options.batch_size * common.SEQ_LEN,
                         "seconds": round(time.perf_counter() - start, 1)}}
 
 
@@ -188,7 +189,8 @@ def quality(configs, log, recovery: dict):
         trained = {}
         if steps:   # the distilled model is saved for the speed job (thresholds in its manifest)
             # the stage folder keeps the windows the teacher wrote: runs with other steps reuse them
-            stage = RESULTS / "dynamic-distill" / f"{config.partition('+')[0]}-{recovery['windows']}w-gen{recovery['generated']}"
+            base = config.partition("+")[0]
+            stage = RESULTS / "dynamic-distill" / f"{base}-{recovery['windows']}w-gen{recovery['generated']}"
             trained = recover(work, model, steps, recovery, tokenizer, stage, log)
             save_checkpoint(work, None, RESULTS / "dynamic-distill" / config / "model")
         counter = SkipCounter(work)
@@ -252,8 +254,9 @@ def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool =
         for _ in range(rounds):  # alternating, so a busy moment hits both alike
             for name, m in (("dense", dense), ("sparse", sparse)):
                 best[name] = min(best[name], generate_seconds(m, prompt))
-        row = {"job": "speed", "config": config, "compiled": compiled, "rounds": rounds,
-               "calibration_windows": 0 if options["sparsity"] == 0 else calibration_windows or len(calibration), **measured,
+        used = 0 if options["sparsity"] == 0 else calibration_windows or len(calibration)
+        row = {"job": "speed", "config": config, "compiled": compiled, "rounds": rounds, "calibration_windows": used,
+               **measured,
                "dense_tokens_per_s": 64 / best["dense"], "sparse_tokens_per_s": 64 / best["sparse"],
                "speedup": best["dense"] / best["sparse"]}
         if profile:
