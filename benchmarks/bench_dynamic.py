@@ -146,17 +146,16 @@ def skipped(model, counter: SkipCounter) -> dict:
     modules = dict(model.named_modules())
     decoder = sum(o * i for n, m in modules.items() if is_linear(m) and ".layers." in n for o, i in [linear_shape(m)])
     saved = weight = 0.0
+    by_projection = {}   # q_proj, down_proj, ...: where the allocation put the sparsity
     for name, zeroed in counter.zeroed.items():
+        fraction = zeroed / counter.total[name]
+        by_projection.setdefault(name.rpartition(".")[2], []).append(fraction)
         target = name
         if sparsity.thresholds(model)[name][0] == sparsity.OUTPUT:  # CATS: the down projection's columns
             target = name.rpartition(".")[0] + ".down_proj"
         out_features, in_features = linear_shape(modules[target])
-        fraction = zeroed / counter.total[name]
         saved += fraction * out_features * in_features
         weight += out_features * in_features
-    by_projection = {}   # q_proj, down_proj, ...: where the allocation put the sparsity
-    for name, zeroed in counter.zeroed.items():
-        by_projection.setdefault(name.rpartition(".")[2], []).append(zeroed / counter.total[name])
     return {"skipped_thresholded": saved / weight, "skipped_decoder": saved / decoder,
             "skipped_by_projection": {k: round(sum(v) / len(v), 4) for k, v in by_projection.items()}}
 
