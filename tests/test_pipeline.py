@@ -113,10 +113,32 @@ def test_resume_refuses_a_different_recipe(tiny_folder, toy_plugins, tmp_path):
 
     _run(tiny_folder, toy_plugins, tmp_path / "run")
     other = parse_recipe(RECIPE.format(model=tiny_folder).replace("bits = 4", "bits = 8"), toy_plugins)
-    with pytest.raises(PocketError, match="different recipe"):
+    with pytest.raises(PocketError, match=r"different recipe \(its \[\[stages\]\] differ\)"):
         Run(other, tmp_path / "run", toy_plugins, resume=True, echo=lambda m: None).execute()
     with pytest.raises(PocketError, match="already holds a run"):
         Run(other, tmp_path / "run", toy_plugins, echo=lambda m: None).execute()
+
+
+def test_resume_after_only_the_export_changed_keeps_the_finished_stages(tiny_folder, toy_plugins, tmp_path):
+    """An export that failed, then the exporter upgraded (a new option and its default change the
+    resolved recipe) or its options edited: --resume keeps every finished stage and writes the
+    export with the new settings, where it used to refuse the run as a different recipe."""
+    run = tmp_path / "run"
+    _run(tiny_folder, toy_plugins, run)
+    stamps = {p: p.stat().st_mtime_ns for p in (run / "stages").glob("*/*") if p.is_file()}
+    moved = RECIPE.format(model=tiny_folder).replace('format = "hf"', 'format = "hf"\npath = "export-2"')
+    lines = []
+    report = Run(parse_recipe(moved, toy_plugins, file="recipe.toml"), run, toy_plugins, resume=True,
+                 echo=lines.append).execute()
+    assert report["export"].endswith("export-2") and (run / "export-2" / "config.json").is_file()
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps   # no stage ran again
+    said = "\n".join(lines)
+    assert "the recipe's [export] changed since the run started: the finished stages are kept" in said
+    assert "resuming after stage 2 (toy-round)" in said
+    resolved = json.loads((run / "recipe.resolved.json").read_text())
+    assert resolved["recipe"]["export"]["path"] == "export-2"   # a later --resume compares against this
+    weights = {name: digest for name, digest in _digest(run / "export").items() if name != "README.md"}
+    assert {n: d for n, d in _digest(run / "export-2").items() if n != "README.md"} == weights  # the card names the path
 
 
 def test_a_run_that_finished_nothing_can_be_rerun_without_flags(tiny_folder, toy_plugins, tmp_path):

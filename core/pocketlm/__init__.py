@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pluggy
 
-__version__ = "0.2.9"
+__version__ = "0.2.10"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.

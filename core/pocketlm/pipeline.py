@@ -51,6 +51,8 @@ from .recipe import Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
 OUTPUTS = ("stages", "export", "report.json", "report.md", "eval-before.json")  # what a run leaves
+#: Recipe sections a resumed run may change: they act after the stages (see ``Run._resume_changed``).
+RESUMABLE_CHANGES = frozenset({"export"})
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Run:
         # False for `pocketlm eval` / `export`, which use a Run's helpers but own no run folder
         self.owns_folder = owns_folder
         self.resume, self.overwrite = resume, overwrite
+        self.resume_note: str | None = None          # what changed in the recipe since the run started
         self.progress = progress or Progress()
         self.echo = echo
         self.resolved = recipe.resolved()
@@ -187,12 +190,10 @@ class Run:
         if resolved_path.exists():
             previous = json.loads(resolved_path.read_text())
             if self.resume:
-                if previous.get("fingerprint") != self._fingerprint():
-                    raise PocketError(f"the run folder {self.run_dir} was made by a different recipe",
-                                      field="--resume", fix="resume with the recipe that started the run, "
-                                      "or pass --overwrite to start over")
-                return
-            if not overwrite:
+                if previous.get("fingerprint") == self._fingerprint():
+                    return
+                self._resume_changed(previous.get("recipe", {}))
+            elif not overwrite:
                 raise PocketError(f"the run folder {self.run_dir} already holds a run",
                                   fix="pass --resume to continue it, --overwrite to replace it, "
                                   "or --run-dir to choose another folder")
@@ -206,6 +207,21 @@ class Run:
         atomic.write_json(resolved_path, {"recipe": {k: v for k, v in self.resolved.items() if k != "_base"},
                                           "fingerprint": self._fingerprint(),
                                           "provenance": self._provenance()})
+
+    def _resume_changed(self, previous: dict) -> None:
+        """Resume although the recipe changed, when only what is written after the stages did (new
+        export options, or an exporter upgraded with a new option's default): the finished stages
+        stand, and the export is written again at the end, as every resumed run writes it.
+        Anything else is a different recipe: one clear error naming the sections that differ."""
+        current = json.loads(json.dumps({k: v for k, v in self.resolved.items() if k != "_base"}, default=str))
+        changed = {key for key in set(previous) | set(current) if previous.get(key) != current.get(key)}
+        if not changed or not changed <= RESUMABLE_CHANGES:
+            named = ", ".join(f"[{key}]" if key != "stages" else "[[stages]]" for key in sorted(changed))
+            raise PocketError(f"the run folder {self.run_dir} was made by a different recipe"
+                              + (f" (its {named} differ)" if changed else ""), field="--resume",
+                              fix="resume with the recipe that started the run, or pass --overwrite to start over")
+        self.resume_note = (f"the recipe's {', '.join(f'[{key}]' for key in sorted(changed))} changed since the run "
+                            "started: the finished stages are kept, the export is written with the new settings")
 
     def _context(self, tokenizer, stage_dir: Path | None = None, export_path: Path | None = None,
                  model=None) -> Context:
@@ -399,6 +415,8 @@ class Run:
             before = {}
 
         records: list[StageRecord] = []
+        if self.resume_note:
+            self.log(self.resume_note)
         finished = self._finished_stages() if self.resume else 0
         if finished:
             last = self.recipe.stages[finished - 1]
