@@ -54,6 +54,20 @@ def test_the_export_prints_no_tracer_warnings(tmp_path, tokenizer):
     assert not [w for w in caught if issubclass(w.category, torch.jit.TracerWarning) or "aten::index" in str(w.message)]
 
 
+@pytest.mark.parametrize("family", ["bert", "distilbert", "roberta"])
+def test_attention_is_traced_in_its_eager_form(tmp_path, tokenizer, family):
+    # PyTorch's scaled_dot_product_attention traces into NaN guards and shape arithmetic: a
+    # fixed cost on every batch-1 sentence, most of an integer model's time (docs/bench/encoders.md)
+    model = encoder(family)
+    before = model.config._attn_implementation
+    folder, _ = export(model, tmp_path, tokenizer)
+    found = ops(folder)
+    assert found.count("Softmax") == 2 and "IsNaN" not in found   # one softmax per layer, no guards
+    assert model.config._attn_implementation == before   # the user's model is left as it was
+    ours, theirs = embeddings(model, folder, tokenizer)
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
 def test_dynamic_axes_and_last_hidden_state(tmp_path, tokenizer):
     model = encoder("bert")
     folder, _ = export(model, tmp_path, tokenizer)

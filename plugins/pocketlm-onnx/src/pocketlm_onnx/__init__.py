@@ -13,7 +13,7 @@ from pocketlm import Exporter, hookimpl
 
 from .options import OnnxOptions
 
-__version__ = "0.1.4"
+__version__ = "0.1.5"
 POCKETLM_API = ">=1.5,<2"
 
 __all__ = ["OnnxOptions", "check", "export_onnx", "register_exporters"]

@@ -110,8 +110,15 @@ def example_inputs(encoder: nn.Module, names: list[str]) -> tuple[torch.Tensor, 
 
 
 def trace(dense: nn.Module, pooling: dict) -> onnx.ModelProto:
-    """The dense encoder and its pooling as an ONNX graph with dynamic batch and sequence."""
+    """The dense encoder and its pooling as an ONNX graph with dynamic batch and sequence.
+
+    Attention is traced in its eager form (matmul, add the mask, softmax, matmul), not through
+    PyTorch's fused ``scaled_dot_product_attention``, which the exporter spells out with NaN
+    guards and shape arithmetic: all-MiniLM-L6-v2 traces to 532 nodes instead of 685, each a
+    fixed cost on a batch-1 sentence (measured 3% to 9% faster in docs/bench/encoders.md)."""
     names = input_names(dense)
+    if hasattr(dense, "set_attn_implementation"):
+        dense.set_attn_implementation("eager")
     wrapper = SentenceEncoder(dense, pooling["mode"], bool(pooling["normalize"])).eval()
     inputs = example_inputs(dense, names)
     axes = {name: {0: "batch", 1: "sequence"} for name in names}
