@@ -11,7 +11,7 @@ first; thresholds calibrated on the quantized model; decode on its dequantized w
 optional ``+kdN`` suffix: N steps of pocketlm-distill's ``distill`` after the thresholds, the
 weights trained under them (KL to the original model's logits; ``--kd-lr``, ``--kd-batch``,
 ``--kd-windows`` distinct windows of the calibration text, ``--kd-generated`` more windows the
-original model writes); the speed job reads the distilled model the quality run saved. At
+original model writes; ``--kd-windows 0``: only those, distill's ``generated_only``); the speed job reads the distilled model the quality run saved. At
 PERCENT 0 the speed job runs the decode path with every threshold at zero: its kernel against
 PyTorch's dense product, nothing skipped.
 
@@ -88,16 +88,17 @@ def recover(model, teacher, steps: int, settings: dict, tokenizer, stage_dir, lo
     ``settings["generated"]`` more that the teacher writes (distill's ``generated_windows``)."""
     plugins = get_plugins()
     method = plugins.methods["distill"]
+    only = settings["windows"] == 0   # the teacher's own text only: no domain of ours is favoured
     options = method.options(steps=steps, batch_size=settings["batch_size"], lr=settings["lr"], checkpoint_every=0,
-                             generated_windows=settings["generated"])
-    windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), settings["windows"],
+                             generated_windows=settings["generated"], generated_only=only)
+    windows = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), max(settings["windows"], 1),
                                        common.SEQ_LEN, 0)
     context = make_context(windows, tokenizer=tokenizer, teacher=teacher, plugins=plugins, stage_dir=stage_dir)
     context.logger = lambda message: log({"job": "distill", "message": message})
     start = time.perf_counter()
     plugins.hook.compress(model=model, method=method, options=options, context=context)
     return {"distill": {"steps": steps, "batch_size": options.batch_size, "lr": options.lr,
-                        "windows": int(windows.shape[0]), "generated_windows": settings["generated"],
+                        "windows": 0 if only else int(windows.shape[0]), "generated_windows": settings["generated"],
                         "tokens": steps * options.batch_size * common.SEQ_LEN,
                         "seconds": round(time.perf_counter() - start, 1)}}
 
@@ -364,7 +365,8 @@ def main():
     parser.add_argument("--kd-lr", type=float, default=1e-4, help="quality, +kdN configs: distill's peak rate")
     parser.add_argument("--kd-batch", type=int, default=2, help="quality, +kdN configs: windows per distill step")
     parser.add_argument("--kd-windows", type=int, default=256,
-                        help="quality, +kdN configs: distinct calibration-text windows distill trains on")
+                        help="quality, +kdN configs: distinct calibration-text windows distill trains on "
+                        "(0: only the --kd-generated windows)")
     parser.add_argument("--kd-generated", type=int, default=0,
                         help="quality, +kdN configs: this many more windows the original model writes, after the text's")
     args = parser.parse_args()
