@@ -11,8 +11,8 @@ first; thresholds calibrated on the quantized model; decode on its dequantized w
 optional ``+kdN`` suffix: N steps of pocketlm-distill's ``distill`` after the thresholds, the
 weights trained under them (KL to the original model's logits; ``--kd-lr``, ``--kd-batch``,
 ``--kd-windows`` distinct windows of the calibration text, ``--kd-generated`` more windows the
-original model writes; ``--kd-windows 0``: only those, distill's ``generated_only``); the speed job reads the distilled model the quality run saved. At
-PERCENT 0 the speed job runs the decode path with every threshold at zero: its kernel against
+original model writes; ``--kd-windows 0``: only those, distill's ``generated_only``); the speed
+job reads the distilled model the quality run saved. At PERCENT 0 the speed job runs the decode path with every threshold at zero: its kernel against
 PyTorch's dense product, nothing skipped.
 
     nice .venv/bin/python benchmarks/bench_dynamic.py quality --configs teal-greedy-40+kd128 \
