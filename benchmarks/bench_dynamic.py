@@ -12,8 +12,8 @@ optional ``+kdN`` suffix: N steps of pocketlm-distill's ``distill`` after the th
 weights trained under them (KL to the original model's logits; ``--kd-lr``, ``--kd-batch``,
 ``--kd-windows`` distinct windows of the calibration text, ``--kd-generated`` more windows the
 original model writes; ``--kd-windows 0``: only those, distill's ``generated_only``); the speed
-job reads the distilled model the quality run saved. At PERCENT 0 the speed job runs the decode path with every threshold at zero: its kernel against
-PyTorch's dense product, nothing skipped.
+job reads the distilled model the quality run saved. At PERCENT 0 the speed job runs the decode
+path with every threshold at zero: its kernel against PyTorch's dense product, nothing skipped.
 
     nice .venv/bin/python benchmarks/bench_dynamic.py quality --configs teal-greedy-40+kd128 \
         --kd-batch 1 --kd-windows 64 --kd-generated 64
@@ -368,7 +368,8 @@ def main():
                         help="quality, +kdN configs: distinct calibration-text windows distill trains on "
                         "(0: only the --kd-generated windows)")
     parser.add_argument("--kd-generated", type=int, default=0,
-                        help="quality, +kdN configs: this many more windows the original model writes, after the text's")
+                        help="quality, +kdN configs: this many more windows the original model writes, "
+                        "after the text's")
     args = parser.parse_args()
     if args.job == "report":
         print(report())

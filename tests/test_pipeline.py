@@ -137,8 +137,9 @@ def test_resume_after_only_the_export_changed_keeps_the_finished_stages(tiny_fol
     assert "resuming after stage 2 (toy-round)" in said
     resolved = json.loads((run / "recipe.resolved.json").read_text())
     assert resolved["recipe"]["export"]["path"] == "export-2"   # a later --resume compares against this
+    # the same weights and config; only the card (README.md) differs, as it names the export path
     weights = {name: digest for name, digest in _digest(run / "export").items() if name != "README.md"}
-    assert {n: d for n, d in _digest(run / "export-2").items() if n != "README.md"} == weights  # the card names the path
+    assert {n: d for n, d in _digest(run / "export-2").items() if n != "README.md"} == weights
 
 
 def test_a_run_that_finished_nothing_can_be_rerun_without_flags(tiny_folder, toy_plugins, tmp_path):
