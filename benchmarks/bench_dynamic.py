@@ -61,8 +61,12 @@ def parse_config(config: str) -> tuple[bool, dict, int]:
     if recovery and not (recovery.startswith("kd") and recovery[2:].isdigit()):
         raise SystemExit(f"{recovery!r}: a config ends in +kdN (N steps of distill after the thresholds)")
     gptq = config.startswith("gptq-")
-    mode, *allocation, percent = config.removeprefix("gptq-").split("-")  # teal-greedy-proxy-40 too
+    parts = config.removeprefix("gptq-").split("-")
+    rank = int(parts.pop()[1:]) if parts[-1].startswith("r") and parts[-1][1:].isdigit() else 0   # -r64: low_rank
+    mode, *allocation, percent = parts  # teal-greedy-proxy-40 too
     options = {"mode": mode, "allocation": "-".join(allocation), "sparsity": int(percent) / 100}
+    if rank:
+        options["low_rank"] = rank
     return gptq, options, int(recovery[2:] or 0)
 
 
@@ -187,25 +191,38 @@ def quality(configs, log, recovery: dict):
         calibrate(work, options, calibration)
         seconds = time.perf_counter() - start
         trained = {}
+        if steps:   # the thresholds alone first: the row of the config without +kdN, from this calibration
+            evaluate(work, config.partition("+")[0], options, gptq, seconds, {}, evaluation, second, baseline, log)
         if steps:   # the distilled model is saved for the speed job (thresholds in its manifest)
             # the stage folder keeps the windows the teacher wrote: runs with other steps reuse them
             base = config.partition("+")[0]
             stage = RESULTS / "dynamic-distill" / f"{base}-{recovery['windows']}w-gen{recovery['generated']}"
             trained = recover(work, model, steps, recovery, tokenizer, stage, log)
             save_checkpoint(work, None, RESULTS / "dynamic-distill" / config / "model")
-        counter = SkipCounter(work)
-        wiki = common.perplexity(work, evaluation)
-        counter.close()
-        measured = skipped(work, counter)
-        python = common.perplexity(work, second)
-        base = baseline()
-        table = {n: list(v) for n, v in sparsity.thresholds(work).items()}
-        (RESULTS / "dynamic-thresholds").mkdir(parents=True, exist_ok=True)
-        (RESULTS / "dynamic-thresholds" / f"{config}.json").write_text(json.dumps(table))
-        log({"job": "quality", "config": config, **options, "gptq": gptq, "calibration_s": round(seconds, 1), **trained,
-             "wikitext2": wiki, "python_reference": python, "retention_wikitext2": base["wikitext2"] / wiki,
-             "retention_python_reference": base["python_reference"] / python, **measured})
+        evaluate(work, config, options, gptq, seconds, trained, evaluation, second, baseline, log)
         del work
+
+
+def evaluate(work, config, options, gptq, seconds, trained, evaluation, second, baseline, log):
+    """Perplexity on both texts, the skipped fraction, the thresholds saved for the speed job."""
+    counter = SkipCounter(work)
+    wiki = common.perplexity(work, evaluation)
+    counter.close()
+    measured = skipped(work, counter)
+    python = common.perplexity(work, second)
+    base = baseline()
+    table = {n: list(v) for n, v in sparsity.thresholds(work).items()}
+    (RESULTS / "dynamic-thresholds").mkdir(parents=True, exist_ok=True)
+    (RESULTS / "dynamic-thresholds" / f"{config}.json").write_text(json.dumps(table))
+    factors = sum(a.numel() + b.numel() for a, b in sparsity.low_ranks(work).values())
+    log({"job": "quality", "config": config, **options, "gptq": gptq, "calibration_s": round(seconds, 1), **trained,
+         "wikitext2": wiki, "python_reference": python, "retention_wikitext2": base["wikitext2"] / wiki,
+         "retention_python_reference": base["python_reference"] / python, **measured,
+         **({"low_rank_factor_share": factors / decoder_weights(work)} if factors else {})})
+
+
+def decoder_weights(model) -> int:
+    return sum(o * i for n, m in model.named_modules() if is_linear(m) and ".layers." in n for o, i in [linear_shape(m)])
 
 
 @torch.no_grad()
@@ -242,6 +259,8 @@ def speed(configs, log, rounds: int = 3, profile: bool = False, compiled: bool =
         else:
             table = json.loads(saved.read_text())
             sparsity.install(sparse, {n: tuple(v) for n, v in table.items()})
+            for name in table if options.get("low_rank") and not steps else ():  # the factors: the weights' SVD
+                sparsity.add_low_rank(sparse.get_submodule(name), options["low_rank"])
         counter = SkipCounter(sparse)
         with torch.no_grad():
             sparse(evaluation[:1])

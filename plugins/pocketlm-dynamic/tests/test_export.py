@@ -64,6 +64,29 @@ def test_hf_base_round_trips_through_the_pocketlm_loader_and_plain_transformers(
     assert torch.allclose(logits(plain), expected, atol=1e-5) and not torch.allclose(dense, expected, atol=1e-3)
 
 
+def test_low_rank_correction_round_trips_and_a_missing_factor_file_is_refused(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = thresholded(low_rank=8)
+    expected = logits(model)
+    folder = export_to(model, tmp_path / "export", base="hf")
+    doc = json.loads((folder / export.SIDECAR).read_text())
+    assert doc["version"] == 2 and all(e["low_rank"] == 8 for e in doc["thresholds"])
+    assert (folder / export.LOW_RANK_SIDECAR).is_file() and sparsity.low_ranks(model)  # the model kept them
+    loaded = get_plugins().hook.load_model(source=str(folder), options=None, context=make_context())
+    assert sparsity.low_ranks(loaded.model).keys() == sparsity.low_ranks(model).keys()
+    assert torch.allclose(logits(loaded.model), expected, atol=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    export.apply_thresholds(plain, folder / export.SIDECAR)
+    assert torch.allclose(logits(plain), expected, atol=1e-5)
+    # without the correction the model is another one: never run it so
+    (folder / export.LOW_RANK_SIDECAR).unlink()
+    with pytest.raises(PocketError, match="activation-low-rank.safetensors cannot be read.*low-rank correction "
+                                          "for 14 linears") as info:
+        get_plugins().hook.load_model(source=str(folder), options=None, context=make_context())
+    assert info.value.file == str(folder / export.LOW_RANK_SIDECAR) and "copy the export folder whole" in info.value.fix
+
+
 def test_thresholds_that_do_not_match_the_model_are_refused_at_load(tmp_path):
     folder = export_to(thresholded(), tmp_path / "export", base="hf")
     sidecar = folder / export.SIDECAR
@@ -128,8 +151,24 @@ def test_recipe_through_the_cli_prints_the_table_and_exports_thresholds(tmp_path
     assert (tmp_path / "runs" / "recipe" / "export" / export.SIDECAR).is_file()
 
 
+def test_recipe_with_a_low_rank_correction_through_the_cli(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "tiny", "llama")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipe.toml").write_text(RECIPE.format(model="tiny", sparsity="0.4\nlow_rank = 4", format="dynamic"))
+    result = CliRunner().invoke(main, ["run", "recipe.toml"])
+    assert result.exit_code == 0, result.output
+    printed = " ".join(result.output.split())
+    assert "activation-sparsity (teal, greedy): 14 thresholds, 40.0% of input channels below them" in printed
+    assert "low-rank correction of rank 4 on 14 linears" in printed
+    folder = tmp_path / "runs" / "recipe" / "export"
+    assert json.loads((folder / export.SIDECAR).read_text())["version"] == 2
+    assert (folder / export.LOW_RANK_SIDECAR).is_file()
+
+
 @pytest.mark.parametrize("text,message", [
     (RECIPE.format(model="x", sparsity=0.96, format="dynamic"), "sparsity must lie in [0, 0.95]"),
+    (RECIPE.format(model="x", sparsity="0.4\nlow_rank = -1", format="dynamic"),
+     "stages[0].low_rank: Input should be greater than or equal to 0, got -1"),
     (RECIPE.format(model="x", sparsity=0.4, format="hf"), "export format 'hf' cannot represent thresholds"),
 ])
 def test_bad_recipes_are_refused_with_exit_code_2(tmp_path, monkeypatch, text, message):

@@ -158,7 +158,8 @@ def test_cats_thresholds_the_gate_activation_only():
 
 
 @pytest.mark.parametrize("family,options", [("llama", {}), ("llama", {"allocation": "greedy"}),
-                                            ("llama", {"mode": "cats"}), ("gpt2", {}), ("qwen2", {}), ("opt", {})])
+                                            ("llama", {"mode": "cats"}), ("gpt2", {}), ("qwen2", {}), ("opt", {}),
+                                            ("llama", {"low_rank": 8}), ("gpt2", {"low_rank": 8})])
 @pytest.mark.parametrize("compiled", [True, False])
 def test_decode_path_gives_the_thresholded_logits(family, options, compiled):
     model = run(tiny_model(family), sparsity=0.5, **options)
@@ -177,6 +178,53 @@ def test_decode_path_gives_the_thresholded_logits(family, options, compiled):
             cache = out.past_key_values
     assert torch.allclose(torch.cat(steps, dim=1), expected, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(expected, logits(decode.to_dense(copy.deepcopy(model)), ids), atol=1e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_low_rank_correction_brings_the_model_back_towards_dense(family):
+    dense_model = tiny_model(family)
+    dense = logits(dense_model)
+    errors = {}
+    for rank in (0, 4, 16, 10_000):  # 10,000: above every weight's rank, so the full weight
+        model = run(copy.deepcopy(dense_model), sparsity=0.5, low_rank=rank)
+        errors[rank] = float((logits(model) - dense).norm() / dense.norm())
+        factors = sparsity.low_ranks(model)
+        assert len(factors) == (len(thresholds(model)) if rank else 0)
+        for name, (a, b) in factors.items():
+            out_features, in_features = linear_shape(model.get_submodule(name))
+            assert a.shape == (out_features, min(rank, out_features, in_features)) and b.shape[1] == in_features
+        # the thresholds still skip what they were set to skip
+        assert all(abs(f - 0.5) <= 0.02 for f in measured(model).values())
+    assert errors[0] > errors[4] > errors[16] and errors[10_000] < 1e-4
+
+
+def test_low_rank_correction_survives_a_checkpoint_bit_for_bit(tmp_path):
+    from pocketlm import checkpoint
+
+    model = run(tiny_model("llama"), sparsity=0.4, low_rank=8)
+    checkpoint.save_checkpoint(model, None, tmp_path / "ckpt")
+    reloaded = checkpoint.load_checkpoint(tmp_path / "ckpt").model
+    assert thresholds(reloaded) == thresholds(model)
+    before, after = sparsity.low_ranks(model), sparsity.low_ranks(reloaded)
+    assert before.keys() == after.keys() and all(torch.equal(before[n][i], after[n][i]) for n in before for i in (0, 1))
+    assert torch.equal(logits(reloaded), logits(model))
+
+
+def test_low_rank_with_cats_is_refused():
+    with pytest.raises(Exception, match="low_rank corrects the skipped inputs of thresholded linears"):
+        get_plugins().methods["activation-sparsity"].options(mode="cats", low_rank=8)
+
+
+def test_low_rank_factors_that_do_not_fit_are_refused():
+    model = tiny_model("llama")
+    name = "model.layers.0.mlp.down_proj"
+    out_features, in_features = linear_shape(model.get_submodule(name))
+    with pytest.raises(PocketError, match=f"{name}: low-rank factors .* do not fit its {out_features} x {in_features}"):
+        sparsity.install(model, {name: (INPUT, 0.1)},
+                         factors={name: (torch.zeros(out_features, 4), torch.zeros(4, in_features + 1))})
+    with pytest.raises(PocketError, match="a low-rank correction without an input threshold"):
+        sparsity.install(model, {}, factors={name: (torch.zeros(out_features, 4), torch.zeros(4, in_features))})
+    assert not thresholds(model)  # nothing half-applied
 
 
 @pytest.mark.parametrize("value", [-0.1, 0.96, 1.0])
@@ -246,6 +294,19 @@ def test_activation_sparsity_then_gptq_keeps_the_thresholds():
                           context=make_context(WINDOWS, plugins=plugins))
     assert thresholds(model) == before
     assert all(isinstance(model.get_submodule(n), QuantizedLinear) for n in before)
+
+
+@needs_gptq
+def test_activation_sparsity_then_gptq_keeps_the_low_rank_correction():
+    plugins = get_plugins()
+    gptq = plugins.methods["gptq"]
+    model = run(tiny_model("llama"), sparsity=0.4, low_rank=8)
+    before = {n: (a.clone(), b.clone()) for n, (a, b) in sparsity.low_ranks(model).items()}
+    plugins.hook.compress(model=model, method=gptq, options=gptq.options(bits=4, group_size=32),
+                          context=make_context(WINDOWS, plugins=plugins))
+    after = sparsity.low_ranks(model)
+    assert after.keys() == before.keys() and all(isinstance(model.get_submodule(n), QuantizedLinear) for n in after)
+    assert all(torch.equal(after[n][0], before[n][0]) and torch.equal(after[n][1], before[n][1]) for n in before)
 
 
 @needs_gptq

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from pocketlm_dynamic.decode import gather_matvec
-from pocketlm_dynamic.kernel import gather_matvec as compiled_gather, load
-from pocketlm_dynamic.sparsity import (greedy_allocation, greedy_search, relative_error, skipped_fraction, sparsify,
-                                       threshold_for, thresholds_at)
+from pocketlm_dynamic.kernel import gather_matvec as compiled_gather, gather_matvec_low_rank, load
+from pocketlm_dynamic.sparsity import (greedy_allocation, greedy_search, low_rank_correction, low_rank_factors,
+                                       relative_error, skipped_fraction, sparsify, threshold_for, thresholds_at)
 
 
 def _x(seed=0):
@@ -32,6 +32,23 @@ def test_threshold_for_reaches_the_requested_fraction():
     assert threshold_for(x.abs(), 0.0) == 0.0
     sampled = thresholds_at(x.abs(), [0.0, 0.4, 0.5], sample=1 << 20)
     assert sampled[0] == 0.0 and sampled[1] == threshold_for(x.abs(), 0.4)
+
+
+def test_low_rank_correction_is_exact_at_full_rank_and_its_error_falls_with_rank():
+    w, x = _x(1), _x(2)
+    t = threshold_for(x.abs(), 0.5)
+    skipped = x - sparsify(x, t)
+    dropped = skipped @ w.t()                        # what the skipped inputs would have added
+    a, b = low_rank_factors(w, 64)
+    assert a.shape == (64, 64) and b.shape == (64, 64) and torch.allclose(a @ b, w, atol=1e-4)
+    assert torch.allclose(low_rank_correction(skipped, a, b), dropped, atol=1e-4)
+    errors = []
+    for rank in (0, 8, 16, 32, 48):
+        a, b = low_rank_factors(w, rank)
+        assert a.shape == (64, rank) and b.shape == (rank, 64)
+        errors.append(float((dropped - low_rank_correction(skipped, a, b)).norm() / dropped.norm()))
+    assert errors[0] == pytest.approx(1.0) and errors == sorted(errors, reverse=True) and errors[-1] < 0.6
+    assert low_rank_factors(w[:, :20], 64)[0].shape == (64, 20)  # the rank is at most the weight's
 
 
 def test_relative_error_is_zero_dense_and_grows_with_sparsity():
@@ -139,3 +156,15 @@ def test_decode_linear_reads_a_threshold_loaded_into_it(compiled):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert torch.allclose(loaded(x[None, None]), (sparsify(x, high) @ w_t)[None, None], atol=1e-5)
+
+
+@pytest.mark.skipif(load() is None, reason="no C compiler: the decode path uses PyTorch operations")
+def test_compiled_low_rank_gather_adds_the_skipped_inputs_through_the_factors():
+    w, x = _x(3)[:, :48], _x(4)[0, :48]     # a 64 x 48 weight stored [48, 64]
+    x[:3] = 0.0                             # exact zeros are neither kept nor corrected
+    t = threshold_for(x.abs(), 0.4)
+    a, b = low_rank_factors(w, 12)
+    expected = sparsify(x, t) @ w.t() + low_rank_correction(x - sparsify(x, t), a, b)
+    got = gather_matvec_low_rank(load(), x, w.t().contiguous(), b.t().contiguous(), a.t().contiguous(), t)
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert not torch.allclose(got, sparsify(x, t) @ w.t(), atol=1e-3)

@@ -25,7 +25,7 @@ from pocketlm import PHASE_SPARSIFY, Exporter, Loader, Method, ModuleType, hooki
 
 from .options import ActivationSparsityOptions, DynamicExportOptions, effect, is_dynamic_export, plan
 
-__version__ = "0.2.3"
+__version__ = "0.3.0"
 POCKETLM_API = ">=1.8,<2"
 
 _SUBMODULES = ("decode", "export", "kernel", "sparsity")
@@ -63,13 +63,14 @@ def register_loaders(register):
 
 @hookimpl(wrapper=True)
 def compress(model, method, options, context):
-    # A later stage may replace thresholded linears (a quantizer does); put the thresholds back.
-    from .sparsity import carry, thresholds
+    # A later stage may replace thresholded linears (a quantizer does); put the thresholds (and
+    # the low-rank corrections) back.
+    from .sparsity import carry, low_ranks, thresholds
 
-    before = thresholds(model)
+    before, factors = thresholds(model), low_ranks(model)
     result = yield
     if before:
-        carry(before, model if result is None else result)
+        carry(before, model if result is None else result, factors)
     return result
 
 

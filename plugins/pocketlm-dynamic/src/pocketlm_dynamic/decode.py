@@ -4,7 +4,9 @@ Decoding one token multiplies a vector by each weight matrix, which is bound by 
 weight read. With the weight stored transposed (``[in, out]``), the columns of the surviving
 input channels are contiguous rows, so gathering them reads ``(1 - sparsity)`` of the bytes in
 long runs: ``y = x[keep] @ W_t[keep]``. Prompt processing (several tokens at once) is
-compute-bound and stays a dense matmul on the thresholded input.
+compute-bound and stays a dense matmul on the thresholded input. A linear with a low-rank
+correction (``low_rank``) also reads its ``B`` rows of the skipped inputs and its ``A``: the
+kernel adds ``z = x[skipped] @ B_t[skipped]`` and ``z @ A_t`` in the same pass over the output.
 
 :func:`to_decode` converts a thresholded model (``pocketlm_dynamic.sparsity``) in place; the
 result computes the same function (the decode path and the thresholded forward agree to
@@ -20,7 +22,7 @@ from pocketlm.modules import set_module
 from pocketlm.weights import is_linear, linear_bias, linear_weight
 
 from . import kernel
-from .sparsity import INPUT, OUTPUT, Thresholded, clear_threshold, sparsify
+from .sparsity import INPUT, LOW_RANK_A, LOW_RANK_B, OUTPUT, Thresholded, clear_threshold, sparsify
 
 
 def gather_matvec(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -35,7 +37,7 @@ class SparseDecodeLinear(nn.Module):
     gathers the surviving rows, several tokens run densely on the thresholded input."""
 
     def __init__(self, weight_t: torch.Tensor, bias: torch.Tensor | None, threshold: float,
-                 compiled: bool = True):
+                 compiled: bool = True, low_rank: tuple[torch.Tensor, torch.Tensor] | None = None):
         super().__init__()
         # A token's products take 10 to 100 microseconds here, so what runs around the kernel
         # matters: the threshold is kept as a Python float too (reading a tensor's value costs
@@ -47,6 +49,10 @@ class SparseDecodeLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.clone())
         self.register_buffer("threshold", torch.tensor(float(threshold)))
         self._threshold = float(threshold)
+        # the correction transposed like the weight: B_t [in, rank] (the skipped inputs' rows), A_t [rank, out]
+        a, b = low_rank if low_rank is not None else (None, None)
+        self.register_buffer("low_rank_b_t", None if b is None else b.float().t().contiguous())
+        self.register_buffer("low_rank_a_t", None if a is None else a.float().t().contiguous())
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -54,24 +60,37 @@ class SparseDecodeLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, module: nn.Module, threshold: float, compiled: bool = True) -> "SparseDecodeLinear":
-        return cls(linear_weight(module).float().t().contiguous(), linear_bias(module), threshold, compiled)
+        low_rank = (module._buffers[LOW_RANK_A], module._buffers[LOW_RANK_B]) if LOW_RANK_B in module._buffers else None
+        return cls(linear_weight(module).float().t().contiguous(), linear_bias(module), threshold, compiled, low_rank)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight_t, bias = self._buffers["weight_t"], self._buffers["bias"]   # no nn.Module lookup per call
+        b_t, a_t = self._buffers["low_rank_b_t"], self._buffers["low_rank_a_t"]
         if x.numel() == self.in_features and self.compiled and x.dtype == torch.float32 \
                 and x.is_cpu and weight_t.is_cpu:  # batch 1, one token: the compiled gather
-            y = kernel.gather_matvec(kernel.load(), x.view(-1) if x.is_contiguous() else x.reshape(-1),
-                                     weight_t, self._threshold)
+            flat = x.view(-1) if x.is_contiguous() else x.reshape(-1)
+            if b_t is None:
+                y = kernel.gather_matvec(kernel.load(), flat, weight_t, self._threshold)
+            else:
+                y = kernel.gather_matvec_low_rank(kernel.load(), flat, weight_t, b_t, a_t, self._threshold)
         elif x.numel() == self.in_features:  # the same with PyTorch operations
             y = gather_matvec(x.reshape(-1), weight_t, self.threshold)
+            if b_t is not None:
+                flat = x.reshape(-1)
+                y = y + (flat - sparsify(flat, self.threshold)) @ b_t @ a_t
         else:
-            y = sparsify(x, self.threshold) @ weight_t
+            kept = sparsify(x, self.threshold)
+            y = kept @ weight_t
+            if b_t is not None:
+                y = y + (x - kept) @ b_t @ a_t
         if bias is not None:
             y = y + bias
         return y.view(x.shape[:-1] + (self.out_features,))
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={float(self.threshold):.4g}"
+        rank = "" if self.low_rank_b_t is None else f", low_rank={self.low_rank_b_t.shape[1]}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"threshold={float(self.threshold):.4g}{rank}")
 
 
 def to_decode(model: nn.Module, compiled: bool = True) -> nn.Module:

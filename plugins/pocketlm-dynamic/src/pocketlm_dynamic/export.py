@@ -5,6 +5,10 @@ The ``dynamic`` exporter writes the weights with another installed exporter (``b
 like ``format = "auto"``) and adds the thresholds beside them:
 
 * ``activation-thresholds.json`` (always), the sidecar described by :data:`FORMAT`;
+* ``activation-low-rank.safetensors`` where linears carry a low-rank correction (``low_rank``):
+  tensors ``<module>.low_rank_a`` (``[out, rank]``) and ``<module>.low_rank_b`` (``[rank, in]``),
+  float32; the JSON then has version 2 and gives each such entry its ``low_rank``, so a reader
+  of version 1 refuses the file rather than run it without the correction;
 * inside a GGUF file the base wrote, the same JSON as the string metadata key
   ``pocketlm.activation_sparsity.thresholds`` (through the ``gguf`` package's public metadata
   copier). llama.cpp does not read it today: it runs such a file dense.
@@ -28,12 +32,15 @@ from pocketlm.modules import get_module
 from pocketlm.weights import is_linear, linear_shape
 
 # the options and the loader's detection live in the light module (registration reads them without torch)
-from .options import SIDECAR, DynamicExportOptions, is_dynamic_export  # noqa: F401
-from .sparsity import INPUT, OUTPUT, clear_threshold, install, thresholds
+from .options import LOW_RANK_SIDECAR, SIDECAR, DynamicExportOptions, is_dynamic_export  # noqa: F401
+from .sparsity import INPUT, LOW_RANK_A, LOW_RANK_B, OUTPUT, clear_threshold, factor_problem, install, \
+    low_rank_correction, low_ranks, thresholds
 
 GGUF_KEY = "pocketlm.activation_sparsity.thresholds"
 FORMAT = "pocketlm-activation-thresholds"
-VERSION = 1
+#: Version 1: thresholds only; version 2: some entries also name a ``low_rank`` correction.
+VERSION = 2
+VERSIONS = (1, 2)
 RULE = {"input": "the module computes f(x * (|x| > threshold)): input entries at or below the threshold are zero",
         "output": "the module's output y becomes y * (|y| > threshold) (an MLP gate activation, CATS)"}
 _PLACE = {INPUT: "input", OUTPUT: "output"}
@@ -44,11 +51,13 @@ _PLACE = {INPUT: "input", OUTPUT: "output"}
 
 def sidecar(model: nn.Module) -> dict:
     """The JSON document of ``model``'s thresholds."""
-    entries = []
+    entries, factors = [], low_ranks(model)
     for name, (where, value) in sorted(thresholds(model).items()):
         entries.append({"module": name, "place": _PLACE[where], "threshold": value, "width": _width(model, name, where)})
+        if name in factors:
+            entries[-1]["low_rank"] = int(factors[name][1].shape[0])
     config = getattr(model, "config", None)
-    return {"format": FORMAT, "version": VERSION, "rule": RULE,
+    return {"format": FORMAT, "version": VERSION if factors else 1, "rule": RULE,
             "model_type": getattr(config, "model_type", None),
             "num_hidden_layers": getattr(config, "num_hidden_layers", None), "thresholds": entries}
 
@@ -67,10 +76,33 @@ def read_sidecar(path: Path) -> dict:
     except (OSError, ValueError) as exc:
         raise PocketError(f"{path} is not a readable thresholds file: {exc}", file=str(path),
                           fix="re-export the model with format = \"dynamic\"") from None
-    if doc.get("format") != FORMAT or doc.get("version") != VERSION:
-        raise PocketError(f"{path} is not a {FORMAT} version {VERSION} file", file=str(path), field="format",
-                          fix="re-export the model with format = \"dynamic\"")
+    if doc.get("format") != FORMAT or doc.get("version") not in VERSIONS:
+        raise PocketError(f"{path} is not a {FORMAT} file of version {' or '.join(map(str, VERSIONS))}",
+                          file=str(path), field="format", fix="re-export the model with format = \"dynamic\"")
     return doc
+
+
+def read_low_rank(doc: dict, folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The low-rank factors the entries of ``doc`` name, from :data:`LOW_RANK_SIDECAR` in
+    ``folder`` (an empty table when no entry has one)."""
+    named = [e["module"] for e in doc.get("thresholds", []) if e.get("low_rank")]
+    if not named:
+        return {}
+    path = Path(folder) / LOW_RANK_SIDECAR
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - a missing or damaged file is reported the same way
+        fix = "copy the export folder whole, or re-export the model with format = \"dynamic\""
+        raise PocketError(f"{path} cannot be read ({type(exc).__name__}: {exc}); the thresholds name a low-rank "
+                          f"correction for {len(named)} linears", file=str(path), fix=fix) from None
+    missing = [n for n in named if f"{n}.{LOW_RANK_A}" not in tensors or f"{n}.{LOW_RANK_B}" not in tensors]
+    if missing:
+        raise PocketError(f"{path} lacks the low-rank factors of {missing[0]}"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""), file=str(path),
+                          fix="re-export the model with format = \"dynamic\"")
+    return {n: (tensors[f"{n}.{LOW_RANK_A}"], tensors[f"{n}.{LOW_RANK_B}"]) for n in named}
 
 
 def check_against(model: nn.Module, doc: dict, path: Path) -> dict[str, tuple[str, float]]:
@@ -146,7 +178,7 @@ def check(model: nn.Module, options: DynamicExportOptions) -> list[str]:
 def export_dynamic(model: nn.Module, path: Path, options: DynamicExportOptions, context) -> None:
     plugins = context.plugins
     base = _base_exporter(plugins, options, model)
-    table = thresholds(model)
+    table, factors = thresholds(model), low_ranks(model)
     doc = sidecar(model)
     doc["weights_format"] = base.name
     try:  # the base writes the weights of the plain model; the thresholds go back afterwards
@@ -159,7 +191,13 @@ def export_dynamic(model: nn.Module, path: Path, options: DynamicExportOptions, 
         plugins.hook.export(model=model, exporter=base, options=base.options(**options.base_options), path=path,
                             context=context)
     finally:
-        install(model, table)
+        install(model, table, factors=factors)
+    if factors:
+        from safetensors.torch import save_file
+
+        save_file({f"{name}.{key}": tensor.detach().float().cpu().contiguous()
+                   for name, (a, b) in factors.items() for key, tensor in ((LOW_RANK_A, a), (LOW_RANK_B, b))},
+                  str(Path(path) / LOW_RANK_SIDECAR), metadata={"format": FORMAT})
     text = json.dumps(doc, indent=1, sort_keys=True)
     (Path(path) / SIDECAR).write_text(text + "\n")
     for gguf_file in sorted(Path(path).glob("*.gguf")):
@@ -214,7 +252,8 @@ def load_dynamic(source: str, options):
                           fix="install the plugin of the format it was exported with")
     loaded = loader.load(weights, options)
     doc = read_sidecar(folder / SIDECAR)
-    install(loaded.model, check_against(loaded.model, doc, folder / SIDECAR), source=str(folder / SIDECAR))
+    install(loaded.model, check_against(loaded.model, doc, folder / SIDECAR), source=str(folder / SIDECAR),
+            factors=read_low_rank(doc, folder))
     return LoadedModel(loaded.model, loaded.tokenizer, str(folder))
 
 
@@ -227,13 +266,36 @@ def apply_thresholds(model: nn.Module, path: str | Path) -> list:
     that does not fit the model raises. The README shows the same in 15 self-contained lines."""
     doc = read_sidecar(Path(path))
     table = check_against(model, doc, Path(path))
+    factors = read_low_rank(doc, Path(path).parent)
     handles = []
     for name, (where, value) in table.items():
         module = get_module(model, name)
         t = torch.tensor(value)
-        if where == INPUT:
+        if where == INPUT and name in factors:  # the skipped part goes through A @ B, around the module
+            problem = factor_problem(module, *factors[name])
+            if problem:
+                raise PocketError(f"{Path(path).parent / LOW_RANK_SIDECAR}: {name}: {problem}",
+                                  fix="use the export folder these weights came with")
+            handles += _corrected(module, t, *(f.to(module.weight.device) for f in factors[name]))
+        elif where == INPUT:
             handles.append(module.register_forward_pre_hook(
                 lambda m, args, t=t: (args[0] * (args[0].abs() > t),) + tuple(args[1:])))
         else:
             handles.append(module.register_forward_hook(lambda m, args, y, t=t: y * (y.abs() > t)))
     return handles
+
+
+def _corrected(module: nn.Module, t: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> list:
+    """Hooks for a thresholded linear with a correction: the pre-hook keeps the input's skipped
+    part (forward hooks see the thresholded input) and the forward hook adds it through A @ B."""
+    skipped = {}
+
+    def before(m, args):
+        x = args[0]
+        skipped["x"] = x * (x.abs() <= t)
+        return (x * (x.abs() > t),) + tuple(args[1:])
+
+    def after(m, args, y):
+        return y + low_rank_correction(skipped.pop("x"), a, b)
+
+    return [module.register_forward_pre_hook(before), module.register_forward_hook(after)]

@@ -28,10 +28,11 @@ def _cache() -> Path:
 
 
 def load():
-    """The compiled ``gather_matvec`` function, or None where it cannot be built."""
-    if "fn" in _LOADED:
-        return _LOADED["fn"]
-    fn = None
+    """The compiled library (``gather_matvec`` and ``gather_matvec_low_rank``), or None where
+    it cannot be built."""
+    if "lib" in _LOADED:
+        return _LOADED["lib"]
+    lib = None
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler:
         text = SOURCE.read_bytes()
@@ -44,19 +45,35 @@ def load():
                     subprocess.run([compiler, "-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", str(SOURCE),
                                     "-o", str(built)], check=True, capture_output=True)
                     built.replace(library)  # atomic: another process may be building it too
-            fn = ctypes.CDLL(str(library)).gather_matvec
-            fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long, ctypes.c_long, ctypes.c_float, ctypes.c_int]
-            fn.restype = None
+            lib = ctypes.CDLL(str(library))
+            lib.gather_matvec.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_long] * 2 + [ctypes.c_float, ctypes.c_int]
+            lib.gather_matvec_low_rank.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_long] * 3
+                                                   + [ctypes.c_float, ctypes.c_int])
+            lib.gather_matvec.restype = lib.gather_matvec_low_rank.restype = None
         except (OSError, subprocess.CalledProcessError):
-            fn = None
-    _LOADED["fn"] = fn
-    return fn
+            lib = None
+    _LOADED["lib"] = lib
+    return lib
 
 
-def gather_matvec(fn, x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> torch.Tensor:
+def gather_matvec(lib, x: torch.Tensor, weight_t: torch.Tensor, threshold: float) -> torch.Tensor:
     """``sparsify(x) @ weight_t`` through the compiled kernel (float32, contiguous, CPU)."""
     rows, columns = weight_t.shape
     y = torch.empty(columns, dtype=torch.float32)
     x = x.contiguous()
-    fn(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), rows, columns, threshold, torch.get_num_threads())
+    lib.gather_matvec(x.data_ptr(), weight_t.data_ptr(), y.data_ptr(), rows, columns, threshold,
+                      torch.get_num_threads())
+    return y
+
+
+def gather_matvec_low_rank(lib, x: torch.Tensor, weight_t: torch.Tensor, low_rank_b_t: torch.Tensor,
+                           low_rank_a_t: torch.Tensor, threshold: float) -> torch.Tensor:
+    """``sparsify(x) @ weight_t + ((x - sparsify(x)) @ low_rank_b_t) @ low_rank_a_t`` through the
+    compiled kernel (float32, contiguous, CPU; ``low_rank_b_t`` is ``[in, rank]``,
+    ``low_rank_a_t`` ``[rank, out]``)."""
+    rows, columns = weight_t.shape
+    y = torch.empty(columns, dtype=torch.float32)
+    x = x.contiguous()
+    lib.gather_matvec_low_rank(x.data_ptr(), weight_t.data_ptr(), low_rank_b_t.data_ptr(), low_rank_a_t.data_ptr(),
+                               y.data_ptr(), rows, columns, low_rank_b_t.shape[1], threshold, torch.get_num_threads())
     return y

@@ -15,6 +15,8 @@ from pocketlm import Options, SizeEffect
 
 #: The sidecar a ``dynamic`` export writes beside the weights: the thresholds.
 SIDECAR = "activation-thresholds.json"
+#: The second sidecar, where thresholded linears carry a low-rank correction: its factors.
+LOW_RANK_SIDECAR = "activation-low-rank.safetensors"
 
 
 class ActivationSparsityOptions(Options):
@@ -28,7 +30,13 @@ class ActivationSparsityOptions(Options):
       layer reruns, cheaper, less faithful).
     * ``mode``: ``teal`` (every linear's input) or ``cats`` (the MLP gate activation only).
     * ``targets`` / ``ignore``: module-name patterns of the linears to threshold (``teal``) or
-      of the down projections whose gate activation is thresholded (``cats``)."""
+      of the down projections whose gate activation is thresholded (``cats``).
+    * ``low_rank``: rank of a correction for what the skipped inputs would have added (the idea
+      of R-Sparse, Zhang et al., 2025): each thresholded linear ``W`` also computes
+      ``A (B (x - x_kept))`` with ``A B`` the rank-``low_rank`` truncated SVD of ``W``, so the
+      small inputs still act through ``W``'s main directions. Decoding reads the ``A`` and ``B``
+      rows besides the surviving columns (``rank * (out + in)`` weights at most per linear); 0:
+      no correction (TEAL as published)."""
 
     sparsity: float = Field(0.4, description="model-wide fraction of input channels skipped, in [0, 0.95]")
     allocation: Literal["uniform", "greedy", "greedy-proxy"] = Field(
@@ -38,6 +46,8 @@ class ActivationSparsityOptions(Options):
         "teal", description="teal: threshold every linear's input; cats: threshold the MLP gate activation only")
     targets: list[str] = Field(["*"], description="module-name patterns of the linears to threshold")
     ignore: list[str] = Field(["lm_head"], description="module-name patterns left dense (the head by default)")
+    low_rank: int = Field(0, ge=0, description="rank of the truncated-SVD correction of the skipped inputs' "
+                                                "contribution per thresholded linear (R-Sparse's idea); 0: none")
 
     @model_validator(mode="after")
     def _check(self):
@@ -47,6 +57,9 @@ class ActivationSparsityOptions(Options):
         if self.mode == "cats" and self.allocation != "uniform":
             raise ValueError("mode='cats' has one threshold per decoder layer (the gate activation), so there "
                              "is nothing to allocate within a layer: use allocation='uniform'")
+        if self.mode == "cats" and self.low_rank:
+            raise ValueError("low_rank corrects the skipped inputs of thresholded linears (mode='teal'); "
+                             "mode='cats' thresholds the gate activation: remove low_rank or use mode='teal'")
         return self
 
 

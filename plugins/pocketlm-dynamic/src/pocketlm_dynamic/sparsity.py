@@ -68,6 +68,7 @@ core's checkpoint).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pocketlm import PocketError, distributed
@@ -80,6 +81,9 @@ from .options import ActivationSparsityOptions, effect, plan  # noqa: F401
 
 #: Where a threshold sits: on a linear's input, or on the output of an MLP activation (CATS).
 INPUT, OUTPUT = "input_threshold", "output_threshold"
+#: The low-rank correction's factors on a thresholded linear (``low_rank``): ``A`` is
+#: ``[out, rank]``, ``B`` is ``[rank, in]``.
+LOW_RANK_A, LOW_RANK_B = "low_rank_a", "low_rank_b"
 #: Sparsity steps of the greedy allocation (TEAL uses 0.05 steps too).
 GREEDY_STEP = 0.05
 #: Calibration tokens the greedy error is measured on: rows per linear for ``greedy-proxy``, and
@@ -98,6 +102,20 @@ def sparsify(x: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
     """``x`` with every entry whose magnitude is at most ``threshold`` set to zero. A threshold
     of zero returns ``x`` exactly (zeros stay zeros)."""
     return torch.where(x.abs() > threshold, x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
+def low_rank_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)``, ``[out, rank]`` and ``[rank, in]``, with ``A @ B`` the best rank-``rank``
+    approximation of ``weight`` (``[out, in]``; its truncated SVD, singular values in ``A``)."""
+    u, s, vh = torch.linalg.svd(weight.detach().float(), full_matrices=False)
+    rank = min(rank, s.numel())
+    return (u[:, :rank] * s[:rank]).contiguous(), vh[:rank].contiguous()
+
+
+def low_rank_correction(skipped: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """What the skipped inputs ``skipped`` (``x - sparsify(x)``) add through ``A @ B``:
+    ``(skipped @ B^T) @ A^T``, two products of rank ``r`` instead of one of the full weight."""
+    return F.linear(F.linear(skipped, b.to(skipped.dtype)), a.to(skipped.dtype))
 
 
 def threshold_for(magnitudes: torch.Tensor, sparsity: float) -> float:
@@ -206,13 +224,19 @@ def greedy_allocation(curves: dict[str, list[float]], sizes: dict[str, int], tar
 class Thresholded:
     """Mixin of the thresholded modules: the model's own class plus a threshold buffer.
 
-    ``input_threshold`` zeroes small inputs before the module runs (a linear, TEAL);
-    ``output_threshold`` zeroes small outputs after it (an MLP activation, CATS)."""
+    ``input_threshold`` zeroes small inputs before the module runs (a linear, TEAL), and the
+    ``low_rank_a`` / ``low_rank_b`` factors, where present, add back what those inputs give
+    through the weight's main directions; ``output_threshold`` zeroes small outputs after it
+    (an MLP activation, CATS)."""
 
     def forward(self, x, *args, **kwargs):
         if INPUT in self._buffers:
-            x = sparsify(x, self._buffers[INPUT])
-        y = super().forward(x, *args, **kwargs)
+            kept = sparsify(x, self._buffers[INPUT])
+            y = super().forward(kept, *args, **kwargs)
+            if LOW_RANK_B in self._buffers:
+                y = y + low_rank_correction(x - kept, self._buffers[LOW_RANK_A], self._buffers[LOW_RANK_B])
+        else:
+            y = super().forward(x, *args, **kwargs)
         if OUTPUT in self._buffers:
             y = sparsify(y, self._buffers[OUTPUT])
         return y
@@ -239,10 +263,25 @@ def set_threshold(module: nn.Module, where: str, threshold: float) -> nn.Module:
     return module
 
 
+def set_low_rank(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> nn.Module:
+    """Give the thresholded linear ``module`` the correction factors ``a`` (``[out, rank]``)
+    and ``b`` (``[rank, in]``), stored in float32 on the module's device."""
+    device = _device(module)
+    module.register_buffer(LOW_RANK_A, a.detach().to(device=device, dtype=torch.float32).contiguous())
+    module.register_buffer(LOW_RANK_B, b.detach().to(device=device, dtype=torch.float32).contiguous())
+    return module
+
+
+def add_low_rank(module: nn.Module, rank: int) -> nn.Module:
+    """The correction of rank ``rank`` from ``module``'s own weight (dequantized if it is
+    quantized), computed on the module's device."""
+    return set_low_rank(module, *low_rank_factors(linear_weight(module), rank))
+
+
 def clear_threshold(module: nn.Module) -> nn.Module:
-    """Undo :func:`set_threshold`: the module's plain class, no threshold."""
+    """Undo :func:`set_threshold`: the module's plain class, no threshold, no correction."""
     if isinstance(module, Thresholded):
-        for where in (INPUT, OUTPUT):
+        for where in (INPUT, OUTPUT, LOW_RANK_A, LOW_RANK_B):
             module._buffers.pop(where, None)
         module.__class__ = next(b for b in type(module).__mro__[1:] if not issubclass(b, Thresholded))
     return module
@@ -259,21 +298,36 @@ def thresholds(model: nn.Module) -> dict[str, tuple[str, float]]:
     return found
 
 
+def low_ranks(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Every low-rank correction of ``model``: module name -> (A, B)."""
+    return {name: (module._buffers[LOW_RANK_A], module._buffers[LOW_RANK_B])
+            for name, module in model.named_modules()
+            if isinstance(module, Thresholded) and LOW_RANK_B in module._buffers}
+
+
 def is_thresholded(module: nn.Module) -> bool:
     """Whether ``module`` carries a threshold (the checkpoint's module type ``thresholded``)."""
     return isinstance(module, Thresholded)
 
 
 def describe_thresholds(module: nn.Module) -> dict:
-    """A thresholded module's thresholds, as its checkpoint manifest entry records them."""
-    return {where: float(module._buffers[where]) for where in (INPUT, OUTPUT) if where in module._buffers}
+    """A thresholded module's thresholds (and the rank of its correction), as its checkpoint
+    manifest entry records them; the factors are tensors of the checkpoint."""
+    spec = {where: float(module._buffers[where]) for where in (INPUT, OUTPUT) if where in module._buffers}
+    if LOW_RANK_B in module._buffers:
+        spec["low_rank"] = int(module._buffers[LOW_RANK_B].shape[0])
+    return spec
 
 
 def rebuild_thresholds(spec: dict, module: nn.Module) -> nn.Module:
-    """``module`` thresholded again as its manifest entry ``spec`` describes (before its weights load)."""
+    """``module`` thresholded again as its manifest entry ``spec`` describes (before its weights
+    load: the correction's factors are placeholders of their shape until then)."""
     for where in (INPUT, OUTPUT):
         if where in spec:
             set_threshold(module, where, spec[where])
+    if spec.get("low_rank"):
+        out_features, in_features = linear_shape(module)
+        set_low_rank(module, torch.zeros(out_features, spec["low_rank"]), torch.zeros(spec["low_rank"], in_features))
     return module
 
 
@@ -362,7 +416,7 @@ class ThresholdCalibrator(LayerHandler):
             for name in names:
                 values = torch.cat(self.seen.pop(name))
                 t = self._thresholds(values.abs(), [self.options.sparsity], sampled=False)[0]
-                set_threshold(get_module(layer, name), where, t)
+                self._set(get_module(layer, name), where, t)
                 self.report.append((f"{self.prefix}.{index}.{name}", self._fraction(values, t), t))
             self.seen.clear()
             return
@@ -392,6 +446,13 @@ class ThresholdCalibrator(LayerHandler):
         self.readers.clear()
         self.kept.clear()
         self.pending_layer = None
+
+    def _set(self, module: nn.Module, where: str, threshold: float) -> None:
+        """The final threshold of ``module``, and its low-rank correction where asked for (from
+        its weight, once the layer's thresholds are settled)."""
+        set_threshold(module, where, threshold)
+        if where == INPUT and self.options.low_rank:
+            add_low_rank(module, self.options.low_rank)
 
     # -- data parallel: every process's observations together (one process: its own, as before)
 
@@ -487,7 +548,7 @@ class ThresholdCalibrator(LayerHandler):
             t = self._thresholds(magnitudes[first], [s])[0]
             fraction = self._fraction(self.pending[first], t)
             for name in self.readers[first]:
-                set_threshold(get_module(layer, name), INPUT, t)
+                self._set(get_module(layer, name), INPUT, t)
                 self.report.append((f"{self.prefix}.{index}.{name}", fraction, t))
 
     # -- greedy-proxy: each linear's own relative output error
@@ -508,7 +569,7 @@ class ThresholdCalibrator(LayerHandler):
                 sizes[name] = _size(get_module(layer, name))
         for name, s in greedy_allocation(curves, sizes, self.options.sparsity).items():
             t = self._thresholds(samples[name], [s])[0]
-            set_threshold(get_module(layer, name), INPUT, t)
+            self._set(get_module(layer, name), INPUT, t)
             self.report.append((f"{self.prefix}.{index}.{name}", self._fraction(samples[name], t), t))
 
     def _mean(self, curve: list[float], device: torch.device) -> list[float]:
@@ -548,6 +609,11 @@ def compress(model: nn.Module, options: ActivationSparsityOptions, context) -> n
     measured = sum(weights[n] * s for n, s, _ in handler.report) / sum(weights.values())
     context.log(f"activation-sparsity ({options.mode}, {options.allocation}): {len(handler.report)} thresholds, "
                 f"{measured:.1%} of input channels below them on the calibration text")
+    if options.low_rank:
+        factors = sum(a.numel() + b.numel() for a, b in low_ranks(model).values())
+        context.log(f"activation-sparsity: low-rank correction of rank {options.low_rank} on {len(low_ranks(model))} "
+                    f"linears, {factors / sum(weights.values()):.1%} of their weights in factors "
+                    "(read besides the surviving columns when decoding)")
     return model
 
 
@@ -561,9 +627,12 @@ def _weight_count(model: nn.Module, name: str, mode: str, arch) -> int:
 # --------------------------------------------------------------------- carrying across stages
 
 
-def carry(before: dict[str, tuple[str, float]], model: nn.Module) -> None:
-    """Put back the thresholds of ``before`` on modules a later stage replaced (a quantizer
-    swaps an ``nn.Linear`` for a ``QuantizedLinear``), so the rule survives the stage."""
+def carry(before: dict[str, tuple[str, float]], model: nn.Module,
+          factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Put back the thresholds of ``before`` (and the low-rank corrections of ``factors``) on
+    modules a later stage replaced (a quantizer swaps an ``nn.Linear`` for a
+    ``QuantizedLinear``), so the rule survives the stage. A correction keeps the factors it was
+    calibrated with: they approximate the weight the thresholds were set on."""
     for name, (where, value) in before.items():
         try:
             module = get_module(model, name)
@@ -571,11 +640,25 @@ def carry(before: dict[str, tuple[str, float]], model: nn.Module) -> None:
             continue  # the module is gone (a structural change removed it)
         if not (isinstance(module, Thresholded) and where in module._buffers):
             set_threshold(module, where, value)
+        if name in (factors or {}) and LOW_RANK_B not in module._buffers:
+            set_low_rank(module, *factors[name])
 
 
-def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: str = "the thresholds") -> None:
-    """Set every threshold of ``table`` (module name -> (where, value)) on ``model``, refusing
-    names or module kinds that do not fit, so a mismatch never runs dense silently."""
+def factor_problem(module: nn.Module, a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """What is wrong with ``(a, b)`` as the low-rank correction of the linear ``module``, or None."""
+    out_features, in_features = linear_shape(module)
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0] \
+            or (a.shape[0], b.shape[1]) != (out_features, in_features):
+        return (f"low-rank factors {tuple(a.shape)} x {tuple(b.shape)} do not fit its "
+                f"{out_features} x {in_features} weight")
+    return None
+
+
+def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: str = "the thresholds",
+            factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
+    """Set every threshold of ``table`` (module name -> (where, value)) on ``model``, and every
+    low-rank correction of ``factors`` (module name -> (A, B)), refusing names, module kinds or
+    factor shapes that do not fit, so a mismatch never runs dense silently."""
     problems = []
     for name, (where, value) in table.items():
         try:
@@ -587,15 +670,24 @@ def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: st
             problems.append(f"{name}: is a {type(module).__name__}, not a linear")
         elif where not in (INPUT, OUTPUT):
             problems.append(f"{name}: unknown place {where!r}")
+    flawed = {p.partition(":")[0] for p in problems}
+    for name, (a, b) in (factors or {}).items():
+        if table.get(name, (None,))[0] != INPUT:
+            problems.append(f"{name}: a low-rank correction without an input threshold")
+        elif name not in flawed and factor_problem(get_module(model, name), a, b):
+            problems.append(f"{name}: {factor_problem(get_module(model, name), a, b)}")
     if problems:
         raise PocketError(f"{source} do not match the model: " + "; ".join(problems[:4])
                           + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""),
                           fix="use the thresholds exported with this model, or recalibrate with activation-sparsity")
     for name, (where, value) in table.items():
         set_threshold(get_module(model, name), where, value)
+    for name, (a, b) in (factors or {}).items():
+        set_low_rank(get_module(model, name), a, b)
 
 
-__all__ = ["ActivationSparsityOptions", "Thresholded", "carry", "clear_threshold", "compress", "effect",
-           "greedy_allocation", "greedy_search", "install", "kth_smallest_across", "plan", "relative_error",
+__all__ = ["ActivationSparsityOptions", "Thresholded", "add_low_rank", "carry", "clear_threshold", "compress",
+           "effect", "factor_problem", "greedy_allocation", "greedy_search", "install", "kth_smallest_across",
+           "low_rank_correction", "low_rank_factors", "low_ranks", "plan", "relative_error", "set_low_rank",
            "set_threshold", "skipped_fraction", "sparsify", "threshold_for", "thresholded_class", "thresholds",
            "thresholds_at"]
