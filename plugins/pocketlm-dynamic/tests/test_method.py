@@ -140,6 +140,20 @@ def test_greedy_layer_output_error_is_below_uniform_at_the_same_sparsity(family)
     assert sum(errors["greedy"]) < sum(errors["greedy-proxy"]), errors  # the block error is what it minimizes
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_greedy_with_low_rank_searches_with_the_corrections_in_place(family):
+    dense = tiny_model(family, outliers=True)
+    aware = run(copy.deepcopy(dense), sparsity=0.5, allocation="greedy", low_rank=8)
+    # the allocation made without the corrections, then corrected: what the search improves on
+    unaware = run(copy.deepcopy(dense), sparsity=0.5, allocation="greedy")
+    for name in thresholds(unaware):
+        sparsity.add_low_rank(unaware.get_submodule(name), 8)
+    assert thresholds(aware) != thresholds(unaware)  # the corrections moved the allocation
+    errors = {"aware": _layer_errors(aware, dense), "unaware": _layer_errors(unaware, dense)}
+    assert sum(errors["aware"]) < sum(errors["unaware"]), errors
+    assert abs(_weighted(aware, measured(aware)) - 0.5) <= 0.02
+
+
 def test_greedy_gives_linears_that_read_one_tensor_one_threshold():
     table = thresholds(run(tiny_model("llama", outliers=True), sparsity=0.4, allocation="greedy"))
     for i in range(2):

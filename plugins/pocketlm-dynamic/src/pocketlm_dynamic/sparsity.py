@@ -58,6 +58,11 @@ windows, up to float summation order:
 sum of each linear's own relative output error ``‖W(x - x_s)‖² / ‖Wx‖²`` (one matmul per level,
 no layer runs), each linear on its own level.
 
+``low_rank = r`` adds, on every thresholded linear, what the skipped inputs give through the
+rank-``r`` truncated SVD ``A B`` of its weight: ``y = W sparsify(x) + A (B (x - sparsify(x)))``
+(R-Sparse's idea, Zhang et al., 2025). The factors are the weight's alone; ``greedy`` runs its
+candidates with them in place, so the search sees the error the correction leaves.
+
 The rule lives in the modules themselves (:class:`Thresholded`): the thresholded linear is the
 model's own linear class (``nn.Linear``, ``QuantizedLinear``, GPT-2's ``Conv1D``) with an
 ``input_threshold`` buffer and the rule in ``forward``, so evaluation measures the real quality,
@@ -447,12 +452,12 @@ class ThresholdCalibrator(LayerHandler):
         self.kept.clear()
         self.pending_layer = None
 
-    def _set(self, module: nn.Module, where: str, threshold: float) -> None:
+    def _set(self, module: nn.Module, where: str, threshold: float, factors=None) -> None:
         """The final threshold of ``module``, and its low-rank correction where asked for (from
-        its weight, once the layer's thresholds are settled)."""
+        its weight, unless the search computed ``factors`` already)."""
         set_threshold(module, where, threshold)
         if where == INPUT and self.options.low_rank:
-            add_low_rank(module, self.options.low_rank)
+            set_low_rank(module, *factors) if factors is not None else add_low_rank(module, self.options.low_rank)
 
     # -- data parallel: every process's observations together (one process: its own, as before)
 
@@ -526,6 +531,10 @@ class ThresholdCalibrator(LayerHandler):
         table = {first: self._thresholds(m, [i * GREEDY_STEP for i in range(steps + 1)])
                  for first, m in magnitudes.items()}
         sizes = {first: sum(_size(get_module(layer, n)) for n in readers) for first, readers in self.readers.items()}
+        # with low_rank the search measures the layer with its corrections, so the sparsity goes
+        # where what the correction cannot give back costs least
+        factors = {name: low_rank_factors(linear_weight(get_module(layer, name)), self.options.low_rank)
+                   for readers in self.readers.values() for name in readers} if self.options.low_rank else {}
         dense = _run_block(layer, self.kept)
         skip = int(dense[0].shape[1] * GREEDY_SKIP) if dense else 0
 
@@ -533,6 +542,8 @@ class ThresholdCalibrator(LayerHandler):
             for first, level in levels.items():
                 for name in self.readers[first]:
                     set_threshold(get_module(layer, name), INPUT, table[first][level])
+                    if name in factors:
+                        set_low_rank(get_module(layer, name), *factors[name])
             try:
                 # summed over the processes: every one then takes the same step
                 return self._total(sum(float((out - ref)[:, skip:].float().pow(2).sum())
@@ -548,7 +559,7 @@ class ThresholdCalibrator(LayerHandler):
             t = self._thresholds(magnitudes[first], [s])[0]
             fraction = self._fraction(self.pending[first], t)
             for name in self.readers[first]:
-                self._set(get_module(layer, name), INPUT, t)
+                self._set(get_module(layer, name), INPUT, t, factors.get(name))
                 self.report.append((f"{self.prefix}.{index}.{name}", fraction, t))
 
     # -- greedy-proxy: each linear's own relative output error
