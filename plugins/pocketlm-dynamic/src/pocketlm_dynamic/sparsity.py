@@ -621,8 +621,9 @@ def compress(model: nn.Module, options: ActivationSparsityOptions, context) -> n
     context.log(f"activation-sparsity ({options.mode}, {options.allocation}): {len(handler.report)} thresholds, "
                 f"{measured:.1%} of input channels below them on the calibration text")
     if options.low_rank:
-        factors = sum(a.numel() + b.numel() for a, b in low_ranks(model).values())
-        context.log(f"activation-sparsity: low-rank correction of rank {options.low_rank} on {len(low_ranks(model))} "
+        corrected = low_ranks(model)
+        factors = sum(a.numel() + b.numel() for a, b in corrected.values())
+        context.log(f"activation-sparsity: low-rank correction of rank {options.low_rank} on {len(corrected)} "
                     f"linears, {factors / sum(weights.values()):.1%} of their weights in factors "
                     "(read besides the surviving columns when decoding)")
     return model
@@ -685,8 +686,8 @@ def install(model: nn.Module, table: dict[str, tuple[str, float]], *, source: st
     for name, (a, b) in (factors or {}).items():
         if table.get(name, (None,))[0] != INPUT:
             problems.append(f"{name}: a low-rank correction without an input threshold")
-        elif name not in flawed and factor_problem(get_module(model, name), a, b):
-            problems.append(f"{name}: {factor_problem(get_module(model, name), a, b)}")
+        elif name not in flawed and (problem := factor_problem(get_module(model, name), a, b)):
+            problems.append(f"{name}: {problem}")
     if problems:
         raise PocketError(f"{source} do not match the model: " + "; ".join(problems[:4])
                           + (f" (and {len(problems) - 4} more)" if len(problems) > 4 else ""),
