@@ -267,15 +267,16 @@ def apply_thresholds(model: nn.Module, path: str | Path) -> list:
     doc = read_sidecar(Path(path))
     table = check_against(model, doc, Path(path))
     factors = read_low_rank(doc, Path(path).parent)
+    for name, pair in factors.items():  # every factor checked before any hook: nothing half-applied
+        problem = factor_problem(get_module(model, name), *pair)
+        if problem:
+            raise PocketError(f"{Path(path).parent / LOW_RANK_SIDECAR}: {name}: {problem}",
+                              fix="use the export folder these weights came with")
     handles = []
     for name, (where, value) in table.items():
         module = get_module(model, name)
         t = torch.tensor(value)
         if where == INPUT and name in factors:  # the skipped part goes through A @ B, around the module
-            problem = factor_problem(module, *factors[name])
-            if problem:
-                raise PocketError(f"{Path(path).parent / LOW_RANK_SIDECAR}: {name}: {problem}",
-                                  fix="use the export folder these weights came with")
             handles += _corrected(module, t, *(f.to(module.weight.device) for f in factors[name]))
         elif where == INPUT:
             handles.append(module.register_forward_pre_hook(
