@@ -5,7 +5,10 @@ One run, one process, in this order:
 
 1. ``gptq``: GPTQ W4, group 32, symmetric, act-order, damp 0.01, ``grid = "weighted-mse"``, with
    the token embedding (tied with the head) quantized too (4-bit, group 32, the same grid rule),
-   so that every matrix is a 4.5-bit Q4_0 block in the GGUF file;
+   so that every matrix is a 4.5-bit Q4_0 block in the GGUF file. From pocketlm-gptq 0.6 the
+   embedding and its tied head are solved as the head (``head = "solve"``, rows named
+   ``gptq-solved-head...``); ``--head round`` rounds them to nearest as the rows named ``gptq...``
+   did;
 2. ``distill-ste`` (with ``--ste-steps N``): pocketlm-distill's ``distill`` with ``quantized =
    "ste"``: N steps of KL distillation from the original model on 1 window of 512 tokens each,
    training the weights through a straight-through estimator on their fixed grids (the integer
@@ -27,6 +30,9 @@ One run, one process, in this order:
 GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
 N`` first removes MLP channels with pocketlm-prune's ``prune-width`` (N kept per layer): the way
 below the 4.5 bits per weight that GGUF's 32-weight blocks set for rows of 576.
+``--embedding-bits B`` quantizes the embedding (and its tied head) on its own grid of B bits,
+group 32, after GPTQ of the decoder: with ``rtn`` (rounded) or, with ``--embedding-method gptq``,
+with a second ``gptq`` stage that solves it as the head.
 
 Each model is measured in memory on the first 32 x 512 windows of WikiText-2 test and of the
 second-domain text (the Python Language Reference extract bundled with pocketlm-dynamic's tests,
@@ -137,6 +143,10 @@ def main() -> None:
     parser.add_argument("--embedding-bits", type=int, default=None, metavar="B",
                         help="quantize the token embedding (and its tied head) with rtn at B bits, group 32 "
                              "(8: Q8_0, as llama.cpp's Q4_K_M writes it) instead of with GPTQ at --bits")
+    parser.add_argument("--embedding-method", choices=["rtn", "gptq"], default="rtn",
+                        help="with --embedding-bits: round the embedding (rtn) or solve it as the head (gptq)")
+    parser.add_argument("--head", choices=["solve", "round"], default="solve",
+                        help="gptq's head option: solve a quantized (tied) head with GPTQ, or round it")
     parser.add_argument("--e2e-windows", type=int, default=None, metavar="N",
                         help="train the end-to-end phase on N windows of the calibration text (WikiText-2 "
                              "validation, random.Random(0)) instead of the 32 that GPTQ calibrates on")
@@ -175,6 +185,9 @@ def main() -> None:
     start = "gptq" if args.mixed is None else f"mixed-{args.mixed:g}"
     if args.mixed is None and (args.bits != 4 or args.embedding_bits):
         start = f"gptq-w{args.bits}" + (f"-embed{args.embedding_bits}" if args.embedding_bits else "")
+    solved = args.head == "solve" and args.mixed is None and (not args.embedding_bits or args.embedding_method == "gptq")
+    if solved:   # the embedding solved as the head (pocketlm-gptq 0.6); rows without the suffix rounded it
+        start = start.replace("gptq", "gptq-solved-head", 1)
     pruned = []
     if args.intermediate_size:
         width = plugins.methods["prune-width"]
@@ -187,18 +200,22 @@ def main() -> None:
             with torch.no_grad():
                 width.compress(model, width_options, context)
     method = plugins.methods["gptq" if args.mixed is None else "mixed"]
-    settings = dict(GPTQ, bits=args.bits, ignore=["lm_head", "embed"] if args.embedding_bits else ["lm_head"])
+    settings = dict(GPTQ, bits=args.bits, ignore=["lm_head", "embed"] if args.embedding_bits else ["lm_head"],
+                    head=args.head)
     options = method.options(**settings) if args.mixed is None else method.options(
         bits_per_weight=args.mixed, embedding_bits=[4], ignore=["lm_head"])
     embedding = None
     if args.embedding_bits and args.mixed is None:   # the embedding on its own grid, as llama.cpp types it
-        embedding = plugins.methods["rtn"].options(bits=args.embedding_bits, group_size=32, symmetric=True,
-                                                   targets=["embed"], ignore=[])
+        embedding = plugins.methods[args.embedding_method].options(
+            bits=args.embedding_bits, group_size=32, symmetric=True, targets=["embed"], ignore=[],
+            **(dict(grid="weighted-mse", head=args.head) if args.embedding_method == "gptq" else {}))
     context = make_context(calibration, tokenizer=tokenizer, plugins=plugins, stage_dir=out / f"{start}-stage")
     context.logger = log
-    stages = pruned + [{"method": method.name, **options.model_dump(exclude_defaults=True)}]
+    stages = pruned + [{"method": method.name, **options.model_dump(exclude_defaults=True),
+                        **({"head": args.head} if args.mixed is None else {})}]   # head recorded: its default changed
     if embedding is not None:
-        stages.append({"method": "rtn", **embedding.model_dump(exclude_defaults=True)})
+        stages.append({"method": args.embedding_method, **embedding.model_dump(exclude_defaults=True),
+                       **({"head": args.head} if args.embedding_method == "gptq" else {})})
     cached = out / f"{start}-model.pt"
     if args.reuse_gptq and cached.is_file():   # the same GPTQ result, saved by an earlier run of this script
         model = torch.load(cached, weights_only=False)
@@ -207,7 +224,7 @@ def main() -> None:
         with common.Timer() as timer, torch.no_grad():
             method.compress(model, options, context)
             if embedding is not None:
-                plugins.methods["rtn"].compress(model, embedding, context)
+                plugins.methods[args.embedding_method].compress(model, embedding, context)
         torch.save(model, cached)
         measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
 

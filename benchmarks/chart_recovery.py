@@ -161,7 +161,9 @@ def main() -> None:
              "llm-compressor). Retention = 28.142 / perplexity; the second domain (the Python Language Reference "
              "extract) is measured by `bench_recovery.py` only.", "",
              "Point names are the benchmarks' rows: `gptq` is GPTQ W4 g32 `weighted-mse` with the tied embedding "
-             "4-bit (every matrix Q4_0); `gptq-wB-embedE` GPTQ at B bits with the embedding `rtn` E-bit (Q8_0 at 8); "
+             "4-bit (every matrix Q4_0), rounded; `gptq-wB-embedE` GPTQ at B bits with the embedding `rtn` E-bit "
+             "(Q8_0 at 8); `gptq-solved-head...` the same with the embedding solved as the head by `gptq` "
+             "(pocketlm-gptq 0.6.0); "
              "`qat...` rows start from `gptq`, `X-qat...` from X; `width-704-` removes MLP channels first; "
              "`mixed-B` is pocketlm-mixed's allocation at B bits per weight; `distill-ste` trains the weights "
              "through a straight-through estimator on their fixed grids; the training in brackets "

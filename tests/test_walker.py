@@ -328,3 +328,45 @@ def test_batch_rows_cuts_what_has_the_batch_and_passes_the_rest():
     assert kwargs["mask"].shape == (2, 1, 3, 3)
     assert kwargs["rotary"][0] is rotary and kwargs["positions"] is positions
     assert kwargs["flag"] is True and kwargs["cache"] is None
+
+
+class HeadInputs(LayerHandler):
+    """Changes nothing; keeps what the walker hands over for the head (API 1.9)."""
+
+    observes_head = True
+
+    def __init__(self):
+        self.hidden, self.solved = [], 0
+
+    def select(self, index, layer, names):
+        return []
+
+    def observe_head(self, hidden):
+        self.hidden.append(hidden.clone())
+
+    def solve_head(self):
+        self.solved += 1
+
+
+@pytest.mark.parametrize("family", ARCHITECTURES)
+def test_a_handler_that_observes_the_head_gets_what_the_head_reads_then_solves_once(family):
+    model = tiny_model(family)
+    windows = tiny_windows(6, 24)
+    context = make_context(windows)
+    head = get_module(model, context.architecture(model).lm_head)
+    reads = []
+    hook = head.register_forward_hook(lambda module, args, output: reads.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=windows)
+    hook.remove()
+    handler = HeadInputs()
+    context.walk(model, handler)
+    assert handler.solved == 1
+    assert torch.allclose(torch.cat(handler.hidden), reads[0], atol=1e-5)
+
+
+def test_a_handler_without_the_head_flag_is_never_asked_about_the_head():
+    assert LayerHandler.observes_head is False
+    handler = _Outputs()      # a subclass that overrides neither observe_head nor solve_head (they raise)
+    _walk("llama", handler, [])
+    assert handler.outputs

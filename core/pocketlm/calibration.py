@@ -66,6 +66,12 @@ class LayerHandler:
     """What ``solve`` does for one layer needs nothing observed in another: a killed stage on a
     model streamed from disk resumes at the layer where it stopped (API 1.3)."""
 
+    observes_head: bool = False
+    """After the last layer the walker calls ``observe_head(hidden)`` once per calibration batch
+    with what the output head reads (the final norm's output; the last layer's output in a family
+    without one), then ``solve_head()``: a quantizer sees the head's inputs as it sees a layer's
+    (API 1.9)."""
+
     def select(self, index: int, layer: nn.Module, names: tuple[str, ...]) -> list[str]:
         """Which submodules of decoder layer ``index`` to observe, given the candidate linears
         ``names`` of the current group (relative names). Return any relative names, including
@@ -81,6 +87,15 @@ class LayerHandler:
 
     def solve(self, index: int, layer: nn.Module, names: list[str]) -> None:
         """Change the selected modules using what was observed, then free the statistics."""
+        raise NotImplementedError
+
+    def observe_head(self, hidden: torch.Tensor) -> None:
+        """With ``observes_head``: one calibration batch of the head's inputs ``[batch, seq, width]``,
+        on the device the layers ran on."""
+        raise NotImplementedError
+
+    def solve_head(self) -> None:
+        """With ``observes_head``: change the head using what ``observe_head`` saw, then free it."""
         raise NotImplementedError
 
 
@@ -438,8 +453,26 @@ def walk_layers(model: nn.Module, architecture: Architecture, windows: torch.Ten
             inputs = LayerInputs(outputs, inputs.kwargs, device)
             if progress:
                 progress(index + 1, len(layers))
+        if promise(handler, "observes_head"):
+            _walk_head(model, architecture, inputs, handler)
     finally:
         model.config.use_cache = use_cache
+
+
+def _walk_head(model: nn.Module, architecture: Architecture, inputs: LayerInputs, handler) -> None:
+    """Hand ``handler`` the head's inputs: the last layer's outputs through the final norm (run
+    on the layers' device for the call, then back where it lives)."""
+    norm = get_module(model, architecture.final_norm) if architecture.final_norm else nn.Identity()
+    home = module_device(norm)
+    if inputs.device is not None:
+        norm.to(inputs.device)
+    try:
+        with torch.no_grad():
+            for hidden, _ in inputs.batches():
+                handler.observe_head(norm(hidden))
+    finally:
+        norm.to(home)
+    handler.solve_head()
 
 
 def _resumable(stream, handler) -> bool:

@@ -143,6 +143,75 @@ def test_tied_embedding_is_quantized_once_for_both_uses(method, windows, context
         assert not any(isinstance(m, QuantizedLinear) for n, m in model.named_modules() if "layers" in n)
 
 
+def _head_inputs(model, windows):
+    """What the head reads (the final norm's output) on ``windows``: ``[tokens, hidden]``."""
+    reads = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, output: reads.append(args[0]))
+    with torch.no_grad():
+        model(input_ids=windows)
+    hook.remove()
+    return reads[0].reshape(-1, reads[0].shape[-1])
+
+
+def _head_error(original, quantized, X) -> float:
+    """||W X - Q X|| / ||W X|| of the head on its inputs ``X``."""
+    W, Q = linear_weight(original.lm_head), linear_weight(quantized.lm_head)
+    return ((W - Q) @ X.t()).norm().item() / (W @ X.t()).norm().item()
+
+
+def _tied_llama():
+    model = tiny_model("llama", outliers=True)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_a_solved_head_reconstructs_its_outputs_better_than_a_rounded_one(tied, windows, context):
+    original = _tied_llama() if tied else tiny_model("llama", outliers=True)
+    X = _head_inputs(original, windows)
+    options = dict(bits=4, group_size=32, targets=["*", "embed"] if tied else ["*"],
+                   ignore=[] if tied else ["embed"])
+    errors = {}
+    for head in ("solve", "round"):
+        model = compress_gptq(copy.deepcopy(original), GPTQOptions(**options, head=head), context)
+        assert isinstance(model.lm_head, QuantizedLinear)
+        if tied:   # still one grid for both uses
+            assert isinstance(model.model.embed_tokens, QuantizedEmbedding)
+            assert model.lm_head.storage is model.model.embed_tokens.storage
+        else:
+            assert not isinstance(model.model.embed_tokens, QuantizedEmbedding)
+        errors[head] = _head_error(original, model, X)
+    assert errors["solve"] < 0.7 * errors["round"], errors
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
+def test_a_solved_untied_head_keeps_the_logits_closer_to_the_float_model(family, windows, context):
+    # untied: the head's error is all that changes (a tied head's grid is also the embedding's
+    # lookup table, whose own error a tiny random model feeds almost straight to the head)
+    original = tiny_model(family, outliers=True)
+    with torch.no_grad():
+        reference = torch.log_softmax(original(input_ids=windows).logits, -1)
+    kl = {}
+    for head in ("solve", "round"):
+        model = compress_gptq(copy.deepcopy(original), GPTQOptions(bits=4, group_size=32, targets=["lm_head"],
+                                                                   ignore=[], head=head), context)
+        with torch.no_grad():
+            ours = torch.log_softmax(model(input_ids=windows).logits, -1)
+        kl[head] = (reference.exp() * (reference - ours)).sum(-1).mean().item()
+    assert kl["solve"] < 0.5 * kl["round"], kl
+
+
+def test_an_encoder_head_is_rounded_even_when_solve_is_asked(context):
+    from pocketlm_gptq.gptq import solved_head
+    from pocketlm.quant import select_targets
+
+    model = tiny_model("bert-mlm")
+    architecture = context.architecture(model)
+    options = GPTQOptions(bits=8, group_size=-1, targets=["*"], ignore=[])
+    assert solved_head(select_targets(model, options, architecture, "gptq"), architecture, options) is None
+
+
 def test_untied_head_can_be_targeted(context):
     model = compress_rtn(tiny_model("gpt2"), RTNOptions(bits=8, group_size=-1, targets=["lm_head"]), context)
     assert isinstance(model.lm_head, QuantizedLinear)
@@ -164,3 +233,31 @@ def test_effect_and_plan():
         for option_set in sets:  # every proposed set validates ("default" marks the default hybrid)
             options(**{k: v for k, v in option_set.items() if k != "default"})
         assert sum(bool(option_set.get("default")) for option_set in sets) == 1
+
+
+def test_a_recipe_that_quantizes_the_tied_embedding_says_it_solved_it_as_the_head(tmp_path):
+    from click.testing import CliRunner
+    from transformers import AutoModelForCausalLM
+
+    from pocketlm.cli import main
+    from pocketlm.testing.models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tiny-tied")
+    tokenizer.save_pretrained(tmp_path / "tiny-tied")
+    (tmp_path / "recipe.toml").write_text(
+        '[model]\nsource = "tiny-tied"\n[calibration]\nsamples = 8\nseq_len = 32\n'
+        '[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32\n'
+        '[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32\ngrid = "weighted-mse"\ntargets = ["embed"]\n'
+        'ignore = []\n[evaluate]\nmetrics = ["size"]\n[export]\nformat = "hf"\npath = "out"\n')
+    result = CliRunner().invoke(main, ["run", str(tmp_path / "recipe.toml"), "--run-dir", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "gptq: 14 linears to 4 bits, group 32, act-order" in result.output
+    assert ("gptq: model.embed_tokens and its tied lm_head solved as the head, with the Hessian of its inputs "
+            "(one shared 4-bit grid)") in result.output
+    assert "0 linears" not in result.output
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "out")
+    assert exported.lm_head.weight.data_ptr() == exported.model.embed_tokens.weight.data_ptr()   # still tied

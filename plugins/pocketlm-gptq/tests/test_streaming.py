@@ -193,3 +193,17 @@ def test_a_disk_stage_whose_head_shares_the_quantized_embedding_loads_again(plug
     assert streamed.lm_head.storage is streamed.model.embed_tokens.storage
     assert torch.equal(streamed.lm_head.storage.qweight, whole.lm_head.storage.qweight)
     assert torch.equal(streamed.lm_head.storage.scales, whole.lm_head.storage.scales)
+
+
+def test_a_head_solved_on_a_model_streamed_from_disk_has_the_grids_of_the_whole_model(plugins, tmp_path):
+    """``head = "solve"`` on a tied model: the walker hands over the head's inputs after the last
+    streamed layer; the embedding's solved grid is the one the model in memory gets."""
+    tied = _save_tied(tmp_path / "tied")
+    recipe = RECIPE.replace("group_size = 32\n", 'group_size = 32\ntargets = ["*", "embed"]\nignore = []\n')
+    for offload in ("none", "disk"):
+        Run(parse_recipe(recipe.format(model=tied, offload=offload, method="gptq", format="hf"), plugins,
+                         file="recipe.toml"), tmp_path / offload, plugins, echo=lambda m: None).execute()
+    a, b = (_grids(tmp_path / offload / "stages" / "01-gptq") for offload in ("none", "disk"))
+    assert "model.embed_tokens.storage.qweight" in a
+    assert sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)

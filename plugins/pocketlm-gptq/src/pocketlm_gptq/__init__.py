@@ -13,7 +13,7 @@ from pocketlm import PHASE_QUANTIZE, Exporter, Loader, Method, Translator, hooki
 from . import options
 
 __version__ = "0.5.1"
-POCKETLM_API = ">=1.8,<2"
+POCKETLM_API = ">=1.9,<2"
 
 # Registration reads only the options models, size effect and plans (``options``); the tensor
 # code is imported when a stage, export, load or translation first runs (``pocketlm.lazy``).

@@ -50,6 +50,10 @@ class GPTQOptions(QuantOptions):
     * ``true_sequential``: observe each group of linears after quantizing the previous group.
     * ``backend``: ``"pocketlm"`` (this implementation) or ``"llmcompressor"`` (llm-compressor's
       GPTQModifier run in its own environment on the same windows, loaded back as grids).
+    * ``head``: when the output head is quantized (a token embedding tied to it is selected, or
+      ``lm_head`` is not ignored), ``"solve"`` runs GPTQ on it with the Hessian of what it reads
+      (the final norm's outputs on the calibration windows, after the quantized layers);
+      ``"round"`` rounds it to nearest as 0.5 did. Encoders' masked-LM heads are always rounded.
     """
 
     damp: float = Field(0.01, description="Hessian dampening: fraction of the mean diagonal added to the "
@@ -60,6 +64,9 @@ class GPTQOptions(QuantOptions):
     true_sequential: bool = Field(True, description="observe each group of linears after quantizing the previous one")
     backend: Literal["pocketlm", "llmcompressor"] = Field(
         "pocketlm", description="this implementation, or llm-compressor's GPTQModifier in its own environment")
+    head: Literal["solve", "round"] = Field(
+        "solve", description="a quantized output head (an embedding tied to it, or lm_head when not ignored): "
+        "solve it with GPTQ on the Hessian of its inputs after the last layer, or round it to nearest")
 
     def model_post_init(self, __context) -> None:  # pydantic hook: cross-field checks
         if not 0 < self.damp < 1:
