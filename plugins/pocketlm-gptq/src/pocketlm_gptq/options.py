@@ -53,7 +53,8 @@ class GPTQOptions(QuantOptions):
     * ``head``: when the output head is quantized (a token embedding tied to it is selected, or
       ``lm_head`` is not ignored), ``"solve"`` runs GPTQ on it with the Hessian of what it reads
       (the final norm's outputs on the calibration windows, after the quantized layers);
-      ``"round"`` rounds it to nearest as 0.5 did. Encoders' masked-LM heads are always rounded.
+      ``"round"`` rounds it to nearest as 0.5 did. Encoders' masked-LM heads are always rounded,
+      and with ``backend = "llmcompressor"`` a selected embedding is rounded (min-max).
     """
 
     damp: float = Field(0.01, description="Hessian dampening: fraction of the mean diagonal added to the "
