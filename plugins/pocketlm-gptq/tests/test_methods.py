@@ -159,8 +159,8 @@ def _head_error(original, quantized, X) -> float:
     return ((W - Q) @ X.t()).norm().item() / (W @ X.t()).norm().item()
 
 
-def _tied_llama():
-    model = tiny_model("llama", outliers=True)
+def _tied_llama(outliers=True, **sizes):
+    model = tiny_model("llama", outliers=outliers, **sizes)
     model.config.tie_word_embeddings = True
     model.lm_head.weight = model.model.embed_tokens.weight
     return model
@@ -243,9 +243,7 @@ def test_a_recipe_that_quantizes_the_tied_embedding_says_it_solved_it_as_the_hea
     from pocketlm.testing.models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    model.config.tie_word_embeddings = True
-    model.lm_head.weight = model.model.embed_tokens.weight
+    model = _tied_llama(outliers=False, vocab_size=len(tokenizer))
     model.save_pretrained(tmp_path / "tiny-tied")
     tokenizer.save_pretrained(tmp_path / "tiny-tied")
     (tmp_path / "recipe.toml").write_text(
