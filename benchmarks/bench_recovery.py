@@ -30,6 +30,15 @@ One run, one process, in this order:
 GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``--intermediate-size
 N`` first removes MLP channels with pocketlm-prune's ``prune-width`` (N kept per layer): the way
 below the 4.5 bits per weight that GGUF's 32-weight blocks set for rows of 576.
+``--five-bit PATTERN ...`` runs a first ``gptq`` stage at 5 bits (Q5_0) on the matrices those
+patterns select, and step 1 ignores them (rows named ``...-w5-w4``); ``--five-bit llamacpp``
+stands for the k and v projections of every layer and the down projections of the layers
+llama.cpp's own ``Q4_K_M`` widens (its ``use_more_bits``: the first and last eighth of the
+layers and every third one between), 79.95 MB in all on the reference model.
+``--calibration-generated N`` adds N windows the original model wrote itself to the 32
+calibration windows, for every stage: GPTQ's Hessians (the head's too) and ``qat``'s training
+windows (the recipe's ``[calibration] generated = N``; the same sampling as ``--e2e-generated``,
+saved in ``--out`` and read back by a later run); rows are named ``...-calib-genN``.
 ``--embedding-bits B`` quantizes the embedding (and its tied head) on its own grid of B bits,
 group 32, after GPTQ of the decoder: with ``rtn`` (rounded) or, with ``--embedding-method gptq``,
 with a second ``gptq`` stage that solves it as the head.
@@ -44,7 +53,7 @@ Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
       [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128] \
-      [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64 [--e2e-mix]]
+      [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64 [--e2e-mix]] [--calibration-generated 64]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -67,6 +76,10 @@ import common  # noqa: E402
 
 RESULTS = common.ROOT / "docs" / "bench" / "raw" / "bench_recovery.jsonl"
 SECOND_DOMAIN = common.ROOT / "plugins" / "pocketlm-dynamic" / "tests" / "data" / "python-reference.txt"
+# The layers whose down projection llama.cpp's Q4_K_M widens, for 30 layers (its use_more_bits:
+# i < n/8, i >= 7n/8, or (i - n/8) % 3 == 2), written as module-name patterns.
+LLAMACPP_WIDER = ["k_proj", "v_proj", "model.layers.[0-258].mlp.down_proj", "model.layers.1[147].mlp.down_proj",
+                  "model.layers.2[03].mlp.down_proj", "model.layers.2[6-9].mlp.down_proj"]
 GPTQ = dict(bits=4, group_size=32, symmetric=True, grid="weighted-mse", act_order=True, damp=0.01,
             ignore=["lm_head"])   # the default ignore list minus "embed": the embedding is quantized too
 
@@ -92,6 +105,25 @@ def embedding_identical(model, path: Path) -> bool:
     embedding = model.get_input_embeddings()
     ours = embedding.dequantize() if hasattr(embedding, "dequantize") else embedding.weight.detach()
     return bool(torch.equal(torch.from_numpy(np.ascontiguousarray(values)), ours))
+
+
+def generated_windows(model, tokenizer, count: int, out: Path):
+    """``count`` windows of ``common.SEQ_LEN`` tokens the original model writes (seed 0, as a
+    recipe's ``[calibration] generated`` samples them), saved in ``out`` and read back."""
+    from safetensors.torch import load_file, save_file
+
+    from pocketlm import data
+
+    path = out / f"calibration-generated-{count}.safetensors"
+    if path.is_file():
+        log(f"reusing the {count} generated windows in {path}")
+        return load_file(path)["windows"]
+    vocabulary = min(model.get_input_embeddings().num_embeddings, len(tokenizer))
+    with common.Timer() as timer:
+        windows = data.generate_windows(model, count, common.SEQ_LEN, vocabulary, 0)
+    log(f"the original model wrote {count} windows of {common.SEQ_LEN} tokens in {timer.seconds:.0f} s")
+    save_file({"windows": windows.contiguous()}, str(path))
+    return windows
 
 
 def measure(name: str, model, tokenizer, texts: dict, reference: dict, out: Path, stages: list[dict],
@@ -160,6 +192,12 @@ def main() -> None:
                         help="before qat, N steps of distill with quantized = \"ste\" (the weights re-rounded on "
                              "their fixed grids), 1 window each")
     parser.add_argument("--ste-lr", type=float, default=1e-5, help="distill's peak rate for --ste-steps")
+    parser.add_argument("--five-bit", nargs="+", default=[], metavar="PATTERN",
+                        help="quantize these matrices at 5 bits first, the rest at 4 (llamacpp: k and v projections "
+                             "and the down projections llama.cpp's Q4_K_M widens)")
+    parser.add_argument("--calibration-generated", type=int, default=0, metavar="N",
+                        help="every stage calibrates and trains on the calibration windows and N windows the original "
+                             "model wrote ([calibration] generated = N)")
     args = parser.parse_args()
     if args.e2e_mix and not args.e2e_generated:
         parser.error("--e2e-mix mixes generated windows into the calibration ones: give --e2e-generated N too")
@@ -170,6 +208,9 @@ def main() -> None:
     model, tokenizer = common.load_reference()
     teacher = copy.deepcopy(model)
     evaluation, calibration = common.windows(tokenizer, "quick")
+    sampled = {"calib_generated": args.calibration_generated} if args.calibration_generated else {}
+    if args.calibration_generated:
+        calibration = torch.cat([calibration, generated_windows(teacher, tokenizer, args.calibration_generated, out)])
     texts = {"wikitext2": evaluation,
              "python_reference": data.evaluation_windows(tokenizer, SECOND_DOMAIN, 32, common.SEQ_LEN)}
     earlier = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
@@ -188,6 +229,11 @@ def main() -> None:
     solved = args.head == "solve" and args.mixed is None and (not args.embedding_bits or args.embedding_method == "gptq")
     if solved:   # the embedding solved as the head (pocketlm-gptq 0.6); rows without the suffix rounded it
         start = start.replace("gptq", "gptq-solved-head", 1)
+    wider = LLAMACPP_WIDER if args.five_bit == ["llamacpp"] else args.five_bit
+    if wider:
+        start = start.replace("gptq", "gptq-w5-w4", 1)
+    if args.calibration_generated:
+        start = f"{start}-calib-gen{args.calibration_generated}"
     pruned = []
     if args.intermediate_size:
         width = plugins.methods["prune-width"]
@@ -202,6 +248,8 @@ def main() -> None:
     method = plugins.methods["gptq" if args.mixed is None else "mixed"]
     settings = dict(GPTQ, bits=args.bits, ignore=["lm_head", "embed"] if args.embedding_bits else ["lm_head"],
                     head=args.head)
+    settings["ignore"] = settings["ignore"] + wider
+    first = [method.options(**dict(GPTQ, bits=5, targets=wider))] if wider and args.mixed is None else []
     options = method.options(**settings) if args.mixed is None else method.options(
         bits_per_weight=args.mixed, embedding_bits=[4], ignore=["lm_head"])
     embedding = None
@@ -211,7 +259,8 @@ def main() -> None:
             **(dict(grid="weighted-mse", head=args.head) if args.embedding_method == "gptq" else {}))
     context = make_context(calibration, tokenizer=tokenizer, plugins=plugins, stage_dir=out / f"{start}-stage")
     context.logger = log
-    stages = pruned + [{"method": method.name, **options.model_dump(exclude_defaults=True),
+    stages = pruned + [{"method": "gptq", **o.model_dump(exclude_defaults=True)} for o in first]
+    stages += [{"method": method.name, **options.model_dump(exclude_defaults=True),
                         **({"head": args.head} if args.mixed is None else {})}]   # head recorded: its default changed
     if embedding is not None:
         stages.append({"method": args.embedding_method, **embedding.model_dump(exclude_defaults=True),
@@ -222,11 +271,13 @@ def main() -> None:
         log(f"{start} model loaded from {cached}")
     else:
         with common.Timer() as timer, torch.no_grad():
+            for wide in first:   # the 5-bit matrices first; the main stage ignores them
+                method.compress(model, wide, context)
             method.compress(model, options, context)
             if embedding is not None:
                 plugins.methods[args.embedding_method].compress(model, embedding, context)
         torch.save(model, cached)
-        measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1)})
+        measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1), **sampled})
 
     phases = [("distill", "distill-ste", dict(quantized="ste", steps=args.ste_steps, batch_size=1, lr=args.ste_lr,
                                                checkpoint_every=0))] if args.ste_steps else []
@@ -257,7 +308,7 @@ def main() -> None:
         with common.Timer() as timer:
             phase.compress(model, phase_options, context)
         stages = stages + [{"method": method_name, **phase_options.model_dump(exclude_defaults=True)}]
-        extra = {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1)}
+        extra = {"train_windows": len(windows), "train_seconds": round(timer.seconds, 1), **sampled}
         if args.e2e_generated and "-gen" in name:
             wrote = [re.search(r"the teacher wrote \d+ windows of \d+ tokens in (\d+) s", m) for m in messages]
             extra.update(train_text="generated by the original model" + (", after the calibration windows" if

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 
 import pocketlm
@@ -168,7 +169,7 @@ def test_a_bare_encoder_whose_config_says_tied_has_no_head_to_tie():
 
 
 def test_packed_grid_is_public_and_the_old_name_stays():
-    assert _PackedGrid is PackedGrid and pocketlm.API_VERSION >= "1.5"
+    assert _PackedGrid is PackedGrid and Version(pocketlm.API_VERSION) >= Version("1.5")
     storage = PackedGrid(64, 64, 4, 32, True, False)
     q, scales, zeros = round_to_grid(_matrix(7), 4, 32, True)
     storage.set_grid(q, scales, zeros)

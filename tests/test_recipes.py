@@ -152,3 +152,25 @@ def test_exclusive_stages_that_name_disjoint_modules_may_share_a_model():
     assert clash == [(2, "two quantize stages would act on the same layers (stage 0 and stage 2); a layer takes one "
                          "quantizer")]
     assert len(combination_problems([stage(frozenset({"a"})), stage(None)])) == 1   # unnamed: every layer
+
+
+def test_a_stage_may_take_what_another_ignores_by_the_same_patterns():
+    """5 bits on some matrices, 4 on the rest: the second stage ignores the first's patterns."""
+    from pocketlm import Method, Options, SizeEffect
+    from pocketlm.recipe import combination_problems
+
+    class Patterns(Options):
+        targets: list[str] = ["*"]
+        ignore: list[str] = []
+
+    def stage(**options):
+        method = Method("q", "quantize", Patterns, lambda m, o, c: m, exclusive=True, effect=lambda o: SizeEffect(
+            bits=4, covers="all", targets=frozenset(o.targets), ignore=frozenset(o.ignore)))
+        return method, Patterns(**options)
+
+    wide = stage(targets=["k_proj", "model.layers.[0-2].mlp.down_proj"])
+    assert combination_problems([wide, stage(ignore=["lm_head", "k_proj", "model.layers.[0-2].mlp.down_proj"])]) == []
+    assert combination_problems([stage(ignore=["k_proj"]), stage(targets=["k_proj"])]) == []   # either order
+    clash = combination_problems([wide, stage(ignore=["lm_head", "k_proj"])])   # down_proj in both
+    assert clash == [(1, "two quantize stages would act on the same layers (stage 0 and stage 1); a layer takes one "
+                         "quantizer")]

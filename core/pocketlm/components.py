@@ -91,7 +91,12 @@ class SizeEffect:
     * ``modules``: the exact module names the stage acts on, where it names them one by one
       (None: every layer it ``covers``). Two ``exclusive`` stages of one kind may share a model
       only when both name their modules and the names are disjoint (a per-matrix bit
-      allocation: one stage per width)."""
+      allocation: one stage per width).
+    * ``targets`` and ``ignore`` (API 1.10): the module-name patterns the stage selects by and
+      those it leaves alone (``targets`` None: not declared). Two ``exclusive`` stages of one
+      kind may also share a model when every pattern one selects by is one the other ignores
+      (``targets = ["k_proj", "v_proj"]`` at 5 bits, then ``ignore = ["lm_head", "k_proj",
+      "v_proj"]`` at 4)."""
 
     bits: float | None = _field("bits per stored weight of the layers it targets (None: unchanged)",
                                 default=None)
@@ -106,6 +111,11 @@ class SizeEffect:
                                       "features table)", default=frozenset())
     modules: frozenset[str] | None = _field("the exact module names the stage acts on (None: every layer it "
                                             "covers); lets two exclusive stages share a model", default=None)
+    targets: frozenset[str] | None = _field("the module-name patterns the stage selects by (None: not "
+                                            "declared); two exclusive stages share a model when every pattern one "
+                                            "selects by is one the other ignores (API 1.10)", default=None)
+    ignore: frozenset[str] = _field("the module-name patterns the stage leaves as they are (API 1.10)",
+                                   default=frozenset())
     recovers: float = _field("the share of the earlier stages' loss this stage is expected to win back, 0 to 1 "
                              "(training after compression); a prior the planner ranks by", default=0.0)
 

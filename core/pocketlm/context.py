@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -10,8 +12,9 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from . import calibration, data, distributed
+from . import atomic, calibration, data, distributed
 from .components import Architecture, LoadedModel
+from .errors import PocketError
 from .modules import find_architecture
 from .progress import Progress
 
@@ -28,6 +31,12 @@ class CalibrationSpec:
     #: token ids that open and close every window: an encoder's ``[CLS]`` and ``[SEP]``, which
     #: its real inputs always carry (None: plain windows of the text, as a causal LM reads it)
     around: tuple[int, int] | None = None
+    #: windows the original model writes itself, after the text's (the recipe's ``generated``)
+    generated: int = 0
+
+
+#: Where a run keeps the windows its original model wrote (``[calibration] generated``).
+GENERATED_FILE = "calibration-generated.safetensors"
 
 
 @dataclass
@@ -36,7 +45,8 @@ class Context:
 
     * ``tokenizer``: the model's tokenizer; ``plugins``: the loaded :class:`pocketlm.plugins.Plugins`.
     * ``calibration``: a :class:`CalibrationSpec`, or None where the recipe has none.
-    * ``calibration_windows()``: the calibration token windows ``[samples, seq_len]``.
+    * ``calibration_windows()``: the calibration token windows ``[samples + generated, seq_len]``:
+      the text's, then those the original model wrote (``[calibration] generated``).
     * ``walk(model, handler)``: the layer-wise calibration service (:mod:`pocketlm.calibration`).
     * ``layers(model)``: each decoder layer in turn, for work that needs no calibration (a model
       streamed from disk materializes one at a time and keeps the changes made to it).
@@ -83,9 +93,67 @@ class Context:
             if self.calibration is None or self.tokenizer is None:
                 raise RuntimeError("this stage needs calibration data, but the context has none")
             spec = self.calibration
-            self._windows = data.calibration_windows(self.tokenizer, spec.text, spec.samples, spec.seq_len, spec.seed,
-                                                      around=spec.around)
+            windows = data.calibration_windows(self.tokenizer, spec.text, spec.samples, spec.seq_len, spec.seed,
+                                               around=spec.around)
+            if spec.generated:
+                windows = torch.cat([windows, self._generated_windows(spec)])
+            self._windows = windows
         return self._windows
+
+    def _generated_windows(self, spec: CalibrationSpec) -> torch.Tensor:
+        """The ``spec.generated`` windows the original model writes (:func:`data.generate_windows`),
+        kept in the run folder so that every stage, and a resumed run, reads the same ones."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        if spec.around is not None:
+            raise PocketError("[calibration] generated has the model write text, and an encoder writes none",
+                              field="calibration.generated", fix="set generated = 0 (or leave it out) for an encoder")
+        path = Path(self.run_dir) / GENERATED_FILE if self.run_dir is not None else None
+        described = json.dumps({"count": spec.generated, "seq_len": spec.seq_len, "seed": spec.seed,
+                                "model": (self.recipe.get("model") or {}).get("source")})
+        found = None
+        if distributed.is_writer():
+            found = self._read_generated(path, described, safe_open)
+            if found is None:
+                found = self._write_generated(spec)
+                if path is not None:
+                    with atomic.file(path) as temporary:
+                        save_file({"windows": found.contiguous()}, str(temporary), metadata={"described": described})
+        distributed.barrier()   # the other processes read what the writer saved
+        return found if found is not None else self._read_generated(path, described, safe_open, required=True)
+
+    def _read_generated(self, path: Path | None, described: str, safe_open, required: bool = False):
+        if path is not None and path.is_file():
+            with safe_open(str(path), framework="pt") as handle:
+                if (handle.metadata() or {}).get("described") == described:
+                    windows = handle.get_tensor("windows")
+                    self.log(f"calibration: reusing the {windows.shape[0]} windows the original model wrote "
+                             f"({GENERATED_FILE})")
+                    return windows
+        if required:
+            raise RuntimeError(f"the writing process saved no generated windows in {path}")
+        return None
+
+    def _write_generated(self, spec: CalibrationSpec) -> torch.Tensor:
+        fresh = self._teacher is None
+        if fresh and self.teacher_factory is None:
+            raise RuntimeError("[calibration] generated needs the original model, and this context has none")
+        model = self._teacher if not fresh else self.teacher_factory()
+        if not hasattr(model, "generate"):
+            raise PocketError(f"[calibration] generated has the model write text, and {type(model).__name__} "
+                              "cannot generate", field="calibration.generated",
+                              fix="set generated = 0, or use a transformers causal LM")
+        if fresh and self.device is not None and self.offload == "none":
+            model = model.to(self.device)
+        vocabulary = model.get_input_embeddings().num_embeddings
+        if self.tokenizer is not None:   # padded embedding rows are no token a text can hold
+            vocabulary = min(vocabulary, len(self.tokenizer))
+        began = time.perf_counter()
+        windows = data.generate_windows(model, spec.generated, spec.seq_len, vocabulary, spec.seed)
+        self.log(f"calibration: the original model wrote {windows.shape[0]} windows of {spec.seq_len} tokens in "
+                 f"{time.perf_counter() - began:.0f} s ({GENERATED_FILE})")
+        return windows
 
     @property
     def processes(self) -> int:

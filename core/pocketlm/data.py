@@ -98,6 +98,27 @@ def calibration_windows(tokenizer, path: Path, samples: int, seq_len: int, seed:
     return torch.cat([first, inner, last], dim=1)
 
 
+def generate_windows(model, count: int, seq_len: int, vocabulary: int, seed: int, batch: int = 16) -> torch.Tensor:
+    """``[count, seq_len]`` token windows written by ``model`` itself, text that needs no dataset:
+    each starts from a token drawn uniformly from ``range(vocabulary)`` and goes on by sampling
+    the model's own next-token distribution at temperature 1 (no top-k, no top-p), seeded. The
+    model must be a causal LM with transformers' ``generate``."""
+    import torch
+
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)   # generate() samples from the global generator
+    found = []
+    with torch.no_grad():
+        for first in range(0, count, batch):
+            size = min(batch, count - first)
+            start = torch.randint(0, vocabulary, (size, 1), generator=generator).to(device)
+            found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
+                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                        min_new_tokens=seq_len - 1, pad_token_id=0).cpu())
+    return torch.cat(found)[:, :seq_len]
+
+
 def evaluation_windows(tokenizer, path: Path, count: int, seq_len: int) -> torch.Tensor:
     all_windows = windows(tokenize(tokenizer, path), seq_len)
     return all_windows[:count]

@@ -43,14 +43,14 @@ from . import __version__, atomic, calibration, devices, distributed, rundir, st
 from .builtins.evaluators import check_context_length
 from .checkpoint import is_checkpoint, is_streamed_checkpoint, load_checkpoint, save_checkpoint, save_rest
 from .components import LoadedModel
-from .context import CalibrationSpec, Context, Progress
+from .context import GENERATED_FILE, CalibrationSpec, Context, Progress
 from .data import resolve_text, sha256
 from .errors import PocketError
 from .modules import is_encoder
-from .recipe import Recipe, rank_exporters
+from .recipe import CalibrationSection, Recipe, rank_exporters
 
 RESOLVED = "recipe.resolved.json"
-OUTPUTS = ("stages", "export", "report.json", "report.md", "eval-before.json")  # what a run leaves
+OUTPUTS = ("stages", "export", "report.json", "report.md", "eval-before.json", GENERATED_FILE)  # what a run leaves
 #: Recipe sections a resumed run may change: they act after the stages (see ``Run._resume_changed``).
 RESUMABLE_CHANGES = frozenset({"export"})
 
@@ -214,11 +214,16 @@ class Run:
         stand, and the export is written again at the end, as every resumed run writes it.
         Anything else is a different recipe: one clear error naming the sections that differ."""
         current = json.loads(json.dumps({k: v for k, v in self.resolved.items() if k != "_base"}, default=str))
+        if isinstance(previous.get("calibration"), dict):   # a core that added a [calibration] option since
+            previous = {**previous, "calibration": {**CalibrationSection().model_dump(mode="json"),
+                                                    **previous["calibration"]}}
         changed = {key for key in set(previous) | set(current) if previous.get(key) != current.get(key)}
-        if not changed or not changed <= RESUMABLE_CHANGES:
+        if not changed:   # the same recipe, resolved by an older core
+            return
+        if not changed <= RESUMABLE_CHANGES:
             named = ", ".join(f"[{key}]" if key != "stages" else "[[stages]]" for key in sorted(changed))
-            raise PocketError(f"the run folder {self.run_dir} was made by a different recipe"
-                              + (f" (its {named} differ)" if changed else ""), field="--resume",
+            raise PocketError(f"the run folder {self.run_dir} was made by a different recipe (its {named} differ)",
+                              field="--resume",
                               fix="resume with the recipe that started the run, or pass --overwrite to start over")
         self.resume_note = (f"the recipe's {', '.join(f'[{key}]' for key in sorted(changed))} changed since the run "
                             "started: the finished stages are kept, the export is written with the new settings")
@@ -230,7 +235,8 @@ class Run:
             tokenizer=tokenizer, plugins=self.plugins,
             calibration=CalibrationSpec(resolve_text(calibration.text, self.recipe.base), calibration.samples,
                                         calibration.seq_len, calibration.seed, calibration.batch_size,
-                                        around=self._encoder_specials(model, tokenizer)),
+                                        around=self._encoder_specials(model, tokenizer),
+                                        generated=calibration.generated),
             run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
             progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
             model_loader=self.load, export_path=export_path, device=self.device,

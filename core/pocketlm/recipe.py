@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, 
 from pydantic_core import PydanticUndefined
 
 from . import registry
-from .components import Method, NoOptions, unrepresented
+from .components import Method, NoOptions, SizeEffect, unrepresented
 from .data import DEFAULT_CALIBRATION_TEXT, resolve_text, sha256
 from .errors import PocketError
 
@@ -76,6 +76,9 @@ class CalibrationSection(_Section):
     seq_len: int = Field(512, ge=8, le=1_000_000, description="tokens per window")
     seed: int = Field(0, ge=0, description="seed for picking windows and for every stage")
     batch_size: int = Field(8, ge=1, le=4096, description="windows per forward pass while calibrating")
+    generated: int = Field(0, ge=0, le=100_000, description="windows the original model writes itself (sampled at "
+                           "temperature 1 from a random first token, seeded), added after the text's windows so every "
+                           "stage calibrates and trains on the model's own distribution too; causal LMs only")
 
 
 class EvaluateSection(BaseModel):
@@ -547,7 +550,7 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
     the planner."""
     problems: list[tuple[int | None, str]] = []
     seen_kinds: dict[str, int] = {}
-    exclusive_seen: list[tuple[str, str, int, frozenset[str] | None]] = []
+    exclusive_seen: list[tuple[str, int, SizeEffect]] = []
     features: set[str] = set()
     for index, (method, options) in enumerate(stages):
         for kind in method.not_after:
@@ -560,14 +563,14 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
                                     "stage comes before it"))
         effect = method.effect(options)
         if method.exclusive:
-            for kind, covers, earlier, named in exclusive_seen:
-                if named is not None and effect.modules is not None and not (named & effect.modules):
-                    continue    # both stages name their modules, and no module is in both
-                if kind == method.kind and (covers == effect.covers or "all" in (covers, effect.covers)):
+            for kind, earlier, seen in exclusive_seen:
+                if _disjoint(seen, effect):
+                    continue
+                if kind == method.kind and (seen.covers == effect.covers or "all" in (seen.covers, effect.covers)):
                     problems.append((index, f"two {method.kind} stages would act on the same layers "
                                             f"(stage {earlier} and stage {index}); a layer takes one {method.kind}r"))
                     break
-            exclusive_seen.append((method.kind, effect.covers, index, effect.modules))
+            exclusive_seen.append((method.kind, index, effect))
         seen_kinds.setdefault(method.kind, index)
         features |= set(effect.features)
     if exporter is not None:
@@ -576,6 +579,15 @@ def combination_problems(stages: list[tuple[Method, Any]], exporter=None, export
             problems.append((None, f"export format {exporter.name!r} cannot represent {', '.join(sorted(missing))} "
                                    f"weights that the stages produce"))
     return problems
+
+
+def _disjoint(first: SizeEffect, second: SizeEffect) -> bool:
+    """Whether two stages act on no module in common, as far as their effects say: both name
+    their modules one by one and none is in both, or every pattern one selects by is a pattern
+    the other ignores (what the first matches, the second leaves alone)."""
+    if first.modules is not None and second.modules is not None:
+        return not first.modules & second.modules
+    return any(a.targets is not None and a.targets <= b.ignore for a, b in ((first, second), (second, first)))
 
 
 def rank_exporters(exporters: dict, features: set[str]) -> list:

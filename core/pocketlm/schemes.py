@@ -96,4 +96,5 @@ def size_effect(scheme: QuantScheme) -> SizeEffect:
     exact = not any(ch in t for t in scheme.targets for ch in "*?[") and covered == "decoder"
     return SizeEffect(bits=packed_bits_per_weight(scheme.bits, scheme.group_size, scheme.symmetric),
                       covers=covered, features=frozenset(features),
-                      modules=frozenset(scheme.targets) if exact else None)
+                      modules=frozenset(scheme.targets) if exact else None,
+                      targets=frozenset(scheme.targets), ignore=frozenset(scheme.ignore))

@@ -316,25 +316,14 @@ GENERATED_FILE = "distill-generated.safetensors"
 
 def sample_windows(model: nn.Module, count: int, seq_len: int, vocabulary: int, seed: int,
                    batch: int = 16) -> torch.Tensor:
-    """``[count, seq_len]`` token windows written by ``model`` itself (LLM-QAT's data-free data):
-    each starts from a token drawn uniformly from ``vocabulary`` and goes on by sampling the
-    model's own next-token distribution at temperature 1 (no top-k, no top-p), seeded."""
+    """``[count, seq_len]`` token windows written by ``model`` itself (LLM-QAT's data-free data),
+    by the core's :func:`pocketlm.data.generate_windows`: the same windows a recipe's
+    ``[calibration] generated`` gives for the same seed."""
     if not hasattr(model, "generate"):
         raise PocketError(f"generated_windows samples text from the teacher, and {type(model).__name__} "
                           "cannot generate", field="generated_windows", fix="use a transformers causal LM "
                           "as the teacher, or set generated_windows = 0")
-    device = next(model.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)   # generate() samples from the global generator
-    found = []
-    with torch.no_grad():
-        for first in range(0, count, batch):
-            size = min(batch, count - first)
-            start = torch.randint(0, vocabulary, (size, 1), generator=generator).to(device)
-            found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
-                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
-                                        min_new_tokens=seq_len - 1, pad_token_id=0).cpu())
-    return torch.cat(found)[:, :seq_len]
+    return data.generate_windows(model, count, seq_len, vocabulary, seed, batch)
 
 
 def generated_windows(options: DistillOptions, teacher: nn.Module, seq_len: int, seed: int, context,
