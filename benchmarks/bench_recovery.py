@@ -35,8 +35,10 @@ patterns select, and step 1 ignores them (rows named ``...-w5-w4``); ``--five-bi
 stands for the k and v projections of every layer and the down projections of the layers
 llama.cpp's own ``Q4_K_M`` widens (its ``use_more_bits``: the first and last eighth of the
 layers and every third one between), 79.95 MB in all on the reference model.
-``--calibration-generated N`` adds N windows the original model wrote itself to the 32
-calibration windows, for every stage: GPTQ's Hessians (the head's too) and ``qat``'s training
+``--calibration-samples N`` calibrates (and trains ``qat``) on N windows of the calibration text
+(``random.Random(0)``, as a recipe's ``[calibration] samples``) instead of the quick protocol's 32.
+``--calibration-generated N`` adds N windows the original model wrote itself to the calibration
+windows, for every stage: GPTQ's Hessians (the head's too) and ``qat``'s training
 windows (the recipe's ``[calibration] generated = N``; the same sampling as ``--e2e-generated``,
 saved in ``--out`` and read back by a later run); rows are named ``...-calib-genN``.
 ``--embedding-bits B`` quantizes the embedding (and its tied head) on its own grid of B bits,
@@ -195,6 +197,8 @@ def main() -> None:
     parser.add_argument("--five-bit", nargs="+", default=[], metavar="PATTERN",
                         help="quantize these matrices at 5 bits first, the rest at 4 (llamacpp: k and v projections "
                              "and the down projections llama.cpp's Q4_K_M widens)")
+    parser.add_argument("--calibration-samples", type=int, default=32, metavar="N",
+                        help="windows of the calibration text ([calibration] samples; the quick protocol's 32)")
     parser.add_argument("--calibration-generated", type=int, default=0, metavar="N",
                         help="every stage calibrates and trains on the calibration windows and N windows the original "
                              "model wrote ([calibration] generated = N)")
@@ -209,6 +213,10 @@ def main() -> None:
     teacher = copy.deepcopy(model)
     evaluation, calibration = common.windows(tokenizer, "quick")
     sampled = {"calib_generated": args.calibration_generated} if args.calibration_generated else {}
+    if args.calibration_samples != 32:
+        calibration = data.calibration_windows(tokenizer, common.text_path(common.CALIB_TEXT), args.calibration_samples,
+                                               common.SEQ_LEN, 0)
+        sampled["calib_windows"] = args.calibration_samples
     if args.calibration_generated:
         calibration = torch.cat([calibration, generated_windows(teacher, tokenizer, args.calibration_generated, out)])
     texts = {"wikitext2": evaluation,
@@ -232,6 +240,8 @@ def main() -> None:
     wider = LLAMACPP_WIDER if args.five_bit == ["llamacpp"] else args.five_bit
     if wider:
         start = start.replace("gptq", "gptq-w5-w4", 1)
+    if args.calibration_samples != 32:
+        start = f"{start}-calib{args.calibration_samples}"
     if args.calibration_generated:
         start = f"{start}-calib-gen{args.calibration_generated}"
     pruned = []
