@@ -55,7 +55,8 @@ Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice -n 5 .venv/bin/python benchmarks/bench_recovery.py \
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
       [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128] \
-      [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64 [--e2e-mix]] [--calibration-generated 64]
+      [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64 [--e2e-mix]] [--five-bit llamacpp] \
+      [--calibration-samples 64] [--calibration-generated 64]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -271,7 +272,7 @@ def main() -> None:
     context.logger = log
     stages = pruned + [{"method": "gptq", **o.model_dump(exclude_defaults=True)} for o in first]
     stages += [{"method": method.name, **options.model_dump(exclude_defaults=True),
-                        **({"head": args.head} if args.mixed is None else {})}]   # head recorded: its default changed
+                **({"head": args.head} if args.mixed is None else {})}]   # head recorded: its default changed
     if embedding is not None:
         stages.append({"method": args.embedding_method, **embedding.model_dump(exclude_defaults=True),
                        **({"head": args.head} if args.embedding_method == "gptq" else {})})
@@ -287,7 +288,8 @@ def main() -> None:
             if embedding is not None:
                 plugins.methods[args.embedding_method].compress(model, embedding, context)
         torch.save(model, cached)
-        measure(start, model, tokenizer, texts, reference, out, stages, {"gptq_seconds": round(timer.seconds, 1), **sampled})
+        measure(start, model, tokenizer, texts, reference, out, stages,
+                {"gptq_seconds": round(timer.seconds, 1), **sampled})
 
     phases = [("distill", "distill-ste", dict(quantized="ste", steps=args.ste_steps, batch_size=1, lr=args.ste_lr,
                                                checkpoint_every=0))] if args.ste_steps else []
