@@ -103,7 +103,6 @@ class Context:
     def _generated_windows(self, spec: CalibrationSpec) -> torch.Tensor:
         """The ``spec.generated`` windows the original model writes (:func:`data.generate_windows`),
         kept in the run folder so that every stage, and a resumed run, reads the same ones."""
-        from safetensors import safe_open
         from safetensors.torch import save_file
 
         if spec.around is not None:
@@ -114,16 +113,18 @@ class Context:
                                 "model": (self.recipe.get("model") or {}).get("source")})
         found = None
         if distributed.is_writer():
-            found = self._read_generated(path, described, safe_open)
+            found = self._read_generated(path, described)
             if found is None:
                 found = self._write_generated(spec)
                 if path is not None:
                     with atomic.file(path) as temporary:
                         save_file({"windows": found.contiguous()}, str(temporary), metadata={"described": described})
         distributed.barrier()   # the other processes read what the writer saved
-        return found if found is not None else self._read_generated(path, described, safe_open, required=True)
+        return found if found is not None else self._read_generated(path, described, required=True)
 
-    def _read_generated(self, path: Path | None, described: str, safe_open, required: bool = False):
+    def _read_generated(self, path: Path | None, described: str, required: bool = False):
+        from safetensors import safe_open
+
         if path is not None and path.is_file():
             with safe_open(str(path), framework="pt") as handle:
                 if (handle.metadata() or {}).get("described") == described:
