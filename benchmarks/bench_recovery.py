@@ -31,7 +31,8 @@ GGUF file's bytes; the token embedding 4-bit or float16), run by GPTQ stages. ``
 N`` first removes MLP channels with pocketlm-prune's ``prune-width`` (N kept per layer): the way
 below the 4.5 bits per weight that GGUF's 32-weight blocks set for rows of 576.
 ``--five-bit PATTERN ...`` runs a first ``gptq`` stage at 5 bits (Q5_0) on the matrices those
-patterns select, and step 1 ignores them (rows named ``...-w5-w4``); ``--five-bit llamacpp``
+patterns select, and step 1 ignores them (rows named ``...-w5-w4``, or ``...-w5xN-w4`` for N
+patterns of your own); ``--five-bit llamacpp``
 stands for the k and v projections of every layer and the down projections of the layers
 llama.cpp's own ``Q4_K_M`` widens (its ``use_more_bits``: the first and last eighth of the
 layers and every third one between), 79.95 MB in all on the reference model.
@@ -43,7 +44,8 @@ windows (the recipe's ``[calibration] generated = N``; the same sampling as ``--
 saved in ``--out`` and read back by a later run); rows are named ``...-calib-genN``.
 ``--embedding-bits B`` quantizes the embedding (and its tied head) on its own grid of B bits,
 group 32, after GPTQ of the decoder: with ``rtn`` (rounded) or, with ``--embedding-method gptq``,
-with a second ``gptq`` stage that solves it as the head.
+with a second ``gptq`` stage that solves it as the head (``--embedding-damp D``: that stage's own
+dampening, rows named ``...-dampD``).
 
 Each model is measured in memory on the first 32 x 512 windows of WikiText-2 test and of the
 second-domain text (the Python Language Reference extract bundled with pocketlm-dynamic's tests,
@@ -56,7 +58,8 @@ Usage (heavy: run under the shared lock):
       [--epochs 2] [--lr 1e-4] [--batch-size 2] [--e2e-steps 0] [--out /tmp/pocketlm-recovery-bench] \
       [--reuse-reference] [--reuse-gptq] [--mixed 4.64] [--intermediate-size 704] [--e2e-windows 128] \
       [--ste-steps 64 --ste-lr 1e-5] [--e2e-generated 64 [--e2e-mix]] [--five-bit llamacpp] \
-      [--calibration-samples 64] [--calibration-generated 64]
+      [--calibration-samples 64] [--calibration-generated 64] [--embedding-bits 4 --embedding-method gptq \
+      --embedding-damp 0.1]
 Rows are appended to docs/bench/raw/bench_recovery.jsonl.
 """
 
@@ -180,6 +183,9 @@ def main() -> None:
                              "(8: Q8_0, as llama.cpp's Q4_K_M writes it) instead of with GPTQ at --bits")
     parser.add_argument("--embedding-method", choices=["rtn", "gptq"], default="rtn",
                         help="with --embedding-bits: round the embedding (rtn) or solve it as the head (gptq)")
+    parser.add_argument("--embedding-damp", type=float, default=None, metavar="D",
+                        help="with --embedding-bits and --embedding-method gptq: the embedding stage's own "
+                             "dampening (the other stages keep 0.01)")
     parser.add_argument("--head", choices=["solve", "round"], default="solve",
                         help="gptq's head option: solve a quantized (tied) head with GPTQ, or round it")
     parser.add_argument("--e2e-windows", type=int, default=None, metavar="N",
@@ -239,8 +245,10 @@ def main() -> None:
     if solved:   # the embedding solved as the head (pocketlm-gptq 0.6); rows without the suffix rounded it
         start = start.replace("gptq", "gptq-solved-head", 1)
     wider = LLAMACPP_WIDER if args.five_bit == ["llamacpp"] else args.five_bit
-    if wider:
-        start = start.replace("gptq", "gptq-w5-w4", 1)
+    if wider:   # llama.cpp's choice, or another list of matrices (named by how many it holds)
+        start = start.replace("gptq", "gptq-w5-w4" if wider is LLAMACPP_WIDER else f"gptq-w5x{len(wider)}-w4", 1)
+    if args.embedding_damp:
+        start = f"{start}-damp{args.embedding_damp:g}"
     if args.calibration_samples != 32:
         start = f"{start}-calib{args.calibration_samples}"
     if args.calibration_generated:
@@ -267,7 +275,8 @@ def main() -> None:
     if args.embedding_bits and args.mixed is None:   # the embedding on its own grid, as llama.cpp types it
         embedding = plugins.methods[args.embedding_method].options(
             bits=args.embedding_bits, group_size=32, symmetric=True, targets=["embed"], ignore=[],
-            **(dict(grid="weighted-mse", head=args.head) if args.embedding_method == "gptq" else {}))
+            **(dict(grid="weighted-mse", head=args.head, damp=args.embedding_damp or GPTQ["damp"])
+               if args.embedding_method == "gptq" else {}))
     context = make_context(calibration, tokenizer=tokenizer, plugins=plugins, stage_dir=out / f"{start}-stage")
     context.logger = log
     stages = pruned + [{"method": "gptq", **o.model_dump(exclude_defaults=True)} for o in first]
