@@ -112,12 +112,12 @@ def main() -> None:
             common.append_result(RESULTS, row)
         log(f"layer {index} measured ({time.perf_counter() - started:.0f} s)")
 
-    budget = sum(m.weight.numel() for m in select_linears(model, LLAMACPP_WIDER, ["lm_head"]).values())
+    llamacpp = select_linears(model, LLAMACPP_WIDER, ["lm_head"])
+    budget = sum(m.weight.numel() for m in llamacpp.values())
     unit = math.gcd(*[row["weights"] for row in rows])   # every cost a whole number of units: the optimum
     picks = allocate([[0, row["weights"]] for row in rows], [[row["kl4"], row["kl5"]] for row in rows],
                      budget, resolution=budget // unit)
     chosen = [row["linear"] for row, pick in zip(rows, picks) if pick == 1]
-    llamacpp = select_linears(model, LLAMACPP_WIDER, [])
 
     def summed(wide) -> float:   # the independent-errors proxy the knapsack minimises
         return sum(row["kl5" if row["linear"] in wide else "kl4"] for row in rows)
