@@ -39,11 +39,11 @@ def _loaded(tiny_folder):
     return AutoModelForCausalLM.from_pretrained(tiny_folder).eval(), AutoTokenizer.from_pretrained(tiny_folder)
 
 
-def _context(tiny_folder, run_dir, generated=3, seed=0, around=None):
+def _context(tiny_folder, run_dir, generated=3, seed=0, around=None, temperature=1.0):
     model, tokenizer = _loaded(tiny_folder)
     said = []
     spec = CalibrationSpec(data.resolve_text(data.DEFAULT_CALIBRATION_TEXT), samples=4, seq_len=32, seed=seed,
-                           around=around, generated=generated)
+                           around=around, generated=generated, generated_temperature=temperature)
     context = Context(tokenizer=tokenizer, calibration=spec, run_dir=run_dir, seed=seed, logger=said.append,
                       teacher_factory=lambda: _loaded(tiny_folder)[0], recipe={"model": {"source": "tiny"}})
     return context, model, tokenizer, said
@@ -68,6 +68,28 @@ def test_generated_windows_follow_the_texts_and_are_the_models_own_samples(tiny_
     other, _, _, said_other = _context(tiny_folder, tmp_path, seed=1)
     assert not torch.equal(other.calibration_windows()[-3:], windows[-3:])
     assert said_other[0].startswith("calibration: the original model wrote 3 windows")
+
+
+def test_generated_windows_at_another_temperature_are_written_anew(tiny_folder, tmp_path):
+    from safetensors import safe_open
+
+    plain, model, tokenizer, _ = _context(tiny_folder, tmp_path)
+    at_one = plain.calibration_windows()[4:]
+    with safe_open(str(tmp_path / GENERATED_FILE), framework="pt") as handle:   # as a core before the option wrote it
+        assert json.loads(handle.metadata()["described"]) == {"count": 3, "seq_len": 32, "seed": 0, "model": "tiny"}
+    cooler, _, _, said = _context(tiny_folder, tmp_path, temperature=0.5)
+    windows = cooler.calibration_windows()[4:]
+    assert torch.equal(windows, data.generate_windows(model, 3, 32, len(tokenizer), 0, temperature=0.5))
+    assert not torch.equal(windows, at_one)
+    assert re.fullmatch(rf"calibration: the original model wrote 3 windows of 32 tokens at temperature 0.5 in \d+ s "
+                        rf"\({GENERATED_FILE}\)", said[0])
+    # sampled at a lower temperature, the tiny model's own text is likelier under it: less spread
+    with torch.no_grad():
+        mean_nll = [float(model(input_ids=w, labels=w).loss) for w in (windows, at_one)]
+    assert mean_nll[0] < mean_nll[1]
+    again, _, _, said_again = _context(tiny_folder, tmp_path, temperature=0.5)
+    again.teacher_factory = None
+    assert torch.equal(again.calibration_windows()[4:], windows) and said_again[0].startswith("calibration: reusing")
 
 
 def test_an_encoder_is_refused_generated_windows(tiny_folder, tmp_path):
@@ -124,3 +146,17 @@ def test_validate_names_a_bad_generated_count(tmp_path):
     assert result.exit_code == 2
     assert "recipe.toml:6: calibration.generated:" in result.output
     assert "Traceback" not in result.output
+
+
+def test_validate_names_a_bad_generated_temperature(tmp_path):
+    from click.testing import CliRunner
+
+    from pocketlm.cli import main
+
+    path = tmp_path / "recipe.toml"
+    path.write_text(RECIPE.format(model="demo:smollm2-135m", generated=4).replace("toy-round", "rtn")
+                    .replace("generated = 4\n", "generated = 4\ngenerated_temperature = 0\n"))
+    result = CliRunner().invoke(main, ["validate", str(path)])
+    assert result.exit_code == 2
+    assert "recipe.toml:7: calibration.generated_temperature:" in result.output
+    assert "greater than 0" in result.output and "Traceback" not in result.output

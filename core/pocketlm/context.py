@@ -33,6 +33,8 @@ class CalibrationSpec:
     around: tuple[int, int] | None = None
     #: windows the original model writes itself, after the text's (the recipe's ``generated``)
     generated: int = 0
+    #: the temperature those windows are sampled at (the recipe's ``generated_temperature``)
+    generated_temperature: float = 1.0
 
 
 #: Where a run keeps the windows its original model wrote (``[calibration] generated``).
@@ -109,8 +111,11 @@ class Context:
             raise PocketError("[calibration] generated has the model write text, and an encoder writes none",
                               field="calibration.generated", fix="set generated = 0 (or leave it out) for an encoder")
         path = Path(self.run_dir) / GENERATED_FILE if self.run_dir is not None else None
-        described = json.dumps({"count": spec.generated, "seq_len": spec.seq_len, "seed": spec.seed,
-                                "model": (self.recipe.get("model") or {}).get("source")})
+        settings = {"count": spec.generated, "seq_len": spec.seq_len, "seed": spec.seed,
+                    "model": (self.recipe.get("model") or {}).get("source")}
+        if spec.generated_temperature != 1.0:   # files written at temperature 1 before the option existed still match
+            settings["temperature"] = spec.generated_temperature
+        described = json.dumps(settings)
         found = None
         if distributed.is_writer():
             found = self._read_generated(path, described)
@@ -151,8 +156,10 @@ class Context:
         if self.tokenizer is not None:   # padded embedding rows are no token a text can hold
             vocabulary = min(vocabulary, len(self.tokenizer))
         began = time.perf_counter()
-        windows = data.generate_windows(model, spec.generated, spec.seq_len, vocabulary, spec.seed)
-        self.log(f"calibration: the original model wrote {windows.shape[0]} windows of {spec.seq_len} tokens in "
+        windows = data.generate_windows(model, spec.generated, spec.seq_len, vocabulary, spec.seed,
+                                        temperature=spec.generated_temperature)
+        at = f" at temperature {spec.generated_temperature:g}" if spec.generated_temperature != 1.0 else ""
+        self.log(f"calibration: the original model wrote {windows.shape[0]} windows of {spec.seq_len} tokens{at} in "
                  f"{time.perf_counter() - began:.0f} s ({GENERATED_FILE})")
         return windows
 

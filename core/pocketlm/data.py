@@ -98,11 +98,13 @@ def calibration_windows(tokenizer, path: Path, samples: int, seq_len: int, seed:
     return torch.cat([first, inner, last], dim=1)
 
 
-def generate_windows(model, count: int, seq_len: int, vocabulary: int, seed: int, batch: int = 16) -> torch.Tensor:
+def generate_windows(model, count: int, seq_len: int, vocabulary: int, seed: int, batch: int = 16,
+                     temperature: float = 1.0) -> torch.Tensor:
     """``[count, seq_len]`` token windows written by ``model`` itself, text that needs no dataset:
     each starts from a token drawn uniformly from ``range(vocabulary)`` and goes on by sampling
-    the model's own next-token distribution at temperature 1 (no top-k, no top-p), seeded. The
-    model must be a causal LM with transformers' ``generate``."""
+    the model's own next-token distribution at ``temperature`` (no top-k, no top-p), seeded. At 1
+    the text follows the model's distribution exactly; a small model's samples then wander, and
+    below 1 they stay on topic. The model must be a causal LM with transformers' ``generate``."""
     import torch
 
     device = next(model.parameters()).device
@@ -114,7 +116,7 @@ def generate_windows(model, count: int, seq_len: int, vocabulary: int, seed: int
             size = min(batch, count - first)
             start = torch.randint(0, vocabulary, (size, 1), generator=generator).to(device)
             found.append(model.generate(input_ids=start, attention_mask=torch.ones_like(start), do_sample=True,
-                                        temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
+                                        temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=seq_len - 1,
                                         min_new_tokens=seq_len - 1, pad_token_id=0).cpu())
     return torch.cat(found)[:, :seq_len]
 

@@ -77,8 +77,10 @@ class CalibrationSection(_Section):
     seed: int = Field(0, ge=0, description="seed for picking windows and for every stage")
     batch_size: int = Field(8, ge=1, le=4096, description="windows per forward pass while calibrating")
     generated: int = Field(0, ge=0, le=100_000, description="windows the original model writes itself (sampled at "
-                           "temperature 1 from a random first token, seeded), added after the text's windows so every "
-                           "stage calibrates and trains on the model's own distribution too; causal LMs only")
+                           "generated_temperature from a random first token, seeded), added after the text's windows so "
+                           "every stage calibrates and trains on the model's own distribution too; causal LMs only")
+    generated_temperature: float = Field(1.0, gt=0, le=2, description="the temperature the generated windows are "
+                                         "sampled at: 1 is the model's own distribution, below 1 more coherent text")
 
 
 class EvaluateSection(BaseModel):
