@@ -22,7 +22,8 @@ rule, every result exported with the ``gguf`` exporter and measured from the fil
   dense model exported as F32 GGUF; llama.cpp's rules choose every block type, the tied
   embedding included (Q6_K under Q4_K_M), without an importance matrix; ``llamacpp-q3_k_m`` the
   same at Q3_K_M;
-* ``llamacpp-q4_k_m-imatrix`` and ``llamacpp-q3_k_m-imatrix``: the same with an importance
+* ``llamacpp-q4_k_m-imatrix``, ``llamacpp-q3_k_m-imatrix``, ``llamacpp-q4_0-imatrix`` and
+  ``llamacpp-iq4_nl-imatrix``: the same with an importance
   matrix from the 32 calibration windows (``importance_matrix``: llama-imatrix's statistic,
   computed in PyTorch, because the Python package ships no ``llama-imatrix``; passed to
   ``llama_model_quantize`` as its ``imatrix`` parameter, see ``peers/llamacpp_quantize.py``).
@@ -35,7 +36,8 @@ of the file is compared with the in-memory grid.
 Usage (heavy: run under the shared lock):
   flock /tmp/pocketlm-bench.lock nice .venv/bin/python benchmarks/bench_kquants.py \
       [--parts gptq-minmax,gptq-weighted,gptq-q4k,gptq-q6k,gptq-q4k-embed8,gptq-q5_0-embed8,rtn-q4k,
-      llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-q3_k_m,llamacpp-q4_k_m-imatrix,llamacpp-q3_k_m-imatrix]
+      llamacpp-q4_k_m,llamacpp-q4_0,llamacpp-q3_k_m,llamacpp-q4_k_m-imatrix,llamacpp-q3_k_m-imatrix,
+      llamacpp-q4_0-imatrix,llamacpp-iq4_nl-imatrix]
       [--score FILE.gguf ...] [--out /tmp/pocketlm-kquants-bench] [--no-reload] [--llama-python benchmarks/.venvs/llamacpp/bin/python]
 ``--score FILE.gguf ...`` scores existing files (another benchmark's exports) the same way.
 ``--speed FILE.gguf ...`` measures their decode speed in llama.cpp side by side (batch 1, greedy, 64
@@ -76,6 +78,10 @@ PARTS = {
     # with an importance matrix from the 32 calibration windows (see importance_matrix)
     "llamacpp-q4_k_m-imatrix": "Q4_K_M+imatrix",
     "llamacpp-q3_k_m-imatrix": "Q3_K_M+imatrix",
+    # llama.cpp's two 4.5-bit types of 32-weight blocks side by side: the uniform grid (Q4_0) and
+    # the non-uniform one (IQ4_NL, 16 fixed levels denser near zero), both with the matrix
+    "llamacpp-q4_0-imatrix": "Q4_0+imatrix",
+    "llamacpp-iq4_nl-imatrix": "IQ4_NL+imatrix",
 }
 
 

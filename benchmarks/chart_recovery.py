@@ -72,7 +72,7 @@ def kquant_points() -> list[dict]:
         part = row.get("part", "")
         if part.startswith("llamacpp-") and "perplexity" in row:
             points.append({"family": "llama.cpp", "label": part.removeprefix("llamacpp-").replace("_", " ").upper()
-                           .replace(" K M", "_K_M").replace("Q4 0", "Q4_0").replace("-IMATRIX", " + imatrix"),
+                           .replace(" K M", "_K_M").replace("Q4 0", "Q4_0").replace("IQ4 NL", "IQ4_NL").replace("-IMATRIX", " + imatrix"),
                            "size_mb": row["file_bytes"] / 1e6, "perplexity": row["perplexity"],
                            "types": row.get("tensor_types", {})})
         elif part.startswith("gptq-") and "in_memory_perplexity" in row:
