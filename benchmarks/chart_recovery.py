@@ -71,8 +71,9 @@ def kquant_points() -> list[dict]:
     for row in rows(RAW / "kquants.jsonl"):
         part = row.get("part", "")
         if part.startswith("llamacpp-") and "perplexity" in row:
-            points.append({"family": "llama.cpp", "label": part.removeprefix("llamacpp-").replace("_", " ").upper()
-                           .replace(" K M", "_K_M").replace("Q4 0", "Q4_0").replace("IQ4 NL", "IQ4_NL").replace("-IMATRIX", " + imatrix"),
+            name = part.removeprefix("llamacpp-")   # llama.cpp's type name, e.g. "q4_k_m-imatrix"
+            label = name.removesuffix("-imatrix").upper() + (" + imatrix" if name.endswith("-imatrix") else "")
+            points.append({"family": "llama.cpp", "label": label,
                            "size_mb": row["file_bytes"] / 1e6, "perplexity": row["perplexity"],
                            "types": row.get("tensor_types", {})})
         elif part.startswith("gptq-") and "in_memory_perplexity" in row:
