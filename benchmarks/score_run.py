@@ -30,17 +30,18 @@ from pathlib import Path
 import bench_gguf
 import bench_recovery
 import common
+from pocketlm.pipeline import stage_name
 
 RESULTS = common.ROOT / "docs" / "bench" / "raw" / "recipe_runs.jsonl"
 WROTE = re.compile(r"the teacher wrote (\d+) windows of \d+ tokens in (\d+) s")
 
 
-def last_stage(run: Path) -> Path:
-    """The folder of the run's last finished stage (``stages/NN-method``)."""
-    stages = sorted(p for p in (run / "stages").iterdir() if p.is_dir() and not p.name.endswith(".work"))
-    if not stages:
-        raise SystemExit(f"{run}: no finished stage under stages/; run the recipe first")
-    return stages[-1]
+def last_stage(run: Path, stages: list[dict]) -> Path:
+    """The folder of the recipe's last stage, which the pipeline writes only when the stage is done."""
+    folder = run / "stages" / stage_name(len(stages) - 1, stages[-1]["method"])
+    if not (folder / "stage.json").is_file():
+        raise SystemExit(f"{folder}: the recipe's last stage has not finished; run (or resume) the recipe first")
+    return folder
 
 
 def training(run: Path, stages: list[dict]) -> list[dict]:
@@ -49,7 +50,7 @@ def training(run: Path, stages: list[dict]) -> list[dict]:
     generated = [(int(count), int(seconds)) for count, seconds in WROTE.findall(log)]
     rows = []
     for index, stage in enumerate(stages):
-        work = run / "stages" / f"{index + 1:02d}-{stage['method']}.work"
+        work = run / "stages" / (stage_name(index, stage["method"]) + ".work")
         if stage["method"] not in ("qat", "distill") or not work.is_dir():
             continue
         row = {"stage": index + 1, "method": stage["method"]}
@@ -85,10 +86,12 @@ def main() -> None:
     from pocketlm import data
     from pocketlm.checkpoint import load_checkpoint
 
+    if not (run / "recipe.resolved.json").is_file():
+        raise SystemExit(f"{run}: not a pocketlm run folder (no recipe.resolved.json); give pocketlm run's --run-dir")
     common.setup_torch()
     resolved = json.loads((run / "recipe.resolved.json").read_text())
     recipe = resolved["recipe"]
-    stage = last_stage(run)
+    stage = last_stage(run, recipe["stages"])
     model = load_checkpoint(stage).model
     model.eval()
     _, tokenizer = common.load_reference()
