@@ -60,12 +60,10 @@ def training(run: Path, stages: list[dict]) -> list[dict]:
                 steps = list(csv.DictReader(handle))
             row["steps"] = len(steps)
             row["step_seconds"] = round(sum(float(step["seconds"]) for step in steps), 1)
-            row["tokens"] = int(steps[-1]["tokens"]) if steps and "tokens" in steps[-1] else None
+            row["tokens"] = int(steps[-1]["tokens"]) if steps else 0
         summary = work / f"{stage['method']}.json"
         if summary.exists():
-            numbers = json.loads(summary.read_text())
-            row["stage_seconds"] = round(numbers.get("seconds", 0.0), 1)
-            row["tokens"] = numbers.get("e2e_tokens", 0) + numbers.get("block_tokens", 0) or row.get("tokens")
+            row["stage_seconds"] = round(json.loads(summary.read_text())["seconds"], 1)
         wanted = stage.get("e2e_generated_windows") or stage.get("generated_windows")
         wrote = [seconds for count, seconds in generated if count == wanted]
         if wanted and wrote:
@@ -81,8 +79,6 @@ def main() -> None:
     args = parser.parse_args()
     run = Path(args.run)
 
-    import torch
-
     from pocketlm import data
     from pocketlm.checkpoint import load_checkpoint
 
@@ -97,16 +93,15 @@ def main() -> None:
     _, tokenizer = common.load_reference()
     texts = {"wikitext2": common.windows(tokenizer, "quick")[0],
              "python_reference": data.evaluation_windows(tokenizer, bench_recovery.SECOND_DOMAIN, 32, common.SEQ_LEN)}
-    float32 = [json.loads(line) for line in bench_recovery.RESULTS.read_text().splitlines()
-               if json.loads(line).get("row") == "float32"][-1]
+    float32 = [row for row in map(json.loads, bench_recovery.RESULTS.read_text().splitlines())
+               if row.get("row") == "float32"][-1]
 
     row: dict = {"row": args.name, "protocol": "quick", "eval_windows": 32, "seq_len": common.SEQ_LEN,
                  "calibration": recipe["calibration"], "stages": recipe["stages"], "scored": stage.name,
                  "core": resolved["provenance"]["core"], "plugins": resolved["provenance"]["plugins"]}
-    with torch.inference_mode():
-        for text, windows in texts.items():
-            row[text] = round(common.perplexity(model, windows), 3)
-            row[f"retention_{text}"] = round(float32[text] / row[text], 4)
+    for text, windows in texts.items():
+        row[text] = round(common.perplexity(model, windows), 3)
+        row[f"retention_{text}"] = round(float32[text] / row[text], 4)
     export = run / recipe["export"]["path"]
     gguf = sorted(export.glob("*.gguf"))
     if gguf:

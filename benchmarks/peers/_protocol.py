@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 
 @torch.no_grad()
+@torch.no_grad()   # scoring only: no autograd graph over a model whose parameters train
 def window_nll(model, evaluation: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
     """Summed next-token NLL of each of the ``[n, seq]`` windows (float64, one value per window)."""
     torch.manual_seed(0)
