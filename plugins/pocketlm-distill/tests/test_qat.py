@@ -20,8 +20,8 @@ from pocketlm.testing.models import tiny_model
 from pocketlm.weights import QuantizedEmbedding, QuantizedLinear, get_mask, linear_weight, set_mask
 from pocketlm_distill import QATOptions, qat
 from pocketlm_distill import recovery as qat_module
-from pocketlm_distill.recovery import (STATE_FILE, ScaleEmbedding, ScaleLinear, round_steps, scale_structure,
-                                      two_level)
+from pocketlm_distill.recovery import (STATE_FILE, ScaleEmbedding, ScaleLinear, repeat_run, round_steps,
+                                      scale_structure, spread_columns, two_level)
 
 
 def quantize(model, windows, **options):
@@ -110,6 +110,24 @@ def test_scale_structure_finds_k_quant_super_blocks_pairs_and_free_groups():
     pairs = free[:, :9].repeat_interleave(2, 1)                       # 576 columns in 36 groups of 16
     structure = scale_structure(pairs, 16, 576)
     assert structure.kind == "pairs" and torch.equal(structure.scales(), pairs)
+
+
+@pytest.mark.parametrize("index", ["runs", "identity", "act-order"])
+def test_spread_columns_equals_indexing_in_value_and_gradient(index):
+    generator = torch.Generator().manual_seed(0)
+    values = torch.randn(64, 4, generator=generator)
+    columns = {"runs": torch.arange(64) // 16, "identity": torch.arange(4),
+               "act-order": torch.randperm(64, generator=generator) // 16}[index]
+    run = repeat_run(columns, 4)
+    assert run == {"runs": 16, "identity": 1, "act-order": 0}[index]
+    weight = torch.randn(64, columns.numel(), generator=generator)
+    fast, plain = values.clone().requires_grad_(), values.clone().requires_grad_()
+    spread = spread_columns(fast, columns, run)
+    assert torch.equal(spread, plain[:, columns])
+    (spread * weight).sum().backward()
+    (plain[:, columns] * weight).sum().backward()
+    assert torch.allclose(fast.grad, plain.grad, atol=1e-5)
+    assert repeat_run(torch.arange(10) // 3, 4) == 0                       # runs of unequal length
 
 
 def test_scale_linear_trains_only_scales_and_rounds_onto_the_structure():

@@ -181,6 +181,30 @@ def block_tops(structure: Structure) -> torch.Tensor:
         include_self=False)
 
 
+def repeat_run(index: torch.Tensor, count: int) -> int:
+    """``r`` where ``index`` is ``0, ..., 0, 1, ..., count - 1`` with each of the ``count`` values
+    repeated ``r`` times in order (``arange(count * r) // r``), else 0: how scales of groups
+    spread over a grid's columns, or steps of blocks over their groups, unless act-order
+    permuted the groups."""
+    if count <= 0 or index.numel() % count:
+        return 0
+    run = index.numel() // count
+    return run if torch.equal(index.cpu(), torch.arange(index.numel()) // run) else 0
+
+
+def spread_columns(values: torch.Tensor, index: torch.Tensor, run: int) -> torch.Tensor:
+    """``values[:, index]``, with ``run = repeat_run(index, values.shape[1])``. Where the index
+    repeats each column ``run`` times in order it is a broadcast, whose gradient is a sum over
+    each run: on a CPU the scatter-add that indexing's gradient takes was a fifth of a whole
+    training step of the reference model. Otherwise ``index_select``, whose gradient adds by
+    index without sorting."""
+    if run == 1:
+        return values
+    if run > 1:
+        return values.unsqueeze(-1).expand(*values.shape, run).reshape(values.shape[0], -1)
+    return values.index_select(1, index)
+
+
 def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error of a layer's output against its float target."""
     return F.mse_loss(output.float(), target.float())
@@ -206,10 +230,12 @@ class OpenScales(nn.Module):
         self.register_buffer("top", top, persistent=False)
         self.register_buffer("multiplier", structure.multiplier, persistent=False)
         self.register_buffer("block", structure.block, persistent=False)
+        self.block_run = repeat_run(structure.block, structure.step.shape[1])
         self.step = nn.Parameter(structure.step * top)
 
     def _scales(self, step: torch.Tensor) -> torch.Tensor:
-        return step[:, self.block] * self.multiplier   # Structure.scales, on the module's device
+        # Structure.scales, on the module's device
+        return spread_columns(step, self.block, self.block_run) * self.multiplier
 
     def scales(self) -> torch.Tensor:
         return self._scales(self.step / self.top)
@@ -248,10 +274,11 @@ class ScaleLinear(OpenScales):
         self.register_buffer("centered", centered, persistent=False)   # integers; exactly 0 where pruned
         self._open_steps(storage)
         self.register_buffer("groups", groups, persistent=False)
+        self.group_run = repeat_run(groups, storage.scales.shape[1])
         self.bias = source.bias   # the same Parameter (frozen by the caller)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.centered * self.scales()[:, self.groups]
+        weight = self.centered * spread_columns(self.scales(), self.groups, self.group_run)
         return F.linear(x, weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
@@ -276,9 +303,10 @@ def centered_integers(storage) -> torch.Tensor:
 
 
 def weight_rows(centered: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor, rows: slice,
-                dtype: torch.dtype) -> torch.Tensor:
-    """Rows ``rows`` of the weight ``(q - zero) * scale``, in ``dtype``."""
-    return (centered[rows].float() * scales[rows][:, groups]).to(dtype)
+                dtype: torch.dtype, run: int = 0) -> torch.Tensor:
+    """Rows ``rows`` of the weight ``(q - zero) * scale``, in ``dtype``; ``run`` as
+    :func:`spread_columns` takes it."""
+    return (centered[rows].float() * spread_columns(scales[rows], groups, run)).to(dtype)
 
 
 class TiedLogits(torch.autograd.Function):
@@ -289,29 +317,29 @@ class TiedLogits(torch.autograd.Function):
     and make a third (the weight's gradient) there."""
 
     @staticmethod
-    def forward(ctx, x, scales, centered, groups):
+    def forward(ctx, x, scales, centered, groups, run):
         ctx.save_for_backward(x, scales)
-        ctx.centered, ctx.groups = centered, groups
+        ctx.centered, ctx.groups, ctx.run = centered, groups, run
         out = x.new_empty(*x.shape[:-1], centered.shape[0])
         for rows in row_blocks(*centered.shape):
-            out[..., rows] = x @ weight_rows(centered, scales, groups, rows, x.dtype).T
+            out[..., rows] = x @ weight_rows(centered, scales, groups, rows, x.dtype, run).T
         return out
 
     @staticmethod
     def backward(ctx, grad):
         x, scales = ctx.saved_tensors
-        centered, groups = ctx.centered, ctx.groups
+        centered, groups, run = ctx.centered, ctx.groups, ctx.run
         flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.zeros_like(flat_x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_scales = torch.zeros_like(scales) if ctx.needs_input_grad[1] else None
         for rows in row_blocks(*centered.shape):
             block = flat_grad[:, rows]
             if grad_x is not None:
-                grad_x += (block @ weight_rows(centered, scales, groups, rows, x.dtype)).float()   # summed in float32
+                grad_x += (block @ weight_rows(centered, scales, groups, rows, x.dtype, run)).float()   # summed in float32
             if grad_scales is not None:   # dL/dscale[r, g] = sum over the group's columns of dL/dW * (q - zero)
                 grad_weight = (block.T @ flat_x).float() * centered[rows].float()
                 grad_scales[rows] = torch.zeros_like(grad_scales[rows]).index_add_(1, groups, grad_weight)
-        return None if grad_x is None else grad_x.to(x.dtype).view_as(x), grad_scales, None, None
+        return None if grad_x is None else grad_x.to(x.dtype).view_as(x), grad_scales, None, None, None
 
 
 class ScaleEmbedding(OpenScales):
@@ -332,10 +360,12 @@ class ScaleEmbedding(OpenScales):
         self.register_buffer("centered", centered_integers(storage), persistent=False)
         self._open_steps(storage)
         self.register_buffer("groups", storage.column_groups(), persistent=False)
+        self.group_run = repeat_run(self.groups, storage.scales.shape[1])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
-        rows = self.centered[unique].float() * self.scales()[unique][:, self.groups]
+        scales = spread_columns(self.scales().index_select(0, unique), self.groups, self.group_run)
+        rows = self.centered[unique].float() * scales
         return rows[inverse].view(*ids.shape, self.embedding_dim)
 
     def tied_head(self, source: QuantizedLinear) -> "ScaleHead":
@@ -355,7 +385,7 @@ class ScaleHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         embedding = self.embedding
-        logits = TiedLogits.apply(x, embedding.scales(), embedding.centered, embedding.groups)
+        logits = TiedLogits.apply(x, embedding.scales(), embedding.centered, embedding.groups, embedding.group_run)
         return logits if self.bias is None else logits + self.bias.to(logits.dtype)
 
     def close(self) -> QuantizedLinear:
