@@ -120,7 +120,7 @@ def table(points: list[dict]) -> str:
     lines = ["| family | point | GGUF MB | WikiText-2 ppl | retention | second domain retention |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for p in sorted(points, key=lambda p: (p["family"], p["size_mb"])):
-        second = f"{p['second_domain']:.3f}" if p.get("second_domain") is not None else "-"
+        second = f"{p['second_domain']:.4f}" if p.get("second_domain") is not None else "-"
         lines.append(f"| {p['family']} | {p['label']} | {p['size_mb']:.1f} | {p['perplexity']:.3f} | "
                      f"{FLOAT32_PERPLEXITY / p['perplexity']:.3f} | {second} |")
     return "\n".join(lines)
