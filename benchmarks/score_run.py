@@ -72,22 +72,27 @@ def training(run: Path, stages: list[dict]) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def open_run(description: str) -> tuple[argparse.Namespace, dict, Path]:
+    """The command line (a run folder and ``--name``), the run's resolved recipe and its last
+    stage's folder; one clear message for a folder that is not a finished run."""
+    parser = argparse.ArgumentParser(description=description.split("\n\n")[0])
     parser.add_argument("run", help="the run folder (pocketlm run ... --run-dir RUN)")
     parser.add_argument("--name", required=True, help="the row's name, e.g. the recipe's file name")
     args = parser.parse_args()
     run = Path(args.run)
-
-    from pocketlm import data
-    from pocketlm.checkpoint import load_checkpoint
-
     if not (run / "recipe.resolved.json").is_file():
         raise SystemExit(f"{run}: not a pocketlm run folder (no recipe.resolved.json); give pocketlm run's --run-dir")
     common.setup_torch()
     resolved = json.loads((run / "recipe.resolved.json").read_text())
-    recipe = resolved["recipe"]
-    stage = last_stage(run, recipe["stages"])
+    return args, resolved, last_stage(run, resolved["recipe"]["stages"])
+
+
+def main() -> None:
+    from pocketlm import data
+    from pocketlm.checkpoint import load_checkpoint
+
+    args, resolved, stage = open_run(__doc__)
+    run, recipe = Path(args.run), resolved["recipe"]
     model = load_checkpoint(stage).model
     model.eval()
     _, tokenizer = common.load_reference()

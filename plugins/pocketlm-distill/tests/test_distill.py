@@ -83,6 +83,8 @@ def test_options_validation():
         DistillOptions(steps=10, generated_only=True)
     with pytest.raises(ValidationError, match="greater than or equal to 0"):
         DistillOptions(steps=10, generated_windows=-1)
+    with pytest.raises(ValidationError, match="less than 1"):
+        DistillOptions(steps=10, average_last=1.0)   # the whole run's mean would start from untrained values
 
 
 def test_teacher_correction_options():
@@ -212,6 +214,42 @@ class _KillAfter(Progress):
                     raise _Killed()
             yield advance
         return run()
+
+
+def test_tail_average_ends_at_the_mean_of_the_last_steps_and_resumes_exactly(corpus, teacher, tmp_path,
+                                                                             monkeypatch):
+    from pocketlm_distill.distill import Trainer
+
+    base = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    opts = options(corpus, steps=8, checkpoint_every=3, warmup_steps=2, average_last=0.5)  # steps 5 to 8
+    after_each_step = []
+    one_step = Trainer.step
+
+    def recorded(self, step):
+        row = one_step(self, step)
+        after_each_step.append({name: p.detach().clone() for name, p in self.student.model.named_parameters()})
+        return row
+
+    monkeypatch.setattr(Trainer, "step", recorded)
+    averaged = copy.deepcopy(base)
+    distill(averaged, opts, context(corpus, teacher, tmp_path / "a"))
+    monkeypatch.undo()
+    assert len(after_each_step) == 8
+    for name, parameter in averaged.named_parameters():
+        mean = torch.stack([values[name] for values in after_each_step[4:]]).mean(0)
+        assert torch.allclose(parameter, mean, atol=1e-6, rtol=0), name
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert not torch.allclose(dict(averaged.named_parameters())[weight], after_each_step[-1][weight])
+
+    ctx = context(corpus, teacher, tmp_path / "b")
+    ctx.progress = _KillAfter(7)  # dies after step 7: the last checkpoint holds step 6, two steps into the tail
+    with pytest.raises(_Killed):
+        distill(copy.deepcopy(base), opts, ctx)
+    assert len(torch.load(tmp_path / "b" / "stage" / STATE_FILE, weights_only=True)["average"]) > 0
+    resumed = copy.deepcopy(base)
+    distill(resumed, opts, context(corpus, teacher, tmp_path / "b"))
+    for (name, a), (_, b) in zip(averaged.state_dict().items(), resumed.state_dict().items()):
+        assert torch.allclose(a, b, atol=1e-6, rtol=0), name
 
 
 def test_resume_equals_uninterrupted(corpus, teacher, tmp_path):

@@ -452,15 +452,18 @@ def test_distill_scales_mode_freezes_the_embedding_it_is_told_to(tied_teacher, c
     assert student.lm_head.storage is student.model.embed_tokens.storage
 
 
-def test_end_to_end_resume_with_the_embedding_equals_an_uninterrupted_run(tied_teacher, calibration, tmp_path):
+@pytest.mark.parametrize("average_last,killed_after", [(0.0, 3), (0.5, 5)])  # 0.5: the last checkpoint in the tail
+def test_end_to_end_resume_with_the_embedding_equals_an_uninterrupted_run(tied_teacher, calibration, tmp_path,
+                                                                         average_last, killed_after):
     quantized = _quantized_with_embedding(tied_teacher, calibration, bits=4, group_size=32)
-    e2e = dict(epochs=0, e2e_steps=6, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=2)
+    e2e = dict(epochs=0, e2e_steps=6, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=2,
+               e2e_average_last=average_last)
     whole = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "whole", **e2e)
 
     from test_distill import _Killed, _KillAfter
 
     context = make_context(calibration, teacher=tied_teacher, stage_dir=tmp_path / "resumed")
-    context.progress = _KillAfter(3)
+    context.progress = _KillAfter(killed_after)
     with pytest.raises(_Killed):
         qat(copy.deepcopy(quantized), QATOptions(lr=2e-3, batch_size=4, **e2e), context)
     resumed = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "resumed", **e2e)

@@ -611,7 +611,7 @@ def csv_text(header: list[str] | None, rows: list[list]) -> str:
 
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
-    for unset in ("similarity_weight", "generated_windows", "generated_only"):
+    for unset in ("similarity_weight", "generated_windows", "generated_only", "average_last"):
         if not described[unset]:  # unset, they leave the fingerprint of earlier versions: their states resume
             del described[unset]
     if options.texts == "chunks":  # the same for the default texts
@@ -940,6 +940,9 @@ class Trainer:
         self.state_path = Path(context.stage_dir) / STATE_FILE if context.stage_dir is not None else None
         self.fingerprint = _fingerprint(options, self.student, self.n_examples, self.seed)
         self.state, self.start, self.history = None, 0, []
+        # the tail average (average_last): the running mean of the trainable parameters from this step on
+        self.average_from = self.total - round(self.total * options.average_last)
+        self.average: list[torch.Tensor] | None = None
         self.originals = self.teachers   # the teachers handed in; corrected copies may replace them
         self.teacher_devices = [next(t.parameters()).device for t in self.teachers]
 
@@ -1043,6 +1046,8 @@ class Trainer:
             accelerator.unwrap_model(self.prepared).load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            if state.get("average") is not None:
+                self.average = [mean.to(self.device) for mean in state["average"]]
             torch.set_rng_state(state["rng"]["torch"])
             if torch.cuda.is_available() and state["rng"].get("cuda") is not None:
                 torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -1112,6 +1117,8 @@ class Trainer:
         with torch.no_grad():
             for parameter, mask in self.masked:
                 parameter.mul_(mask.to(parameter.dtype))
+        if step >= self.average_from:
+            self._fold_into_average(step - self.average_from + 1)
         if accelerator.num_processes > 1:
             sums = accelerator.reduce(sums, reduction="mean")
             sums[6] *= accelerator.num_processes  # a count: the sum over processes
@@ -1122,6 +1129,16 @@ class Trainer:
                              "embedding": embedding, "similarity": similarity, "lr": lr, "tokens": tokens,
                              "seconds": seconds})
         return {**self.history[-1], "step_tokens": step_tokens}
+
+    @torch.no_grad()
+    def _fold_into_average(self, count: int) -> None:
+        """Fold the parameters after this step, the ``count``-th of the tail, into their running
+        mean (float32, so a low-precision parameter's mean does not round at every step)."""
+        if count == 1 or self.average is None:
+            self.average = [parameter.detach().float().clone() for parameter in self.trainable]
+            return
+        for mean, parameter in zip(self.average, self.trainable):
+            mean.add_(parameter.detach().float() - mean, alpha=1.0 / count)
 
     def _losses(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         """The loss terms of one micro-batch and its count of real tokens."""
@@ -1158,7 +1175,7 @@ class Trainer:
                                          "model": accelerator.unwrap_model(self.prepared).state_dict(),
                                          "optimizer": self.optimizer.state_dict(),
                                          "scheduler": self.scheduler.state_dict(),
-                                         "rng": rng, "history": self.history})
+                                         "rng": rng, "history": self.history, "average": self.average})
         accelerator.wait_for_everyone()
 
     def finish(self) -> nn.Module:
@@ -1167,6 +1184,12 @@ class Trainer:
         accelerator = self.accelerator
         self.prepared.eval()
         accelerator.wait_for_everyone()
+        if self.average is not None:   # masked weights average to zero, so masks still hold
+            with torch.no_grad():
+                for mean, parameter in zip(self.average, self.trainable):
+                    parameter.copy_(mean.to(parameter.dtype))
+            self.context.log(f"distill: the trained parameters are the mean of the last "
+                             f"{self.total - self.average_from} steps' values")
         model = accelerator.unwrap_model(self.prepared).model
         for name, ste in self.opened.items():
             set_module(model, name, ste.close())

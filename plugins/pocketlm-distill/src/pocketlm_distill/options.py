@@ -26,6 +26,10 @@ class DistillOptions(Options):
     grad_accum: int = Field(1, description="micro-batches per optimizer step")
     lr: float = Field(1e-4, description="peak learning rate (Minitron's rate for KD recovery)")
     min_lr_ratio: float = Field(0.1, description="the cosine schedule decays to lr * min_lr_ratio")
+    average_last: float = Field(0.0, ge=0, lt=1, description="the trained parameters end as the mean of their "
+                                "values after each of the last average_last share of the steps (a tail "
+                                "average, as SWA and LAWA take), which evens out the noise of small batches; "
+                                "0: the last step's values")
     warmup_steps: int | None = Field(None, description="linear warm-up steps; null: 5% of the steps, at most 100")
     weight_decay: float = Field(0.0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
@@ -165,6 +169,9 @@ class QATOptions(Options):
                                        "LLM-QAT's data-free data); 0: none")
     e2e_generated_only: bool = Field(False, description="end-to-end phase: train on the generated windows "
                                      "alone (distill's generated_only)")
+    e2e_average_last: float = Field(0.0, ge=0, lt=1, description="end-to-end phase: the scales end as the mean "
+                                    "of their values after each of the last e2e_average_last share of the "
+                                    "steps (distill's average_last); 0: the last step's values")
     e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
                                  "next to the KL to the original model's logits")
     text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "

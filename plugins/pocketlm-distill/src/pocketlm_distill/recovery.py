@@ -589,6 +589,8 @@ class BlockRecovery(LayerHandler):
 
 def _fingerprint(options: QATOptions, model: nn.Module, windows: torch.Tensor, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
+    if not described["e2e_average_last"]:  # unset, it leaves earlier versions' fingerprint: their states resume
+        del described["e2e_average_last"]
     described["seed"] = seed
     described["windows"] = list(windows.shape)
     described["windows_hash"] = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()
@@ -659,7 +661,7 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
             steps=options.e2e_steps, lr=options.e2e_lr, batch_size=options.e2e_batch_size, text=options.text,
             seq_len=options.seq_len, kl_weight=1.0, ce_weight=options.e2e_ce_weight, quantized="scales",
             generated_windows=options.e2e_generated_windows, generated_only=options.e2e_generated_only,
-            freeze=frozen, checkpoint_every=options.checkpoint_every, seed=seed)
+            average_last=options.e2e_average_last, freeze=frozen, checkpoint_every=options.checkpoint_every, seed=seed)
         distill(model, distill_options, context)
         summary["e2e_seconds"] = time.perf_counter() - e2e_began
         summary["e2e_tokens"] = options.e2e_steps * options.e2e_batch_size * (
