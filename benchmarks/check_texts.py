@@ -44,13 +44,14 @@ def perplexities(model, texts: dict) -> dict:
     return {text: round(common.perplexity(model, windows), 3) for text, windows in texts.items()}
 
 
-def float_row(texts: dict, original) -> dict:
-    """The float32 model's perplexities: the last recorded row, or measured on ``original`` and
-    recorded now."""
+def float_row(texts: dict) -> dict:
+    """The float32 model's perplexities: the last recorded row, or measured and recorded now (the
+    only time the float model is loaded)."""
     rows = [json.loads(line) for line in RESULTS.read_text().splitlines()] if RESULTS.exists() else []
     recorded = [row for row in rows if row.get("row") == "float32"]
     if recorded:
         return recorded[-1]
+    original, _ = common.load_reference()
     row = {"row": "float32", "windows": WINDOWS, "seq_len": common.SEQ_LEN, **perplexities(original, texts)}
     common.append_result(RESULTS, row)
     return row
@@ -61,10 +62,10 @@ def main() -> None:
 
     args, resolved, stage = score_run.open_run(__doc__)
     recipe = resolved["recipe"]
-    original, tokenizer = common.load_reference()
-    texts = check_windows(tokenizer)
-    reference = float_row(texts, original)
-    del original
+    from transformers import AutoTokenizer
+
+    texts = check_windows(AutoTokenizer.from_pretrained(common.reference_folder()))
+    reference = float_row(texts)
     model = load_checkpoint(stage).model
     model.eval()
     row = {"row": args.name, "scored": stage.name, "windows": WINDOWS, "seq_len": common.SEQ_LEN,
