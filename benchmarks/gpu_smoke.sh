@@ -77,6 +77,8 @@ for offload in none cpu disk; do
     run_stage width-depth "$offload" $'[[stages]]\nmethod = "prune-width"\nmlp_ratio = 0.25\n[[stages]]\nmethod = "prune-depth"\nlayers = 1' hf
 done
 run_stage distill none $'[[stages]]\nmethod = "magnitude"\nsparsity = 0.5\n[[stages]]\nmethod = "distill"\nsteps = 4\nbatch_size = 2' hf
+run_stage distill-bf16 none $'[[stages]]\nmethod = "distill"\nsteps = 4\nbatch_size = 2\nmixed_precision = "bf16"' hf
+run_stage qat-bf16 none $'[[stages]]\nmethod = "gptq"\nbits = 4\ngroup_size = 32\n[[stages]]\nmethod = "qat"\nepochs = 0\ne2e_steps = 4\ne2e_mixed_precision = "bf16"' gguf
 
 echo "== 4. the README's default recipe on cuda"
 "$PY" - "$WORK/default.toml" <<'EOF'

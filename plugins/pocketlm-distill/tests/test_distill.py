@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import importlib
 import math
 import multiprocessing
 import os
@@ -85,6 +86,8 @@ def test_options_validation():
         DistillOptions(steps=10, generated_windows=-1)
     with pytest.raises(ValidationError, match="less than 1"):
         DistillOptions(steps=10, average_last=1.0)   # the whole run's mean would start from untrained values
+    with pytest.raises(ValidationError, match="'no' or 'bf16'"):
+        DistillOptions(steps=10, mixed_precision="fp16")
 
 
 def test_teacher_correction_options():
@@ -153,6 +156,30 @@ def test_lowers_kl_and_leaves_teacher_untouched(corpus, teacher, tmp_path):
     assert int(rows[-1]["tokens"]) == 15 * 4 * SEQ_LEN
     assert (tmp_path / "stage" / "loss.png").stat().st_size > 1000
     assert not (tmp_path / "stage" / STATE_FILE).exists()  # resume state dropped once done
+
+
+def test_bf16_mixed_precision_trains_in_bfloat16_and_keeps_float32_parameters(corpus, teacher, tmp_path,
+                                                                               monkeypatch):
+    distill_module = importlib.import_module("pocketlm_distill.distill")   # the package's name is the function
+    seen = []   # the dtype of every teacher and student logits of the run's loss
+    kd = distill_module.kd_loss
+    monkeypatch.setattr(distill_module, "kd_loss", lambda s, t, temperature: seen.append(
+        (s.dtype, t[0].dtype)) or kd(s, t, temperature))
+    held = corpus["held"]
+    runs = {}
+    for precision in ("no", "bf16"):
+        student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+        before = kl_to(teacher, student, held)
+        distill(student, options(corpus, steps=15, mixed_precision=precision), context(corpus, teacher,
+                                                                                    tmp_path / precision))
+        runs[precision] = student
+        assert kl_to(teacher, student, held) < 0.5 * before, precision
+        assert all(p.dtype == torch.float32 for p in student.parameters())
+    assert seen[:15] == [(torch.float32, torch.float32)] * 15
+    assert seen[15:] == [(torch.bfloat16, torch.bfloat16)] * 15
+    # the same steps in another precision: close, not equal
+    assert params_hash(runs["no"]) != params_hash(runs["bf16"])
+    assert abs(kl_to(teacher, runs["no"], held) - kl_to(teacher, runs["bf16"], held)) < 0.1
 
 
 def test_recovers_pruned_perplexity_and_keeps_masks(corpus, teacher, tmp_path):

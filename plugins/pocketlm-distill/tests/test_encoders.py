@@ -278,8 +278,8 @@ def test_size_effect_declares_restructured():
 # ------------------------------------------------------------------------------ training
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_sentence_embeddings_move_toward_the_teacher(family, corpus, tmp_path):
+@pytest.mark.parametrize("family,precision", [("bert", "no"), ("distilbert", "no"), ("bert", "bf16")])
+def test_sentence_embeddings_move_toward_the_teacher(family, precision, corpus, tmp_path):
     teacher = teacher_of(family, corpus)
     student = copy.deepcopy(teacher)
     make_student_layers(student, teacher, options(corpus, steps=1, student_layers="spread"),
@@ -289,7 +289,8 @@ def test_sentence_embeddings_move_toward_the_teacher(family, corpus, tmp_path):
     messages = []
     ctx = context(corpus, teacher, tmp_path)
     ctx.logger = messages.append
-    distill(student, options(corpus, steps=25, student_layers="spread", hidden_weight=0.5), ctx)
+    distill(student, options(corpus, steps=25, student_layers="spread", hidden_weight=0.5, mixed_precision=precision),
+            ctx)
     after = mean_cosine(student, teacher, corpus)
     assert any("sentence encoder" in m and "losses: hidden 0.5, embedding 1" in m for m in messages), messages
     rows = curve(tmp_path)

@@ -73,6 +73,8 @@ def test_bad_options_are_clear():
         QATOptions(e2e_generated_windows=8)
     with pytest.raises(ValidationError, match="give e2e_generated_windows too"):
         QATOptions(e2e_steps=8, e2e_generated_only=True)
+    with pytest.raises(ValidationError, match="'no' or 'bf16'"):
+        QATOptions(e2e_steps=8, e2e_mixed_precision="float16")
     for name, field in QATOptions.model_fields.items():
         assert field.description, name
 
@@ -375,6 +377,32 @@ def test_scale_embedding_and_tied_head_read_one_step_and_match_the_quantized_pai
     assert not torch.equal(embedding.storage.scales.float(), scales)
 
 
+def test_tied_head_backward_runs_in_the_forward_passs_autocast():
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (300, 64), generator=generator)
+    scales = (torch.rand(300, 2, generator=generator) * 0.05 + 1e-3).half().float()
+    embedding = QuantizedEmbedding.from_grid(q, scales, torch.full((300, 2), 8.0), bits=4, group_size=32,
+                                             symmetric=True)
+    opened = ScaleEmbedding(embedding)
+    head = opened.tied_head(embedding.tied_head())
+    x = torch.randn(3, 7, 64, generator=generator)
+    upstream = torch.randn(3, 7, 300, generator=generator)
+    grads = {}
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            logits = head(x)
+        assert logits.dtype == torch.float32   # the head's output buffer keeps the input's dtype
+        (logits * upstream).sum().backward()
+        grads[enabled], opened.step.grad = opened.step.grad.clone(), None
+    # the gradient of the scales built from products of bfloat16 operands, as the forward pass took them
+    weight_grad = (upstream.reshape(-1, 300).T.bfloat16() @ x.reshape(-1, 64).bfloat16()).float()
+    per_group = (weight_grad * opened.centered.float()).view(300, 2, 32).sum(-1)
+    direct = torch.autograd.grad((opened.scales() * per_group).sum(), opened.step)[0]
+    assert torch.allclose(grads[True], direct, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(grads[False], direct, rtol=1e-5, atol=1e-6)   # float32 products differ
+    assert (grads[True] - grads[False]).norm() < 0.02 * grads[False].norm()   # bfloat16's rounding, no more
+
+
 def _tied_llama(vocab, seed=0, **sizes):
     from transformers import AutoModelForCausalLM
 
@@ -423,6 +451,8 @@ def test_end_to_end_phase_trains_the_tied_embeddings_scales_and_lowers_the_kl(ti
     e2e = dict(epochs=0, e2e_steps=8, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=0)
     trained = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "a", **e2e)
     frozen = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "b", ignore=["embed"], **e2e)
+    bf16 = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "c", e2e_mixed_precision="bf16",
+                   **e2e)
     embedding = trained.model.embed_tokens
     assert isinstance(embedding, QuantizedEmbedding) and isinstance(trained.lm_head, QuantizedLinear)
     assert trained.lm_head.storage is embedding.storage                  # still one grid for both uses
@@ -433,8 +463,11 @@ def test_end_to_end_phase_trains_the_tied_embeddings_scales_and_lowers_the_kl(ti
     assert torch.equal(frozen.model.embed_tokens.storage.scales, scales)   # ignore = ["embed"]: as it was
     # the same steps, the embedding's scales trained too: closer to the teacher
     kl = {name: kl_to(tied_teacher, model, corpus["held"]) for name, model in
-          [("quantized", quantized), ("frozen", frozen), ("trained", trained)]}
+          [("quantized", quantized), ("frozen", frozen), ("trained", trained), ("bf16", bf16)]}
     assert kl["trained"] < 0.8 * kl["frozen"] < kl["quantized"], kl
+    # in bfloat16 mixed precision: other scales (its products rounded otherwise), as close to the teacher
+    assert not torch.equal(bf16.model.embed_tokens.storage.scales, embedding.storage.scales)
+    assert kl["bf16"] < 0.8 * kl["frozen"] and abs(kl["bf16"] - kl["trained"]) < 0.1 * kl["trained"], kl
 
 
 def test_distill_scales_mode_freezes_the_embedding_it_is_told_to(tied_teacher, calibration, tmp_path):
@@ -452,12 +485,13 @@ def test_distill_scales_mode_freezes_the_embedding_it_is_told_to(tied_teacher, c
     assert student.lm_head.storage is student.model.embed_tokens.storage
 
 
-@pytest.mark.parametrize("average_last,killed_after", [(0.0, 3), (0.5, 5)])  # 0.5: the last checkpoint in the tail
+@pytest.mark.parametrize("average_last,killed_after,precision", [(0.0, 3, "no"), (0.5, 5, "no"),  # 0.5: the last
+                                                                   (0.0, 3, "bf16")])            # checkpoint in the tail
 def test_end_to_end_resume_with_the_embedding_equals_an_uninterrupted_run(tied_teacher, calibration, tmp_path,
-                                                                         average_last, killed_after):
+                                                                         average_last, killed_after, precision):
     quantized = _quantized_with_embedding(tied_teacher, calibration, bits=4, group_size=32)
     e2e = dict(epochs=0, e2e_steps=6, e2e_lr=2e-3, e2e_batch_size=4, checkpoint_every=2,
-               e2e_average_last=average_last)
+               e2e_average_last=average_last, e2e_mixed_precision=precision)
     whole = run_qat(copy.deepcopy(quantized), tied_teacher, calibration, tmp_path / "whole", **e2e)
 
     from test_distill import _Killed, _KillAfter

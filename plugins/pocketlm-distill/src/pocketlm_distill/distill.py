@@ -611,8 +611,8 @@ def csv_text(header: list[str] | None, rows: list[list]) -> str:
 
 def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
-    for unset in ("similarity_weight", "generated_windows", "generated_only", "average_last"):
-        if not described[unset]:  # unset, they leave the fingerprint of earlier versions: their states resume
+    for unset in ("similarity_weight", "generated_windows", "generated_only", "average_last", "mixed_precision"):
+        if described[unset] in (0, False, "no"):  # unset, they leave earlier versions' fingerprint: their states resume
             del described[unset]
     if options.texts == "chunks":  # the same for the default texts
         del described["texts"]
@@ -1101,7 +1101,8 @@ class Trainer:
             batch = next(self.batches)
             sync = micro == options.grad_accum - 1
             with contextlib.nullcontext() if sync else accelerator.no_sync(self.prepared):
-                terms, count = self._losses(batch)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=options.mixed_precision == "bf16"):
+                    terms, count = self._losses(batch)
                 accelerator.backward(terms[0] / options.grad_accum)
             sums[:6] += terms.detach().float() / options.grad_accum
             sums[6] += count.float()

@@ -320,6 +320,7 @@ class TiedLogits(torch.autograd.Function):
     def forward(ctx, x, scales, centered, groups, run):
         ctx.save_for_backward(x, scales)
         ctx.centered, ctx.groups, ctx.run = centered, groups, run
+        ctx.autocast = autocast_state(x.device.type)
         out = x.new_empty(*x.shape[:-1], centered.shape[0])
         for rows in row_blocks(*centered.shape):
             out[..., rows] = x @ weight_rows(centered, scales, groups, rows, x.dtype, run).T
@@ -332,14 +333,21 @@ class TiedLogits(torch.autograd.Function):
         flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.zeros_like(flat_x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_scales = torch.zeros_like(scales) if ctx.needs_input_grad[1] else None
-        for rows in row_blocks(*centered.shape):
-            block = flat_grad[:, rows]
-            if grad_x is not None:
-                grad_x += (block @ weight_rows(centered, scales, groups, rows, x.dtype, run)).float()   # summed in float32
-            if grad_scales is not None:   # dL/dscale[r, g] = sum over the group's columns of dL/dW * (q - zero)
-                grad_weight = (block.T @ flat_x).float() * centered[rows].float()
-                grad_scales[rows] = torch.zeros_like(grad_scales[rows]).index_add_(1, groups, grad_weight)
+        with torch.autocast(x.device.type, **ctx.autocast):   # the products in the forward pass's precision
+            for rows in row_blocks(*centered.shape):
+                block = flat_grad[:, rows]
+                if grad_x is not None:   # summed in float32
+                    grad_x += (block @ weight_rows(centered, scales, groups, rows, x.dtype, run)).float()
+                if grad_scales is not None:   # dL/dscale[r, g] = sum over the group's columns of dL/dW * (q - zero)
+                    grad_weight = (block.T @ flat_x).float() * centered[rows].float()
+                    grad_scales[rows] = torch.zeros_like(grad_scales[rows]).index_add_(1, groups, grad_weight)
         return None if grad_x is None else grad_x.to(x.dtype).view_as(x), grad_scales, None, None, None
+
+
+def autocast_state(device_type: str) -> dict:
+    """``torch.autocast``'s keyword arguments for the state it is in now on ``device_type``: a
+    custom backward pass runs outside the forward pass's autocast unless it sets it again."""
+    return {"enabled": torch.is_autocast_enabled(device_type), "dtype": torch.get_autocast_dtype(device_type)}
 
 
 class ScaleEmbedding(OpenScales):
@@ -589,8 +597,9 @@ class BlockRecovery(LayerHandler):
 
 def _fingerprint(options: QATOptions, model: nn.Module, windows: torch.Tensor, seed: int) -> str:
     described = options.model_dump(exclude={"checkpoint_every"})
-    if not described["e2e_average_last"]:  # unset, it leaves earlier versions' fingerprint: their states resume
-        del described["e2e_average_last"]
+    for unset in ("e2e_average_last", "e2e_mixed_precision"):
+        if described[unset] in (0, "no"):  # unset, they leave earlier versions' fingerprint: their states resume
+            del described[unset]
     described["seed"] = seed
     described["windows"] = list(windows.shape)
     described["windows_hash"] = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()
@@ -661,7 +670,8 @@ def qat(model: nn.Module, options: QATOptions, context) -> nn.Module:
             steps=options.e2e_steps, lr=options.e2e_lr, batch_size=options.e2e_batch_size, text=options.text,
             seq_len=options.seq_len, kl_weight=1.0, ce_weight=options.e2e_ce_weight, quantized="scales",
             generated_windows=options.e2e_generated_windows, generated_only=options.e2e_generated_only,
-            average_last=options.e2e_average_last, freeze=frozen, checkpoint_every=options.checkpoint_every, seed=seed)
+            average_last=options.e2e_average_last, mixed_precision=options.e2e_mixed_precision, freeze=frozen,
+            checkpoint_every=options.checkpoint_every, seed=seed)
         distill(model, distill_options, context)
         summary["e2e_seconds"] = time.perf_counter() - e2e_began
         summary["e2e_tokens"] = options.e2e_steps * options.e2e_batch_size * (
