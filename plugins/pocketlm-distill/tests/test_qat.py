@@ -400,6 +400,9 @@ def test_tied_head_backward_runs_in_the_forward_passs_autocast():
     direct = torch.autograd.grad((opened.scales() * per_group).sum(), opened.step)[0]
     assert torch.allclose(grads[True], direct, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(grads[False], direct, rtol=1e-5, atol=1e-6)   # float32 products differ
+    assert qat_module.autocast_state("cpu") is None and qat_module.autocast_state("meta") is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert qat_module.autocast_state("cpu") == torch.bfloat16
     assert (grads[True] - grads[False]).norm() < 0.02 * grads[False].norm()   # bfloat16's rounding, no more
 
 

@@ -70,6 +70,7 @@ resumes through ``distill``'s own checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -333,7 +334,8 @@ class TiedLogits(torch.autograd.Function):
         flat_x, flat_grad = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
         grad_x = torch.zeros_like(flat_x, dtype=torch.float32) if ctx.needs_input_grad[0] else None
         grad_scales = torch.zeros_like(scales) if ctx.needs_input_grad[1] else None
-        with torch.autocast(x.device.type, **ctx.autocast):   # the products in the forward pass's precision
+        cast = contextlib.nullcontext() if ctx.autocast is None else torch.autocast(x.device.type, dtype=ctx.autocast)
+        with cast:   # the products in the forward pass's precision
             for rows in row_blocks(*centered.shape):
                 block = flat_grad[:, rows]
                 if grad_x is not None:   # summed in float32
@@ -344,10 +346,13 @@ class TiedLogits(torch.autograd.Function):
         return None if grad_x is None else grad_x.to(x.dtype).view_as(x), grad_scales, None, None, None
 
 
-def autocast_state(device_type: str) -> dict:
-    """``torch.autocast``'s keyword arguments for the state it is in now on ``device_type``: a
-    custom backward pass runs outside the forward pass's autocast unless it sets it again."""
-    return {"enabled": torch.is_autocast_enabled(device_type), "dtype": torch.get_autocast_dtype(device_type)}
+def autocast_state(device_type: str) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in now on ``device_type``, None where it is off (or
+    the device has none): a custom backward pass runs outside the forward pass's autocast unless
+    it sets it again."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 class ScaleEmbedding(OpenScales):
