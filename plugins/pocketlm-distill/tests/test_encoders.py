@@ -29,6 +29,7 @@ from pocketlm_distill.encoder import (
     embedding_loss,
     query_passage_pairs,
     similarity_loss,
+    similarity_matrix,
     spread_half,
     text_chunks,
     token_loss,
@@ -228,6 +229,19 @@ def test_similarity_loss_compares_how_texts_relate():
     assert not torch.isclose(similarity_loss(s[order], [t]), similarity_loss(s, [t]))  # pairs must match
     assert torch.isclose(similarity_loss(s, [t, u]), similarity_loss(s, [(t + u) / 2]))  # averaged teacher
     assert similarity_loss(s, [torch.randn(6, 40)]) > 0  # the widths may differ
+
+
+def test_similarities_stay_float32_under_bf16_autocast():
+    torch.manual_seed(0)
+    s = torch.randn(8, 64)
+    t = s + 0.05 * torch.randn(8, 64)  # cosines a few hundredths from the student's
+    exact = similarity_loss(s, [t])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert similarity_matrix(s).dtype == torch.float32
+        assert torch.equal(similarity_loss(s, [t]), exact)
+        unit = F.normalize(s, dim=-1)
+        rounded = unit @ unit.T  # what a bare product gives here: bfloat16, its cosines off by up to 1e-3
+        assert rounded.dtype == torch.bfloat16 and (rounded.float() - similarity_matrix(s)).abs().max() > 3e-4
 
 
 def test_similarity_weight_options():
