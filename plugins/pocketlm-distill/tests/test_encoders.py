@@ -111,6 +111,27 @@ def test_pairs_are_a_paragraphs_first_sentence_and_the_rest():
     assert [tokenizer.decode(i) for i in empty] == ["[CLS]Kept query here.[SEP]", "[CLS]Kept passage.[SEP]"]
 
 
+def test_every_sentence_of_a_paragraph_can_be_a_query():
+    """queries = "every": each sentence of a pair-making paragraph in turn against the others,
+    in the text's order; a sentence shorter than 16 characters ("Short.", "Third ends it.") is no
+    query, though it stays in the passages of the others."""
+    assert query_passage_pairs(PAIRS_TEXT, every_sentence=True) == [
+        ("First sentence here.", "Second one follows. Third ends it."),
+        ("Second one follows.", "First sentence here. Third ends it."),
+        ("Then a longer second sentence.", "Short. And a third one too."),
+        ("And a third one too.", "Short. Then a longer second sentence."),
+        ("Another opening line!", 'Is this the second? Yes, "quoted" third. Fourth here.'),
+        ("Is this the second?", 'Another opening line! Yes, "quoted" third. Fourth here.'),
+        ('Yes, "quoted" third.', "Another opening line! Is this the second? Fourth here."),
+    ]
+    assert DistillOptions(steps=1, texts="pairs", queries="every").queries == "every"
+    assert DistillOptions(steps=1).queries == "first"
+    with pytest.raises(ValidationError, match="queries chooses the query sentences of texts = 'pairs'"):
+        DistillOptions(steps=1, queries="every")
+    with pytest.raises(ValidationError):
+        DistillOptions(steps=1, texts="pairs", queries="last")
+
+
 def test_pair_order_keeps_pairs_whole_in_a_seeded_order():
     order = pair_order(n_pairs=5, batch_size=4, count=6, seed=3)
     assert order == pair_order(5, 4, 6, 3) and order != pair_order(5, 4, 6, 4)
@@ -179,6 +200,9 @@ def test_chunks_are_unchanged_by_the_texts_option(corpus):
             "7fdf77004430e1cef8ed7f06b0f74aab71bd2f4df116c678691f9c07a85c8301"
     assert _fingerprint(DistillOptions(**fixed, texts="pairs"), model, 152, 0) != \
         "c957f21c5e5be3c528d15a44461d22581fd21e6b74848cdca57e240544d2e44f"  # pairs: another run
+    first = _fingerprint(DistillOptions(**fixed, texts="pairs"), model, 152, 0)
+    assert _fingerprint(DistillOptions(**fixed, texts="pairs", queries="first"), model, 152, 0) == first
+    assert _fingerprint(DistillOptions(**fixed, texts="pairs", queries="every"), model, 152, 0) != first
 
 
 def test_bert_masking_and_padding():
@@ -478,6 +502,29 @@ def test_a_pruned_encoder_stays_pruned_and_resumes_exactly(corpus, tmp_path):
         assert torch.equal(masks(straight)[name], mask) and torch.count_nonzero(weight[~mask]) == 0
     moved = (linear_weight(straight.get_submodule(next(iter(kept)))) - linear_weight(base.get_submodule(next(iter(kept)))))
     assert moved.abs().max() > 1e-4  # the kept weights trained
+
+
+def test_every_sentence_queries_train_on_more_pairs_of_the_same_text(corpus, tmp_path):
+    """queries = "every": the trainer reads several times the pairs of queries = "first" from the
+    same text, says so, and each query in a batch sits beside the rest of its own paragraph."""
+    teacher = teacher_of("bert", corpus)
+    tokenizer = corpus["tokenizer"]
+    text = corpus["train"].read_text(encoding="utf-8")
+    opts = options(corpus, steps=2, texts="pairs", queries="every", similarity_weight=1.0)
+    trainer = Trainer(copy.deepcopy(teacher), opts, context(corpus, teacher, tmp_path))
+    trainer.prepare()
+    every, first = query_passage_pairs(text, every_sentence=True), query_passage_pairs(text)
+    assert trainer.n_examples == 2 * len(every) >= 2 * 3 * len(first)
+    assert f"encoder on {len(every)} (query, passage) pairs (every sentence a query)" in trainer._describe()
+    batch = next(trainer.batches)
+    texts = tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+
+    def truncated(text: str) -> str:
+        return tokenizer.decode(tokenizer(text, truncation=True, max_length=SEQ_LEN)["input_ids"],
+                                skip_special_tokens=True)
+
+    known = {(truncated(query), truncated(passage)) for query, passage in every}
+    assert all(pair in known for pair in zip(texts[0::2], texts[1::2]))
 
 
 def test_pairs_resume_exactly_with_masking(corpus, tmp_path):

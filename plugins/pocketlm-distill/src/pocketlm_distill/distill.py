@@ -401,7 +401,8 @@ def encoder_pairs(options: DistillOptions, context, model: nn.Module) -> list[li
     example ``2i`` is pair ``i``'s query, ``2i + 1`` its passage (:func:`~.encoder.tokenize_pairs`)."""
     text = encoder_text(options, context)
     max_length = encoder_max_length(options, model, context.tokenizer)
-    examples = tokenize_pairs(context.tokenizer, query_passage_pairs(text), max_length)
+    pairs = query_passage_pairs(text, every_sentence=options.queries == "every")
+    examples = tokenize_pairs(context.tokenizer, pairs, max_length)
     if len(examples) // 2 < options.batch_size // 2:
         raise PocketError(f"the training text holds {len(examples) // 2} (query, passage) pairs (paragraphs of "
                           f"3 or more sentences), fewer than the {options.batch_size // 2} a micro-batch of "
@@ -616,6 +617,8 @@ def _fingerprint(options: DistillOptions, model: nn.Module, n_windows: int, seed
             del described[unset]
     if options.texts == "chunks":  # the same for the default texts
         del described["texts"]
+    if options.queries == "first":  # the same for the default queries
+        del described["queries"]
     described["seed"] = seed
     described["windows"] = n_windows
     described["params"] = [(n, list(p.shape)) for n, p in model.named_parameters()]
@@ -1075,6 +1078,8 @@ class Trainer:
                  ("similarity", losses.similarity))
         examples = f"{self.n_examples // 2} (query, passage) pairs" if options.texts == "pairs" \
             else f"{self.n_examples} text chunks"
+        if options.texts == "pairs" and options.queries == "every":
+            examples += " (every sentence a query)"
         return (line + f"; {losses.kind} encoder on {examples}, losses: "
                 + ", ".join(f"{name} {weight:g}" for name, weight in terms if weight > 0))
 

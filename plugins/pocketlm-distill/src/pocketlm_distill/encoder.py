@@ -9,7 +9,8 @@ directions, so it is trained on text chunks rather than causal windows:
   (``texts = "chunks"``). With ``texts = "pairs"`` each paragraph of at least
   ``MIN_PAIR_SENTENCES`` sentences gives a (query, passage) pair instead, its first sentence and
   the rest of it, the pairs the ``retrieval`` evaluator ranks; a micro-batch then holds whole
-  pairs, so the relational loss sees a query next to its own passage and beside unrelated texts.
+  pairs, so the relational loss sees a query next to its own passage and beside unrelated texts;
+  ``queries = "every"`` makes each sentence of such a paragraph a query against the rest of it.
   Each is tokenized with the model's tokenizer *with* its special tokens (``[CLS] ... [SEP]``)
   and truncated to the maximum length; a batch is padded to its longest example and carries an
   attention mask.
@@ -83,19 +84,22 @@ def text_chunks(text: str, seed: int) -> list[str]:
     return chunks
 
 
-def query_passage_pairs(text: str) -> list[tuple[str, str]]:
+def query_passage_pairs(text: str, every_sentence: bool = False) -> list[tuple[str, str]]:
     """(first sentence, rest of the paragraph) of each paragraph of at least
     ``MIN_PAIR_SENTENCES`` sentences, in the text's order: the construction of the ``retrieval``
-    evaluator's pairs, on this module's paragraphs and sentences. A pair with a query or passage
-    shorter than ``MIN_CHARACTERS`` is left out."""
+    evaluator's pairs, on this module's paragraphs and sentences. With ``every_sentence`` each
+    sentence of such a paragraph in turn is a query against the others (in the text's order):
+    several times the pairs from the same text. A pair with a query or passage shorter than
+    ``MIN_CHARACTERS`` is left out."""
     pairs = []
     for paragraph in paragraphs(text):
         sentences = _SENTENCE_END.split(paragraph)
         if len(sentences) < MIN_PAIR_SENTENCES:
             continue
-        query, passage = sentences[0], " ".join(sentences[1:])
-        if len(query) >= MIN_CHARACTERS and len(passage) >= MIN_CHARACTERS:
-            pairs.append((query, passage))
+        for i in range(len(sentences) if every_sentence else 1):
+            query, passage = sentences[i], " ".join(sentences[:i] + sentences[i + 1:])
+            if len(query) >= MIN_CHARACTERS and len(passage) >= MIN_CHARACTERS:
+                pairs.append((query, passage))
     return pairs
 
 
