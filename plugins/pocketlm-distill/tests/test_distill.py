@@ -86,7 +86,7 @@ def test_options_validation():
         DistillOptions(steps=10, generated_windows=-1)
     with pytest.raises(ValidationError, match="less than 1"):
         DistillOptions(steps=10, average_last=1.0)   # the whole run's mean would start from untrained values
-    with pytest.raises(ValidationError, match="'no' or 'bf16'"):
+    with pytest.raises(ValidationError, match="'no', 'bf16' or 'auto'"):
         DistillOptions(steps=10, mixed_precision="fp16")
 
 
@@ -180,6 +180,37 @@ def test_bf16_mixed_precision_trains_in_bfloat16_and_keeps_float32_parameters(co
     # the same steps in another precision: close, not equal
     assert params_hash(runs["no"]) != params_hash(runs["bf16"])
     assert abs(kl_to(teacher, runs["no"], held) - kl_to(teacher, runs["bf16"], held)) < 0.1
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_mixed_precision_is_bf16_where_the_device_multiplies_it_natively(corpus, teacher, tmp_path,
+                                                                              monkeypatch, native):
+    distill_module = importlib.import_module("pocketlm_distill.distill")
+    monkeypatch.setattr(distill_module, "bfloat16_is_native", lambda device: native)
+    seen = []
+    kd = distill_module.kd_loss
+    monkeypatch.setattr(distill_module, "kd_loss", lambda s, t, temperature: seen.append(s.dtype)
+                        or kd(s, t, temperature))
+    messages = []
+    ctx = context(corpus, teacher, tmp_path)
+    ctx.logger = messages.append
+    student = tiny_model("llama", vocab_size=len(corpus["tokenizer"]), seed=1)
+    distill(student, options(corpus, steps=2, mixed_precision="auto"), ctx)
+    assert seen == [torch.bfloat16 if native else torch.float32] * 2
+    line = next(m for m in messages if m.startswith("distill: 2 steps"))
+    assert line.endswith("on 1 process(es) in bf16") == native and line.endswith("on 1 process(es)") != native
+
+
+def test_bfloat16_is_native_on_gpus_that_support_it_and_cpus_with_amx(monkeypatch):
+    distill_module = importlib.import_module("pocketlm_distill.distill")
+    for amx in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert distill_module.bfloat16_is_native(torch.device("cpu")) is amx
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # a torch without the probe: float32
+    assert distill_module.bfloat16_is_native(torch.device("cpu")) is False
+    assert distill_module.bfloat16_is_native(torch.device("meta")) is False
+    if torch.cuda.is_available():
+        assert distill_module.bfloat16_is_native(torch.device("cuda")) is torch.cuda.is_bf16_supported()
 
 
 def test_recovers_pruned_perplexity_and_keeps_masks(corpus, teacher, tmp_path):

@@ -15,18 +15,27 @@ from pydantic import ValidationError
 from pocketlm import LoadedModel, PocketError, data
 from pocketlm.modules import decoder_layers, select_linears
 from pocketlm.plugins import get_plugins
-from pocketlm.sentence import embed
+from pocketlm.sentence import embed, pooling
 from pocketlm.testing import make_context
 from pocketlm.testing.models import save_tiny_model, tiny_model, tiny_tokenizer
 from pocketlm.weights import linear_weight, masks, set_mask
 from pocketlm_distill import DistillOptions, distill
-from pocketlm_distill.distill import STATE_FILE, Trainer, make_student_layers, pair_order
+from pocketlm_distill.distill import (
+    STATE_FILE,
+    Losses,
+    Student,
+    Trainer,
+    encoder_losses,
+    make_student_layers,
+    pair_order,
+)
 from pocketlm_distill.encoder import (
     IGNORE,
     Collate,
     Examples,
     Masking,
     embedding_loss,
+    length_groups,
     query_passage_pairs,
     similarity_loss,
     similarity_matrix,
@@ -220,6 +229,56 @@ def test_bert_masking_and_padding():
     batch = Collate(pad_id=0)([examples[0], examples[1]])
     assert batch["input_ids"].shape == (2, 202) and batch["attention_mask"][1].sum() == 4
     assert (batch["labels"][1, 4:] == IGNORE).all() and (batch["input_ids"][1, 4:] == 0).all()
+
+
+def test_length_groups_cut_a_batch_into_rows_of_similar_length():
+    lengths = torch.tensor([5, 30, 7, 31, 6, 29])
+    assert [g.tolist() for g in length_groups(lengths, 2)] == [[0, 4, 2], [5, 1, 3]]
+    assert [g.tolist() for g in length_groups(lengths, 4)] == [[0, 4], [2, 5], [1], [3]]
+    assert [g.tolist() for g in length_groups(lengths, 1)] == [[0, 4, 2, 5, 1, 3]]
+    assert [g.tolist() for g in length_groups(lengths[:2], 4)] == [[0], [1]]  # never an empty group
+
+
+def test_a_micro_batch_in_length_groups_has_the_losses_of_one_forward_pass(corpus):
+    """Queries and passages run as forward passes padded to their own group's longest, and every
+    term (masked-LM KL and cross-entropy, per-token hidden states, pooled embeddings and their
+    similarities) and every gradient is the one of the whole batch in one padded pass."""
+    tokenizer = corpus["tokenizer"]
+    text = corpus["train"].read_text(encoding="utf-8")
+    examples = Examples(tokenize_pairs(tokenizer, query_passage_pairs(text)[:4], 512), order=list(range(8)),
+                        seed=0, masking=Masking(0.15, tokenizer.mask_token_id, len(tokenizer),
+                                                frozenset(tokenizer.all_special_ids)))
+    batch = Collate(tokenizer.pad_token_id)([examples[i] for i in range(8)])
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0::2].max() < lengths[1::2].max() == batch["input_ids"].shape[1]  # queries are shorter
+    teacher = teacher_of("bert-mlm", corpus).eval()
+    student = Student(teacher_of("bert-mlm", corpus, seed=3), {0: 1, 1: 3}, torch.nn.ModuleDict(), "cosine",
+                      states=True).eval()  # no dropout: the passes must agree
+    for parameter in student.parameters():
+        parameter.requires_grad_(True)
+    losses = Losses("masked-lm", kl=1.0, ce=0.5, hidden=1.0, embedding=1.0, hidden_loss="cosine", similarity=2.0)
+    poolings = [pooling(student.model), pooling(teacher)]
+    widths = []
+    teacher.register_forward_pre_hook(lambda module, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                      with_kwargs=True)
+
+    def terms_and_grads(groups):
+        student.zero_grad()
+        terms = encoder_losses(student, [teacher], batch, losses, {0: 1, 1: 3}, options(corpus, steps=1, texts="pairs"),
+                               poolings, groups=groups)
+        terms[0].backward()
+        return terms.detach(), {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+
+    whole, whole_grads = terms_and_grads(1)
+    assert widths == [batch["input_ids"].shape[1]]
+    grouped, grouped_grads = terms_and_grads(4)
+    assert widths[1:] == [int(lengths[rows].max()) for rows in length_groups(lengths, 4)]
+    assert sum(widths[1:]) < 3 * widths[0]  # four passes cost less than four of the whole batch's width
+    assert (whole[1:] > 0).all()  # every term is computed
+    assert torch.allclose(whole, grouped, rtol=1e-5, atol=1e-6), (whole, grouped)
+    assert whole_grads.keys() == grouped_grads.keys()
+    for name, grad in whole_grads.items():
+        assert torch.allclose(grad, grouped_grads[name], rtol=1e-4, atol=1e-6), name
 
 
 def test_losses_match_definitions():

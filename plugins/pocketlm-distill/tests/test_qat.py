@@ -73,7 +73,7 @@ def test_bad_options_are_clear():
         QATOptions(e2e_generated_windows=8)
     with pytest.raises(ValidationError, match="give e2e_generated_windows too"):
         QATOptions(e2e_steps=8, e2e_generated_only=True)
-    with pytest.raises(ValidationError, match="'no' or 'bf16'"):
+    with pytest.raises(ValidationError, match="'no', 'bf16' or 'auto'"):
         QATOptions(e2e_steps=8, e2e_mixed_precision="float16")
     for name, field in QATOptions.model_fields.items():
         assert field.description, name

@@ -16,7 +16,7 @@ from pocketlm import PHASE_QUANTIZE, PHASE_TRAIN, Method, hookimpl, lazy
 from .options import DistillOptions, QATOptions, effect, recovery_effect, recovery_plan, removed_fraction  # noqa: F401
 
 POCKETLM_API = ">=1.10,<2"
-__version__ = "0.11.0"
+__version__ = "0.12.0"
 __all__ = ["DistillOptions", "QATOptions", "distill", "kd_loss", "lr_factor", "qat"]
 
 # heavy names of the package, imported from their module on first use (PEP 562)

@@ -49,6 +49,7 @@ MAX_SENTENCES = 4      # an example holds 1..MAX_SENTENCES consecutive sentences
 MIN_CHARACTERS = 16    # shorter fragments (stray headings, numbers) teach nothing
 MIN_PAIR_SENTENCES = 3  # a pair: a query sentence and a passage of 2 or more (as retrieval's)
 IGNORE = -100          # label of a position that is not predicted (transformers' convention)
+LENGTH_GROUPS = 4      # a micro-batch runs as up to this many forward passes of texts of similar length
 
 # A sentence ends at ., ! or ? followed by space and a capital, digit or opening quote.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
@@ -201,6 +202,15 @@ def masking_for(tokenizer, model: nn.Module, probability: float) -> Masking:
                           fix="load the model with its tokenizer (it names [MASK] or <mask>)")
     vocab = min(len(tokenizer), model.get_output_embeddings().weight.shape[0])
     return Masking(probability, tokenizer.mask_token_id, vocab, frozenset(tokenizer.all_special_ids))
+
+
+def length_groups(lengths: torch.Tensor, groups: int) -> list[torch.Tensor]:
+    """Row indices of a padded batch, shortest first, cut into up to ``groups`` runs of (nearly)
+    equal size: rows of similar real length (``lengths``), each run to be padded only to its own
+    longest. Why: a micro-batch of pairs holds 30-token queries beside passages of 128 tokens or
+    more, and one padded forward pass spends most of the queries' compute on padding."""
+    order = torch.argsort(lengths, stable=True)
+    return [rows for rows in torch.tensor_split(order, min(groups, len(order))) if len(rows)]
 
 
 # --------------------------------------------------------------------------- losses

@@ -30,12 +30,13 @@ class DistillOptions(Options):
                                 "values after each of the last average_last share of the steps (a tail "
                                 "average, as SWA and LAWA take), which evens out the noise of small batches; "
                                 "0: the last step's values")
-    mixed_precision: Literal["no", "bf16"] = Field(
+    mixed_precision: Literal["no", "bf16", "auto"] = Field(
         "no", description="bf16: the forward passes of the training steps (student and teachers) run under "
         "torch.autocast in bfloat16, and the scales' head with them, while the trained parameters, their "
         "gradients' sums and the optimizer state stay float32 (accelerate's and transformers' bf16 mixed "
-        "precision); faster where the device multiplies bfloat16 natively (recent GPUs, CPUs with AMX or "
-        "AVX512-BF16), slower where it emulates it. no: float32 throughout")
+        "precision); faster where the device multiplies bfloat16 natively (recent GPUs, CPUs with AMX), "
+        "slower where it converts (CPUs with AVX512-BF16 alone, or none). no: float32 throughout. auto: bf16 "
+        "where the device multiplies bfloat16 natively, float32 elsewhere (the run's first line says which)")
     warmup_steps: int | None = Field(None, description="linear warm-up steps; null: 5% of the steps, at most 100")
     weight_decay: float = Field(0.0, description="AdamW weight decay")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas")
@@ -185,10 +186,11 @@ class QATOptions(Options):
     e2e_average_last: float = Field(0.0, ge=0, lt=1, description="end-to-end phase: the scales end as the mean "
                                     "of their values after each of the last e2e_average_last share of the "
                                     "steps (distill's average_last); 0: the last step's values")
-    e2e_mixed_precision: Literal["no", "bf16"] = Field("no", description="end-to-end phase: bf16 runs its "
-                                                       "forward passes in bfloat16 under torch.autocast, the "
-                                                       "scales and optimizer state float32 (distill's "
-                                                       "mixed_precision); no: float32")
+    e2e_mixed_precision: Literal["no", "bf16", "auto"] = Field("no", description="end-to-end phase: bf16 runs "
+                                                               "its forward passes in bfloat16 under torch.autocast, "
+                                                               "the scales and optimizer state float32; auto: bf16 "
+                                                               "where the device multiplies bfloat16 natively "
+                                                               "(distill's mixed_precision); no: float32")
     e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
                                  "next to the KL to the original model's logits")
     text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "
