@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import pluggy
 
-__version__ = "0.2.13"
+__version__ = "0.2.14"
 
 #: The version of the plugin API (hooks, components, context). Plugins declare the range they
 #: support in ``POCKETLM_API``. Minor versions only add; a major version may break.
-API_VERSION = "1.11"
+API_VERSION = "1.12"
 
 hookimpl = pluggy.HookimplMarker("pocketlm")
 

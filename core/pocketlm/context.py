@@ -58,6 +58,8 @@ class Context:
     * ``stage_dir``: a folder this stage may write scratch files and resumable state into.
     * ``run_dir``: the run folder; ``log(message)`` writes to the run log; ``progress``.
     * ``seed``: the recipe's seed; ``recipe``: the resolved recipe as a dict.
+    * ``recipe_folder``: the recipe file's folder, from which a relative path in a stage's options
+      is taken, as ``[calibration] text`` is (None: the recipe is no file; the working directory).
     * ``device``: where layer computation runs (the recipe's ``[model] device``; None: where the
       model is); ``offload``: where weights wait (``"none"``: on ``device``; ``"cpu"``).
     * ``all_reduce(tensor)``: sum a statistic over the processes of a data-parallel run, in place
@@ -73,6 +75,7 @@ class Context:
     stage_dir: Path | None = None
     seed: int = 0
     recipe: dict = field(default_factory=dict)
+    recipe_folder: Path | None = None
     progress: Progress = field(default_factory=Progress)
     logger: Callable[[str], None] = print
     teacher_factory: Callable[[], nn.Module] | None = None

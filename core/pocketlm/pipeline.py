@@ -239,6 +239,7 @@ class Run:
                                         generated=calibration.generated,
                                         generated_temperature=calibration.generated_temperature),
             run_dir=self.run_dir, stage_dir=stage_dir, seed=calibration.seed, recipe=self.resolved,
+            recipe_folder=self.recipe.base,
             progress=self.progress, logger=self.log, teacher_factory=self._load_teacher,
             model_loader=self.load, export_path=export_path, device=self.device,
             offload=self.recipe.file.model.offload)

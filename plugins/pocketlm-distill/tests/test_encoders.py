@@ -687,6 +687,33 @@ def test_recipe_on_a_saved_bert_through_the_cli(tmp_path, monkeypatch):
     assert AutoConfig.from_pretrained(tmp_path / "runs" / "recipe" / "export").num_hidden_layers == 2
 
 
+def test_a_relative_training_text_is_the_recipes_folders(tmp_path, monkeypatch):
+    """distill's text = "pairs.txt" beside the recipe is read from there whichever folder the run
+    starts in (as [calibration] text is); a missing one is one error naming the field and the fix."""
+    from pocketlm.cli import main
+
+    project = tmp_path / "project"
+    save_tiny_model(project / "tiny", "bert", layers=4)
+    (project / "pairs.txt").write_text(PAIRS_TEXT * 3, encoding="utf-8")
+    recipe = RECIPE.replace('student_layers = "spread"', 'student_layers = "spread"\ntexts = "pairs"\n'
+                            'text = "pairs.txt"').replace("batch_size = 8", "batch_size = 4")
+    (project / "recipe.toml").write_text(recipe)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(main, ["run", str(project / "recipe.toml"), "--run-dir", "run"])
+    assert result.exit_code == 0, result.output
+    pairs = len(query_passage_pairs(PAIRS_TEXT * 3))
+    assert f"sentence encoder on {pairs} (query, passage) pairs" in " ".join(result.output.split())
+
+    (project / "recipe.toml").write_text(recipe.replace("pairs.txt", "missing.txt"))
+    result = CliRunner().invoke(main, ["run", str(project / "recipe.toml"), "--run-dir", "run2"])
+    output = " ".join(result.output.split())
+    assert result.exit_code != 0 and "Traceback" not in result.output
+    assert f"the training text {project / 'missing.txt'} does not exist" in output
+    assert "a relative path is taken from the recipe's folder" in output
+
+
 # ------------------------------------------------------------------------------ 2 processes
 
 

@@ -15,8 +15,8 @@ from pocketlm import PHASE_QUANTIZE, PHASE_TRAIN, Method, hookimpl, lazy
 
 from .options import DistillOptions, QATOptions, effect, recovery_effect, recovery_plan, removed_fraction  # noqa: F401
 
-POCKETLM_API = ">=1.10,<2"
-__version__ = "0.12.0"
+POCKETLM_API = ">=1.12,<2"
+__version__ = "0.12.1"
 __all__ = ["DistillOptions", "QATOptions", "distill", "kd_loss", "lr_factor", "qat"]
 
 # heavy names of the package, imported from their module on first use (PEP 562)

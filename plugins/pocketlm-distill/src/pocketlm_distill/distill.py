@@ -300,8 +300,8 @@ def training_text(options: DistillOptions, context) -> Path | None:
     None where the context only holds calibration windows."""
     spec = context.calibration
     path = None
-    if options.text is not None:
-        path = data.resolve_text(options.text)
+    if options.text is not None:  # a relative path is the recipe's folder's, as [calibration] text is
+        path = data.resolve_text(options.text, context.recipe_folder)
     elif spec is not None and spec.text is not None:
         path = data.resolve_text(str(spec.text)) if str(spec.text).startswith(data.BUILTIN_PREFIX) else Path(spec.text)
     if path is None:
@@ -309,7 +309,9 @@ def training_text(options: DistillOptions, context) -> Path | None:
     if context.tokenizer is None:
         raise PocketError("distill needs a tokenizer to read its training text")
     if not Path(path).is_file():
-        raise PocketError(f"the training text {path} does not exist")
+        raise PocketError(f"the training text {path} does not exist", field="text",
+                          fix="give an existing text file (a relative path is taken from the recipe's folder), "
+                          "or remove text to train on the calibration text")
     return Path(path)
 
 

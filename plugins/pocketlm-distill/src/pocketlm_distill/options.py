@@ -17,7 +17,8 @@ class DistillOptions(Options):
 
     teacher: str | None = Field(None, description="a model source; null: the model before the first stage")
     teachers: list[str] | None = Field(None, description="several model sources; their targets are averaged")
-    text: str | None = Field(None, description="training text file; null: the recipe's calibration text")
+    text: str | None = Field(None, description="training text file (a relative path is taken from the recipe's "
+                             "folder); null: the recipe's calibration text")
     seq_len: int | None = Field(None, description="tokens per example; null: the calibration seq_len "
                                    "(encoders: the pooling's max_seq_length, else 256)")
     steps: int | None = Field(None, description="optimizer steps (give steps or tokens)")
@@ -193,8 +194,8 @@ class QATOptions(Options):
                                                                "(distill's mixed_precision); no: float32")
     e2e_ce_weight: float = Field(0.0, description="end-to-end phase: weight of next-token cross-entropy "
                                  "next to the KL to the original model's logits")
-    text: str | None = Field(None, description="end-to-end phase: training text file; null: the recipe's "
-                             "calibration text")
+    text: str | None = Field(None, description="end-to-end phase: training text file (a relative path is taken "
+                             "from the recipe's folder); null: the recipe's calibration text")
     seq_len: int | None = Field(None, description="end-to-end phase: tokens per window; null: the calibration seq_len")
     checkpoint_every: int = Field(50, description="end-to-end phase: optimizer steps between resumable "
                                   "checkpoints (the block phase saves after every layer); 0: never")
