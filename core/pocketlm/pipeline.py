@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import platform
 import resource
 import shutil
@@ -262,6 +263,7 @@ class Run:
         a ``.gguf`` file) streams too, as ``offload = "disk"`` streams it, into the same export
         files as the whole model's; one that cannot stream (pickle weights, an architecture whose
         shell the disk path cannot build) loads whole, as it did."""
+        source = self._beside_recipe(source)
         options = self.recipe.file.model
         plain = stream and self._streams_plain(source)
         if (stream and is_checkpoint(Path(source).expanduser())) or plain:
@@ -280,6 +282,17 @@ class Run:
         if loaded is not None and self.device is not None:
             loaded = dataclasses.replace(loaded, model=self._place(loaded.model))
         return loaded
+
+    def _beside_recipe(self, source: str) -> str:
+        """A relative local source that exists in the recipe's folder (a stage's ``teacher``) is
+        taken from there, as ``[model] source`` and ``[calibration] text`` are; any other source
+        is left as given."""
+        if self.recipe.path is None or self.recipe.base.resolve() == Path.cwd().resolve():
+            return source  # the same file either way: the source stays as the user wrote it
+        local = rundir.local_source(source, self.recipe.base)
+        if local is None or Path(source).expanduser().is_absolute() or not local.exists():
+            return source
+        return str(Path(os.path.normpath(local.absolute())))
 
     def _streams_plain(self, source: str) -> bool:
         """Whether ``Run.load(source, stream=True)`` streams ``source`` as a plain model: a

@@ -687,16 +687,17 @@ def test_recipe_on_a_saved_bert_through_the_cli(tmp_path, monkeypatch):
     assert AutoConfig.from_pretrained(tmp_path / "runs" / "recipe" / "export").num_hidden_layers == 2
 
 
-def test_a_relative_training_text_is_the_recipes_folders(tmp_path, monkeypatch):
-    """distill's text = "pairs.txt" beside the recipe is read from there whichever folder the run
-    starts in (as [calibration] text is); a missing one is one error naming the field and the fix."""
+def test_a_relative_training_text_and_teacher_are_the_recipes_folders(tmp_path, monkeypatch):
+    """distill's text = "pairs.txt" and teacher = "tiny" beside the recipe are read from there
+    whichever folder the run starts in (as [calibration] text and [model] source are); a missing
+    text is one error naming the field and the fix."""
     from pocketlm.cli import main
 
     project = tmp_path / "project"
     save_tiny_model(project / "tiny", "bert", layers=4)
     (project / "pairs.txt").write_text(PAIRS_TEXT * 3, encoding="utf-8")
     recipe = RECIPE.replace('student_layers = "spread"', 'student_layers = "spread"\ntexts = "pairs"\n'
-                            'text = "pairs.txt"').replace("batch_size = 8", "batch_size = 4")
+                            'text = "pairs.txt"\nteacher = "tiny"').replace("batch_size = 8", "batch_size = 4")
     (project / "recipe.toml").write_text(recipe)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
