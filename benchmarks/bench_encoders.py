@@ -104,6 +104,20 @@ def _run(recipe: Path, run_dir: Path, reuse: bool = False) -> dict:
     return report
 
 
+def original_encoder():
+    """(model, tokenizer) of the reference encoder as its sentence-transformers folder defines it
+    (pooling read from the folder), from pocketlm's demo cache."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from pocketlm import sentence
+    from pocketlm.builtins.loaders import demo_folder
+
+    folder = demo_folder("all-minilm-l6-v2")
+    model, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    sentence.read_pooling(model, folder)
+    return model, tokenizer
+
+
 def texts(pairs: int = 500, timing: int = 200) -> dict:
     from pocketlm.builtins.encoder_evaluators import evaluation_sentences, retrieval_pairs
     from pocketlm.data import DEFAULT_EVALUATION_TEXT, read_text, resolve_text

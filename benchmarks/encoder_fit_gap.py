@@ -45,15 +45,12 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     args = parser.parse_args()
 
-    from transformers import AutoModel, AutoTokenizer
-
     from pocketlm import data, sentence
-    from pocketlm.builtins.loaders import demo_folder
     from pocketlm_onnx import runtime
 
-    folder = demo_folder("all-minilm-l6-v2")
-    original, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    sentence.read_pooling(original, folder)
+    from bench_encoders import original_encoder
+
+    original, tokenizer = original_encoder()
     ort_session = runtime.inference_session(args.export)
     result = {"export": str(args.export), "pairs": args.pairs, "seed": args.seed, "max_length": args.max_length}
     for name, source in (("training", data.DEFAULT_CALIBRATION_TEXT), ("held_out", data.DEFAULT_EVALUATION_TEXT)):

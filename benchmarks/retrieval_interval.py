@@ -46,16 +46,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    from transformers import AutoModel, AutoTokenizer
-
     from pocketlm import data, sentence
     from pocketlm.builtins.encoder_evaluators import retrieval_pairs, retrieval_ranks
-    from pocketlm.builtins.loaders import demo_folder
     from pocketlm_onnx import runtime
 
-    folder = demo_folder("all-minilm-l6-v2")
-    original, tokenizer = AutoModel.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
-    sentence.read_pooling(original, folder)
+    from bench_encoders import original_encoder
+
+    original, tokenizer = original_encoder()
     pairs = retrieval_pairs(data.read_text(data.resolve_text(data.DEFAULT_EVALUATION_TEXT)), args.pairs)
     queries, passages = [q for q, _ in pairs], [p for _, p in pairs]
     ort_session = runtime.inference_session(args.export)
